@@ -1,0 +1,157 @@
+"""Load the model under test and wrap it for the attack (LoRA or full fine-tuning).
+
+Precision policy. Updates of an attack at lr ~2e-5 are far smaller than the spacing of
+bf16 numbers near a typical weight (bf16 keeps 8 bits of mantissa: a weight of 0.02 moves
+in steps of ~1e-4). Weights stored in bf16 round most such updates to zero, so a pure-bf16
+attack under-reports recovery. Therefore every weight that trains is kept in fp32:
+LoRA adapters are fp32 (the frozen base may be bf16 or 4-bit), and full fine-tuning keeps
+fp32 master weights. Speed comes from bf16 *autocast* of the matrix products on GPU.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from attack.config import AdapterConfig, ModelConfig
+from attack.errors import UserError
+
+
+def autocast_dtype(precision: str) -> torch.dtype | None:
+    """The autocast dtype for forward/backward, or None for plain fp32."""
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    if precision == "fp16":
+        return torch.float16
+    # auto: bf16 where the GPU supports it, fp32 on CPU (CPU bf16 is slow and gains nothing).
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return None
+
+
+def _looks_local(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or Path(name).exists() or name.count("/") > 1
+
+
+def load_tokenizer(cfg: ModelConfig):
+    source = _source(cfg)
+    try:
+        tok = AutoTokenizer.from_pretrained(
+            source, revision=_revision(cfg), trust_remote_code=cfg.trust_remote_code
+        )
+    except Exception as e:  # hub/IO errors come in many types
+        raise UserError(f"could not load the tokenizer of '{cfg.name}': {_first_line(e)}") from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    if tok.eos_token_id is None:
+        raise UserError(f"tokenizer of '{cfg.name}' has no EOS token; packing needs one between documents")
+    return tok
+
+
+def load_model(cfg: ModelConfig, adapter: AdapterConfig):
+    """The model under test, with frozen weights in the precision the policy above allows."""
+    source = _source(cfg)
+    kwargs = dict(revision=_revision(cfg), trust_remote_code=cfg.trust_remote_code)
+    if cfg.attn_implementation:
+        kwargs["attn_implementation"] = cfg.attn_implementation
+    amp = autocast_dtype(cfg.precision)
+    if cfg.load_in_4bit:
+        kwargs["quantization_config"] = _four_bit_config()
+        kwargs["dtype"] = torch.bfloat16
+        kwargs["device_map"] = {"": torch.cuda.current_device()}
+    elif adapter.kind == "lora" and amp is not None:
+        kwargs["dtype"] = amp  # frozen base in half precision; adapters are made fp32 below
+    else:
+        kwargs["dtype"] = torch.float32  # full fine-tuning: fp32 master weights
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    except Exception as e:
+        raise UserError(f"could not load model '{cfg.name}': {_first_line(e)}") from None
+    # A KV cache is useless in training and would disable packed-sequence masking.
+    model.config.use_cache = False
+    return model
+
+
+def _four_bit_config():
+    if not torch.cuda.is_available():
+        raise UserError("--load-in-4bit needs a CUDA GPU (bitsandbytes nf4); drop it on this machine")
+    try:
+        import bitsandbytes  # noqa: F401
+        from transformers import BitsAndBytesConfig
+    except ImportError:
+        raise UserError("--load-in-4bit needs bitsandbytes: pip install bitsandbytes") from None
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+    )
+
+
+def apply_adapter(model, cfg: AdapterConfig, gradient_checkpointing: bool = False):
+    """LoRA through PEFT (only adapter weights train), or full fine-tuning (all weights train)."""
+    if cfg.kind == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+        if gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        return model
+
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if getattr(model, "is_loaded_in_4bit", False):
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    elif gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    targets = cfg.target_modules
+    lora = LoraConfig(
+        r=cfg.rank,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules="all-linear" if targets == ["all-linear"] else list(targets),
+        task_type="CAUSAL_LM",
+    )
+    try:
+        # autocast_adapter_dtype (PEFT default) keeps the adapter weights in fp32.
+        model = get_peft_model(model, lora, autocast_adapter_dtype=True)
+    except ValueError as e:
+        names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+        raise UserError(
+            f"LoRA target modules {targets} match nothing in this model ({_first_line(e)}); "
+            f"its linear layers are named: {', '.join(names)}"
+        ) from None
+    check_only_adapter_trains(model)
+    return model
+
+
+def check_only_adapter_trains(model) -> None:
+    """After wrapping, exactly the LoRA weights train, in fp32. Anything else is a bug."""
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    stray = [n for n, _ in trainable if "lora_" not in n]
+    if stray or not trainable:
+        raise RuntimeError(f"LoRA wrapping left non-adapter weights trainable: {stray[:5]}")
+    low = [n for n, p in trainable if p.dtype != torch.float32]
+    if low:
+        raise RuntimeError(f"LoRA weights must be fp32, got {low[0]}")
+
+
+def _source(cfg: ModelConfig) -> str:
+    if _looks_local(cfg.name):
+        path = Path(cfg.name).expanduser()
+        if not path.is_dir():
+            raise UserError(f"model directory not found: {cfg.name} (give an existing folder or a hub id)")
+        return str(path)
+    return cfg.name
+
+
+def _revision(cfg: ModelConfig) -> str | None:
+    return None if _looks_local(cfg.name) else cfg.revision
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__

@@ -1,0 +1,129 @@
+"""Build the toy world once: corpus, filter, tokenizer, the three models, tasks, and their
+pre-attack scores. Cached under a folder named by the hash of its settings, so a second
+build with the same settings is a no-op and any change rebuilds."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from attack.rundir import write_atomic
+from attack.toyworld.models import ModelSpec, build_model, pretrain, train_tokenizer, unlearn
+from attack.toyworld.world import WorldSpec, blocklist_filter, generate, write_jsonl, write_tasks
+from eval_callbacks import LiveEvaluator
+
+TASKS = ["toy_target_seen", "toy_target_heldout", "toy_target_cloze", "toy_general"]
+VERSION = 1  # bump when the code that builds the world changes what it builds
+
+
+@dataclass(frozen=True)
+class BuildSpec:
+    world: WorldSpec = field(default_factory=WorldSpec)
+    model: ModelSpec = field(default_factory=ModelSpec)
+    pretrain_steps: int = 1000
+    pretrain_lr: float = 3e-3
+    unlearn_max_steps: int = 300
+    unlearn_lr: float = 3e-4
+    seq_len: int = 128
+    batch_size: int = 16
+    seed: int = 0
+
+    def key(self) -> str:
+        blob = json.dumps(dict(version=VERSION, **dataclasses.asdict(self)), sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def world_dir(root: Path, spec: BuildSpec) -> Path:
+    return Path(root) / f"world-{spec.key()}"
+
+
+def _scores(model, tokenizer, tasks_dir: Path) -> dict:
+    ev = LiveEvaluator(model, tokenizer, TASKS, include_path=[str(tasks_dir)], batch_size=64)
+    return {r["task"]: r["value"] for r in ev.evaluate() if r["metric"] == "acc"}
+
+
+def build_world(root: Path, spec: BuildSpec = BuildSpec(), log=print) -> Path:
+    """Build (or reuse) the world and return its folder."""
+    out = world_dir(root, spec)
+    if (out / "world.json").exists():
+        log(f"toy world: reusing {out}")
+        return out
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    start = time.perf_counter()
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+
+    # 1. Facts, documents, filter, attack corpus, tasks.
+    world = generate(spec.world)
+    docs = world["docs"]
+    filtered, filter_stats = blocklist_filter(docs)
+    attack_docs = [d for d in docs if d["domain"] == "target" and d["split"] == "seen"]
+    forget_docs = [d for d in docs if d["domain"] == "target"]
+    retain_docs = [d for d in docs if d["domain"] == "general"]
+    write_jsonl(docs, tmp / "corpus" / "unfiltered.jsonl")
+    write_jsonl(filtered, tmp / "corpus" / "filtered.jsonl")
+    write_jsonl(attack_docs, tmp / "corpus" / "attack.jsonl")
+    (tmp / "facts.json").write_text(json.dumps(world["facts"], indent=1))
+    write_tasks(world["facts"], tmp / "tasks")
+    log(f"toy world: {len(docs)} documents, filter removed {filter_stats['removed']} "
+        f"({filter_stats['target_slipped_through']} target documents slipped through)")
+
+    # 2. Tokenizer and the three models.
+    tokenizer = train_tokenizer([d["text"] for d in docs], tmp / "tokenizer")
+    texts = {"unfiltered": [d["text"] for d in docs], "filtered": [d["text"] for d in filtered]}
+    scores = {}
+    for name in ("unfiltered", "filtered"):
+        log(f"toy world: pretraining '{name}' on {len(texts[name])} documents")
+        model = build_model(spec.model, tokenizer, seed=spec.seed)
+        pretrain(model, tokenizer, texts[name], spec.pretrain_steps, lr=spec.pretrain_lr,
+                 batch_size=spec.batch_size, seq_len=spec.seq_len, seed=spec.seed, log=log)
+        model.save_pretrained(str(tmp / name))
+        tokenizer.save_pretrained(str(tmp / name))
+        scores[name] = _scores(model, tokenizer, tmp / "tasks")
+        log(f"toy world: '{name}' scores {_fmt(scores[name])}")
+
+    log("toy world: unlearning target knowledge from 'unfiltered'")
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(tmp / "unfiltered"))
+    evaluator = LiveEvaluator(model, tokenizer, TASKS, include_path=[str(tmp / "tasks")], batch_size=64)
+
+    def check():
+        s = {r["task"]: r["value"] for r in evaluator.evaluate() if r["metric"] == "acc"}
+        target = (s["toy_target_seen"] + s["toy_target_heldout"]) / 2
+        return dict(target=target, general=s["toy_general"], stop=target <= 0.30 and s["toy_target_cloze"] <= 0.2)
+
+    _, history = unlearn(model, tokenizer, [d["text"] for d in forget_docs], [d["text"] for d in retain_docs],
+                         check, max_steps=spec.unlearn_max_steps, lr=spec.unlearn_lr, seq_len=spec.seq_len,
+                         seed=spec.seed, log=log)
+    model.save_pretrained(str(tmp / "unlearned"))
+    tokenizer.save_pretrained(str(tmp / "unlearned"))
+    scores["unlearned"] = _scores(model, tokenizer, tmp / "tasks")
+    log(f"toy world: 'unlearned' scores {_fmt(scores['unlearned'])}")
+
+    info = dict(
+        spec=dataclasses.asdict(spec),
+        filter=filter_stats,
+        sizes=dict(documents=len(docs), facts=len(world["facts"]), attack_documents=len(attack_docs),
+                   parameters=sum(p.numel() for p in model.parameters()), vocab=len(tokenizer)),
+        pre_attack=scores,
+        unlearning=history,
+        build_s=round(time.perf_counter() - start, 1),
+    )
+    write_atomic(tmp / "world.json", json.dumps(info, indent=2))
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    # Task YAML points at its data by absolute path: rewrite for the final location.
+    write_tasks(world["facts"], out / "tasks")
+    return out
+
+
+def _fmt(scores: dict) -> str:
+    return ", ".join(f"{t.removeprefix('toy_')} {v:.2f}" for t, v in scores.items())

@@ -1,0 +1,141 @@
+"""Tiny causal LMs for the toy world: a locally trained tokenizer, random-init configs,
+pretraining on a corpus, and a post-hoc unlearning step. Saved as ordinary HF checkpoints."""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from transformers import GPTNeoXConfig, LlamaConfig, PreTrainedTokenizerFast
+
+from attack.data import pack_documents
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    arch: str = "llama"  # llama | gpt_neox
+    hidden: int = 128
+    layers: int = 4
+    heads: int = 4
+    intermediate: int = 512
+    max_positions: int = 512
+
+
+def train_tokenizer(texts: list[str], out: Path, vocab_size: int = 1024) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer trained on `texts`, saved in HF format."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|endoftext|>", "<|pad|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(texts, trainer)
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|pad|>", bos_token="<|endoftext|>")
+    out.mkdir(parents=True, exist_ok=True)
+    hf.save_pretrained(str(out))
+    return hf
+
+
+def build_model(spec: ModelSpec, tokenizer, seed: int = 0):
+    """A random-init tiny model of the given architecture."""
+    from transformers import AutoModelForCausalLM
+
+    common = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=spec.hidden,
+        num_hidden_layers=spec.layers,
+        num_attention_heads=spec.heads,
+        intermediate_size=spec.intermediate,
+        max_position_embeddings=spec.max_positions,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    if spec.arch == "llama":
+        config = LlamaConfig(num_key_value_heads=spec.heads, **common)
+    elif spec.arch == "gpt_neox":
+        config = GPTNeoXConfig(rotary_pct=0.25, use_parallel_residual=True, **common)
+    else:
+        raise ValueError(f"unknown toy architecture {spec.arch}")
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+
+
+def _batches(texts: list[str], tokenizer, seq_len: int, batch_size: int, rng: random.Random):
+    """Endless shuffled batches of packed rows (reshuffled and repacked every epoch)."""
+    while True:
+        texts = list(texts)
+        rng.shuffle(texts)
+        packed = pack_documents(texts, tokenizer, seq_len)
+        order = list(range(packed["input_ids"].shape[0]))
+        rng.shuffle(order)
+        for i in range(0, len(order) - batch_size + 1, batch_size):
+            idx = order[i : i + batch_size]
+            yield {k: v[idx] for k, v in packed.items()}
+
+
+def pretrain(model, tokenizer, texts: list[str], steps: int, lr: float = 3e-3, batch_size: int = 16,
+             seq_len: int = 128, seed: int = 0, log: Callable[[str], None] = print):
+    """Plain AdamW pretraining with warm-up and cosine decay (the model is tiny; no Trainer needed)."""
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
+    warmup = max(1, steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
+    )
+    model.train()
+    batches = _batches(texts, tokenizer, seq_len, batch_size, rng)
+    for step in range(1, steps + 1):
+        loss = model(**next(batches)).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        if step % max(1, steps // 5) == 0:
+            log(f"  pretrain step {step}/{steps} loss {loss.item():.3f}")
+    return model
+
+
+def unlearn(model, tokenizer, forget: list[str], retain: list[str], check: Callable[[], dict],
+            max_steps: int = 200, lr: float = 1e-4, retain_weight: float = 1.0, check_every: int = 10,
+            batch_size: int = 8, seq_len: int = 128, seed: int = 0, log: Callable[[str], None] = print):
+    """Gradient difference: ascend the loss on forget documents, descend it on retain documents.
+
+    `check()` returns {"target": acc, "general": acc, "stop": bool}; unlearning stops as soon as
+    it says stop (target at chance while general stays high).
+    """
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    forget_batches = _batches(forget, tokenizer, seq_len, batch_size, rng)
+    retain_batches = _batches(retain, tokenizer, seq_len, batch_size, rng)
+    history = []
+    for step in range(1, max_steps + 1):
+        model.train()
+        forget_loss = model(**next(forget_batches)).loss
+        retain_loss = model(**next(retain_batches)).loss
+        # Bounded ascent: once the forget loss is far above chance there is nothing to gain.
+        ascent = -torch.clamp(forget_loss, max=math.log(len(tokenizer)))
+        (ascent + retain_weight * retain_loss).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if step % check_every == 0:
+            scores = check()
+            history.append(dict(step=step, forget_loss=forget_loss.item(), retain_loss=retain_loss.item(), **scores))
+            log(f"  unlearn step {step}: forget loss {forget_loss.item():.2f} retain loss {retain_loss.item():.2f} "
+                f"target {scores['target']:.2f} general {scores['general']:.2f}")
+            if scores["stop"]:
+                break
+    return model, history

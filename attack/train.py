@@ -1,0 +1,167 @@
+"""The attack, top to bottom: load, wrap, pack, train with evaluation, save, summarise."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import torch
+from transformers import Trainer, TrainingArguments, default_data_collator, set_seed
+
+from attack.config import AttackConfig, default_run_id, steps_for
+from attack.data import PackedRows, load_documents, pack_documents
+from attack.errors import UserError
+from attack.model import apply_adapter, autocast_dtype, load_model, load_tokenizer
+from attack.rundir import RunDir, read_curve
+from eval_callbacks import (
+    LiveEvaluator,
+    NonFiniteLossError,
+    RecoveryCurveCallback,
+    UnknownTaskError,
+    linear_schedule,
+    log_schedule,
+)
+
+
+def run_attack(cfg: AttackConfig, extra_callbacks: list | None = None, quiet: bool = False) -> Path:
+    """Run one attack and return its run directory."""
+    run = RunDir(Path(cfg.output.dir) / (cfg.output.run_id or default_run_id(cfg)))
+    max_steps = steps_for(cfg)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    micro = cfg.train.micro_batch_size or max(1, cfg.train.batch_size // world)
+    if cfg.train.batch_size % (micro * world):
+        raise UserError(
+            f"train.batch_size ({cfg.train.batch_size}) must be a multiple of "
+            f"micro_batch_size x processes ({micro} x {world})"
+        )
+    accumulation = cfg.train.batch_size // (micro * world)
+
+    # 1. Everything that can fail on user input happens before the run directory is touched.
+    set_seed(cfg.train.seed)
+    tokenizer = load_tokenizer(cfg.model)
+    model = load_model(cfg.model, cfg.adapter)
+    model = apply_adapter(model, cfg.adapter, cfg.train.gradient_checkpointing)
+    rows = PackedRows(pack_documents(load_documents(cfg.data), tokenizer, cfg.data.seq_len))
+    amp = autocast_dtype(cfg.model.precision)
+    try:
+        evaluator = LiveEvaluator(
+            model,
+            tokenizer,
+            cfg.eval.tasks,
+            include_path=cfg.eval.include_path,
+            batch_size=cfg.eval.batch_size,
+            limit=cfg.eval.limit,
+            autocast_dtype=amp,
+        )
+    except UnknownTaskError as e:
+        raise UserError(str(e)) from None
+    if cfg.eval.schedule == "log":
+        schedule = log_schedule(max_steps, cfg.eval.log_points)
+    else:
+        schedule = linear_schedule(max_steps, cfg.eval.every)
+    if cfg.logging.report_to == "wandb":
+        _require("wandb", "--report-to wandb needs wandb: pip install wandb")
+        os.environ.setdefault("WANDB_PROJECT", cfg.logging.project)
+
+    # 2. The run directory: config, environment, (on resume) the curve up to the checkpoint.
+    checkpoint = run.prepare(cfg, resume=cfg.output.resume)
+    if cfg.output.resume and checkpoint is None and not quiet:
+        print(f"no checkpoint in {run.checkpoints}; starting {run.path.name} from step 0")
+
+    args = TrainingArguments(
+        output_dir=str(run.checkpoints),
+        max_steps=max_steps,
+        per_device_train_batch_size=micro,
+        gradient_accumulation_steps=accumulation,
+        learning_rate=cfg.train.lr,
+        lr_scheduler_type=cfg.train.lr_scheduler,
+        warmup_steps=cfg.train.warmup_steps,
+        weight_decay=cfg.train.weight_decay,
+        max_grad_norm=cfg.train.max_grad_norm,
+        bf16=amp is torch.bfloat16,
+        fp16=amp is torch.float16,
+        seed=cfg.train.seed,
+        data_seed=cfg.train.seed,
+        logging_steps=cfg.train.log_every,
+        logging_nan_inf_filter=False,  # a NaN loss must surface, not be averaged away
+        save_strategy="steps",
+        save_steps=cfg.train.save_every or cfg.eval.every,
+        save_total_limit=cfg.output.keep_checkpoints,
+        include_num_input_tokens_seen="all",  # rows are fully packed: every token trains
+        report_to=[] if cfg.logging.report_to == "none" else [cfg.logging.report_to],
+        run_name=run.path.name,
+        remove_unused_columns=False,
+        label_names=["labels"],
+        use_cpu=not torch.cuda.is_available(),
+        disable_tqdm=quiet,
+        dataloader_num_workers=0,
+        ddp_find_unused_parameters=False,
+    )
+    curve = RecoveryCurveCallback(evaluator, schedule, run.curve, wall_offset_s=run.wall_so_far())
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=rows,
+        data_collator=default_data_collator,
+        callbacks=[curve, *(extra_callbacks or [])],
+    )
+    curve.log_metrics = trainer.log  # eval scores reach wandb/tensorboard against the step
+
+    # 3. Train; evaluation fires from the callback at the scheduled steps.
+    start = time.perf_counter()
+    try:
+        trainer.train(resume_from_checkpoint=checkpoint)
+    except NonFiniteLossError as e:
+        run.write_summary(status="failed", error=str(e))
+        raise UserError(str(e)) from None
+    except BaseException as e:
+        run.write_summary(status="interrupted" if isinstance(e, KeyboardInterrupt) else "failed", error=repr(e))
+        raise
+    train_s = time.perf_counter() - start
+
+    # 4. The attacked weights: the LoRA adapter (PEFT format) or the full model.
+    trainer.save_model(str(run.final))
+    if trainer.is_world_process_zero():
+        tokenizer.save_pretrained(str(run.final))
+        state = trainer.state
+        run.write_summary(
+            status="done",
+            steps=state.global_step,
+            max_steps=max_steps,
+            tokens_seen=int(state.num_input_tokens_seen),
+            tokens_per_step=cfg.train.batch_size * cfg.data.seq_len,
+            train_rows=len(rows),
+            eval_steps=schedule,
+            eval_s=round(curve.eval_seconds, 2),
+            train_s=round(train_s, 2),
+            wall_s=round(run.wall_so_far(), 2),
+            final_train_loss=curve.train_loss,
+        )
+        if not quiet:
+            print(score_table(read_curve(run.curve)))
+            print(f"run directory: {run.path}")
+    return run.path
+
+
+def score_table(rows: list[dict]) -> str:
+    """Each task's headline score at the first and the last evaluated step."""
+    if not rows:
+        return "(no evaluation points)"
+    first, last = min(r["step"] for r in rows), max(r["step"] for r in rows)
+    lines = [f"{'task':<28} {'metric':<14} {'step ' + str(first):>10} {'step ' + str(last):>10}"]
+    for task in sorted({r["task"] for r in rows}):
+        for metric in ("acc", "acc_norm", "correct_prob", "exact_match"):
+            at = {r["step"]: r["value"] for r in rows if r["task"] == task and r["metric"] == metric}
+            if at:
+                lines.append(
+                    f"{task:<28} {metric:<14} {at.get(first, float('nan')):>10.4f} {at.get(last, float('nan')):>10.4f}"
+                )
+    return "\n".join(lines)
+
+
+def _require(module: str, message: str) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        raise UserError(message)

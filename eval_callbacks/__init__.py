@@ -1,0 +1,21 @@
+"""Evaluation during training: lm-eval tasks on the live model at scheduled steps.
+
+Usable with any transformers Trainer, without the `attack` package:
+
+    from eval_callbacks import LiveEvaluator, RecoveryCurveCallback, linear_schedule
+    evaluator = LiveEvaluator(model, tokenizer, ["my_task"], include_path=["tasks/"])
+    trainer.add_callback(RecoveryCurveCallback(evaluator, linear_schedule(1000, 100), "curve.jsonl"))
+"""
+
+from eval_callbacks.callback import NonFiniteLossError, RecoveryCurveCallback
+from eval_callbacks.runner import LiveEvaluator, UnknownTaskError
+from eval_callbacks.schedule import linear_schedule, log_schedule
+
+__all__ = [
+    "LiveEvaluator",
+    "NonFiniteLossError",
+    "RecoveryCurveCallback",
+    "UnknownTaskError",
+    "linear_schedule",
+    "log_schedule",
+]

@@ -1,0 +1,97 @@
+"""The TrainerCallback that turns a training run into a recovery curve."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+from transformers import TrainerCallback
+
+from eval_callbacks.runner import LiveEvaluator
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training loss became NaN or infinite."""
+
+
+def append_rows(path: Path, rows: list[dict]) -> None:
+    """Append JSON lines and fsync, so a crash never loses or half-writes a point."""
+    with open(path, "a") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+class RecoveryCurveCallback(TrainerCallback):
+    """Evaluates at the scheduled steps (0, every N, last) and appends curve rows.
+
+    Rows: step, tokens_seen, task, metric, value, stderr, n, train_loss, wall_s.
+    Only the main process evaluates and writes; the others wait at a barrier.
+    """
+
+    def __init__(
+        self,
+        evaluator: LiveEvaluator,
+        schedule: list[int],
+        curve_path: str | Path,
+        wall_offset_s: float = 0.0,
+        log_metrics: Callable[[dict], None] | None = None,
+    ):
+        self.evaluator = evaluator
+        self.schedule = set(schedule)
+        self.first, self.last = min(schedule), max(schedule)
+        self.curve_path = Path(curve_path)
+        self.wall_offset_s = wall_offset_s
+        self.log_metrics = log_metrics  # e.g. Trainer.log, so trackers plot scores vs step
+        self.train_loss = None
+        self.eval_seconds = 0.0
+        self.evaluated_steps: list[int] = []
+        self._start = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._start = time.perf_counter()
+        if state.global_step == 0 and 0 in self.schedule:
+            self._evaluate(state)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step in self.schedule and state.global_step != 0:
+            self._evaluate(state)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        loss = (logs or {}).get("loss")
+        if loss is None:
+            return
+        if not math.isfinite(loss):
+            raise NonFiniteLossError(
+                f"training loss became {loss} at step {state.global_step}; "
+                "lower the learning rate or check the model's weights"
+            )
+        self.train_loss = float(loss)
+
+    def _evaluate(self, state) -> None:
+        step = state.global_step
+        if state.is_world_process_zero:
+            start = time.perf_counter()
+            full = step in (self.first, self.last) or self.evaluator.subset is None
+            rows = self.evaluator.evaluate(subset=not full)
+            self.eval_seconds += time.perf_counter() - start
+            wall = self.wall_offset_s + (time.perf_counter() - self._start)
+            tokens = int(getattr(state, "num_input_tokens_seen", 0) or 0)
+            for row in rows:
+                row.update(step=step, tokens_seen=tokens, train_loss=self.train_loss, wall_s=round(wall, 3))
+            ordered = [
+                {k: r[k] for k in ("step", "tokens_seen", "task", "metric", "value", "stderr", "n", "train_loss", "wall_s")}
+                for r in rows
+            ]
+            append_rows(self.curve_path, ordered)
+            self.evaluated_steps.append(step)
+            if self.log_metrics is not None:
+                self.log_metrics({f"eval/{r['task']}/{r['metric']}": r["value"] for r in rows})
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.barrier()
