@@ -43,6 +43,11 @@ def run_attack(cfg: AttackConfig, extra_callbacks: list | None = None, quiet: bo
     model = load_model(cfg.model, cfg.adapter)
     model = apply_adapter(model, cfg.adapter, cfg.train.gradient_checkpointing)
     rows = PackedRows(pack_documents(load_documents(cfg.data), tokenizer, cfg.data.seq_len))
+    if len(rows) < micro * world:
+        raise UserError(
+            f"attack data packs into {len(rows)} rows of {cfg.data.seq_len} tokens, fewer than one "
+            f"batch ({micro * world} rows); add data or lower --seq-len/--batch-size"
+        )
     amp = autocast_dtype(cfg.model.precision)
     try:
         evaluator = LiveEvaluator(
@@ -96,6 +101,7 @@ def run_attack(cfg: AttackConfig, extra_callbacks: list | None = None, quiet: bo
         use_cpu=not torch.cuda.is_available(),
         disable_tqdm=quiet,
         dataloader_num_workers=0,
+        dataloader_drop_last=True,  # every step trains on exactly batch_size x seq_len tokens
         ddp_find_unused_parameters=False,
     )
     curve = RecoveryCurveCallback(evaluator, schedule, run.curve, wall_offset_s=run.wall_so_far())
@@ -106,7 +112,8 @@ def run_attack(cfg: AttackConfig, extra_callbacks: list | None = None, quiet: bo
         data_collator=default_data_collator,
         callbacks=[curve, *(extra_callbacks or [])],
     )
-    curve.log_metrics = trainer.log  # eval scores reach wandb/tensorboard against the step
+    if cfg.logging.report_to != "none":
+        curve.log_metrics = trainer.log  # eval scores reach wandb/tensorboard against the step
 
     # 3. Train; evaluation fires from the callback at the scheduled steps.
     start = time.perf_counter()

@@ -41,6 +41,24 @@ def preserved_training_state(model: torch.nn.Module):
         model.train(was_training)
 
 
+@contextlib.contextmanager
+def _no_progress_bars():
+    """lm-eval draws several progress bars per evaluation; inside an attack's own bar they are noise."""
+    import tqdm
+
+    original = tqdm.tqdm.__init__
+
+    def quiet_init(self, *args, **kwargs):
+        kwargs["disable"] = True
+        original(self, *args, **kwargs)
+
+    tqdm.tqdm.__init__ = quiet_init
+    try:
+        yield
+    finally:
+        tqdm.tqdm.__init__ = original
+
+
 def _leaf_tasks(task_dict) -> dict:
     """Flatten lm-eval's (possibly nested) task dict into {name: Task}."""
     from lm_eval.api.task import Task
@@ -73,7 +91,7 @@ class LiveEvaluator:
         autocast_dtype: torch.dtype | None = None,
         subset_seed: int = 0,
     ):
-        from lm_eval.tasks import TaskManager, get_task_dict
+        from lm_eval.tasks import TaskManager
 
         # lm-eval logs every request batch at INFO; during an attack that is noise.
         logging.getLogger("lm_eval").setLevel(logging.WARNING)
@@ -95,7 +113,7 @@ class LiveEvaluator:
                 f"unknown lm-eval task(s) {', '.join(missing)}: not a stock task{where}; "
                 "check the name or add the folder holding its YAML with --eval-include"
             )
-        self.task_dict = get_task_dict(list(tasks), manager)
+        self.task_dict = manager.load(list(tasks))
         self.tasks = _leaf_tasks(self.task_dict)
         self.sizes = {name: len(task.eval_docs) for name, task in self.tasks.items()}
         empty = [name for name, n in self.sizes.items() if n == 0]
@@ -136,7 +154,7 @@ class LiveEvaluator:
         from lm_eval.evaluator import evaluate
 
         samples = self.subset if subset else None
-        with preserved_training_state(self.model):
+        with preserved_training_state(self.model), _no_progress_bars():
             lm = self._lm_wrapper()
             start = time.perf_counter()
             out = evaluate(

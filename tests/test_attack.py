@@ -1,0 +1,166 @@
+"""The attack run end to end on tiny local models: what trains, when evaluation fires,
+resume, that evaluation does not disturb training, and that the curve really goes up."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import TrainerCallback
+
+from attack.rundir import read_curve
+from attack.train import run_attack
+
+
+class Snapshot(TrainerCallback):
+    """Keeps every parameter at train begin and end."""
+
+    def on_train_begin(self, args, state, control, model=None, **kw):
+        self.before = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    def on_train_end(self, args, state, control, model=None, **kw):
+        self.after = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+class CrashAt(TrainerCallback):
+    """Simulates a job killed mid-run."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kw):
+        if state.global_step == self.step:
+            raise KeyboardInterrupt(f"killed at step {self.step}")
+
+
+def _adapter(run):
+    return load_file(str(run / "final" / "adapter_model.safetensors"))
+
+
+@pytest.mark.parametrize("arch", ["llama", "neox"])
+def test_lora_trains_only_adapter_weights(arch, make_config, llama_dir, neox_dir):
+    snap = Snapshot()
+    cfg = make_config(model=llama_dir if arch == "llama" else neox_dir, train={"max_steps": 3})
+    run = run_attack(cfg, extra_callbacks=[snap], quiet=True)
+    changed = {n for n in snap.before if not torch.equal(snap.before[n], snap.after[n])}
+    lora = {n for n in snap.before if "lora_" in n}
+    assert changed, "no weight changed"
+    assert changed <= lora, f"non-adapter weights changed: {sorted(changed - lora)[:3]}"
+    assert any("lora_B" in n for n in changed)
+    assert all(snap.after[n].dtype == torch.float32 for n in lora)
+    # every linear layer of the architecture is adapted by default
+    adapted = {n.split(".lora_")[0].rsplit(".", 1)[-1] for n in lora}
+    expected = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"} if arch == "llama" \
+        else {"query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"}
+    assert adapted == expected
+    # final/ is a PEFT adapter that loads onto the base
+    from peft import AutoPeftModelForCausalLM
+
+    AutoPeftModelForCausalLM.from_pretrained(str(run / "final"))
+
+
+def test_full_finetune_trains_all_weights_in_fp32(make_config):
+    snap = Snapshot()
+    run_attack(make_config(adapter={"kind": "full"}, train={"max_steps": 2, "lr": 1e-3}), extra_callbacks=[snap], quiet=True)
+    changed = [n for n in snap.before if not torch.equal(snap.before[n], snap.after[n])]
+    assert len(changed) == len(snap.before)
+    assert all(p.dtype == torch.float32 for p in snap.after.values())
+
+
+def test_gradient_checkpointing_with_lora(make_config):
+    snap = Snapshot()
+    run_attack(make_config(train={"max_steps": 2, "gradient_checkpointing": True}), extra_callbacks=[snap], quiet=True)
+    assert any("lora_B" in n and not torch.equal(snap.before[n], snap.after[n]) for n in snap.before)
+
+
+def test_eval_fires_at_scheduled_steps(make_config):
+    run = run_attack(make_config(train={"max_steps": 10}, eval={"every": 4}), quiet=True)
+    rows = read_curve(run / "curve.jsonl")
+    assert sorted({r["step"] for r in rows}) == [0, 4, 8, 10]
+    tasks_metrics = {(r["task"], r["metric"]) for r in rows}
+    for task in ("toy_target_seen", "toy_general"):
+        assert {(task, "acc"), (task, "acc_norm"), (task, "correct_prob")} <= tasks_metrics
+    # each (step, task, metric) exactly once, with tokens counted from the packed rows
+    keys = [(r["step"], r["task"], r["metric"]) for r in rows]
+    assert len(keys) == len(set(keys))
+    assert {r["step"]: r["tokens_seen"] for r in rows} == {s: s * 4 * 64 for s in (0, 4, 8, 10)}
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "done" and summary["steps"] == 10 and summary["tokens_seen"] == 10 * 4 * 64
+
+
+def test_log_schedule_and_token_budget(make_config):
+    cfg = make_config(train={"max_steps": 999}, data={"seq_len": 64, "token_budget": 16 * 256}, eval={"schedule": "log", "log_points": 4})
+    run = run_attack(cfg, quiet=True)
+    assert sorted({r["step"] for r in read_curve(run / "curve.jsonl")}) == [0, 1, 3, 6, 16]  # 16 ** (i / 3), rounded
+
+
+def test_resumed_run_equals_uninterrupted(make_config, tmp_path):
+    sections = dict(train={"max_steps": 8}, eval={"every": 2}, adapter={"dropout": 0.1})
+    whole = run_attack(make_config(output={"dir": str(tmp_path / "a")}, **sections), quiet=True)
+    cfg = make_config(output={"dir": str(tmp_path / "b")}, **sections)
+    with pytest.raises(KeyboardInterrupt):
+        run_attack(cfg, extra_callbacks=[CrashAt(5)], quiet=True)
+    interrupted = read_curve(next((tmp_path / "b").iterdir()) / "curve.jsonl")
+    assert max(r["step"] for r in interrupted) == 4
+    resumed = run_attack(make_config(output={"dir": str(tmp_path / "b"), "resume": True}, **sections), quiet=True)
+
+    def points(run):
+        return [(r["step"], r["tokens_seen"], r["task"], r["metric"], r["value"]) for r in read_curve(run / "curve.jsonl")]
+
+    assert points(resumed) == points(whole)
+    a, b = _adapter(whole), _adapter(resumed)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_evaluation_does_not_disturb_training(make_config, tmp_path):
+    """Same data order and dropout whether we evaluate every step or only at the ends."""
+    sections = dict(train={"max_steps": 6}, adapter={"dropout": 0.2})
+    often = run_attack(make_config(output={"dir": str(tmp_path / "often")}, eval={"every": 1}, **sections), quiet=True)
+    rarely = run_attack(make_config(output={"dir": str(tmp_path / "rarely")}, eval={"every": 6}, **sections), quiet=True)
+    a, b = _adapter(often), _adapter(rarely)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_attack_raises_accuracy_on_seen_facts(make_config, naive_dir):
+    """A LoRA attack on the documents of a task's facts makes a model that never saw them learn them."""
+    cfg = make_config(
+        model=naive_dir,
+        adapter={"rank": 16, "alpha": 32},
+        train={"max_steps": 160, "lr": 1e-2, "batch_size": 4},
+        eval={"every": 80, "tasks": ["toy_target_seen"]},
+    )
+    rows = read_curve(run_attack(cfg, quiet=True) / "curve.jsonl")
+    acc = {r["step"]: r["value"] for r in rows if r["metric"] == "acc"}
+    prob = {r["step"]: r["value"] for r in rows if r["metric"] == "correct_prob"}
+    assert prob[0] < 0.35  # never saw these facts: near the 4-choice chance of 0.25
+    assert prob[0] < prob[80] < prob[160]
+    assert prob[160] > 0.6
+    assert acc[160] >= acc[0] + 0.25
+
+
+def test_scores_equal_stock_lm_eval(make_config, world, tmp_path):
+    """The curve's score equals what stock lm-eval reports for the merged weights."""
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+    from peft import AutoPeftModelForCausalLM
+
+    cfg = make_config(train={"max_steps": 6, "lr": 5e-3}, eval={"every": 3})
+    run = run_attack(cfg, quiet=True)
+    rows = read_curve(run / "curve.jsonl")
+    for step, adapter_dir in ((3, run / "checkpoints" / "checkpoint-3"), (6, run / "final")):
+        merged = AutoPeftModelForCausalLM.from_pretrained(str(adapter_dir)).merge_and_unload()
+        out = tmp_path / f"merged-{step}"
+        merged.save_pretrained(str(out))
+        world["tokenizer"].save_pretrained(str(out))
+        res = simple_evaluate(
+            model="hf",
+            model_args=f"pretrained={out},dtype=float32",
+            tasks=["toy_target_seen", "toy_general"],
+            task_manager=TaskManager(include_path=str(world["tasks"])),
+            batch_size=8,
+            device="cpu",
+        )
+        for task in ("toy_target_seen", "toy_general"):
+            for metric in ("acc", "acc_norm"):
+                ours = next(r["value"] for r in rows if r["step"] == step and r["task"] == task and r["metric"] == metric)
+                assert abs(ours - res["results"][task][f"{metric},none"]) <= 1e-4
