@@ -93,9 +93,28 @@ def config_from_args(args: argparse.Namespace):
     return load_config(data)
 
 
+def quiet_libraries() -> None:
+    """Keep the terminal for the attack's own progress bar, table and errors."""
+    import logging
+    import warnings
+
+    # bitsandbytes warns at import on CPUs without its optional kernels package; not our concern.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
+        quiet_libraries()
         if argv and argv[0] == "sweep":
             from attack.sweep import main as sweep_main
 

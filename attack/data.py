@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from attack.config import DataConfig
-from attack.errors import UserError
+from attack.errors import UserError, first_line
 
 _LOADERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text"}
 
@@ -25,6 +25,8 @@ def load_documents(cfg: DataConfig) -> list[str]:
 
     path = Path(cfg.path).expanduser()
     try:
+        if path.is_file() and path.stat().st_size == 0:
+            raise UserError(f"attack data '{cfg.path}' is empty: it holds no documents")
         if path.is_file():
             loader = _LOADERS.get(path.suffix)
             if loader is None:
@@ -39,7 +41,7 @@ def load_documents(cfg: DataConfig) -> list[str]:
     except UserError:
         raise
     except Exception as e:
-        raise UserError(f"could not load attack data '{cfg.path}': {str(e).strip().splitlines()[0]}") from None
+        raise UserError(f"could not load attack data '{cfg.path}': {first_line(e)}") from None
     if len(ds) == 0:
         raise UserError(f"attack data '{cfg.path}' is empty: it holds no documents")
     columns = ds.column_names

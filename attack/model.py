@@ -16,7 +16,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from attack.config import AdapterConfig, ModelConfig
-from attack.errors import UserError
+from attack.errors import UserError, first_line
 
 
 def autocast_dtype(precision: str) -> torch.dtype | None:
@@ -44,7 +44,7 @@ def load_tokenizer(cfg: ModelConfig):
             source, revision=_revision(cfg), trust_remote_code=cfg.trust_remote_code
         )
     except Exception as e:  # hub/IO errors come in many types
-        raise UserError(f"could not load the tokenizer of '{cfg.name}': {_first_line(e)}") from None
+        raise UserError(f"could not load the tokenizer of '{cfg.name}': {first_line(e)}") from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     if tok.eos_token_id is None:
@@ -70,7 +70,7 @@ def load_model(cfg: ModelConfig, adapter: AdapterConfig):
     try:
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except Exception as e:
-        raise UserError(f"could not load model '{cfg.name}': {_first_line(e)}") from None
+        raise UserError(f"could not load model '{cfg.name}': {first_line(e)}") from None
     # A KV cache is useless in training and would disable packed-sequence masking.
     model.config.use_cache = False
     return model
@@ -121,7 +121,7 @@ def apply_adapter(model, cfg: AdapterConfig, gradient_checkpointing: bool = Fals
     except ValueError as e:
         names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
         raise UserError(
-            f"LoRA target modules {targets} match nothing in this model ({_first_line(e)}); "
+            f"LoRA target modules {targets} match nothing in this model ({first_line(e)}); "
             f"its linear layers are named: {', '.join(names)}"
         ) from None
     check_only_adapter_trains(model)
@@ -150,8 +150,3 @@ def _source(cfg: ModelConfig) -> str:
 
 def _revision(cfg: ModelConfig) -> str | None:
     return None if _looks_local(cfg.name) else cfg.revision
-
-
-def _first_line(e: Exception) -> str:
-    text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__

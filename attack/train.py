@@ -16,6 +16,7 @@ from attack.model import apply_adapter, autocast_dtype, load_model, load_tokeniz
 from attack.rundir import RunDir, read_curve
 from eval_callbacks import (
     LiveEvaluator,
+    find_tasks,
     NonFiniteLossError,
     RecoveryCurveCallback,
     UnknownTaskError,
@@ -37,27 +38,32 @@ def run_attack(cfg: AttackConfig, extra_callbacks: list | None = None, quiet: bo
         )
     accumulation = cfg.train.batch_size // (micro * world)
 
-    # 1. Everything that can fail on user input happens before the run directory is touched.
-    set_seed(cfg.train.seed)
+    # 1. Everything that can fail on user input happens before the run directory is touched,
+    #    cheapest checks first.
     tokenizer = load_tokenizer(cfg.model)
-    model = load_model(cfg.model, cfg.adapter)
-    model = apply_adapter(model, cfg.adapter, cfg.train.gradient_checkpointing)
+    try:
+        tasks = find_tasks(cfg.eval.tasks, cfg.eval.include_path)
+    except UnknownTaskError as e:
+        raise UserError(str(e)) from None
     rows = PackedRows(pack_documents(load_documents(cfg.data), tokenizer, cfg.data.seq_len))
     if len(rows) < micro * world:
         raise UserError(
             f"attack data packs into {len(rows)} rows of {cfg.data.seq_len} tokens, fewer than one "
             f"batch ({micro * world} rows); add data or lower --seq-len/--batch-size"
         )
+    set_seed(cfg.train.seed)
+    model = load_model(cfg.model, cfg.adapter)
+    model = apply_adapter(model, cfg.adapter, cfg.train.gradient_checkpointing)
     amp = autocast_dtype(cfg.model.precision)
     try:
         evaluator = LiveEvaluator(
             model,
             tokenizer,
             cfg.eval.tasks,
-            include_path=cfg.eval.include_path,
             batch_size=cfg.eval.batch_size,
             limit=cfg.eval.limit,
             autocast_dtype=amp,
+            task_manager=tasks,
         )
     except UnknownTaskError as e:
         raise UserError(str(e)) from None
@@ -121,6 +127,7 @@ def run_attack(cfg: AttackConfig, extra_callbacks: list | None = None, quiet: bo
         trainer.train(resume_from_checkpoint=checkpoint)
     except NonFiniteLossError as e:
         run.write_summary(status="failed", error=str(e))
+        _close_progress_bar(trainer)
         raise UserError(str(e)) from None
     except BaseException as e:
         run.write_summary(status="interrupted" if isinstance(e, KeyboardInterrupt) else "failed", error=repr(e))
@@ -165,6 +172,15 @@ def score_table(rows: list[dict]) -> str:
                     f"{task:<28} {metric:<14} {at.get(first, float('nan')):>10.4f} {at.get(last, float('nan')):>10.4f}"
                 )
     return "\n".join(lines)
+
+
+def _close_progress_bar(trainer) -> None:
+    """Finish the training bar so an error message that follows gets a line of its own."""
+    for cb in trainer.callback_handler.callbacks:
+        bar = getattr(cb, "training_bar", None)
+        if bar is not None:
+            bar.close()
+            cb.training_bar = None
 
 
 def _require(module: str, message: str) -> None:

@@ -8,7 +8,7 @@ Usable with any transformers Trainer, without the `attack` package:
 """
 
 from eval_callbacks.callback import NonFiniteLossError, RecoveryCurveCallback
-from eval_callbacks.runner import LiveEvaluator, UnknownTaskError
+from eval_callbacks.runner import LiveEvaluator, UnknownTaskError, find_tasks
 from eval_callbacks.schedule import linear_schedule, log_schedule
 
 __all__ = [
@@ -16,6 +16,7 @@ __all__ = [
     "NonFiniteLossError",
     "RecoveryCurveCallback",
     "UnknownTaskError",
+    "find_tasks",
     "linear_schedule",
     "log_schedule",
 ]

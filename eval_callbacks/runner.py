@@ -74,6 +74,26 @@ def _leaf_tasks(task_dict) -> dict:
     return leaves
 
 
+def find_tasks(tasks: list[str], include_path: list[str] | None = None):
+    """A TaskManager that knows every task in `tasks`, or UnknownTaskError naming the missing ones."""
+    from lm_eval.tasks import TaskManager
+
+    include = list(include_path or []) or None
+    # Indexing lm-eval's ~15k stock task files takes seconds: skip it when the include
+    # path alone holds every requested task.
+    manager = TaskManager(include_path=include, include_defaults=False) if include else None
+    if manager is None or not set(tasks) <= set(manager.all_tasks):
+        manager = TaskManager(include_path=include)
+    missing = [t for t in tasks if t not in set(manager.all_tasks)]
+    if missing:
+        where = f" or under {', '.join(include)}" if include else ""
+        raise UnknownTaskError(
+            f"unknown lm-eval task(s) {', '.join(missing)}: not a stock task{where}; "
+            "check the name or add the folder holding its YAML with --eval-include"
+        )
+    return manager
+
+
 class LiveEvaluator:
     """Evaluates lm-eval tasks on a model object that may be training.
 
@@ -90,29 +110,15 @@ class LiveEvaluator:
         limit: int | None = None,
         autocast_dtype: torch.dtype | None = None,
         subset_seed: int = 0,
+        task_manager=None,
     ):
-        from lm_eval.tasks import TaskManager
-
         # lm-eval logs every request batch at INFO; during an attack that is noise.
         logging.getLogger("lm_eval").setLevel(logging.WARNING)
         self.model = model
         self.tokenizer = tokenizer
         self.batch_size = batch_size
         self.autocast_dtype = autocast_dtype
-        include = list(include_path or []) or None
-        # Indexing lm-eval's ~15k stock task files takes seconds: skip it when the include
-        # path alone holds every requested task.
-        manager = TaskManager(include_path=include, include_defaults=False) if include else None
-        if manager is None or not set(tasks) <= set(manager.all_tasks):
-            manager = TaskManager(include_path=include)
-        known = set(manager.all_tasks)
-        missing = [t for t in tasks if t not in known]
-        if missing:
-            where = f" or under {', '.join(include_path)}" if include_path else ""
-            raise UnknownTaskError(
-                f"unknown lm-eval task(s) {', '.join(missing)}: not a stock task{where}; "
-                "check the name or add the folder holding its YAML with --eval-include"
-            )
+        manager = task_manager or find_tasks(tasks, include_path)
         self.task_dict = manager.load(list(tasks))
         self.tasks = _leaf_tasks(self.task_dict)
         self.sizes = {name: len(task.eval_docs) for name, task in self.tasks.items()}

@@ -1,0 +1,106 @@
+"""Bad input ends in one clear line on stderr and exit status 2, and corrupts nothing."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from attack.__main__ import main
+
+
+def _args(world, model, tmp_path, **over):
+    args = {
+        "--model": str(model), "--data": str(world["attack"]), "--eval-tasks": "toy_target_seen",
+        "--eval-include": str(world["tasks"]), "--eval-every": "2", "--max-steps": "2",
+        "--batch-size": "2", "--seq-len": "32", "--output": str(tmp_path / "runs"),
+    }
+    args.update(over)
+    out = []
+    for k, v in args.items():
+        if v is not None:
+            out += [k, v]
+    return out
+
+
+def _one_line_error(capsys, argv, expected, after_progress_bar=False):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err
+    lines = err.splitlines()
+    if after_progress_bar:  # the training bar was already drawn; the message is its own last line
+        lines = lines[-1:]
+        assert sum("error" in line for line in err.splitlines()) == 1, err
+    assert len(lines) == 1, err
+    assert lines[0].startswith("error: ") and expected in lines[0], err
+
+
+@pytest.mark.parametrize(
+    "over, expected",
+    [
+        ({"--model": "./no/such/model"}, "model directory not found"),
+        ({"--eval-tasks": "no_such_task_xyz"}, "unknown lm-eval task(s) no_such_task_xyz"),
+        ({"--text-field": "body"}, "has no field 'body'"),
+        ({"--target-modules": "no_such_proj"}, "match nothing"),
+        ({"--eval-every": "0"}, "eval.every must be > 0"),
+        ({"--eval-every": "-3"}, "eval.every must be > 0"),
+        ({"--lr": "fast"}, "train.lr must be a number"),
+        ({"--data": "./missing.jsonl"}, "attack data not found"),
+        ({"--set": "train.warp_speed=9"}, "unknown config key 'train.warp_speed'"),
+    ],
+)
+def test_bad_input(capsys, world, llama_dir, tmp_path, over, expected):
+    _one_line_error(capsys, _args(world, llama_dir, tmp_path, **over), expected)
+    assert not (tmp_path / "runs").exists(), "a failed start must not create a run directory"
+
+
+def test_empty_dataset(capsys, world, llama_dir, tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    _one_line_error(capsys, _args(world, llama_dir, tmp_path, **{"--data": str(empty)}), "empty")
+
+
+def test_unknown_key_in_config_file(capsys, world, llama_dir, tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("model:\n  name: x\n  colour: blue\n")
+    _one_line_error(capsys, ["--config", str(cfg)], "unknown config key 'model.colour'")
+
+
+def test_nan_loss(capsys, world, llama_dir, tmp_path):
+    """A checkpoint with a NaN weight: the attack stops with a clear line; the curve so far stays."""
+    broken = tmp_path / "broken"
+    import shutil
+
+    shutil.copytree(llama_dir, broken)
+    weights = load_file(str(broken / "model.safetensors"))
+    name = next(k for k in weights if "layers.0.mlp.down_proj" in k)
+    weights[name] = torch.full_like(weights[name], float("nan"))
+    save_file(weights, str(broken / "model.safetensors"), metadata={"format": "pt"})
+    argv = _args(world, broken, tmp_path, **{"--run-id": "nan", "--log-every": "1"})
+    _one_line_error(capsys, argv, "training loss became nan", after_progress_bar=True)
+    run = tmp_path / "runs" / "nan"
+    assert json.loads((run / "summary.json").read_text())["status"] == "failed"
+    rows = [json.loads(line) for line in (run / "curve.jsonl").read_text().splitlines()]
+    assert rows and {r["step"] for r in rows} == {0}
+
+
+def test_existing_run_is_not_overwritten(capsys, world, llama_dir, tmp_path):
+    argv = _args(world, llama_dir, tmp_path, **{"--run-id": "r1"})
+    assert main(argv) == 0
+    capsys.readouterr()
+    curve = (tmp_path / "runs" / "r1" / "curve.jsonl").read_bytes()
+    _one_line_error(capsys, argv, "already exists")
+    assert (tmp_path / "runs" / "r1" / "curve.jsonl").read_bytes() == curve
+
+
+def test_cli_process_exit_status(world, tmp_path):
+    """The real process: exit status 2, one line, no traceback."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "attack", "--model", str(tmp_path / "nope"), "--data", str(world["attack"]),
+         "--eval-tasks", "toy_target_seen"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [f"error: model directory not found: {tmp_path / 'nope'} (give an existing folder or a hub id)"]
