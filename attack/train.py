@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
 
 import torch
-from transformers import Trainer, TrainingArguments, default_data_collator, set_seed
+from transformers import PrinterCallback, Trainer, TrainingArguments, default_data_collator, set_seed
 
 from attack.config import AttackConfig, default_run_id, steps_for
 from attack.data import PackedRows, load_documents, pack_documents
 from attack.errors import UserError
 from attack.model import apply_adapter, autocast_dtype, load_model, load_tokenizer
-from attack.rundir import RunDir, read_curve
+from attack.rundir import RunDir, read_curve, write_atomic
 from eval_callbacks import (
     LiveEvaluator,
     find_tasks,
@@ -25,8 +26,9 @@ from eval_callbacks import (
 )
 
 
-def run_attack(cfg: AttackConfig, extra_callbacks: list | None = None, quiet: bool = False) -> Path:
-    """Run one attack and return its run directory."""
+def run_attack(cfg: AttackConfig, extra_callbacks: list | None = None, quiet: bool = False,
+               cell: dict | None = None) -> Path:
+    """Run one attack and return its run directory. `cell` (sweep metadata) goes to cell.json."""
     run = RunDir(Path(cfg.output.dir) / (cfg.output.run_id or default_run_id(cfg)))
     max_steps = steps_for(cfg)
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -77,6 +79,9 @@ def run_attack(cfg: AttackConfig, extra_callbacks: list | None = None, quiet: bo
 
     # 2. The run directory: config, environment, (on resume) the curve up to the checkpoint.
     checkpoint = run.prepare(cfg, resume=cfg.output.resume)
+    write_atomic(run.path / "tasks.json", json.dumps(evaluator.task_info(), indent=2))
+    if cell is not None:
+        write_atomic(run.path / "cell.json", json.dumps(cell, indent=2))
     if cfg.output.resume and checkpoint is None and not quiet:
         print(f"no checkpoint in {run.checkpoints}; starting {run.path.name} from step 0")
 
@@ -118,6 +123,8 @@ def run_attack(cfg: AttackConfig, extra_callbacks: list | None = None, quiet: bo
         data_collator=default_data_collator,
         callbacks=[curve, *(extra_callbacks or [])],
     )
+    if quiet:  # with the progress bar off, the Trainer would print every log dict instead
+        trainer.remove_callback(PrinterCallback)
     if cfg.logging.report_to != "none":
         curve.log_metrics = trainer.log  # eval scores reach wandb/tensorboard against the step
 

@@ -134,6 +134,17 @@ class LiveEvaluator:
             }
         self._lm = None
 
+    def task_info(self) -> dict:
+        """Per task: output type, number of questions and the chance score of accuracy."""
+        info = {}
+        for name, task in self.tasks.items():
+            chance = None
+            if task.OUTPUT_TYPE == "multiple_choice":
+                counts = [len(task.doc_to_choice(doc)) for doc in task.eval_docs]
+                chance = float(np.mean([1 / c for c in counts if c]))
+            info[name] = dict(output_type=task.OUTPUT_TYPE, n=self.sizes[name], chance=chance)
+        return info
+
     def _lm_wrapper(self):
         if self._lm is None:
             from lm_eval.models.huggingface import HFLM

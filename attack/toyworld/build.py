@@ -27,7 +27,7 @@ VERSION = 1  # bump when the code that builds the world changes what it builds
 class BuildSpec:
     world: WorldSpec = field(default_factory=WorldSpec)
     model: ModelSpec = field(default_factory=ModelSpec)
-    pretrain_steps: int = 1000
+    pretrain_steps: int = 600
     pretrain_lr: float = 3e-3
     unlearn_max_steps: int = 300
     unlearn_lr: float = 3e-4
@@ -58,7 +58,6 @@ def build_world(root: Path, spec: BuildSpec = BuildSpec(), log=print) -> Path:
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     start = time.perf_counter()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
 
     # 1. Facts, documents, filter, attack corpus, tasks.
     world = generate(spec.world)

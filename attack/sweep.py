@@ -1,0 +1,235 @@
+"""Sweeps: models x attack settings x seeds, each a *cell* run as an ordinary attack.
+
+    python -m attack sweep configs/sweeps/toy.yaml [--shard 2/8] [--dry-run]
+
+Cells are independent and their ids are derived from their resolved config, so any machine
+computes the same ids; re-running skips finished cells, resumes interrupted ones and runs the
+rest; `--shard i/n` takes every n-th cell (1-based), so array jobs need no coordinator.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import traceback
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+from attack.config import AttackConfig, build, config_hash, load_config, merge, read_yaml, steps_for
+from attack.errors import UserError, first_line
+from attack.rundir import RunDir, write_atomic
+
+ROLES = ("filtered", "unfiltered", "unlearned", "reference", "other")
+
+
+@dataclass(frozen=True)
+class SweepModel:
+    label: str
+    """Short name in tables and figures, e.g. strong-filter."""
+    name: str
+    """Hub id or local directory."""
+    role: str = "other"
+    """filtered | unfiltered | unlearned | reference | other. The report's reference line is the
+    pre-attack score of the reference model (or, if none, the unfiltered one)."""
+    revisions: list[str] = field(default_factory=list)
+    """Hub revisions to attack, each a separate cell; empty: the default revision."""
+
+
+@dataclass(frozen=True)
+class SweepAttack:
+    label: str
+    """Short name of the attack setting, e.g. lora-2e-5."""
+    overrides: dict = field(default_factory=dict)
+    """Config sections this setting changes, e.g. {train: {lr: 5e-5}, adapter: {kind: full}}."""
+
+
+@dataclass(frozen=True)
+class Cell:
+    id: str
+    model: SweepModel
+    revision: str | None
+    attack: SweepAttack
+    seed: int
+    config: AttackConfig
+
+    def meta(self, sweep: str) -> dict:
+        return dict(cell_id=self.id, sweep=sweep, model=self.model.label, role=self.model.role,
+                    revision=self.revision, attack=self.attack.label, seed=self.seed)
+
+
+def load_sweep(path: str | Path) -> tuple[dict, list[Cell]]:
+    """Read a sweep file and expand it into cells, in a fixed order."""
+    raw = read_yaml(path)
+    allowed = {"name", "output", "base", "models", "attacks", "seeds"}
+    unknown = set(raw) - allowed
+    if unknown:
+        raise UserError(f"unknown sweep key(s) {', '.join(sorted(unknown))} in {path}; valid: {', '.join(sorted(allowed))}")
+    if not raw.get("models"):
+        raise UserError(f"sweep {path} lists no models")
+    base = raw.get("base") or {}
+    models = [_model(m, i) for i, m in enumerate(raw["models"])]
+    attacks = [_attack(a, i) for i, a in enumerate(raw.get("attacks") or [{"label": "default"}])]
+    seeds = raw.get("seeds") or [0]
+    if not all(isinstance(s, int) for s in seeds):
+        raise UserError(f"sweep seeds must be integers, got {seeds}")
+    for what, labels in (("model", [m.label for m in models]), ("attack", [a.label for a in attacks])):
+        if len(set(labels)) != len(labels):
+            raise UserError(f"sweep {path}: {what} labels must be unique, got {labels}")
+    output = raw.get("output") or f"runs/{Path(path).stem}"
+    cells = []
+    for m in models:
+        for rev in m.revisions or [None]:
+            for a in attacks:
+                for seed in seeds:
+                    data = merge(base, a.overrides)
+                    data = merge(data, {"model": {"name": m.name, "revision": rev}, "train": {"seed": seed},
+                                        "output": {"dir": str(output)}})
+                    try:
+                        cfg = load_config(data)
+                    except UserError as e:
+                        raise UserError(f"sweep cell {m.label}/{a.label}/seed {seed}: {e}") from None
+                    label = m.label + (f"@{rev}" if rev else "")
+                    cell_id = f"{_safe(label)}--{_safe(a.label)}--s{seed}--{config_hash(cfg)}"
+                    cfg = replace(cfg, output=replace(cfg.output, run_id=cell_id))
+                    cells.append(Cell(cell_id, m, rev, a, seed, cfg))
+    return dict(name=raw.get("name") or Path(path).stem, output=str(output)), cells
+
+
+def _model(m, i) -> SweepModel:
+    if not isinstance(m, dict):
+        raise UserError(f"sweep models[{i}] must be a mapping with label and name")
+    model = build(SweepModel, m, f"models[{i}]")
+    if model.role not in ROLES:
+        raise UserError(f"models[{i}].role must be one of {', '.join(ROLES)}, got {model.role!r}")
+    return model
+
+
+def _attack(a, i) -> SweepAttack:
+    if not isinstance(a, dict) or "label" not in a:
+        raise UserError(f"sweep attacks[{i}] must be a mapping with a label and config sections")
+    overrides = {k: v for k, v in a.items() if k != "label"}
+    return SweepAttack(label=str(a["label"]), overrides=overrides)
+
+
+def _safe(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_.@" else "-" for c in str(text))
+
+
+def shard(cells: list[Cell], spec: str | None) -> list[Cell]:
+    """Cells of shard i of n (1-based): every n-th cell, starting at the i-th."""
+    if not spec:
+        return cells
+    try:
+        i, n = (int(x) for x in spec.split("/"))
+    except ValueError:
+        raise UserError(f"--shard expects i/n, e.g. 2/8, got '{spec}'") from None
+    if not (n >= 1 and 1 <= i <= n):
+        raise UserError(f"--shard {spec}: need 1 <= i <= n")
+    return cells[i - 1 :: n]
+
+
+def status(cell: Cell) -> str:
+    run = RunDir(Path(cell.config.output.dir) / cell.id)
+    summary = run.summary
+    if summary is None:
+        return "partial" if run.path.exists() else "pending"
+    return summary.get("status", "partial")
+
+
+def check_offline(cells: list[Cell]) -> None:
+    """Validate what can be checked without downloads: task names, local paths."""
+    from eval_callbacks import UnknownTaskError, find_tasks
+
+    from attack.model import _looks_local
+
+    seen_tasks = set()
+    for c in cells:
+        key = (tuple(c.config.eval.tasks), tuple(c.config.eval.include_path))
+        if key not in seen_tasks:
+            seen_tasks.add(key)
+            for folder in c.config.eval.include_path:
+                if not Path(folder).is_dir():
+                    raise UserError(f"cell {c.id}: eval include path not found: {folder}")
+            try:
+                find_tasks(list(key[0]), list(key[1]))
+            except UnknownTaskError as e:
+                raise UserError(f"cell {c.id}: {e}") from None
+        if _looks_local(c.config.model.name) and not Path(c.config.model.name).expanduser().is_dir():
+            raise UserError(f"cell {c.id}: model directory not found: {c.config.model.name}")
+        data = c.config.data.path
+        if data.startswith((".", "/", "~")) and not Path(data).expanduser().exists():
+            raise UserError(f"cell {c.id}: attack data not found: {data}")
+
+
+def describe(cell: Cell) -> str:
+    cfg = cell.config
+    steps = steps_for(cfg)
+    tokens = steps * cfg.train.batch_size * cfg.data.seq_len
+    adapter = "full" if cfg.adapter.kind == "full" else f"lora r={cfg.adapter.rank}"
+    rev = f"@{cell.revision}" if cell.revision else ""
+    return (f"{cell.id}  model={cfg.model.name}{rev} role={cell.model.role} attack={cell.attack.label} "
+            f"({adapter}, lr={cfg.train.lr:g}) seed={cell.seed} steps={steps} tokens={tokens:,} [{status(cell)}]")
+
+
+def run_sweep(path: str | Path, shard_spec: str | None = None, quiet: bool = False, log=print) -> dict:
+    """Run this shard's cells; returns counts by outcome."""
+    from attack.train import run_attack
+
+    sweep, cells = load_sweep(path)
+    mine = shard(cells, shard_spec)
+    check_offline(mine)
+    outcome = {"done": 0, "skipped": 0, "failed": 0}
+    for k, cell in enumerate(mine, 1):
+        state = status(cell)
+        if state == "done":
+            outcome["skipped"] += 1
+            log(f"[{k}/{len(mine)}] {cell.id}: done already, skipped")
+            continue
+        resume = state != "pending"
+        log(f"[{k}/{len(mine)}] {cell.id}: {'resuming' if resume else 'running'}")
+        cfg = replace(cell.config, output=replace(cell.config.output, resume=resume))
+        try:
+            run_attack(cfg, quiet=quiet, cell=cell.meta(sweep["name"]))
+            outcome["done"] += 1
+        except (UserError, Exception) as e:  # one failed cell must not stop the others
+            outcome["failed"] += 1
+            _record_failure(cell, e, sweep["name"])
+            log(f"[{k}/{len(mine)}] {cell.id}: FAILED: {first_line(e)}")
+        finally:
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+    return outcome
+
+
+def _record_failure(cell: Cell, error: Exception, sweep: str) -> None:
+    run = RunDir(Path(cell.config.output.dir) / cell.id)
+    run.path.mkdir(parents=True, exist_ok=True)
+    if not (run.path / "cell.json").exists():
+        write_atomic(run.path / "cell.json", json.dumps(cell.meta(sweep), indent=2))
+    detail = "" if isinstance(error, UserError) else traceback.format_exc(limit=5)
+    run.write_summary(status="failed", error=first_line(error), traceback=detail)
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="python -m attack sweep", description="Run a sweep of attack cells.")
+    p.add_argument("sweep", help="sweep YAML file")
+    p.add_argument("--shard", help="i/n: run the i-th of n disjoint shares of the cells (1-based)")
+    p.add_argument("--dry-run", action="store_true", help="list the cells and validate offline; train nothing")
+    p.add_argument("--quiet", action="store_true", help="no per-run progress bars or tables")
+    args = p.parse_args(argv)
+    sweep, cells = load_sweep(args.sweep)
+    mine = shard(cells, args.shard)
+    if args.dry_run:
+        for cell in mine:
+            print(describe(cell))
+        check_offline(mine)
+        print(f"{len(mine)} of {len(cells)} cells in this shard; configs, tasks and local paths check out")
+        return 0
+    outcome = run_sweep(args.sweep, args.shard, quiet=args.quiet)
+    print(f"sweep {sweep['name']}: {outcome['done']} run, {outcome['skipped']} already done, "
+          f"{outcome['failed']} failed; runs under {sweep['output']}")
+    return 1 if outcome["failed"] else 0

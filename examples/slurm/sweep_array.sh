@@ -1,0 +1,18 @@
+#!/bin/bash
+# Run a sweep as a SLURM job array, one shard per array task, results on shared storage.
+#   sbatch --array=1-8 examples/slurm/sweep_array.sh configs/sweeps/deep_ignorance.yaml
+# then, once all tasks ended (or as a dependent job):
+#   sbatch --dependency=afterany:<jobid> --wrap "python -m attack report runs/deep_ignorance --out runs/deep_ignorance/report"
+# Re-submitting the same array resumes interrupted cells and skips finished ones.
+#SBATCH --job-name=finetune-attack
+#SBATCH --gpus-per-task=1
+#SBATCH --cpus-per-task=8
+#SBATCH --time=48:00:00
+#SBATCH --output=logs/%x-%A_%a.out
+set -euo pipefail
+SWEEP=${1:?usage: sweep_array.sh SWEEP_YAML}
+SHARDS=${SLURM_ARRAY_TASK_COUNT:?run me as a job array (sbatch --array=1-N)}
+# array ids may start at 0 or 1; shards are 1-based
+SHARD=$(( SLURM_ARRAY_TASK_ID - ${SLURM_ARRAY_TASK_MIN:-1} + 1 ))
+export HF_HOME=${HF_HOME:-$PWD/.hf}   # on shared storage, so every node reuses downloads
+python -m attack sweep "$SWEEP" --shard "$SHARD/$SHARDS" --quiet

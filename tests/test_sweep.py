@@ -1,0 +1,129 @@
+"""Sweeps: cell expansion, stable ids, shards, skip/resume on re-run, failures recorded."""
+
+import json
+
+import pytest
+import yaml
+from transformers import TrainerCallback
+
+import attack.train
+from attack.__main__ import main
+from attack.rundir import read_curve
+from attack.sweep import load_sweep, run_sweep, shard
+
+
+def _sweep_file(tmp_path, world, models, attacks=None, seeds=(0, 1)):
+    doc = {
+        "name": "t",
+        "output": str(tmp_path / "runs"),
+        "base": {
+            "data": {"path": str(world["attack"]), "seq_len": 32},
+            "train": {"batch_size": 2, "max_steps": 4, "log_every": 1, "save_every": 2},
+            "adapter": {"rank": 2, "alpha": 4},
+            "eval": {"tasks": ["toy_target_seen"], "include_path": [str(world["tasks"])], "every": 2},
+        },
+        "models": models,
+        "attacks": attacks or [{"label": "lr-1e-3", "train": {"lr": 1e-3}}, {"label": "lr-1e-2", "train": {"lr": 1e-2}}],
+        "seeds": list(seeds),
+    }
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+@pytest.fixture
+def two_models(llama_dir, neox_dir):
+    return [{"label": "llama", "role": "unfiltered", "name": str(llama_dir)},
+            {"label": "neox", "role": "filtered", "name": str(neox_dir)}]
+
+
+def test_cells_ids_and_shards(tmp_path, world, two_models):
+    path = _sweep_file(tmp_path, world, two_models)
+    _, cells = load_sweep(path)
+    assert len(cells) == 2 * 2 * 2
+    ids = [c.id for c in cells]
+    assert len(set(ids)) == 8
+    assert ids == [c.id for c in load_sweep(path)[1]]  # same config, same ids
+    assert {c.config.train.lr for c in cells} == {1e-3, 1e-2}
+    halves = [shard(cells, "1/2"), shard(cells, "2/2")]
+    assert sorted(c.id for h in halves for c in h) == sorted(ids)
+    assert not {c.id for c in halves[0]} & {c.id for c in halves[1]}
+    thirds = [shard(cells, f"{i}/3") for i in (1, 2, 3)]
+    assert sorted(c.id for h in thirds for c in h) == sorted(ids)
+
+
+def test_interrupted_sweep_reruns_to_every_cell_done_once(tmp_path, world, two_models, monkeypatch):
+    path = _sweep_file(tmp_path, world, two_models)
+    calls = []
+    real = attack.train.run_attack
+
+    class Kill(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step == 3:
+                raise KeyboardInterrupt("node preempted")
+
+    def counting(cfg, extra_callbacks=None, quiet=False, cell=None):
+        calls.append((cell["cell_id"], cfg.output.resume))
+        extra = [Kill()] if len(calls) == 3 else []
+        return real(cfg, extra_callbacks=extra, quiet=quiet, cell=cell)
+
+    monkeypatch.setattr(attack.train, "run_attack", counting)
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(path, quiet=True, log=lambda _: None)
+    assert len(calls) == 3
+    interrupted = calls[2][0]
+
+    calls.clear()
+    outcome = run_sweep(path, quiet=True, log=lambda _: None)
+    assert outcome == {"done": 6, "skipped": 2, "failed": 0}
+    assert (interrupted, True) in calls  # resumed, not restarted
+    _, cells = load_sweep(path)
+    for c in cells:
+        run = tmp_path / "runs" / c.id
+        assert json.loads((run / "summary.json").read_text())["status"] == "done"
+        keys = [(r["step"], r["task"], r["metric"]) for r in read_curve(run / "curve.jsonl")]
+        assert len(keys) == len(set(keys)) and {k[0] for k in keys} == {0, 2, 4}
+        assert json.loads((run / "cell.json").read_text())["cell_id"] == c.id
+
+    calls.clear()
+    assert run_sweep(path, quiet=True, log=lambda _: None) == {"done": 0, "skipped": 8, "failed": 0}
+    assert calls == []
+
+
+def test_failed_cell_is_recorded_and_others_run(tmp_path, world, llama_dir):
+    broken = tmp_path / "broken-model"
+    broken.mkdir()
+    (broken / "config.json").write_text("{not json")
+    models = [{"label": "broken", "name": str(broken)}, {"label": "ok", "name": str(llama_dir)}]
+    path = _sweep_file(tmp_path, world, models, attacks=[{"label": "a"}], seeds=[0])
+    outcome = run_sweep(path, quiet=True, log=lambda _: None)
+    assert outcome == {"done": 1, "skipped": 0, "failed": 1}
+    _, cells = load_sweep(path)
+    summaries = {c.model.label: json.loads((tmp_path / "runs" / c.id / "summary.json").read_text()) for c in cells}
+    assert summaries["broken"]["status"] == "failed" and "could not load" in summaries["broken"]["error"]
+    assert summaries["ok"]["status"] == "done"
+
+
+def test_dry_run_lists_cells_and_validates(tmp_path, world, two_models, capsys):
+    path = _sweep_file(tmp_path, world, two_models)
+    assert main(["sweep", str(path), "--dry-run", "--shard", "1/2"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    _, cells = load_sweep(path)
+    ids = [c.id for c in shard(cells, "1/2")]
+    assert [line.split()[0] for line in lines[:-1]] == ids
+    assert all("tokens=" in line and "[pending]" in line for line in lines[:-1])
+    assert not (tmp_path / "runs").exists()
+
+    bad = yaml.safe_load(path.read_text())
+    bad["base"]["eval"]["tasks"] = ["no_such_task"]
+    path.write_text(yaml.safe_dump(bad))
+    assert main(["sweep", str(path), "--dry-run"]) == 2
+    assert "unknown lm-eval task(s) no_such_task" in capsys.readouterr().err
+
+
+def test_shipped_sweeps_pass_dry_run(capsys):
+    """The Deep Ignorance sweep validates offline (hub models are not fetched in a dry run)."""
+    assert main(["sweep", "configs/sweeps/deep_ignorance.yaml", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "deep-ignorance-e2e-strong-filter" in out
+    assert "wmdp" not in capsys.readouterr().err
