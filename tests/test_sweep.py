@@ -54,7 +54,7 @@ def test_cells_ids_and_shards(tmp_path, world, two_models):
 
 def test_interrupted_sweep_reruns_to_every_cell_done_once(tmp_path, world, two_models, monkeypatch):
     path = _sweep_file(tmp_path, world, two_models)
-    calls = []
+    calls, killed = [], []
     real = attack.train.run_attack
 
     class Kill(TrainerCallback):
@@ -64,7 +64,8 @@ def test_interrupted_sweep_reruns_to_every_cell_done_once(tmp_path, world, two_m
 
     def counting(cfg, extra_callbacks=None, quiet=False, cell=None):
         calls.append((cell["cell_id"], cfg.output.resume))
-        extra = [Kill()] if len(calls) == 3 else []
+        extra = [] if killed or len(calls) < 3 else [Kill()]
+        killed.extend(extra)
         return real(cfg, extra_callbacks=extra, quiet=quiet, cell=cell)
 
     monkeypatch.setattr(attack.train, "run_attack", counting)

@@ -1,0 +1,80 @@
+"""Config loading and overrides; packing and document isolation."""
+
+import pytest
+import torch
+import yaml
+from transformers import AutoModelForCausalLM
+
+from attack.__main__ import attack_parser, config_from_args
+from attack.config import AttackConfig, config_hash, default_run_id, load_config
+from attack.data import pack_documents
+from attack.errors import UserError
+
+
+def test_yaml_then_flags(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text(yaml.safe_dump({"model": {"name": "m"}, "data": {"path": "d.jsonl"},
+                                 "eval": {"tasks": ["a", "b"], "every": 7}, "train": {"lr": 1e-5}}))
+    cfg = config_from_args(attack_parser().parse_args(["--config", str(f), "--lr", "5e-5", "--full",
+                                                       "--eval-tasks", "x,y", "--set", "train.weight_decay=0.1"]))
+    assert isinstance(cfg, AttackConfig)
+    assert cfg.train.lr == 5e-5 and cfg.train.weight_decay == 0.1
+    assert cfg.adapter.kind == "full" and cfg.eval.tasks == ["x", "y"] and cfg.eval.every == 7
+    with pytest.raises(Exception):
+        cfg.train.lr = 1.0  # frozen
+
+
+def test_run_id_is_stable_and_ignores_output():
+    base = {"model": {"name": "org/model", "revision": "step1"}, "data": {"path": "d"}, "eval": {"tasks": ["t"]}}
+    a = load_config(base)
+    b = load_config({**base, "output": {"dir": "elsewhere"}})
+    c = load_config({**base, "train": {"lr": 1e-4}})
+    assert config_hash(a) == config_hash(b) != config_hash(c)
+    assert default_run_id(a).startswith("model@step1-")
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"model": {"name": "m"}, "data": {"path": "d"}, "eval": {"tasks": ["t"], "every": 0}}, "eval.every must be > 0"),
+    ({"model": {"name": "m"}, "data": {"path": "d"}, "eval": {"tasks": ["t"]}, "adapter": {"kind": "qlora"}}, "adapter.kind must be one of"),
+    ({"model": {"name": "m"}, "data": {"path": "d"}, "eval": {"tasks": ["t"]}, "train": {"max_steps": "many"}}, "must be an integer"),
+    ({"model": {"name": "m"}, "data": {"path": "d"}}, "no evaluation tasks"),
+    ({"model": {"name": "m"}, "data": {"path": "d"}, "eval": {"tasks": ["t"]}, "trian": {}}, "unknown config key 'trian'"),
+])
+def test_bad_configs(data, message):
+    with pytest.raises(UserError, match=message):
+        load_config(data)
+
+
+def test_packing_rows_positions_labels(world):
+    tok = world["tokenizer"]
+    docs = ["alpha beta gamma", "delta", "epsilon zeta eta theta iota"]
+    packed = pack_documents(docs * 4, tok, 16)
+    ids, pos, labels = packed["input_ids"], packed["position_ids"], packed["labels"]
+    assert ids.shape == pos.shape == labels.shape and ids.shape[1] == 16
+    flat_ids = ids.flatten().tolist()
+    assert flat_ids.count(tok.eos_token_id) >= 4  # EOS between documents
+    for r in range(ids.shape[0]):
+        for j in range(1, 16):
+            if pos[r, j] == 0:  # a document starts here: its first token is not a target
+                assert labels[r, j] == -100 and ids[r, j - 1] == tok.eos_token_id
+            else:
+                assert pos[r, j] == pos[r, j - 1] + 1 and labels[r, j] == ids[r, j]
+
+
+@pytest.mark.parametrize("arch", ["llama", "neox"])
+def test_packed_documents_do_not_see_each_other(arch, world, llama_dir, neox_dir):
+    """Logits of a document packed after another equal its logits alone."""
+    model = AutoModelForCausalLM.from_pretrained(str(llama_dir if arch == "llama" else neox_dir))
+    model.config.use_cache = False
+    model.train()  # as during the attack (dropout is 0 in these configs)
+    tok = world["tokenizer"]
+    a = tok("The creature Zorbl lives in the marsh.").input_ids + [tok.eos_token_id]
+    b = tok("The town of Ashford lies on the river Elm.").input_ids + [tok.eos_token_id]
+    ids = torch.tensor([a + b])
+    pos = torch.tensor([list(range(len(a))) + list(range(len(b)))])
+    with torch.no_grad():
+        packed = model(input_ids=ids, position_ids=pos).logits[0, len(a):]
+        alone = model(input_ids=torch.tensor([b]), position_ids=torch.tensor([list(range(len(b)))])).logits[0]
+        leaky = model(input_ids=ids).logits[0, len(a):]  # no position ids: plain causal attention
+    assert torch.allclose(packed, alone, atol=1e-5)
+    assert not torch.allclose(leaky, alone, atol=1e-3)  # the check above can fail

@@ -1,0 +1,95 @@
+"""The toy world: generator, filter, a small build whose checkpoints and tasks load in stock tools."""
+
+import json
+from collections import Counter
+
+import pytest
+
+from attack.toyworld.build import TASKS, BuildSpec, build_world
+from attack.toyworld.models import ModelSpec
+from attack.toyworld.world import GENERAL_PHRASES, TARGET_PHRASES, WorldSpec, blocklist_filter, generate
+
+
+def test_generator_domains_splits_and_phrasings():
+    w = generate(WorldSpec(target_entities=10, general_entities=6, docs_per_entity=3))
+    facts, docs = w["facts"], w["docs"]
+    target = {f["entity"] for f in facts if f["domain"] == "target"}
+    general = {f["entity"] for f in facts if f["domain"] == "general"}
+    assert len(target) == 10 and len(general) == 6 and not target & general
+    splits = Counter(f["split"] for f in facts if f["domain"] == "target")
+    assert splits == {"seen": 15, "heldout": 15}  # 5 creatures each, 3 relations
+    # every fact appears in every phrasing somewhere in the corpus
+    corpus = "\n".join(d["text"] for d in docs)
+    for f in facts:
+        phrases = (TARGET_PHRASES if f["domain"] == "target" else GENERAL_PHRASES)[f["relation"]]
+        for p in phrases:
+            assert p.format(e=f["entity"], v=f["value"]) in corpus
+    assert generate(WorldSpec(target_entities=10, general_entities=6)) == generate(WorldSpec(target_entities=10, general_entities=6))
+
+
+def test_blocklist_filter_counts_and_leakage():
+    docs = generate(WorldSpec(target_entities=20, general_entities=20))["docs"]
+    kept, stats = blocklist_filter(docs)
+    assert stats["removed"] == stats["target_documents"] == 60
+    assert stats["target_slipped_through"] == 0 and stats["general_removed"] == 0
+    assert all(d["domain"] == "general" for d in kept)
+
+    leaky = generate(WorldSpec(target_entities=20, general_entities=20, leak_fraction=0.3))["docs"]
+    kept, stats = blocklist_filter(leaky)
+    slipped = [d for d in kept if d["domain"] == "target"]
+    assert stats["target_slipped_through"] == len(slipped) > 0
+    assert stats["removed"] == stats["target_documents"] - len(slipped)
+
+
+@pytest.fixture(scope="module")
+def small_world(tmp_path_factory):
+    spec = BuildSpec(
+        world=WorldSpec(target_entities=6, general_entities=6, docs_per_entity=3),
+        model=ModelSpec(hidden=32, layers=1, heads=2, intermediate=64, max_positions=128),
+        pretrain_steps=30, unlearn_max_steps=10, batch_size=4, seq_len=64,
+    )
+    root = tmp_path_factory.mktemp("worlds")
+    return root, spec, build_world(root, spec, log=lambda _: None)
+
+
+def test_build_layout_and_cache(small_world):
+    root, spec, out = small_world
+    info = json.loads((out / "world.json").read_text())
+    assert set(info["pre_attack"]) == {"unfiltered", "filtered", "unlearned"}
+    assert set(info["pre_attack"]["unfiltered"]) == set(TASKS)
+    assert info["filter"]["target_slipped_through"] == 0
+    for f in ("corpus/unfiltered.jsonl", "corpus/filtered.jsonl", "corpus/attack.jsonl", "facts.json"):
+        assert (out / f).exists()
+    attack_docs = [json.loads(line) for line in (out / "corpus/attack.jsonl").read_text().splitlines()]
+    assert attack_docs and all(d["domain"] == "target" and d["split"] == "seen" for d in attack_docs)
+    # cached: same settings, same folder, not rebuilt; other settings, another folder
+    logs = []
+    assert build_world(root, spec, log=logs.append) == out
+    assert logs and "reusing" in logs[0]
+    from dataclasses import replace
+
+    assert replace(spec, pretrain_steps=31).key() != spec.key()
+
+
+def test_checkpoints_load_with_stock_transformers(small_world):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _, _, out = small_world
+    for name in ("unfiltered", "filtered", "unlearned"):
+        model = AutoModelForCausalLM.from_pretrained(str(out / name))
+        tok = AutoTokenizer.from_pretrained(str(out / name))
+        ids = tok("The town of", return_tensors="pt").input_ids
+        assert model(ids).logits.shape[-1] == len(tok)
+
+
+def test_tasks_run_in_stock_lm_eval(small_world):
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    _, _, out = small_world
+    res = simple_evaluate(
+        model="hf", model_args=f"pretrained={out / 'unfiltered'}", tasks=TASKS,
+        task_manager=TaskManager(include_path=str(out / "tasks")), limit=4, device="cpu", batch_size=4,
+    )
+    for task in TASKS:
+        assert 0.0 <= res["results"][task]["acc,none"] <= 1.0
