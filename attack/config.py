@@ -90,8 +90,9 @@ class TrainConfig:
     """Optimizer steps of the attack."""
     seed: int = 0
     """Seed of the data order, dropout and LoRA init."""
-    gradient_checkpointing: bool = False
-    """Recompute activations in backward to save memory (slower)."""
+    gradient_checkpointing: bool | None = None
+    """Recompute activations in backward to save memory (slower). None: only on a GPU where
+    not even one row fits without it."""
     log_every: int = 10
     """Log training loss and learning rate every N steps."""
     save_every: int | None = None

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import torch
+from accelerate import PartialState
 from transformers import PrinterCallback, Trainer, TrainingArguments, default_data_collator, set_seed
 
 from attack.config import AttackConfig, default_run_id, steps_for
@@ -15,6 +16,7 @@ from attack.data import PackedRows, load_documents, pack_documents
 from attack.errors import UserError
 from attack.model import apply_adapter, autocast_dtype, load_model, load_tokenizer
 from attack.rundir import RunDir, read_curve, write_atomic
+from attack.speed import fit_micro_batch, liger_available
 from eval_callbacks import (
     LiveEvaluator,
     find_tasks,
@@ -31,14 +33,17 @@ def run_attack(cfg: AttackConfig, extra_callbacks: list | None = None, quiet: bo
     """Run one attack and return its run directory. `cell` (sweep metadata) goes to cell.json."""
     run = RunDir(Path(cfg.output.dir) / (cfg.output.run_id or default_run_id(cfg)))
     max_steps = steps_for(cfg)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    micro = cfg.train.micro_batch_size or max(1, cfg.train.batch_size // world)
-    if cfg.train.batch_size % (micro * world):
+    # Under `accelerate launch` / torchrun this joins the process group; alone it is one process.
+    procs = PartialState()
+    world = procs.num_processes
+    if cfg.train.batch_size % world:
+        raise UserError(f"train.batch_size ({cfg.train.batch_size}) must be a multiple of the {world} processes")
+    per_device = cfg.train.batch_size // world
+    if cfg.train.micro_batch_size and per_device % cfg.train.micro_batch_size:
         raise UserError(
             f"train.batch_size ({cfg.train.batch_size}) must be a multiple of "
-            f"micro_batch_size x processes ({micro} x {world})"
+            f"micro_batch_size x processes ({cfg.train.micro_batch_size} x {world})"
         )
-    accumulation = cfg.train.batch_size // (micro * world)
 
     # 1. Everything that can fail on user input happens before the run directory is touched,
     #    cheapest checks first.
@@ -48,15 +53,21 @@ def run_attack(cfg: AttackConfig, extra_callbacks: list | None = None, quiet: bo
     except UnknownTaskError as e:
         raise UserError(str(e)) from None
     rows = PackedRows(pack_documents(load_documents(cfg.data), tokenizer, cfg.data.seq_len))
-    if len(rows) < micro * world:
+    if len(rows) < cfg.train.batch_size:
         raise UserError(
             f"attack data packs into {len(rows)} rows of {cfg.data.seq_len} tokens, fewer than one "
-            f"batch ({micro * world} rows); add data or lower --seq-len/--batch-size"
+            f"batch ({cfg.train.batch_size} rows); add data or lower --seq-len/--batch-size"
         )
     set_seed(cfg.train.seed)
     model = load_model(cfg.model, cfg.adapter)
-    model = apply_adapter(model, cfg.adapter, cfg.train.gradient_checkpointing)
+    model = apply_adapter(model, cfg.adapter, bool(cfg.train.gradient_checkpointing))
     amp = autocast_dtype(cfg.model.precision)
+    if cfg.train.micro_batch_size:
+        micro, checkpointing = cfg.train.micro_batch_size, bool(cfg.train.gradient_checkpointing)
+    else:
+        micro, checkpointing = fit_micro_batch(model, per_device, cfg.data.seq_len, len(tokenizer), amp,
+                                               cfg.train.gradient_checkpointing)
+    accumulation = per_device // micro
     try:
         evaluator = LiveEvaluator(
             model,
@@ -78,12 +89,17 @@ def run_attack(cfg: AttackConfig, extra_callbacks: list | None = None, quiet: bo
         os.environ.setdefault("WANDB_PROJECT", cfg.logging.project)
 
     # 2. The run directory: config, environment, (on resume) the curve up to the checkpoint.
-    checkpoint = run.prepare(cfg, resume=cfg.output.resume)
-    write_atomic(run.path / "tasks.json", json.dumps(evaluator.task_info(), indent=2))
-    if cell is not None:
-        write_atomic(run.path / "cell.json", json.dumps(cell, indent=2))
-    if cfg.output.resume and checkpoint is None and not quiet:
-        print(f"no checkpoint in {run.checkpoints}; starting {run.path.name} from step 0")
+    #    The main process writes it; the others wait, then read the checkpoint to resume from.
+    if procs.is_main_process:
+        checkpoint = run.prepare(cfg, resume=cfg.output.resume)
+        write_atomic(run.path / "tasks.json", json.dumps(evaluator.task_info(), indent=2))
+        if cell is not None:
+            write_atomic(run.path / "cell.json", json.dumps(cell, indent=2))
+        if cfg.output.resume and checkpoint is None and not quiet:
+            print(f"no checkpoint in {run.checkpoints}; starting {run.path.name} from step 0")
+    procs.wait_for_everyone()
+    if not procs.is_main_process:
+        checkpoint = run.last_checkpoint() if cfg.output.resume else None
 
     args = TrainingArguments(
         output_dir=str(run.checkpoints),
@@ -110,7 +126,10 @@ def run_attack(cfg: AttackConfig, extra_callbacks: list | None = None, quiet: bo
         remove_unused_columns=False,
         label_names=["labels"],
         use_cpu=not torch.cuda.is_available(),
-        disable_tqdm=quiet,
+        disable_tqdm=quiet or not procs.is_main_process,
+        gradient_checkpointing=checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+        use_liger_kernel=liger_available(),
         dataloader_num_workers=0,
         dataloader_drop_last=True,  # every step trains on exactly batch_size x seq_len tokens
         ddp_find_unused_parameters=False,
@@ -133,11 +152,13 @@ def run_attack(cfg: AttackConfig, extra_callbacks: list | None = None, quiet: bo
     try:
         trainer.train(resume_from_checkpoint=checkpoint)
     except NonFiniteLossError as e:
-        run.write_summary(status="failed", error=str(e))
+        if procs.is_main_process:
+            run.write_summary(status="failed", error=str(e))
         _close_progress_bar(trainer)
         raise UserError(str(e)) from None
     except BaseException as e:
-        run.write_summary(status="interrupted" if isinstance(e, KeyboardInterrupt) else "failed", error=repr(e))
+        if procs.is_main_process:
+            run.write_summary(status="interrupted" if isinstance(e, KeyboardInterrupt) else "failed", error=repr(e))
         raise
     train_s = time.perf_counter() - start
 
@@ -152,6 +173,9 @@ def run_attack(cfg: AttackConfig, extra_callbacks: list | None = None, quiet: bo
             max_steps=max_steps,
             tokens_seen=int(state.num_input_tokens_seen),
             tokens_per_step=cfg.train.batch_size * cfg.data.seq_len,
+            processes=world,
+            micro_batch_size=micro,
+            gradient_checkpointing=checkpointing,
             train_rows=len(rows),
             eval_steps=schedule,
             eval_s=round(curve.eval_seconds, 2),

@@ -1,0 +1,64 @@
+"""Choices that make an attack step fast without changing what it computes.
+
+- micro-batch size: the largest divisor of the per-device batch whose forward+backward fits in
+  GPU memory (gradient accumulation fills the rest, so the optimizer step is the same);
+- gradient checkpointing: only when not even one row fits without it;
+- Liger's fused linear + cross-entropy, where installed on a GPU (never materialises the
+  full logits tensor; same loss up to float rounding).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+
+
+def liger_available() -> bool:
+    return torch.cuda.is_available() and importlib.util.find_spec("liger_kernel") is not None
+
+
+def _divisors_desc(n: int) -> list[int]:
+    return [d for d in range(n, 0, -1) if n % d == 0]
+
+
+def _fits(model, rows: int, seq_len: int, vocab: int, amp: torch.dtype | None) -> bool:
+    device = next(p for p in model.parameters()).device
+    ids = torch.randint(0, vocab, (rows, seq_len), device=device)
+    try:
+        with torch.autocast("cuda", dtype=amp or torch.float32, enabled=amp is not None):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        ok = True
+    except torch.OutOfMemoryError:
+        ok = False
+    model.zero_grad(set_to_none=True)
+    torch.cuda.empty_cache()
+    return ok
+
+
+def fit_micro_batch(model, per_device: int, seq_len: int, vocab: int, amp: torch.dtype | None,
+                    checkpointing: bool | None, headroom: float = 0.9) -> tuple[int, bool]:
+    """(micro_batch, gradient_checkpointing) for this GPU. On CPU: the whole batch, no checkpointing.
+
+    Trial steps run at a memory cap of `headroom` x the card, leaving room for optimizer state
+    growth and evaluation.
+    """
+    if not torch.cuda.is_available():
+        return per_device, bool(checkpointing)
+    if next(model.parameters()).device.type != "cuda":
+        model.to("cuda")
+    torch.cuda.set_per_process_memory_fraction(headroom)
+    try:
+        options = [False, True] if checkpointing is None else [checkpointing]
+        for ckpt in options:
+            if ckpt:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            for mb in _divisors_desc(per_device):
+                if _fits(model, mb, seq_len, vocab, amp):
+                    return mb, ckpt
+            if ckpt:
+                model.gradient_checkpointing_disable()
+        return 1, True
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
