@@ -60,7 +60,7 @@ def load_model(cfg: ModelConfig, adapter: AdapterConfig):
         kwargs["attn_implementation"] = cfg.attn_implementation
     amp = autocast_dtype(cfg.precision)
     if cfg.load_in_4bit:
-        kwargs["quantization_config"] = _four_bit_config()
+        kwargs["quantization_config"] = four_bit_config()
         kwargs["dtype"] = torch.bfloat16
         kwargs["device_map"] = {"": torch.cuda.current_device()}
     elif adapter.kind == "lora" and amp is not None:
@@ -76,7 +76,7 @@ def load_model(cfg: ModelConfig, adapter: AdapterConfig):
     return model
 
 
-def _four_bit_config():
+def four_bit_config():
     if not torch.cuda.is_available():
         raise UserError("--load-in-4bit needs a CUDA GPU (bitsandbytes nf4); drop it on this machine")
     try:

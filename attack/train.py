@@ -14,7 +14,7 @@ from transformers import PrinterCallback, Trainer, TrainingArguments, default_da
 from attack.config import AttackConfig, default_run_id, steps_for
 from attack.data import PackedRows, load_documents, pack_documents
 from attack.errors import UserError
-from attack.model import apply_adapter, autocast_dtype, load_model, load_tokenizer
+from attack.model import apply_adapter, autocast_dtype, four_bit_config, load_model, load_tokenizer
 from attack.rundir import RunDir, read_curve, write_atomic
 from attack.speed import fit_micro_batch, liger_available
 from eval_callbacks import (
@@ -34,7 +34,7 @@ def run_attack(cfg: AttackConfig, extra_callbacks: list | None = None, quiet: bo
     run = RunDir(Path(cfg.output.dir) / (cfg.output.run_id or default_run_id(cfg)))
     max_steps = steps_for(cfg)
     # Under `accelerate launch` / torchrun this joins the process group; alone it is one process.
-    procs = PartialState()
+    procs = PartialState(cpu=not torch.cuda.is_available())
     world = procs.num_processes
     if cfg.train.batch_size % world:
         raise UserError(f"train.batch_size ({cfg.train.batch_size}) must be a multiple of the {world} processes")
@@ -47,6 +47,8 @@ def run_attack(cfg: AttackConfig, extra_callbacks: list | None = None, quiet: bo
 
     # 1. Everything that can fail on user input happens before the run directory is touched,
     #    cheapest checks first.
+    if cfg.model.load_in_4bit:
+        four_bit_config()  # says clearly when this machine cannot
     tokenizer = load_tokenizer(cfg.model)
     try:
         tasks = find_tasks(cfg.eval.tasks, cfg.eval.include_path)
