@@ -80,3 +80,16 @@ def test_data_parallel_two_processes_write_once(world, llama_dir, tmp_path):
     assert summary["tokens_seen"] == 4 * 4 * 32
     keys = [(r["step"], r["task"], r["metric"]) for r in read_curve(run / "curve.jsonl")]
     assert len(keys) == len(set(keys)) == 3 * 3  # steps 0, 2, 4 x acc, acc_norm, correct_prob
+
+
+def test_benchmark_script_prints_its_measurements():
+    """bench/attack_speed.py runs (tiny settings) and prints one JSON line per recipe."""
+    cmd = [sys.executable, "bench/attack_speed.py", "--steps", "1", "--warmup", "1", "--seq-len", "64",
+           "--batch-size", "4", "--eval-questions", "16"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith('{"recipe"')]
+    assert [r["recipe"] for r in lines] == ["attack", "baseline"]
+    for r in lines:
+        assert {"recipe", "model", "device", "tokens_per_s", "mfu", "peak_mem_gb", "eval_s", "eval_share"} <= set(r)
+        assert r["tokens_per_s"] > 0 and r["eval_s"] > 0 and 0 < r["eval_share"] < 1

