@@ -162,6 +162,11 @@ def run_attack(cfg: AttackConfig, extra_callbacks: list | None = None, quiet: bo
         if procs.is_main_process:
             run.write_summary(status="interrupted" if isinstance(e, KeyboardInterrupt) else "failed", error=repr(e))
         raise
+    finally:
+        if cfg.logging.report_to == "wandb":
+            import wandb
+
+            wandb.finish()  # one tracker run per attack, also when a sweep runs many in one process
     train_s = time.perf_counter() - start
 
     # 4. The attacked weights: the LoRA adapter (PEFT format) or the full model.

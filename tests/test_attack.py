@@ -164,3 +164,16 @@ def test_scores_equal_stock_lm_eval(make_config, world, tmp_path):
             for metric in ("acc", "acc_norm"):
                 ours = next(r["value"] for r in rows if r["step"] == step and r["task"] == task and r["metric"] == metric)
                 assert abs(ours - res["results"][task][f"{metric},none"]) <= 1e-4
+
+
+def test_wandb_offline_gets_eval_scores_against_the_step(make_config, tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    run_attack(make_config(train={"max_steps": 4}, eval={"every": 2}, logging={"report_to": "wandb"}), quiet=True)
+    logs = list(tmp_path.glob("wandb/offline-run-*/run-*.wandb"))
+    assert len(logs) == 1
+    blob = logs[0].read_bytes()
+    # eval scores are logged through Trainer.log, which wandb plots against train/global_step
+    assert b"eval/toy_target_seen/acc" in blob and b"train/global_step" in blob and b"train/loss" in blob
