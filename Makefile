@@ -18,6 +18,7 @@ demo: $(BIN)/python
 	$(BIN)/python -m attack demo
 
 test: $(BIN)/python
+	$(BIN)/ruff check attack eval_callbacks tests bench
 	$(BIN)/python -m pytest -p no:cacheprovider tests
 
 lint: $(BIN)/python

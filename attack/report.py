@@ -57,7 +57,7 @@ def load_curves(paths: list[str | Path] | str | Path) -> pd.DataFrame:
         df = pd.DataFrame(rows)
         for k, v in meta.items():
             df[k] = v
-        df["chance"] = df["task"].map(lambda t: (tasks.get(t) or {}).get("chance"))
+        df["chance"] = df["task"].map({t: (info or {}).get("chance") for t, info in tasks.items()})
         frames.append(df)
     if not frames:
         raise UserError(f"no curve rows found under {', '.join(map(str, paths))}")
@@ -161,7 +161,7 @@ def summary_table(df: pd.DataFrame, metric: str = "acc", budgets: list[int] | No
     for (model, attack, task), g in d.groupby(["model", "attack", "task"], sort=True):
         ref = refs.get(task, float("nan"))
         per_seed = []
-        for seed, s in g.groupby("seed"):
+        for _, s in g.groupby("seed"):
             curve = s.groupby("step")["value"].mean().sort_index()
             tokens = s.groupby("step")["tokens_seen"].mean().sort_index()
             stderr = s.groupby("step")["stderr"].mean().sort_index()

@@ -141,9 +141,8 @@ def status(cell: Cell) -> str:
 
 def check_offline(cells: list[Cell]) -> None:
     """Validate what can be checked without downloads: task names, local paths."""
-    from eval_callbacks import UnknownTaskError, find_tasks
-
     from attack.model import _looks_local
+    from eval_callbacks import UnknownTaskError, find_tasks
 
     seen_tasks = set()
     for c in cells:

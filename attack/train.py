@@ -19,10 +19,10 @@ from attack.rundir import RunDir, read_curve, write_atomic
 from attack.speed import fit_micro_batch, liger_available
 from eval_callbacks import (
     LiveEvaluator,
-    find_tasks,
     NonFiniteLossError,
     RecoveryCurveCallback,
     UnknownTaskError,
+    find_tasks,
     linear_schedule,
     log_schedule,
 )

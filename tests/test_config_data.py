@@ -20,8 +20,10 @@ def test_yaml_then_flags(tmp_path):
     assert isinstance(cfg, AttackConfig)
     assert cfg.train.lr == 5e-5 and cfg.train.weight_decay == 0.1
     assert cfg.adapter.kind == "full" and cfg.eval.tasks == ["x", "y"] and cfg.eval.every == 7
-    with pytest.raises(Exception):
-        cfg.train.lr = 1.0  # frozen
+    import dataclasses
+
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.train.lr = 1.0
 
 
 def test_run_id_is_stable_and_ignores_output():
@@ -35,7 +37,8 @@ def test_run_id_is_stable_and_ignores_output():
 
 @pytest.mark.parametrize("data, message", [
     ({"model": {"name": "m"}, "data": {"path": "d"}, "eval": {"tasks": ["t"], "every": 0}}, "eval.every must be > 0"),
-    ({"model": {"name": "m"}, "data": {"path": "d"}, "eval": {"tasks": ["t"]}, "adapter": {"kind": "qlora"}}, "adapter.kind must be one of"),
+    ({"model": {"name": "m"}, "data": {"path": "d"}, "eval": {"tasks": ["t"]}, "adapter": {"kind": "qlora"}},
+     "adapter.kind must be one of"),
     ({"model": {"name": "m"}, "data": {"path": "d"}, "eval": {"tasks": ["t"]}, "train": {"max_steps": "many"}}, "must be an integer"),
     ({"model": {"name": "m"}, "data": {"path": "d"}}, "no evaluation tasks"),
     ({"model": {"name": "m"}, "data": {"path": "d"}, "eval": {"tasks": ["t"]}, "trian": {}}, "unknown config key 'trian'"),

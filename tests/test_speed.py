@@ -27,7 +27,7 @@ def _packed_and_plain_loss(model, tok, docs, seq_len, device="cpu", amp=None):
         pos, ids, labels = batch["position_ids"][0], batch["input_ids"][0], batch["labels"][0]
         starts = (pos == 0).nonzero().flatten().tolist() + [len(pos)]
         total, count = 0.0, 0
-        for a, b in zip(starts[:-1], starts[1:]):
+        for a, b in zip(starts[:-1], starts[1:], strict=True):
             logits = model(input_ids=ids[a:b][None]).logits[0].float()
             target = labels[a:b][1:]
             mask = target != -100

@@ -12,8 +12,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 from attack.rundir import write_atomic
 from attack.toyworld.models import ModelSpec, build_model, pretrain, train_tokenizer, unlearn
 from attack.toyworld.world import WorldSpec, blocklist_filter, generate, write_jsonl, write_tasks

@@ -35,7 +35,6 @@ def main(argv: list[str]) -> int:
     p.add_argument("--cache", default=str(CACHE), help="where the toy world is built and cached")
     args = p.parse_args(argv)
 
-    import torch
 
     from attack.report import write_report
     from attack.sweep import load_sweep, run_sweep

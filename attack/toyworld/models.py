@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 from transformers import GPTNeoXConfig, LlamaConfig, PreTrainedTokenizerFast
