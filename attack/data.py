@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from attack.config import DataConfig
@@ -116,9 +115,3 @@ class PackedRows(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         return {k: v[i] for k, v in self.packed.items()}
-
-
-def document_lengths(position_ids: torch.Tensor) -> np.ndarray:
-    """Lengths of the packed segments in a row (for checks and statistics)."""
-    starts = (position_ids == 0).nonzero().flatten().tolist() + [position_ids.numel()]
-    return np.diff(starts)

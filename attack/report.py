@@ -253,7 +253,7 @@ def plot_task(df: pd.DataFrame, task: str, metric: str, x: str, refs: dict):
             stats = per_x.groupby("step")["v"].agg(["mean", "min", "max", "count"])
             label = model if len(attacks) == 1 else f"{model} / {attack}"
             if stats["count"].max() > 1:
-                label += f" (n={int(stats['count'].max())} seeds)"
+                label += f" (mean of {int(stats['count'].max())} seeds, band min-max)"
             ax.plot(xs.values, stats["mean"].values, styles[j % 4], color=colors(i % 10), marker="o", ms=3, label=label)
             if stats["count"].max() > 1:
                 ax.fill_between(xs.values, stats["min"].values, stats["max"].values, color=colors(i % 10), alpha=0.15)

@@ -37,6 +37,17 @@ def _fits(model, rows: int, seq_len: int, vocab: int, amp: torch.dtype | None) -
     return ok
 
 
+def choose_micro_batch(per_device: int, fits, checkpointing: bool | None) -> tuple[int, bool]:
+    """The largest divisor of per_device for which fits(rows, checkpointing) holds, preferring
+    no checkpointing when the choice is left open (None). Falls back to (1, True)."""
+    options = [False, True] if checkpointing is None else [checkpointing]
+    for ckpt in options:
+        for mb in _divisors_desc(per_device):
+            if fits(mb, ckpt):
+                return mb, ckpt
+    return 1, True
+
+
 def fit_micro_batch(model, per_device: int, seq_len: int, vocab: int, amp: torch.dtype | None,
                     checkpointing: bool | None, headroom: float = 0.9) -> tuple[int, bool]:
     """(micro_batch, gradient_checkpointing) for this GPU. On CPU: the whole batch, no checkpointing.
@@ -48,17 +59,16 @@ def fit_micro_batch(model, per_device: int, seq_len: int, vocab: int, amp: torch
         return per_device, bool(checkpointing)
     if next(model.parameters()).device.type != "cuda":
         model.to("cuda")
+
+    def fits(rows: int, ckpt: bool) -> bool:
+        if ckpt:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_disable()
+        return _fits(model, rows, seq_len, vocab, amp)
+
     torch.cuda.set_per_process_memory_fraction(headroom)
     try:
-        options = [False, True] if checkpointing is None else [checkpointing]
-        for ckpt in options:
-            if ckpt:
-                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            for mb in _divisors_desc(per_device):
-                if _fits(model, mb, seq_len, vocab, amp):
-                    return mb, ckpt
-            if ckpt:
-                model.gradient_checkpointing_disable()
-        return 1, True
+        return choose_micro_batch(per_device, fits, checkpointing)
     finally:
         torch.cuda.set_per_process_memory_fraction(1.0)

@@ -193,7 +193,7 @@ def run_sweep(path: str | Path, shard_spec: str | None = None, quiet: bool = Fal
         try:
             run_attack(cfg, quiet=quiet, cell=cell.meta(sweep["name"]))
             outcome["done"] += 1
-        except (UserError, Exception) as e:  # one failed cell must not stop the others
+        except Exception as e:  # one failed cell must not stop the others (Ctrl-C still does)
             outcome["failed"] += 1
             _record_failure(cell, e, sweep["name"])
             log(f"[{k}/{len(mine)}] {cell.id}: FAILED: {first_line(e)}")

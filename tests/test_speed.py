@@ -93,3 +93,15 @@ def test_benchmark_script_prints_its_measurements():
     for r in lines:
         assert {"recipe", "model", "device", "tokens_per_s", "mfu", "peak_mem_gb", "eval_s", "eval_share"} <= set(r)
         assert r["tokens_per_s"] > 0 and r["eval_s"] > 0 and 0 < r["eval_share"] < 1
+
+
+def test_micro_batch_choice_fills_memory_and_checkpoints_only_when_needed():
+    from attack.speed import choose_micro_batch
+
+    # memory for 3 rows without checkpointing: the largest divisor of 16 that fits is 2
+    assert choose_micro_batch(16, lambda rows, ckpt: rows <= (12 if ckpt else 3), None) == (2, False)
+    # not even one row without checkpointing: turn it on, then fill memory again
+    assert choose_micro_batch(16, lambda rows, ckpt: ckpt and rows <= 8, None) == (8, True)
+    # an explicit choice is respected
+    assert choose_micro_batch(16, lambda rows, ckpt: rows <= (12 if ckpt else 3), True) == (8, True)
+    assert choose_micro_batch(12, lambda rows, ckpt: True, None) == (12, False)

@@ -47,7 +47,7 @@ def main(argv: list[str]) -> int:
     link_current(world, cache)
     info = json.loads((world / "world.json").read_text())
 
-    sweep, _ = load_sweep(args.sweep)
+    sweep, cells = load_sweep(args.sweep)
     out = Path(sweep["output"])
     # Cell ids name the model by path; runs of an older world under the same path are stale.
     stamp = out / "world.txt"
@@ -65,10 +65,12 @@ def main(argv: list[str]) -> int:
     outcome = run_sweep(args.sweep, quiet=True)
     if outcome["failed"]:
         raise UserError(f"{outcome['failed']} demo cell(s) failed; see summary.json under {out}")
-    report = write_report([out], out / "report")
+    # Only this sweep's cells: the folder may hold runs of earlier settings.
+    runs = [out / c.id for c in cells]
+    report = write_report(runs, out / "report")
 
     print("\n== After the attack (accuracy, mean over seeds) ==")
-    print(_attack_table(out))
+    print(_attack_table(runs))
     print(f"\nrecovery table: {report / 'recovery.md'}")
     print(f"recovery curves and report: {report / 'index.html'}")
     print(f"runs: {out}/   toy world: {world}")
@@ -84,10 +86,10 @@ def _table(scores: dict) -> str:
     return "\n".join(lines)
 
 
-def _attack_table(out: Path) -> str:
+def _attack_table(runs: list[Path]) -> str:
     from attack.report import load_curves
 
-    df = load_curves([out])
+    df = load_curves(runs)
     d = df[df.metric == "acc"]
     last = d.step.max()
     tasks = ["toy_target_seen", "toy_target_heldout", "toy_target_cloze", "toy_general"]
