@@ -20,8 +20,9 @@ class UnknownTaskError(ValueError):
 def preserved_training_state(model: torch.nn.Module):
     """Evaluate inside this block: RNG states and train/eval mode are restored afterwards.
 
-    lm-eval reseeds Python/NumPy/torch in simple_evaluate, and any sampling it does advances
-    the global generators; either would silently change the attack's data order and dropout.
+    We call lm-eval's `evaluate`, not `simple_evaluate` (which reseeds Python/NumPy/torch on
+    every call), and still restore every generator: any sampling during evaluation advances
+    them, which would silently change the attack's data order and dropout.
     """
     was_training = model.training
     py_state = random.getstate()
@@ -57,21 +58,6 @@ def _no_progress_bars():
         yield
     finally:
         tqdm.tqdm.__init__ = original
-
-
-def _leaf_tasks(task_dict) -> dict:
-    """Flatten lm-eval's (possibly nested) task dict into {name: Task}."""
-    from lm_eval.api.task import Task
-
-    if isinstance(task_dict, dict) and "tasks" in task_dict and isinstance(task_dict["tasks"], dict):
-        return dict(task_dict["tasks"])
-    leaves = {}
-    for key, value in task_dict.items():
-        if isinstance(value, Task):
-            leaves[getattr(key, "group_name", key) if not isinstance(key, str) else key] = value
-        elif isinstance(value, dict):
-            leaves.update(_leaf_tasks(value))
-    return leaves
 
 
 def find_tasks(tasks: list[str], include_path: list[str] | None = None):
@@ -120,7 +106,7 @@ class LiveEvaluator:
         self.autocast_dtype = autocast_dtype
         manager = task_manager or find_tasks(tasks, include_path)
         self.task_dict = manager.load(list(tasks))
-        self.tasks = _leaf_tasks(self.task_dict)
+        self.tasks = dict(self.task_dict["tasks"])  # leaf tasks, groups flattened
         self.sizes = {name: len(task.eval_docs) for name, task in self.tasks.items()}
         empty = [name for name, n in self.sizes.items() if n == 0]
         if empty:

@@ -177,3 +177,10 @@ def test_wandb_offline_gets_eval_scores_against_the_step(make_config, tmp_path, 
     blob = logs[0].read_bytes()
     # eval scores are logged through Trainer.log, which wandb plots against train/global_step
     assert b"eval/toy_target_seen/acc" in blob and b"train/global_step" in blob and b"train/loss" in blob
+
+
+def test_eval_limit_uses_a_fixed_subset_between_full_first_and_last_points(make_config):
+    run = run_attack(make_config(train={"max_steps": 6}, eval={"every": 2, "limit": 5}), quiet=True)
+    rows = [r for r in read_curve(run / "curve.jsonl") if r["task"] == "toy_general" and r["metric"] == "acc"]
+    n = {r["step"]: r["n"] for r in rows}
+    assert n == {0: 24, 2: 5, 4: 5, 6: 24}  # 8 towns x 3 relations in the test world
