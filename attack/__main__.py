@@ -136,6 +136,10 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted: continue with the same command plus --resume (sweeps resume by themselves)",
+              file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -128,3 +128,14 @@ def test_shipped_sweeps_pass_dry_run(capsys):
     out = capsys.readouterr().out
     assert "deep-ignorance-e2e-strong-filter" in out
     assert "wmdp" not in capsys.readouterr().err
+
+
+def test_revisions_are_separate_cells(tmp_path, world, llama_dir, capsys):
+    models = [{"label": "ckpt", "role": "filtered", "name": str(llama_dir), "revisions": ["global_step1192", "global_step119209"]}]
+    path = _sweep_file(tmp_path, world, models, attacks=[{"label": "a"}], seeds=[0])
+    _, cells = load_sweep(path)
+    assert [c.revision for c in cells] == ["global_step1192", "global_step119209"]
+    assert [c.config.model.revision for c in cells] == ["global_step1192", "global_step119209"]
+    assert cells[0].id.startswith("ckpt@global_step1192--") and cells[0].id != cells[1].id
+    assert main(["sweep", str(path), "--dry-run"]) == 0
+    assert "@global_step119209 role=filtered" in capsys.readouterr().out
