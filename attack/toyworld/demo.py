@@ -33,16 +33,22 @@ def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="python -m attack demo", description="The toy world end to end, offline, on CPU.")
     p.add_argument("--sweep", default=str(SWEEP), help="sweep file (default: configs/sweeps/toy.yaml)")
     p.add_argument("--cache", default=str(CACHE), help="where the toy world is built and cached")
+    p.add_argument("--leak-fraction", type=float, default=0.0,
+                   help="share of target documents written without blocklisted words, so they slip "
+                        "through the filter (a world of its own, cached separately)")
     args = p.parse_args(argv)
+    if not 0 <= args.leak_fraction <= 1:
+        raise UserError(f"--leak-fraction must be in [0, 1], got {args.leak_fraction}")
 
 
     from attack.report import write_report
     from attack.sweep import load_sweep, run_sweep
     from attack.toyworld.build import BuildSpec, build_world
+    from attack.toyworld.world import WorldSpec
 
     start = time.perf_counter()
     cache = Path(args.cache)
-    spec = BuildSpec()
+    spec = BuildSpec(world=WorldSpec(leak_fraction=args.leak_fraction))
     world = build_world(cache, spec)
     link_current(world, cache)
     info = json.loads((world / "world.json").read_text())
