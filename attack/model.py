@@ -33,7 +33,7 @@ def autocast_dtype(precision: str) -> torch.dtype | None:
     return None
 
 
-def _looks_local(name: str) -> bool:
+def looks_local(name: str) -> bool:
     return name.startswith((".", "/", "~")) or Path(name).exists() or name.count("/") > 1
 
 
@@ -140,7 +140,7 @@ def check_only_adapter_trains(model) -> None:
 
 
 def _source(cfg: ModelConfig) -> str:
-    if _looks_local(cfg.name):
+    if looks_local(cfg.name):
         path = Path(cfg.name).expanduser()
         if not path.is_dir():
             raise UserError(f"model directory not found: {cfg.name} (give an existing folder or a hub id)")
@@ -149,4 +149,4 @@ def _source(cfg: ModelConfig) -> str:
 
 
 def _revision(cfg: ModelConfig) -> str | None:
-    return None if _looks_local(cfg.name) else cfg.revision
+    return None if looks_local(cfg.name) else cfg.revision

@@ -141,7 +141,7 @@ def status(cell: Cell) -> str:
 
 def check_offline(cells: list[Cell]) -> None:
     """Validate what can be checked without downloads: task names, local paths."""
-    from attack.model import _looks_local
+    from attack.model import looks_local
     from eval_callbacks import UnknownTaskError, find_tasks
 
     seen_tasks = set()
@@ -156,7 +156,7 @@ def check_offline(cells: list[Cell]) -> None:
                 find_tasks(list(key[0]), list(key[1]))
             except UnknownTaskError as e:
                 raise UserError(f"cell {c.id}: {e}") from None
-        if _looks_local(c.config.model.name) and not Path(c.config.model.name).expanduser().is_dir():
+        if looks_local(c.config.model.name) and not Path(c.config.model.name).expanduser().is_dir():
             raise UserError(f"cell {c.id}: model directory not found: {c.config.model.name}")
         data = c.config.data.path
         if data.startswith((".", "/", "~")) and not Path(data).expanduser().exists():
