@@ -55,6 +55,10 @@ class Cell:
     seed: int
     config: AttackConfig
 
+    @property
+    def run_dir(self) -> RunDir:
+        return RunDir(Path(self.config.output.dir) / self.id)
+
     def meta(self, sweep: str) -> dict:
         return dict(cell_id=self.id, sweep=sweep, model=self.model.label, role=self.model.role,
                     revision=self.revision, attack=self.attack.label, seed=self.seed)
@@ -132,7 +136,7 @@ def shard(cells: list[Cell], spec: str | None) -> list[Cell]:
 
 
 def status(cell: Cell) -> str:
-    run = RunDir(Path(cell.config.output.dir) / cell.id)
+    run = cell.run_dir
     summary = run.summary
     if summary is None:
         return "partial" if run.path.exists() else "pending"
@@ -205,7 +209,7 @@ def run_sweep(path: str | Path, shard_spec: str | None = None, quiet: bool = Fal
 
 
 def _record_failure(cell: Cell, error: Exception, sweep: str) -> None:
-    run = RunDir(Path(cell.config.output.dir) / cell.id)
+    run = cell.run_dir
     run.path.mkdir(parents=True, exist_ok=True)
     if not (run.path / "cell.json").exists():
         write_atomic(run.path / "cell.json", json.dumps(cell.meta(sweep), indent=2))

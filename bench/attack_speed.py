@@ -51,6 +51,7 @@ from transformers import (  # noqa: E402
 
 from attack.config import load_config  # noqa: E402
 from attack.toyworld.models import ModelSpec, build_model, train_tokenizer  # noqa: E402
+from attack.toyworld.world import write_jsonl  # noqa: E402
 
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
@@ -130,7 +131,7 @@ def write_mcqa_task(folder: Path, questions: int, words: list[str], rng: random.
         q = " ".join(rng.choice(words) for _ in range(30))
         choices = [" ".join(rng.choice(words) for _ in range(rng.randint(1, 6))) for _ in range(4)]
         rows.append(dict(question=f"Question: {q}\nAnswer:", choices=choices, answer=rng.randrange(4)))
-    (folder / "bench_mcqa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_jsonl(rows, folder / "bench_mcqa.jsonl")
     (folder / "bench_mcqa.yaml").write_text(
         "task: bench_mcqa\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
         f"    test: {folder / 'bench_mcqa.jsonl'}\ntest_split: test\noutput_type: multiple_choice\n"
@@ -161,7 +162,7 @@ def make_model_dir(args, work: Path, tokenizer) -> tuple[Path, object]:
 def run_ours(args, work, model_dir, config, task, docs) -> dict:
     from attack.train import run_attack
 
-    (work / "docs.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    write_jsonl([{"text": d} for d in docs], work / "docs.jsonl")
     steps = args.warmup + args.steps
     cfg = load_config({
         "model": {"name": str(model_dir)},

@@ -42,9 +42,12 @@ def world_dir(root: Path, spec: BuildSpec) -> Path:
     return Path(root) / f"world-{spec.key()}"
 
 
-def _scores(model, tokenizer, tasks_dir: Path) -> dict:
-    ev = LiveEvaluator(model, tokenizer, TASKS, include_path=[str(tasks_dir)], batch_size=64)
-    return {r["task"]: r["value"] for r in ev.evaluate() if r["metric"] == "acc"}
+def _evaluator(model, tokenizer, tasks_dir: Path) -> LiveEvaluator:
+    return LiveEvaluator(model, tokenizer, TASKS, include_path=[str(tasks_dir)], batch_size=64)
+
+
+def _accuracy(evaluator: LiveEvaluator) -> dict:
+    return {r["task"]: r["value"] for r in evaluator.evaluate() if r["metric"] == "acc"}
 
 
 def build_world(root: Path, spec: BuildSpec = BuildSpec(), log=print) -> Path:
@@ -83,17 +86,17 @@ def build_world(root: Path, spec: BuildSpec = BuildSpec(), log=print) -> Path:
                  batch_size=spec.batch_size, seq_len=spec.seq_len, seed=spec.seed, log=log)
         model.save_pretrained(str(tmp / name))
         tokenizer.save_pretrained(str(tmp / name))
-        scores[name] = _scores(model, tokenizer, tmp / "tasks")
+        scores[name] = _accuracy(_evaluator(model, tokenizer, tmp / "tasks"))
         log(f"toy world: '{name}' scores {_fmt(scores[name])}")
 
     log("toy world: unlearning target knowledge from 'unfiltered'")
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(str(tmp / "unfiltered"))
-    evaluator = LiveEvaluator(model, tokenizer, TASKS, include_path=[str(tmp / "tasks")], batch_size=64)
+    evaluator = _evaluator(model, tokenizer, tmp / "tasks")
 
     def check():
-        s = {r["task"]: r["value"] for r in evaluator.evaluate() if r["metric"] == "acc"}
+        s = _accuracy(evaluator)
         target = (s["toy_target_seen"] + s["toy_target_heldout"]) / 2
         return dict(target=target, general=s["toy_general"], stop=target <= 0.30 and s["toy_target_cloze"] <= 0.2)
 
@@ -102,7 +105,7 @@ def build_world(root: Path, spec: BuildSpec = BuildSpec(), log=print) -> Path:
                          seed=spec.seed, log=log)
     model.save_pretrained(str(tmp / "unlearned"))
     tokenizer.save_pretrained(str(tmp / "unlearned"))
-    scores["unlearned"] = _scores(model, tokenizer, tmp / "tasks")
+    scores["unlearned"] = _accuracy(evaluator)
     log(f"toy world: 'unlearned' scores {_fmt(scores['unlearned'])}")
 
     info = dict(

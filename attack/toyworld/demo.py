@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from attack.errors import UserError
+from attack.toyworld.build import TASKS
 
 CACHE = Path(".cache/toyworld")
 SWEEP = Path(__file__).resolve().parents[2] / "configs" / "sweeps" / "toy.yaml"
@@ -85,10 +86,9 @@ def main(argv: list[str]) -> int:
 
 
 def _table(scores: dict) -> str:
-    tasks = ["toy_target_seen", "toy_target_heldout", "toy_target_cloze", "toy_general"]
-    lines = [f"{'model':<12}" + "".join(f"{t.removeprefix('toy_'):>16}" for t in tasks)]
+    lines = [f"{'model':<12}" + "".join(f"{t.removeprefix('toy_'):>16}" for t in TASKS)]
     for model, s in scores.items():
-        lines.append(f"{model:<12}" + "".join(f"{s[t]:>16.3f}" for t in tasks))
+        lines.append(f"{model:<12}" + "".join(f"{s[t]:>16.3f}" for t in TASKS))
     return "\n".join(lines)
 
 
@@ -98,11 +98,10 @@ def _attack_table(runs: list[Path]) -> str:
     df = load_curves(runs)
     d = df[df.metric == "acc"]
     last = d.step.max()
-    tasks = ["toy_target_seen", "toy_target_heldout", "toy_target_cloze", "toy_general"]
-    lines = [f"{'model':<12}" + "".join(f"{t.removeprefix('toy_'):>22}" for t in tasks)]
+    lines = [f"{'model':<12}" + "".join(f"{t.removeprefix('toy_'):>22}" for t in TASKS)]
     for model in ("unfiltered", "filtered", "unlearned"):
         cells = []
-        for t in tasks:
+        for t in TASKS:
             g = d[(d.model == model) & (d.task == t)]
             pre = g[g.step == 0].value.mean()
             end = g[g.step == last].value.mean()

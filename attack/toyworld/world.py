@@ -214,7 +214,7 @@ def write_tasks(facts: list[dict], out: Path, seed: int = 0) -> list[str]:
     }
     for name, (rows, chance) in sets.items():
         data = out / f"{name}.jsonl"
-        data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        write_jsonl(rows, data)
         (out / f"{name}.yaml").write_text(TASK_YAML.format(name=name, data=data.resolve(), chance=chance))
     return list(sets)
 
