@@ -49,6 +49,8 @@ ATTACK_FLAGS = {
     "--eval-schedule": ("eval.schedule", str, "linear | log"),
     "--eval-limit": ("eval.limit", int, "fixed subset of N questions at intermediate points"),
     "--eval-batch-size": ("eval.batch_size", int, "lm-eval batch size"),
+    "--eval-dataset": ("eval.dataset_paths", str, "local copies of task datasets: HUB_ID=FOLDER[,HUB_ID=FOLDER]"),
+    "--expect": ("eval.expect", str, "published pre-attack scores to check step 0 against: TASK=VALUE[,...]"),
     "--output": ("output.dir", str, "folder for run directories"),
     "--run-id": ("output.run_id", str, "name of the run directory"),
     "--report-to": ("logging.report_to", str, "none | wandb | tensorboard"),

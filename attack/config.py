@@ -23,7 +23,10 @@ from attack.errors import UserError
 @dataclass(frozen=True)
 class ModelConfig:
     name: str = ""
-    """Model under test: a hub id (EleutherAI/deep-ignorance-unfiltered) or a local directory."""
+    """Model under test: a hub id (EleutherAI/deep-ignorance-unfiltered), a local directory, or a
+    local .gguf file (dequantised to full precision on load)."""
+    gguf_file: str | None = None
+    """A GGUF file inside the hub repository or folder named by `name`, e.g. model-Q8_0.gguf."""
     revision: str | None = None
     """Hub revision (branch, tag or commit), e.g. global_step119209. Ignored for local directories."""
     trust_remote_code: bool = False
@@ -116,6 +119,13 @@ class EvalConfig:
     the first and last points always use the full task."""
     batch_size: int = 32
     """lm-eval batch size."""
+    dataset_paths: dict[str, str] = field(default_factory=dict)
+    """Local copies of the hub datasets that tasks name: {hub id: folder laid out like the hub
+    repository (same configurations and splits)}, e.g. {EleutherAI/wmdp_bio_robust_mcqa:
+    /data/wmdp_bio_robust_mcqa}. The task YAMLs stay unchanged; ids not listed load from the hub."""
+    expect: dict[str, float] = field(default_factory=dict)
+    """Published pre-attack scores to check the step-0 point against, {task: value} on the task's
+    headline metric, as a fraction (0.4297) or in percent (42.97)."""
 
 
 @dataclass(frozen=True)
@@ -172,6 +182,15 @@ def _check_value(value, tp, where: str):
         if value not in args:
             raise UserError(f"{where} must be one of {', '.join(map(str, args))}, got {value!r}")
         return value
+    if origin is dict:
+        if isinstance(value, str):  # "k=v,k2=v2" from the command line
+            pairs = [item.split("=", 1) for item in value.split(",") if item.strip()]
+            if any(len(pair) != 2 for pair in pairs):
+                raise UserError(f"{where} expects KEY=VALUE[,KEY=VALUE], got {value!r}")
+            value = {k.strip(): v.strip() for k, v in pairs}
+        if not isinstance(value, dict):
+            raise UserError(f"{where} must be a mapping, got {value!r}")
+        return {_check_value(k, args[0], where): _check_value(v, args[1], f"{where}.{k}") for k, v in value.items()}
     if origin is list:
         if isinstance(value, str):  # "a,b" from the command line
             value = [v.strip() for v in value.split(",") if v.strip()]
@@ -327,6 +346,8 @@ def identity(cfg: AttackConfig) -> dict:
     d = to_dict(cfg)
     d.pop("output")
     d.pop("logging")
+    d["eval"].pop("expect")  # a check of the result, not part of it
+    d["eval"].pop("dataset_paths")  # where a copy of the data lives, not what it is
     return d
 
 

@@ -38,10 +38,10 @@ def looks_local(name: str) -> bool:
 
 
 def load_tokenizer(cfg: ModelConfig):
-    source = _source(cfg)
+    source, gguf = model_source(cfg)
     try:
         tok = AutoTokenizer.from_pretrained(
-            source, revision=_revision(cfg), trust_remote_code=cfg.trust_remote_code
+            source, revision=_revision(cfg), trust_remote_code=cfg.trust_remote_code, **gguf
         )
     except Exception as e:  # hub/IO errors come in many types
         raise UserError(f"could not load the tokenizer of '{cfg.name}': {first_line(e)}") from None
@@ -54,8 +54,8 @@ def load_tokenizer(cfg: ModelConfig):
 
 def load_model(cfg: ModelConfig, adapter: AdapterConfig):
     """The model under test, with frozen weights in the precision the policy above allows."""
-    source = _source(cfg)
-    kwargs = dict(revision=_revision(cfg), trust_remote_code=cfg.trust_remote_code)
+    source, gguf = model_source(cfg)
+    kwargs = dict(revision=_revision(cfg), trust_remote_code=cfg.trust_remote_code, **gguf)
     if cfg.attn_implementation:
         kwargs["attn_implementation"] = cfg.attn_implementation
     amp = autocast_dtype(cfg.precision)
@@ -139,13 +139,22 @@ def check_only_adapter_trains(model) -> None:
         raise RuntimeError(f"LoRA weights must be fp32, got {low[0]}")
 
 
-def _source(cfg: ModelConfig) -> str:
-    if looks_local(cfg.name):
-        path = Path(cfg.name).expanduser()
+def model_source(cfg: ModelConfig) -> tuple[str, dict]:
+    """What from_pretrained gets: a hub id or folder, plus {gguf_file: ...} for GGUF checkpoints."""
+    name, gguf = cfg.name, cfg.gguf_file
+    if name.endswith(".gguf") and gguf is None:  # a local .gguf file: its folder plus its name
+        path = Path(name).expanduser()
+        if not path.is_file():
+            raise UserError(f"GGUF file not found: {name}")
+        return str(path.parent), {"gguf_file": path.name}
+    if looks_local(name):
+        path = Path(name).expanduser()
         if not path.is_dir():
-            raise UserError(f"model directory not found: {cfg.name} (give an existing folder or a hub id)")
-        return str(path)
-    return cfg.name
+            raise UserError(f"model directory not found: {name} (give an existing folder, a .gguf file or a hub id)")
+        if gguf is not None and not (path / gguf).is_file():
+            raise UserError(f"GGUF file {gguf} not found in {name}")
+        name = str(path)
+    return name, ({"gguf_file": gguf} if gguf else {})
 
 
 def _revision(cfg: ModelConfig) -> str | None:

@@ -36,6 +36,11 @@ class SweepModel:
     pre-attack score of the reference model (or, if none, the unfiltered one)."""
     revisions: list[str] = field(default_factory=list)
     """Hub revisions to attack, each a separate cell; empty: the default revision."""
+    expect: dict[str, float] = field(default_factory=dict)
+    """Published pre-attack scores of this model, {task: value}; each cell's step 0 is checked
+    against them (eval.expect)."""
+    gguf_file: str | None = None
+    """GGUF file inside a hub repository or folder named by `name` (model.gguf_file)."""
 
 
 @dataclass(frozen=True)
@@ -89,8 +94,9 @@ def load_sweep(path: str | Path) -> tuple[dict, list[Cell]]:
             for a in attacks:
                 for seed in seeds:
                     data = merge(base, a.overrides)
-                    data = merge(data, {"model": {"name": m.name, "revision": rev}, "train": {"seed": seed},
-                                        "output": {"dir": str(output)}})
+                    data = merge(data, {"model": {"name": m.name, "revision": rev, "gguf_file": m.gguf_file},
+                                        "train": {"seed": seed}, "output": {"dir": str(output)},
+                                        "eval": {"expect": m.expect}})
                     try:
                         cfg = load_config(data)
                     except UserError as e:

@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
 import torch
 from accelerate import PartialState
-from transformers import PrinterCallback, Trainer, TrainingArguments, default_data_collator, set_seed
+from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments, default_data_collator, set_seed
 
 from attack.config import AttackConfig, default_run_id, steps_for
 from attack.data import PackedRows, load_documents, pack_documents
 from attack.errors import UserError
 from attack.model import apply_adapter, autocast_dtype, four_bit_config, load_model, load_tokenizer
+from attack.published import check_published, mismatch_message
 from attack.rundir import RunDir, read_curve, write_atomic
 from attack.speed import fit_micro_batch, liger_available
 from eval_callbacks import (
@@ -79,9 +81,14 @@ def run_attack(cfg: AttackConfig, extra_callbacks: list | None = None, quiet: bo
             limit=cfg.eval.limit,
             autocast_dtype=amp,
             task_manager=tasks,
+            dataset_paths=cfg.eval.dataset_paths,
         )
     except UnknownTaskError as e:
         raise UserError(str(e)) from None
+    unknown = sorted(set(cfg.eval.expect) - set(evaluator.task_info()))
+    if unknown:
+        raise UserError(f"--expect names task(s) {', '.join(unknown)} that are not evaluated; "
+                        f"evaluated: {', '.join(sorted(evaluator.task_info()))}")
     if cfg.eval.schedule == "log":
         schedule = log_schedule(max_steps, cfg.eval.log_points)
     else:
@@ -137,12 +144,15 @@ def run_attack(cfg: AttackConfig, extra_callbacks: list | None = None, quiet: bo
         ddp_find_unused_parameters=False,
     )
     curve = RecoveryCurveCallback(evaluator, schedule, run.curve, wall_offset_s=run.wall_so_far())
+    callbacks = [curve]
+    if cfg.eval.expect and procs.is_main_process:
+        callbacks.append(PublishedScoreCheck(cfg.eval.expect, run, evaluator.task_info()))
     trainer = Trainer(
         model=model,
         args=args,
         train_dataset=rows,
         data_collator=default_data_collator,
-        callbacks=[curve, *(extra_callbacks or [])],
+        callbacks=[*callbacks, *(extra_callbacks or [])],
     )
     if quiet:  # with the progress bar off, the Trainer would print every log dict instead
         trainer.remove_callback(PrinterCallback)
@@ -191,18 +201,35 @@ def run_attack(cfg: AttackConfig, extra_callbacks: list | None = None, quiet: bo
             final_train_loss=curve.train_loss,
         )
         if not quiet:
-            print(score_table(read_curve(run.curve)))
+            print(score_table(read_curve(run.curve), evaluator.requested))
             print(f"run directory: {run.path}")
     return run.path
 
 
-def score_table(rows: list[dict]) -> str:
-    """Each task's headline score at the first and the last evaluated step."""
+class PublishedScoreCheck(TrainerCallback):
+    """After the step-0 evaluation (the curve callback runs first), compare it with the published
+    scores; a mismatch is a loud warning in the terminal and in summary.json."""
+
+    def __init__(self, expect: dict[str, float], run: RunDir, tasks: dict):
+        self.expect, self.run, self.tasks = expect, run, tasks
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        step0 = [r for r in read_curve(self.run.curve) if r["step"] == 0]
+        checks = check_published(self.expect, step0, self.tasks)
+        warnings = [mismatch_message(c) for c in checks if not c["ok"]]
+        self.run.write_summary(published_checks=checks, warnings=warnings)
+        for w in warnings:
+            print(f"\n*** WARNING: {w} ***", file=sys.stderr, flush=True)
+
+
+def score_table(rows: list[dict], tasks: list[str] | None = None) -> str:
+    """Each task's scores at the first and the last evaluated step; only `tasks` (the names asked
+    for: a group's headline, not its subtasks) when given."""
     if not rows:
         return "(no evaluation points)"
     first, last = min(r["step"] for r in rows), max(r["step"] for r in rows)
     lines = [f"{'task':<28} {'metric':<14} {'step ' + str(first):>10} {'step ' + str(last):>10}"]
-    for task in sorted({r["task"] for r in rows}):
+    for task in tasks or sorted({r["task"] for r in rows}):
         for metric in ("acc", "acc_norm", "correct_prob", "exact_match"):
             at = {r["step"]: r["value"] for r in rows if r["task"] == task and r["metric"] == metric}
             if at:

@@ -65,10 +65,10 @@ def find_tasks(tasks: list[str], include_path: list[str] | None = None):
     from lm_eval.tasks import TaskManager
 
     include = list(include_path or []) or None
-    # Indexing lm-eval's ~15k stock task files takes seconds: skip it when the include
-    # path alone holds every requested task.
+    # Indexing lm-eval's ~15k stock task files takes seconds: skip it when the include path
+    # alone holds every requested task and every member of every requested group.
     manager = TaskManager(include_path=include, include_defaults=False) if include else None
-    if manager is None or not set(tasks) <= set(manager.all_tasks):
+    if manager is None or not _resolvable(manager, tasks):
         manager = TaskManager(include_path=include)
     missing = [t for t in tasks if t not in set(manager.all_tasks)]
     if missing:
@@ -78,6 +78,45 @@ def find_tasks(tasks: list[str], include_path: list[str] | None = None):
             "check the name or add the folder holding its YAML with --eval-include"
         )
     return manager
+
+
+def _resolvable(manager, names) -> bool:
+    """Every name, and recursively every member of a group, is in the manager's index."""
+    index = manager.task_index
+    for name in names:
+        name = name.get("task") if isinstance(name, dict) else name
+        entry = index.get(name)
+        if entry is None:
+            return False
+        members = (entry.cfg or {}).get("task") if "group" in (entry.cfg or {}) else None
+        if members and not _resolvable(manager, members if isinstance(members, list) else [members]):
+            return False
+    return True
+
+
+@contextlib.contextmanager
+def local_datasets(paths: dict[str, str] | None):
+    """While tasks are built, load the datasets they name by hub id from local folders instead.
+
+    `paths` maps a hub dataset id (a task's `dataset_path`) to a local copy laid out like the
+    hub repository (same configurations and splits), so shipped task YAMLs run unchanged on a
+    cluster without hub access. Ids not in `paths` load as usual.
+    """
+    if not paths:
+        yield
+        return
+    import datasets
+
+    original = datasets.load_dataset
+
+    def redirected(path, *args, **kwargs):
+        return original(paths.get(path, path), *args, **kwargs)
+
+    datasets.load_dataset = redirected
+    try:
+        yield
+    finally:
+        datasets.load_dataset = original
 
 
 class LiveEvaluator:
@@ -97,6 +136,7 @@ class LiveEvaluator:
         autocast_dtype: torch.dtype | None = None,
         subset_seed: int = 0,
         task_manager=None,
+        dataset_paths: dict[str, str] | None = None,
     ):
         # lm-eval logs every request batch at INFO; during an attack that is noise.
         logging.getLogger("lm_eval").setLevel(logging.WARNING)
@@ -105,8 +145,11 @@ class LiveEvaluator:
         self.batch_size = batch_size
         self.autocast_dtype = autocast_dtype
         manager = task_manager or find_tasks(tasks, include_path)
-        self.task_dict = manager.load(list(tasks))
+        with local_datasets(dataset_paths):
+            self.task_dict = manager.load(list(tasks))
+        self.requested = list(tasks)
         self.tasks = dict(self.task_dict["tasks"])  # leaf tasks, groups flattened
+        self.groups = dict(self.task_dict.get("groups") or {})
         self.sizes = {name: len(task.eval_docs) for name, task in self.tasks.items()}
         empty = [name for name, n in self.sizes.items() if n == 0]
         if empty:
@@ -121,14 +164,28 @@ class LiveEvaluator:
         self._lm = None
 
     def task_info(self) -> dict:
-        """Per task: output type, number of questions and the chance score of accuracy."""
+        """Per task and group: kind, output type, questions, chance accuracy, headline metric,
+        few-shot count; groups also list their leaf tasks. `requested` marks the names asked for
+        (a benchmark's headline), as opposed to the subtasks and subgroups lm-eval expands."""
         info = {}
         for name, task in self.tasks.items():
             chance = None
             if task.OUTPUT_TYPE == "multiple_choice":
                 counts = [len(task.doc_to_choice(doc)) for doc in task.eval_docs]
                 chance = float(np.mean([1 / c for c in counts if c]))
-            info[name] = dict(output_type=task.OUTPUT_TYPE, n=self.sizes[name], chance=chance)
+            metrics = [m["metric"] for m in (task.config.metric_list or []) if isinstance(m.get("metric"), str)]
+            info[name] = dict(kind="task", output_type=task.OUTPUT_TYPE, n=self.sizes[name], chance=chance,
+                              metric=metrics[0] if metrics else None, num_fewshot=task.config.num_fewshot or 0,
+                              requested=name in self.requested)
+        for name, group in self.groups.items():
+            leaves = [t.task_name for t in group.get_all_tasks()]
+            n = sum(info[t]["n"] for t in leaves)
+            chances = [(info[t]["chance"], info[t]["n"]) for t in leaves if info[t]["chance"] is not None]
+            chance = sum(c * k for c, k in chances) / sum(k for _, k in chances) if chances else None
+            aggregates = group.aggregate_metric_list or []
+            info[name] = dict(kind="group", members=leaves, n=n, chance=chance,
+                              metric=aggregates[0].metric if aggregates else None,
+                              requested=name in self.requested)
         return info
 
     def _lm_wrapper(self):
@@ -175,6 +232,8 @@ class LiveEvaluator:
         n_samples = out.get("n-samples", {})
         for task, metrics in out["results"].items():
             n = n_samples.get(task, {}).get("effective")
+            if n is None and task in self.groups:
+                n = sum(n_samples.get(t.task_name, {}).get("effective") or 0 for t in self.groups[task].get_all_tasks())
             for key, value in metrics.items():
                 if "," not in key or "_stderr," in key:
                     continue
@@ -185,16 +244,23 @@ class LiveEvaluator:
                 stderr = float(stderr) if isinstance(stderr, (int, float)) else None
                 name = metric if filt == "none" else key
                 rows.append(dict(task=task, metric=name, value=float(value), stderr=stderr, n=n))
+        probs = {}
         for task, samples in (out.get("samples") or {}).items():
             task_obj = self.tasks.get(task)
             if task_obj is None or task_obj.OUTPUT_TYPE != "multiple_choice" or not samples:
                 continue
-            probs = [correct_probability(task_obj, s) for s in samples]
-            probs = [p for p in probs if p is not None]
-            if probs:
-                mean = float(np.mean(probs))
-                se = float(np.std(probs, ddof=1) / math.sqrt(len(probs))) if len(probs) > 1 else None
-                rows.append(dict(task=task, metric="correct_prob", value=mean, stderr=se, n=len(probs)))
+            p = [correct_probability(task_obj, s) for s in samples]
+            probs[task] = [x for x in p if x is not None]
+        # A group's correct_prob pools its leaf tasks' questions (weighted by size, like its acc).
+        for name, group in self.groups.items():
+            pooled = [x for t in group.get_all_tasks() for x in probs.get(t.task_name, [])]
+            if pooled:
+                probs[name] = pooled
+        for task, p in probs.items():
+            if p:
+                mean = float(np.mean(p))
+                se = float(np.std(p, ddof=1) / math.sqrt(len(p))) if len(p) > 1 else None
+                rows.append(dict(task=task, metric="correct_prob", value=mean, stderr=se, n=len(p)))
         return rows
 
 
