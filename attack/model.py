@@ -71,6 +71,11 @@ def load_model(cfg: ModelConfig, adapter: AdapterConfig):
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except Exception as e:
         raise UserError(f"could not load model '{cfg.name}': {first_line(e)}") from None
+    if gguf:
+        # GGUF tensors are dequantised to plain weights on load; transformers still tags the model
+        # as GGUF-quantised, which the Trainer refuses to train and save_pretrained mislabels.
+        model.hf_quantizer.remove_quantization_config(model)
+        model.config._is_quantized = False
     # A KV cache is useless in training and would disable packed-sequence masking.
     model.config.use_cache = False
     return model

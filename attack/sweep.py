@@ -151,23 +151,30 @@ def status(cell: Cell) -> str:
 
 def check_offline(cells: list[Cell]) -> None:
     """Validate what can be checked without downloads: task names, local paths."""
-    from attack.model import looks_local
+    from attack.model import model_source
     from eval_callbacks import UnknownTaskError, find_tasks
 
-    seen_tasks = set()
+    known = {}
     for c in cells:
         key = (tuple(c.config.eval.tasks), tuple(c.config.eval.include_path))
-        if key not in seen_tasks:
-            seen_tasks.add(key)
+        if key not in known:
             for folder in c.config.eval.include_path:
                 if not Path(folder).is_dir():
                     raise UserError(f"cell {c.id}: eval include path not found: {folder}")
             try:
-                find_tasks(list(key[0]), list(key[1]))
+                known[key] = set(find_tasks(list(key[0]), list(key[1])).all_tasks)
             except UnknownTaskError as e:
                 raise UserError(f"cell {c.id}: {e}") from None
-        if looks_local(c.config.model.name) and not Path(c.config.model.name).expanduser().is_dir():
-            raise UserError(f"cell {c.id}: model directory not found: {c.config.model.name}")
+        unknown = sorted(set(c.config.eval.expect) - known[key])
+        if unknown:
+            raise UserError(f"cell {c.id}: expect names unknown task(s) {', '.join(unknown)}")
+        for hub_id, folder in c.config.eval.dataset_paths.items():
+            if not Path(folder).expanduser().is_dir():
+                raise UserError(f"cell {c.id}: eval.dataset_paths: the local copy of {hub_id} is not a folder: {folder}")
+        try:
+            model_source(c.config.model)
+        except UserError as e:
+            raise UserError(f"cell {c.id}: {e}") from None
         data = c.config.data.path
         if data.startswith((".", "/", "~")) and not Path(data).expanduser().exists():
             raise UserError(f"cell {c.id}: attack data not found: {data}")

@@ -23,6 +23,7 @@ from eval_callbacks import (
     LiveEvaluator,
     NonFiniteLossError,
     RecoveryCurveCallback,
+    TaskDataError,
     UnknownTaskError,
     find_tasks,
     linear_schedule,
@@ -51,6 +52,9 @@ def run_attack(cfg: AttackConfig, extra_callbacks: list | None = None, quiet: bo
     #    cheapest checks first.
     if cfg.model.load_in_4bit:
         four_bit_config()  # says clearly when this machine cannot
+    for hub_id, folder in cfg.eval.dataset_paths.items():
+        if not Path(folder).expanduser().is_dir():
+            raise UserError(f"eval.dataset_paths: the local copy of {hub_id} is not a folder: {folder}")
     tokenizer = load_tokenizer(cfg.model)
     try:
         tasks = find_tasks(cfg.eval.tasks, cfg.eval.include_path)
@@ -83,7 +87,7 @@ def run_attack(cfg: AttackConfig, extra_callbacks: list | None = None, quiet: bo
             task_manager=tasks,
             dataset_paths=cfg.eval.dataset_paths,
         )
-    except UnknownTaskError as e:
+    except (UnknownTaskError, TaskDataError) as e:
         raise UserError(str(e)) from None
     unknown = sorted(set(cfg.eval.expect) - set(evaluator.task_info()))
     if unknown:

@@ -8,15 +8,17 @@ Usable with any transformers Trainer, without the `attack` package:
 """
 
 from eval_callbacks.callback import NonFiniteLossError, RecoveryCurveCallback
-from eval_callbacks.runner import LiveEvaluator, UnknownTaskError, find_tasks
+from eval_callbacks.runner import LiveEvaluator, TaskDataError, UnknownTaskError, find_tasks, local_datasets
 from eval_callbacks.schedule import linear_schedule, log_schedule
 
 __all__ = [
     "LiveEvaluator",
     "NonFiniteLossError",
     "RecoveryCurveCallback",
+    "TaskDataError",
     "UnknownTaskError",
     "find_tasks",
+    "local_datasets",
     "linear_schedule",
     "log_schedule",
 ]

@@ -16,6 +16,10 @@ class UnknownTaskError(ValueError):
     """A requested task name is neither a stock lm-eval task nor found under the include path."""
 
 
+class TaskDataError(ValueError):
+    """A known task could not be built: its dataset is missing, unreachable or malformed."""
+
+
 @contextlib.contextmanager
 def preserved_training_state(model: torch.nn.Module):
     """Evaluate inside this block: RNG states and train/eval mode are restored afterwards.
@@ -145,8 +149,15 @@ class LiveEvaluator:
         self.batch_size = batch_size
         self.autocast_dtype = autocast_dtype
         manager = task_manager or find_tasks(tasks, include_path)
-        with local_datasets(dataset_paths):
-            self.task_dict = manager.load(list(tasks))
+        try:
+            with local_datasets(dataset_paths):
+                self.task_dict = manager.load(list(tasks))
+        except Exception as e:  # datasets/hub errors come in many types
+            detail = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise TaskDataError(
+                f"could not load the data of task(s) {', '.join(tasks)}: {detail}; without hub access, point "
+                "eval.dataset_paths (--eval-dataset HUB_ID=FOLDER) at local copies"
+            ) from None
         self.requested = list(tasks)
         self.tasks = dict(self.task_dict["tasks"])  # leaf tasks, groups flattened
         self.groups = dict(self.task_dict.get("groups") or {})

@@ -51,7 +51,7 @@ def wmdp_bio_robust_mcqa(root: Path) -> Path:
 def wmdp_bio_cloze(root: Path) -> Path:
     def row(split, i):
         q = _question("cloze", split, i)
-        letters = "\n".join(f"{l}. {c}" for l, c in zip("ABCD", q["choices"]))
+        letters = "\n".join(f"{letter}. {c}" for letter, c in zip("ABCD", q["choices"], strict=True))
         return {**q, "prompt": f"{q['question'].strip()}\n{letters}\nAnswer:", "reasoning": f"because {i}"}
 
     return _write_repo(root, {"default": {"cloze_compatible": [row("cloze_compatible", i) for i in range(7)],

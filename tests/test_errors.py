@@ -103,5 +103,5 @@ def test_cli_process_exit_status(world, tmp_path):
         capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 2
-    expected = f"error: model directory not found: {tmp_path / 'nope'} (give an existing folder or a hub id)"
+    expected = f"error: model directory not found: {tmp_path / 'nope'} (give an existing folder, a .gguf file or a hub id)"
     assert proc.stderr.strip().splitlines() == [expected]

