@@ -33,6 +33,7 @@ ATTACK_FLAGS = {
     "--template": ("data.template", str, "format string over columns, e.g. '{question} {answer}'"),
     "--seq-len": ("data.seq_len", int, "tokens per packed row"),
     "--token-budget": ("data.token_budget", int, "stop after this many training tokens"),
+    "--data-cache": ("data.cache_dir", str, "folder of prepared corpora, reused by later runs (shared storage on clusters)"),
     "--lr": ("train.lr", float, "learning rate"),
     "--lr-scheduler": ("train.lr_scheduler", str, "transformers scheduler name"),
     "--warmup-steps": ("train.warmup_steps", int, "warm-up steps"),

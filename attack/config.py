@@ -70,6 +70,11 @@ class DataConfig:
     """Length of each packed training row, in tokens."""
     token_budget: int | None = None
     """Stop after this many training tokens (overrides train.max_steps)."""
+    cache_dir: str = ".cache/corpus"
+    """Where prepared (tokenized, packed) corpora are kept, one folder per corpus x tokenizer x
+    seq_len; every later cell and rank reuses them. Put it on shared storage for clusters."""
+    num_proc: int | None = None
+    """Tokenizer worker processes for corpus preparation; None: up to 8, as cores allow."""
 
 
 @dataclass(frozen=True)

@@ -4,22 +4,41 @@ Documents are joined with EOS and cut into rows of seq_len tokens. Position ids 
 every document, and nothing predicts a document's first token from the previous one, so with
 attention that honours position-id boundaries (transformers' packed-sequence masking for
 sdpa/eager/flex, or flash-attention's varlen path) packed documents do not see each other.
+
+A corpus of hundreds of millions of tokens is prepared once, in bounded memory, into a cache
+folder that every later cell and every rank memory-maps (`prepare_corpus`): `datasets` loads
+and tokenizes (batched `map`, `num_proc` workers, Arrow files on disk), then one streaming pass
+packs the token lists into raw int32 rows. The folder is named by a hash of everything that
+decides the rows (corpus content, data settings, tokenizer, seq_len) and appears under its final
+name only when complete. `pack_documents` is the same packing in memory, for small corpora.
+Streaming hub datasets larger than the disk are out of scope: the corpus must fit on disk twice
+(the datasets cache and the packed rows).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import shutil
+import time
+import uuid
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from attack.config import DataConfig
 from attack.errors import UserError, first_line
 
+FORMAT = 1  # bump when the prepared layout or the packing changes
+
 _LOADERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text"}
 
 
-def load_documents(cfg: DataConfig) -> list[str]:
-    """The attack corpus as a list of document strings."""
+def load_corpus(cfg: DataConfig):
+    """The attack corpus as loaded by `datasets` (Arrow-backed, memory-mapped), checked for the
+    fields `document_texts` needs. Nothing is held in memory."""
     from datasets import load_dataset
 
     path = Path(cfg.path).expanduser()
@@ -46,19 +65,30 @@ def load_documents(cfg: DataConfig) -> list[str]:
     columns = ds.column_names
     if cfg.template is not None:
         try:
-            texts = [cfg.template.format(**row) for row in ds]
+            cfg.template.format(**ds[0])
         except KeyError as e:
             raise UserError(
                 f"data template uses field {e} which '{cfg.path}' lacks; its fields: {', '.join(columns)}"
             ) from None
-    else:
-        if cfg.text_field not in columns:
-            raise UserError(
-                f"attack data '{cfg.path}' has no field '{cfg.text_field}'; pass --text-field one of: "
-                f"{', '.join(columns)} (or --template)"
-            )
-        texts = [t for t in ds[cfg.text_field] if t]
-    texts = [t for t in texts if t and t.strip()]
+    elif cfg.text_field not in columns:
+        raise UserError(
+            f"attack data '{cfg.path}' has no field '{cfg.text_field}'; pass --text-field one of: "
+            f"{', '.join(columns)} (or --template)"
+        )
+    return ds
+
+
+def document_texts(cfg: DataConfig, batch: dict) -> list[str]:
+    """The document text of each row of a batch of columns: the text field, or the template."""
+    if cfg.template is None:
+        return [t or "" for t in batch[cfg.text_field]]
+    rows = (dict(zip(batch, values, strict=True)) for values in zip(*batch.values(), strict=True))
+    return [cfg.template.format(**row) for row in rows]
+
+
+def load_documents(cfg: DataConfig) -> list[str]:
+    """The attack corpus as a list of non-empty document strings (small corpora)."""
+    texts = [t for t in document_texts(cfg, load_corpus(cfg).to_dict()) if t.strip()]
     if not texts:
         raise UserError(f"attack data '{cfg.path}' holds only empty documents")
     return texts
@@ -115,3 +145,176 @@ class PackedRows(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         return {k: v[i] for k, v in self.packed.items()}
+
+
+# --- prepared corpora: tokenize once, pack to a memory-mapped store, reuse ----------------
+
+
+def corpus_fingerprint(cfg: DataConfig, ds) -> str:
+    """Content of a local corpus file (hashed), else the `datasets` fingerprint (hub id, revision,
+    files)."""
+    path = Path(cfg.path).expanduser()
+    if path.is_file():
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 22), b""):
+                h.update(chunk)
+        return "sha256:" + h.hexdigest()
+    return "datasets:" + ds._fingerprint
+
+
+def tokenizer_identity(tokenizer) -> str:
+    """Everything about the tokenizer that decides the ids: its full definition and special tokens."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    definition = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    extra = dict(cls=type(tokenizer).__name__, eos=tokenizer.eos_token_id, bos=tokenizer.bos_token_id,
+                 add_bos=getattr(tokenizer, "add_bos_token", None), add_eos=getattr(tokenizer, "add_eos_token", None))
+    return hashlib.sha256((definition + json.dumps(extra, sort_keys=True)).encode()).hexdigest()
+
+
+def corpus_key(cfg: DataConfig, fingerprint: str, tokenizer) -> str:
+    parts = dict(format=FORMAT, corpus=fingerprint, path=cfg.path, name=cfg.name, split=cfg.split,
+                 text_field=None if cfg.template else cfg.text_field, template=cfg.template, seq_len=cfg.seq_len,
+                 tokenizer=tokenizer_identity(tokenizer))
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def prepare_corpus(cfg: DataConfig, tokenizer, cache_dir: str | Path, num_proc: int | None = None,
+                   log=lambda msg: None) -> Path:
+    """The folder of the packed corpus, prepared now unless a complete one is in the cache.
+
+    Safe under concurrency: a preparation writes to a private temporary folder and renames it
+    into place when complete, so a killed one leaves nothing usable and two cells on shared
+    storage never see each other's halves; a file lock makes the second wait instead of
+    repeating the work where the file system supports locks.
+    """
+    from filelock import FileLock
+
+    ds = load_corpus(cfg)
+    key = corpus_key(cfg, corpus_fingerprint(cfg, ds), tokenizer)
+    cache = Path(cache_dir).expanduser()
+    final = cache / key
+    if (final / "meta.json").exists():
+        return final
+    cache.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(cache / f"{key}.lock")):
+        if (final / "meta.json").exists():  # prepared by another process while we waited
+            return final
+        tmp = cache / f"{key}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        try:
+            start = time.perf_counter()
+            meta = _tokenize_and_pack(ds, cfg, tokenizer, tmp, num_proc)
+            meta.update(key=key, source=cfg.path, prepare_s=round(time.perf_counter() - start, 2))
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+            os.rename(tmp, final)
+            log(f"prepared {meta['tokens']:,} tokens of {meta['documents']:,} documents into {meta['rows']:,} rows "
+                f"in {meta['prepare_s']:.1f} s: {final}")
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def _tokenize_and_pack(ds, cfg: DataConfig, tokenizer, out: Path, num_proc: int | None) -> dict:
+    from datasets import Features, Sequence, Value
+
+    seq_len = cfg.seq_len
+    out.mkdir(parents=True)
+    eos = tokenizer.eos_token_id
+    num_proc = num_proc or min(8, os.cpu_count() or 1)
+    num_proc = num_proc if len(ds) >= 1000 * num_proc else None  # workers cost more than they save on small corpora
+
+    def tokenize(batch, idx):
+        texts = document_texts(cfg, batch)
+        keep = [i for i, t in enumerate(texts) if t.strip()]  # empty documents are dropped
+        ids = tokenizer([texts[i] for i in keep], add_special_tokens=True)["input_ids"] if keep else []
+        return {"input_ids": ids, "doc": [idx[i] for i in keep]}
+
+    # One pass from the source columns to token ids (no intermediate copy of the text on disk).
+    tokens = ds.map(tokenize, batched=True, with_indices=True, num_proc=num_proc, remove_columns=ds.column_names,
+                    features=Features({"input_ids": Sequence(Value("int32")), "doc": Value("int64")}),
+                    cache_file_name=str(out / "tokens.arrow"), desc="tokenizing the attack corpus")
+    if len(tokens) == 0:
+        raise UserError(f"attack data '{cfg.path}' holds only empty documents")
+    total = 0  # tokens so far, EOS included
+    segments = []
+    with open(out / "input_ids.bin", "wb") as ids_f, open(out / "doc_start.bin", "wb") as start_f:
+        for batch in tokens.data.to_batches(max_chunksize=4096):
+            lists, docs = batch.column("input_ids"), batch.column("doc").to_numpy()
+            offsets = lists.offsets.to_numpy().astype(np.int64)
+            values = lists.flatten().to_numpy().astype(np.int32)
+            lengths = np.diff(offsets) + 1  # each document plus its EOS
+            starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+            flat = np.full(int(lengths.sum()), eos, dtype=np.int32)
+            flat[np.arange(len(values)) + np.repeat(np.arange(len(lengths)), lengths - 1)] = values
+            flags = np.zeros(len(flat), dtype=np.uint8)
+            flags[starts] = 1
+            ids_f.write(flat.tobytes())
+            start_f.write(flags.tobytes())
+            segments.append(_segments(docs, total + starts, lengths, seq_len))
+            total += len(flat)
+    rows = total // seq_len
+    if rows == 0:
+        raise UserError(f"attack data has {total} tokens, fewer than one row of seq_len={seq_len}; "
+                        "lower --seq-len or add data")
+    for name in ("input_ids.bin", "doc_start.bin"):  # the remainder that fills no row is dropped
+        with open(out / name, "r+b") as f:
+            f.truncate(rows * seq_len * (4 if name == "input_ids.bin" else 1))
+    seg = np.concatenate(segments)
+    seg = seg[seg[:, 0] < rows]
+    np.save(out / "segments.npy", seg)
+    tokens.cleanup_cache_files()
+    for f in out.glob("tokens*.arrow"):
+        f.unlink()
+    return dict(format=FORMAT, rows=rows, seq_len=seq_len, tokens=rows * seq_len, tokens_in_corpus=total,
+                documents=len(tokens), source_rows=len(ds), eos=eos)
+
+
+def _segments(docs: np.ndarray, starts: np.ndarray, lengths: np.ndarray, seq_len: int) -> np.ndarray:
+    """(row, document, offset in the row, first token within the document, tokens) for every piece
+    of every document (a document longer than what is left of a row continues in the next)."""
+    first = starts // seq_len
+    last = (starts + lengths - 1) // seq_len
+    count = last - first + 1
+    doc_i = np.repeat(np.arange(len(docs)), count)
+    row = np.repeat(first, count) + (np.arange(count.sum()) - np.repeat(np.cumsum(count) - count, count))
+    begin = np.maximum(np.repeat(starts, count), row * seq_len)
+    end = np.minimum(np.repeat(starts + lengths, count), (row + 1) * seq_len)
+    return np.stack([row, docs[doc_i], begin - row * seq_len, begin - np.repeat(starts, count), end - begin],
+                    axis=1).astype(np.int64)
+
+
+class PackedCorpus(torch.utils.data.Dataset):
+    """A prepared corpus, memory-mapped: rows of input_ids, labels and position_ids, computed per
+    row from the stored ids and document starts. `fetched` logs the rows read, in order."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        self.meta = json.loads((self.folder / "meta.json").read_text())
+        shape = (self.meta["rows"], self.meta["seq_len"])
+        self.ids = np.memmap(self.folder / "input_ids.bin", dtype=np.int32, mode="r", shape=shape)
+        self.starts = np.memmap(self.folder / "doc_start.bin", dtype=np.uint8, mode="r", shape=shape)
+        self.fetched: list[int] = []
+
+    def __len__(self) -> int:
+        return self.meta["rows"]
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        self.fetched.append(int(i))
+        ids = torch.from_numpy(self.ids[i].astype(np.int64))
+        starts = self.starts[i].astype(bool)
+        labels = ids.clone()
+        labels[torch.from_numpy(starts)] = -100  # a document's first token is not predicted from the previous one
+        idx = np.arange(len(starts))
+        segment_start = np.maximum.accumulate(np.where(starts | (idx == 0), idx, 0))
+        return dict(input_ids=ids, labels=labels, position_ids=torch.from_numpy(idx - segment_start))
+
+    def segments(self) -> np.ndarray:
+        """(row, document, offset in the row, first token within the document, tokens) per piece."""
+        return np.load(self.folder / "segments.npy")
+
+    def documents_in(self, rows) -> np.ndarray:
+        """Source indices of the documents with at least one token in `rows` (row indices)."""
+        seg = self.segments()
+        mask = np.zeros(len(self), dtype=bool)
+        mask[np.asarray(rows, dtype=np.int64)] = True
+        return np.unique(seg[mask[seg[:, 0]], 1])

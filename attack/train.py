@@ -8,12 +8,14 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from accelerate import PartialState
+from accelerate.utils import gather_object
 from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments, default_data_collator, set_seed
 
 from attack.config import AttackConfig, default_run_id, steps_for
-from attack.data import PackedRows, load_documents, pack_documents
+from attack.data import PackedCorpus, prepare_corpus
 from attack.errors import UserError
 from attack.model import apply_adapter, autocast_dtype, four_bit_config, load_model, load_tokenizer
 from attack.published import check_published, mismatch_message
@@ -60,7 +62,10 @@ def run_attack(cfg: AttackConfig, extra_callbacks: list | None = None, quiet: bo
         tasks = find_tasks(cfg.eval.tasks, cfg.eval.include_path)
     except UnknownTaskError as e:
         raise UserError(str(e)) from None
-    rows = PackedRows(pack_documents(load_documents(cfg.data), tokenizer, cfg.data.seq_len))
+    # The main process prepares the corpus (or finds it in the cache); the others then map it.
+    with procs.main_process_first():
+        rows = PackedCorpus(prepare_corpus(cfg.data, tokenizer, cfg.data.cache_dir, cfg.data.num_proc,
+                                           log=(lambda _: None) if quiet else print))
     if len(rows) < cfg.train.batch_size:
         raise UserError(
             f"attack data packs into {len(rows)} rows of {cfg.data.seq_len} tokens, fewer than one "
@@ -148,7 +153,8 @@ def run_attack(cfg: AttackConfig, extra_callbacks: list | None = None, quiet: bo
         ddp_find_unused_parameters=False,
     )
     curve = RecoveryCurveCallback(evaluator, schedule, run.curve, wall_offset_s=run.wall_so_far())
-    callbacks = [curve]
+    trained = RowsTrained(rows, micro * accumulation, checkpoint)
+    callbacks = [curve, trained]
     if cfg.eval.expect and procs.is_main_process:
         callbacks.append(PublishedScoreCheck(cfg.eval.expect, run, evaluator.task_info()))
     trainer = Trainer(
@@ -185,6 +191,7 @@ def run_attack(cfg: AttackConfig, extra_callbacks: list | None = None, quiet: bo
 
     # 4. The attacked weights: the LoRA adapter (PEFT format) or the full model.
     trainer.save_model(str(run.final))
+    coverage = trained.coverage(trainer.state.global_step)  # on every process: it gathers
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(str(run.final))
         state = trainer.state
@@ -198,6 +205,7 @@ def run_attack(cfg: AttackConfig, extra_callbacks: list | None = None, quiet: bo
             micro_batch_size=micro,
             gradient_checkpointing=checkpointing,
             train_rows=len(rows),
+            **coverage,
             eval_steps=schedule,
             eval_s=round(curve.eval_seconds, 2),
             train_s=round(train_s, 2),
@@ -208,6 +216,39 @@ def run_attack(cfg: AttackConfig, extra_callbacks: list | None = None, quiet: bo
             print(score_table(read_curve(run.curve), evaluator.requested))
             print(f"run directory: {run.path}")
     return run.path
+
+
+class RowsTrained(TrainerCallback):
+    """Which packed rows, and so which source documents, the attack trained on within its budget.
+    The list (all processes together) is saved with every checkpoint, so a resumed run counts
+    what it trained on before the interruption."""
+
+    FILE = "rows_trained.npy"
+
+    def __init__(self, corpus: PackedCorpus, rows_per_step: int, checkpoint: str | None):
+        self.corpus, self.rows_per_step = corpus, rows_per_step
+        saved = Path(checkpoint) / self.FILE if checkpoint else None
+        self.prior = np.load(saved) if saved is not None and saved.exists() else np.zeros(0, dtype=np.int64)
+        self.start_step = int(checkpoint.rsplit("-", 1)[-1]) if checkpoint else 0
+
+    def trained(self, step: int) -> np.ndarray:
+        # The data loader reads a batch ahead: keep only rows of steps taken since the start.
+        mine = self.corpus.fetched[: (step - self.start_step) * self.rows_per_step]
+        gathered = gather_object([mine])  # one list per process; every process must call this
+        return np.concatenate([self.prior, np.asarray([r for rows in gathered for r in rows], dtype=np.int64)])
+
+    def on_save(self, args, state, control, **kwargs):
+        rows = self.trained(state.global_step)
+        if state.is_world_process_zero:
+            np.save(Path(args.output_dir) / f"checkpoint-{state.global_step}" / self.FILE, rows)
+
+    def coverage(self, step: int) -> dict:
+        trained = self.trained(step)
+        rows = np.unique(trained)
+        return dict(rows_trained=int(len(trained)), distinct_rows_trained=int(len(rows)),
+                    distinct_tokens_trained=int(len(rows)) * self.corpus.meta["seq_len"],
+                    documents_seen=int(len(self.corpus.documents_in(rows))), documents=self.corpus.meta["documents"],
+                    corpus=str(self.corpus.folder))
 
 
 class PublishedScoreCheck(TrainerCallback):

@@ -108,6 +108,9 @@ def test_resumed_run_equals_uninterrupted(make_config, tmp_path):
         return [(r["step"], r["tokens_seen"], r["task"], r["metric"], r["value"]) for r in read_curve(run / "curve.jsonl")]
 
     assert points(resumed) == points(whole)
+    coverage = ("rows_trained", "distinct_rows_trained", "documents_seen", "tokens_seen")
+    summaries = [json.loads((run / "summary.json").read_text()) for run in (whole, resumed)]
+    assert [s[k] for k in coverage for s in summaries[:1]] == [s[k] for k in coverage for s in summaries[1:]]
     a, b = _adapter(whole), _adapter(resumed)
     assert all(torch.equal(a[k], b[k]) for k in a)
 

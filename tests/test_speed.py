@@ -71,11 +71,17 @@ def test_data_parallel_two_processes_write_once(world, llama_dir, tmp_path):
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            "-m", "attack", "--model", str(llama_dir), "--data", str(world["attack"]),
            "--eval-tasks", "toy_target_seen", "--eval-include", str(world["tasks"]), "--eval-every", "2",
-           "--max-steps", "4", "--batch-size", "4", "--seq-len", "32", "--output", str(tmp_path), "--run-id", "ddp"]
+           "--max-steps", "4", "--batch-size", "4", "--seq-len", "32", "--output", str(tmp_path), "--run-id", "ddp",
+           "--data-cache", str(tmp_path / "corpus")]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # the main process prepared the corpus; the other waited and mapped it
+    assert proc.stdout.count("prepared ") == 1, proc.stdout
+    assert len([p for p in (tmp_path / "corpus").iterdir() if p.is_dir()]) == 1
     run = tmp_path / "ddp"
     summary = json.loads((run / "summary.json").read_text())
+    assert summary["rows_trained"] == 16  # 4 steps x 4 rows, both processes' rows counted
+    assert summary["distinct_rows_trained"] == min(16, summary["train_rows"])
     assert summary["status"] == "done" and summary["processes"] == 2 and summary["micro_batch_size"] == 2
     assert summary["tokens_seen"] == 4 * 4 * 32
     keys = [(r["step"], r["task"], r["metric"]) for r in read_curve(run / "curve.jsonl")]
