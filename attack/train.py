@@ -18,7 +18,7 @@ from attack.config import AttackConfig, default_run_id, steps_for
 from attack.data import PackedCorpus, prepare_corpus
 from attack.errors import UserError
 from attack.model import apply_adapter, autocast_dtype, four_bit_config, load_model, load_tokenizer
-from attack.published import check_published, mismatch_message
+from attack.published import as_fraction, check_published, mismatch_message
 from attack.rundir import RunDir, read_curve, write_atomic
 from attack.speed import fit_micro_batch, liger_available
 from eval_callbacks import (
@@ -110,7 +110,10 @@ def run_attack(cfg: AttackConfig, extra_callbacks: list | None = None, quiet: bo
     #    The main process writes it; the others wait, then read the checkpoint to resume from.
     if procs.is_main_process:
         checkpoint = run.prepare(cfg, resume=cfg.output.resume)
-        write_atomic(run.path / "tasks.json", json.dumps(evaluator.task_info(), indent=2))
+        info = evaluator.task_info()
+        for task, value in cfg.eval.expect.items():
+            info[task]["published"] = as_fraction(value)  # the reference score of the paper, when given
+        write_atomic(run.path / "tasks.json", json.dumps(info, indent=2))
         if cell is not None:
             write_atomic(run.path / "cell.json", json.dumps(cell, indent=2))
         if cfg.output.resume and checkpoint is None and not quiet:

@@ -141,6 +141,7 @@ def test_attack_raises_accuracy_on_seen_facts(make_config, naive_dir):
     assert acc[160] >= acc[0] + 0.25
 
 
+@pytest.mark.slow
 def test_scores_equal_stock_lm_eval(make_config, world, tmp_path):
     """The curve's score equals what stock lm-eval reports for the merged weights."""
     from lm_eval import simple_evaluate

@@ -79,6 +79,7 @@ def test_wmdp_bio_cloze_verified_scores_answer_texts_on_cloze_compatible(copies)
     assert "A. " not in context  # the lettered `prompt` field is not used
 
 
+@pytest.mark.slow
 def test_mmlu_no_bio_is_the_53_stock_subjects_without_biology_zero_shot(tmp_path):
     from lm_eval.tasks import TaskManager
 
@@ -121,6 +122,7 @@ def test_groups_through_the_tool(make_config, copies, tmp_path, capfd):
     assert info["wmdp_bio_robust"]["kind"] == "group" and info["wmdp_bio_robust"]["n"] == 21
     assert info["wmdp_bio_cloze_verified"]["metric"] == "acc_norm" and info["wmdp_bio_robust"]["metric"] == "acc"
     assert info["wmdp_bio_robust_dual_use_virology"]["requested"] is False
+    assert info["wmdp_bio_robust"]["published"] == pytest.approx(0.99)
     for step in (0, 2):
         at = {(r["task"], r["metric"]): r for r in rows if r["step"] == step}
         group = at[("wmdp_bio_robust", "acc")]["value"]

@@ -43,6 +43,7 @@ def test_accelerate_configs_parse():
     assert fsdp["distributed_type"] == "FSDP" and "fsdp_config" in fsdp
 
 
+@pytest.mark.slow
 def test_slurm_array_task_runs_its_shard(tmp_path, world, llama_dir):
     """The array script's per-task command, with SLURM's variables set by hand, on a toy sweep."""
     sweep = {

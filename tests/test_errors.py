@@ -95,6 +95,7 @@ def test_existing_run_is_not_overwritten(capsys, world, llama_dir, tmp_path):
     assert (tmp_path / "runs" / "r1" / "curve.jsonl").read_bytes() == curve
 
 
+@pytest.mark.slow
 def test_cli_process_exit_status(world, tmp_path):
     """The real process: exit status 2, one line, no traceback."""
     proc = subprocess.run(

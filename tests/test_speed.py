@@ -65,6 +65,7 @@ def test_4bit_needs_a_gpu(capsys, world, llama_dir, tmp_path):
     assert "needs a CUDA GPU" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_data_parallel_two_processes_write_once(world, llama_dir, tmp_path):
     """accelerate launch with 2 processes (gloo on CPU): one curve, every point once, global token count."""
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
@@ -88,6 +89,7 @@ def test_data_parallel_two_processes_write_once(world, llama_dir, tmp_path):
     assert len(keys) == len(set(keys)) == 3 * 3  # steps 0, 2, 4 x acc, acc_norm, correct_prob
 
 
+@pytest.mark.slow
 def test_benchmark_script_prints_its_measurements():
     """bench/attack_speed.py runs (tiny settings) and prints one JSON line per recipe."""
     cmd = [sys.executable, "bench/attack_speed.py", "--steps", "1", "--warmup", "1", "--seq-len", "64",

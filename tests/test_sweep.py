@@ -52,6 +52,7 @@ def test_cells_ids_and_shards(tmp_path, world, two_models):
     assert sorted(c.id for h in thirds for c in h) == sorted(ids)
 
 
+@pytest.mark.slow
 def test_interrupted_sweep_reruns_to_every_cell_done_once(tmp_path, world, two_models, monkeypatch):
     path = _sweep_file(tmp_path, world, two_models)
     calls, killed = [], []
@@ -105,6 +106,7 @@ def test_failed_cell_is_recorded_and_others_run(tmp_path, world, llama_dir):
     assert summaries["ok"]["status"] == "done"
 
 
+@pytest.mark.slow
 def test_dry_run_lists_cells_and_validates(tmp_path, world, two_models, capsys):
     path = _sweep_file(tmp_path, world, two_models)
     assert main(["sweep", str(path), "--dry-run", "--shard", "1/2"]) == 0
@@ -122,6 +124,7 @@ def test_dry_run_lists_cells_and_validates(tmp_path, world, two_models, capsys):
     assert "unknown lm-eval task(s) no_such_task" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_shipped_sweeps_pass_dry_run(capsys):
     """The Deep Ignorance sweep validates offline (hub models are not fetched in a dry run)."""
     assert main(["sweep", "configs/sweeps/deep_ignorance.yaml", "--dry-run"]) == 0

@@ -82,6 +82,7 @@ def test_checkpoints_load_with_stock_transformers(small_world):
         assert model(ids).logits.shape[-1] == len(tok)
 
 
+@pytest.mark.slow
 def test_tasks_run_in_stock_lm_eval(small_world):
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
