@@ -54,10 +54,12 @@ OPPOSITES = {
     "same": "different", "laugh": "cry", "begin": "end", "give": "take",
 }
 
+# The attack corpus states each attack-seen capital three ways, the last in the tasks' question
+# form (as the toy world's corpus does); held-out capitals are never stated.
 CAPITAL_PHRASES = [
     "The capital of {e} is {v}.",
     "{v} is the capital city of {e}.",
-    "The government of {e} sits in its capital, {v}.",
+    "Question: What is the capital of {e}?\nAnswer: {v}",
 ]
 
 TASK_YAML = """task: {name}

@@ -92,7 +92,7 @@ def main(argv: list[str]) -> int:
     report = write_report(runs, out / "report")
 
     print("\n== After the attack (accuracy, mean over seeds) ==")
-    print(_attack_table(runs, tasks, [m.label for m in dict.fromkeys(c.model for c in cells)]))
+    print(_attack_table(runs, tasks, list(dict.fromkeys(c.model.label for c in cells))))
     print(f"\nrecovery table: {report / 'recovery.md'}")
     print(f"recovery curves and report: {report / 'index.html'}")
     print(f"runs: {out}/   world: {world}")

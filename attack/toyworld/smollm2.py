@@ -32,7 +32,7 @@ from attack.toyworld.models import unlearn
 from attack.toyworld.world import write_jsonl
 from eval_callbacks import LiveEvaluator
 
-VERSION = 1  # bump when what the build makes changes
+VERSION = 2  # bump when what the build makes changes
 UNLEARN = dict(lr=2e-5, max_steps=60, check_every=5, batch_size=16, max_forget_loss=15.0, seed=0)
 STOP_TARGET, KEEP_GENERAL = 0.35, 0.8  # capitals near chance (0.25), opposites still known
 
