@@ -7,14 +7,20 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["WANDB_MODE"] = "disabled"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
+# One torch thread per process (subprocesses inherit it): the test models are too small to gain
+# from a second thread, and on a shared 2-core machine extra threads only oversubscribe it.
+os.environ["OMP_NUM_THREADS"] = "1"
 
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
 
 from attack.config import load_config  # noqa: E402
 from attack.toyworld.models import ModelSpec, build_model, pretrain, train_tokenizer  # noqa: E402
 from attack.toyworld.world import WorldSpec, generate, write_jsonl, write_tasks  # noqa: E402
+
+torch.set_num_threads(1)
 
 TINY = ModelSpec(hidden=64, layers=2, heads=2, intermediate=128, max_positions=256)
 
