@@ -134,19 +134,6 @@ def _restart_positions_at_row_start(position_ids: torch.Tensor) -> torch.Tensor:
     return out
 
 
-class PackedRows(torch.utils.data.Dataset):
-    """Packed rows as a map-style dataset for the Trainer (one dict of tensors per row)."""
-
-    def __init__(self, packed: dict[str, torch.Tensor]):
-        self.packed = packed
-
-    def __len__(self) -> int:
-        return self.packed["input_ids"].shape[0]
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {k: v[i] for k, v in self.packed.items()}
-
-
 # --- prepared corpora: tokenize once, pack to a memory-mapped store, reuse ----------------
 
 
