@@ -346,6 +346,13 @@ def validate(cfg: AttackConfig) -> None:
         raise UserError("4-bit loading is for LoRA (QLoRA); full fine-tuning needs real weights")
 
 
+def check_dataset_copies(cfg: EvalConfig) -> None:
+    """Every local copy named in eval.dataset_paths is a folder (checked before anything loads)."""
+    for hub_id, folder in cfg.dataset_paths.items():
+        if not Path(folder).expanduser().is_dir():
+            raise UserError(f"eval.dataset_paths: the local copy of {hub_id} is not a folder: {folder}")
+
+
 def identity(cfg: AttackConfig) -> dict:
     """The part of the config that decides the result (not where it is written or logged)."""
     d = to_dict(cfg)

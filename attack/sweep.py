@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from attack.config import AttackConfig, build, config_hash, load_config, merge, read_yaml, steps_for
+from attack.config import AttackConfig, build, check_dataset_copies, config_hash, load_config, merge, read_yaml, steps_for
 from attack.errors import UserError, first_line
 from attack.rundir import RunDir, write_atomic
 
@@ -168,10 +168,8 @@ def check_offline(cells: list[Cell]) -> None:
         unknown = sorted(set(c.config.eval.expect) - known[key])
         if unknown:
             raise UserError(f"cell {c.id}: expect names unknown task(s) {', '.join(unknown)}")
-        for hub_id, folder in c.config.eval.dataset_paths.items():
-            if not Path(folder).expanduser().is_dir():
-                raise UserError(f"cell {c.id}: eval.dataset_paths: the local copy of {hub_id} is not a folder: {folder}")
         try:
+            check_dataset_copies(c.config.eval)
             model_source(c.config.model)
         except UserError as e:
             raise UserError(f"cell {c.id}: {e}") from None

@@ -14,7 +14,7 @@ from accelerate import PartialState
 from accelerate.utils import gather_object
 from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments, default_data_collator, set_seed
 
-from attack.config import AttackConfig, default_run_id, steps_for
+from attack.config import AttackConfig, check_dataset_copies, default_run_id, steps_for
 from attack.data import PackedCorpus, prepare_corpus
 from attack.errors import UserError
 from attack.model import apply_adapter, autocast_dtype, four_bit_config, load_model, load_tokenizer
@@ -54,9 +54,7 @@ def run_attack(cfg: AttackConfig, extra_callbacks: list | None = None, quiet: bo
     #    cheapest checks first.
     if cfg.model.load_in_4bit:
         four_bit_config()  # says clearly when this machine cannot
-    for hub_id, folder in cfg.eval.dataset_paths.items():
-        if not Path(folder).expanduser().is_dir():
-            raise UserError(f"eval.dataset_paths: the local copy of {hub_id} is not a folder: {folder}")
+    check_dataset_copies(cfg.eval)
     tokenizer = load_tokenizer(cfg.model)
     try:
         tasks = find_tasks(cfg.eval.tasks, cfg.eval.include_path)
@@ -94,10 +92,11 @@ def run_attack(cfg: AttackConfig, extra_callbacks: list | None = None, quiet: bo
         )
     except (UnknownTaskError, TaskDataError) as e:
         raise UserError(str(e)) from None
-    unknown = sorted(set(cfg.eval.expect) - set(evaluator.task_info()))
-    if unknown:
-        raise UserError(f"--expect names task(s) {', '.join(unknown)} that are not evaluated; "
-                        f"evaluated: {', '.join(sorted(evaluator.task_info()))}")
+    task_info = evaluator.task_info()  # reads every question once: compute it once
+    for task, value in cfg.eval.expect.items():
+        if task not in task_info:
+            raise UserError(f"--expect names task {task} that is not evaluated; evaluated: {', '.join(sorted(task_info))}")
+        task_info[task]["published"] = as_fraction(value)  # the paper's reference score, when given
     if cfg.eval.schedule == "log":
         schedule = log_schedule(max_steps, cfg.eval.log_points)
     else:
@@ -110,10 +109,7 @@ def run_attack(cfg: AttackConfig, extra_callbacks: list | None = None, quiet: bo
     #    The main process writes it; the others wait, then read the checkpoint to resume from.
     if procs.is_main_process:
         checkpoint = run.prepare(cfg, resume=cfg.output.resume)
-        info = evaluator.task_info()
-        for task, value in cfg.eval.expect.items():
-            info[task]["published"] = as_fraction(value)  # the reference score of the paper, when given
-        write_atomic(run.path / "tasks.json", json.dumps(info, indent=2))
+        write_atomic(run.path / "tasks.json", json.dumps(task_info, indent=2))
         if cell is not None:
             write_atomic(run.path / "cell.json", json.dumps(cell, indent=2))
         if cfg.output.resume and checkpoint is None and not quiet:
@@ -159,7 +155,7 @@ def run_attack(cfg: AttackConfig, extra_callbacks: list | None = None, quiet: bo
     trained = RowsTrained(rows, micro * accumulation, checkpoint)
     callbacks = [curve, trained]
     if cfg.eval.expect and procs.is_main_process:
-        callbacks.append(PublishedScoreCheck(cfg.eval.expect, run, evaluator.task_info()))
+        callbacks.append(PublishedScoreCheck(cfg.eval.expect, run, task_info))
     trainer = Trainer(
         model=model,
         args=args,

@@ -4,6 +4,7 @@ build with the same settings is a no-op and any change rebuilds."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -52,78 +53,87 @@ def _accuracy(evaluator: LiveEvaluator) -> dict:
     return {r["task"]: r["value"] for r in evaluator.evaluate() if r["metric"] == "acc"}
 
 
+@contextlib.contextmanager
+def building(out: Path):
+    """A fresh temporary folder to build a world in, moved to `out` (replacing an older build)
+    when the block completes. A build that fails or is killed leaves only the temporary folder,
+    which the next build clears: a world folder with world.json is always complete."""
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    yield tmp
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+
+
 def build_world(root: Path, spec: BuildSpec = BuildSpec(), log=print) -> Path:
     """Build (or reuse) the world and return its folder."""
     out = world_dir(root, spec)
     if (out / "world.json").exists():
         log(f"toy world: reusing {out}")
         return out
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    start = time.perf_counter()
+    with building(out) as tmp:
+        start = time.perf_counter()
 
-    # 1. Facts, documents, filter, attack corpus, tasks.
-    world = generate(spec.world)
-    docs = world["docs"]
-    filtered, filter_stats = blocklist_filter(docs)
-    attack_docs = [d for d in docs if d["domain"] == "target" and d["split"] == "seen"]
-    forget_docs = [d for d in docs if d["domain"] == "target"]
-    retain_docs = [d for d in docs if d["domain"] == "general"]
-    write_jsonl(docs, tmp / "corpus" / "unfiltered.jsonl")
-    write_jsonl(filtered, tmp / "corpus" / "filtered.jsonl")
-    write_jsonl(attack_docs, tmp / "corpus" / "attack.jsonl")
-    (tmp / "facts.json").write_text(json.dumps(world["facts"], indent=1))
-    write_tasks(world["facts"], tmp / "tasks")
-    log(f"toy world: {len(docs)} documents, filter removed {filter_stats['removed']} "
-        f"({filter_stats['target_slipped_through']} target documents slipped through)")
+        # 1. Facts, documents, filter, attack corpus, tasks.
+        world = generate(spec.world)
+        docs = world["docs"]
+        filtered, filter_stats = blocklist_filter(docs)
+        attack_docs = [d for d in docs if d["domain"] == "target" and d["split"] == "seen"]
+        forget_docs = [d for d in docs if d["domain"] == "target"]
+        retain_docs = [d for d in docs if d["domain"] == "general"]
+        write_jsonl(docs, tmp / "corpus" / "unfiltered.jsonl")
+        write_jsonl(filtered, tmp / "corpus" / "filtered.jsonl")
+        write_jsonl(attack_docs, tmp / "corpus" / "attack.jsonl")
+        (tmp / "facts.json").write_text(json.dumps(world["facts"], indent=1))
+        write_tasks(world["facts"], tmp / "tasks")
+        log(f"toy world: {len(docs)} documents, filter removed {filter_stats['removed']} "
+            f"({filter_stats['target_slipped_through']} target documents slipped through)")
 
-    # 2. Tokenizer and the three models.
-    tokenizer = train_tokenizer([d["text"] for d in docs], tmp / "tokenizer")
-    texts = {"unfiltered": [d["text"] for d in docs], "filtered": [d["text"] for d in filtered]}
-    scores = {}
-    for name in ("unfiltered", "filtered"):
-        log(f"toy world: pretraining '{name}' on {len(texts[name])} documents")
-        model = build_model(spec.model, tokenizer, seed=spec.seed)
-        pretrain(model, tokenizer, texts[name], spec.pretrain_steps, lr=spec.pretrain_lr,
-                 batch_size=spec.batch_size, seq_len=spec.seq_len, seed=spec.seed, log=log)
-        model.save_pretrained(str(tmp / name))
-        tokenizer.save_pretrained(str(tmp / name))
-        scores[name] = _accuracy(_evaluator(model, tokenizer, tmp / "tasks"))
-        log(f"toy world: '{name}' scores {_fmt(scores[name])}")
+        # 2. Tokenizer and the three models.
+        tokenizer = train_tokenizer([d["text"] for d in docs], tmp / "tokenizer")
+        texts = {"unfiltered": [d["text"] for d in docs], "filtered": [d["text"] for d in filtered]}
+        scores = {}
+        for name in ("unfiltered", "filtered"):
+            log(f"toy world: pretraining '{name}' on {len(texts[name])} documents")
+            model = build_model(spec.model, tokenizer, seed=spec.seed)
+            pretrain(model, tokenizer, texts[name], spec.pretrain_steps, lr=spec.pretrain_lr,
+                     batch_size=spec.batch_size, seq_len=spec.seq_len, seed=spec.seed, log=log)
+            model.save_pretrained(str(tmp / name))
+            tokenizer.save_pretrained(str(tmp / name))
+            scores[name] = _accuracy(_evaluator(model, tokenizer, tmp / "tasks"))
+            log(f"toy world: '{name}' scores {_fmt(scores[name])}")
 
-    log("toy world: unlearning target knowledge from 'unfiltered'")
-    from transformers import AutoModelForCausalLM
+        log("toy world: unlearning target knowledge from 'unfiltered'")
+        from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(tmp / "unfiltered"))
-    evaluator = _evaluator(model, tokenizer, tmp / "tasks")
+        model = AutoModelForCausalLM.from_pretrained(str(tmp / "unfiltered"))
+        evaluator = _evaluator(model, tokenizer, tmp / "tasks")
 
-    def check():
-        s = _accuracy(evaluator)
-        target = (s["toy_target_seen"] + s["toy_target_heldout"]) / 2
-        return dict(target=target, general=s["toy_general"], stop=target <= 0.30 and s["toy_target_cloze"] <= 0.2)
+        def check():
+            s = _accuracy(evaluator)
+            target = (s["toy_target_seen"] + s["toy_target_heldout"]) / 2
+            return dict(target=target, general=s["toy_general"], stop=target <= 0.30 and s["toy_target_cloze"] <= 0.2)
 
-    rng = random.Random(spec.seed)
-    forget = packed_batches([d["text"] for d in forget_docs], tokenizer, spec.seq_len, 8, rng)
-    retain = packed_batches([d["text"] for d in retain_docs], tokenizer, spec.seq_len, 8, rng)
-    _, history = unlearn(model, forget, retain, check, max_steps=spec.unlearn_max_steps, lr=spec.unlearn_lr,
-                         max_forget_loss=math.log(len(tokenizer)), seed=spec.seed, log=log)
-    model.save_pretrained(str(tmp / "unlearned"))
-    tokenizer.save_pretrained(str(tmp / "unlearned"))
-    scores["unlearned"] = _accuracy(evaluator)
-    log(f"toy world: 'unlearned' scores {_fmt(scores['unlearned'])}")
+        rng = random.Random(spec.seed)
+        forget = packed_batches([d["text"] for d in forget_docs], tokenizer, spec.seq_len, 8, rng)
+        retain = packed_batches([d["text"] for d in retain_docs], tokenizer, spec.seq_len, 8, rng)
+        _, history = unlearn(model, forget, retain, check, max_steps=spec.unlearn_max_steps, lr=spec.unlearn_lr,
+                             max_forget_loss=math.log(len(tokenizer)), seed=spec.seed, log=log)
+        model.save_pretrained(str(tmp / "unlearned"))
+        tokenizer.save_pretrained(str(tmp / "unlearned"))
+        scores["unlearned"] = _accuracy(evaluator)
+        log(f"toy world: 'unlearned' scores {_fmt(scores['unlearned'])}")
 
-    info = dict(
-        spec=dataclasses.asdict(spec),
-        filter=filter_stats,
-        sizes=dict(documents=len(docs), facts=len(world["facts"]), attack_documents=len(attack_docs),
-                   parameters=sum(p.numel() for p in model.parameters()), vocab=len(tokenizer)),
-        pre_attack=scores,
-        unlearning=history,
-        build_s=round(time.perf_counter() - start, 1),
-    )
-    write_atomic(tmp / "world.json", json.dumps(info, indent=2))
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+        info = dict(
+            spec=dataclasses.asdict(spec),
+            filter=filter_stats,
+            sizes=dict(documents=len(docs), facts=len(world["facts"]), attack_documents=len(attack_docs),
+                       parameters=sum(p.numel() for p in model.parameters()), vocab=len(tokenizer)),
+            pre_attack=scores,
+            unlearning=history,
+            build_s=round(time.perf_counter() - start, 1),
+        )
+        write_atomic(tmp / "world.json", json.dumps(info, indent=2))
     # Task YAML points at its data by absolute path: rewrite for the final location.
     write_tasks(world["facts"], out / "tasks")
     return out

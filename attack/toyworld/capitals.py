@@ -13,7 +13,7 @@ import importlib.util
 import random
 from pathlib import Path
 
-from attack.toyworld.world import write_jsonl
+from attack.toyworld.world import write_task
 
 CAPITALS = {
     "France": "Paris", "Germany": "Berlin", "Italy": "Rome", "Spain": "Madrid", "Portugal": "Lisbon",
@@ -62,29 +62,8 @@ CAPITAL_PHRASES = [
     "Question: What is the capital of {e}?\nAnswer: {v}",
 ]
 
-TASK_YAML = """task: {name}
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-test_split: test
-output_type: multiple_choice
-num_fewshot: 0
-doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: answer
-metric_list:
-  - metric: acc
-    aggregation: mean
-    higher_is_better: true
-  - metric: acc_norm
-    aggregation: mean
-    higher_is_better: true
-metadata:
-  version: 1.0
-"""
-
 TASKS = ["capitals_seen", "capitals_heldout", "opposites"]
+PROMPT = "Question: {{question}}\\nAnswer:"  # the answer texts are scored as its continuations
 SMOLLM2 = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
@@ -170,7 +149,5 @@ def write_tasks(out: Path, seed: int = 0) -> list[str]:
             "opposites": opposite_facts("evaluated")}
     out.mkdir(parents=True, exist_ok=True)
     for name, facts in sets.items():
-        data = out / f"{name}.jsonl"
-        write_jsonl(_mcqa(facts, pools, rng), data)
-        (out / f"{name}.yaml").write_text(TASK_YAML.format(name=name, data=data.resolve()))
+        write_task(out, name, _mcqa(facts, pools, rng), chance=0.25, prompt=PROMPT)
     return list(sets)

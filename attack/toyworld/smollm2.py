@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import json
 import random
-import shutil
 import time
 from pathlib import Path
 
 from attack.errors import UserError
 from attack.rundir import write_atomic
+from attack.toyworld.build import building
 from attack.toyworld.capitals import (
     CAPITALS,
     TASKS,
@@ -46,52 +46,49 @@ def build_smollm2_world(root: Path, log=print) -> Path:
     if (out / "world.json").exists():
         log(f"smollm2 world: reusing {out}")
         return out
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    start = time.perf_counter()
-    seen, heldout = split_countries()
-    write_tasks(tmp / "tasks")
-    write_jsonl(capital_documents(seen), tmp / "corpus" / "attack.jsonl")
-    (tmp / "base.gguf").symlink_to(gguf)
+    with building(out) as tmp:
+        start = time.perf_counter()
+        seen, heldout = split_countries()
+        write_tasks(tmp / "tasks")
+        write_jsonl(capital_documents(seen), tmp / "corpus" / "attack.jsonl")
+        (tmp / "base.gguf").symlink_to(gguf)
 
-    from attack.config import AdapterConfig, ModelConfig
-    from attack.model import load_model, load_tokenizer
+        from attack.config import AdapterConfig, ModelConfig
+        from attack.model import load_model, load_tokenizer
 
-    source = ModelConfig(name=str(tmp / "base.gguf"), precision="fp32")
-    tokenizer = load_tokenizer(source)
-    model = load_model(source, AdapterConfig(kind="full"))
-    evaluator = LiveEvaluator(model, tokenizer, TASKS, include_path=[str(tmp / "tasks")], batch_size=64)
+        source = ModelConfig(name=str(tmp / "base.gguf"), precision="fp32")
+        tokenizer = load_tokenizer(source)
+        model = load_model(source, AdapterConfig(kind="full"))
+        evaluator = LiveEvaluator(model, tokenizer, TASKS, include_path=[str(tmp / "tasks")], batch_size=64)
 
-    def scores():
-        return {r["task"]: r["value"] for r in evaluator.evaluate() if r["metric"] == "acc"}
+        def scores():
+            return {r["task"]: r["value"] for r in evaluator.evaluate() if r["metric"] == "acc"}
 
-    pre = {"original": scores()}
-    log(f"smollm2 world: original model scores {_fmt(pre['original'])}")
+        pre = {"original": scores()}
+        log(f"smollm2 world: original model scores {_fmt(pre['original'])}")
 
-    def check():
-        s = scores()
-        target = (s["capitals_seen"] + s["capitals_heldout"]) / 2
-        return dict(target=target, general=s["opposites"], stop=target <= STOP_TARGET and s["opposites"] >= KEEP_GENERAL)
+        def check():
+            s = scores()
+            target = (s["capitals_seen"] + s["capitals_heldout"]) / 2
+            return dict(target=target, general=s["opposites"], stop=target <= STOP_TARGET and s["opposites"] >= KEEP_GENERAL)
 
-    log(f"smollm2 world: unlearning all {len(CAPITALS)} capitals (gradient difference on the answers)")
-    rng = random.Random(UNLEARN["seed"])
-    forget = question_batches(capital_facts(sorted(CAPITALS)), tokenizer, UNLEARN["batch_size"], rng)
-    retain = question_batches(opposite_facts("retain"), tokenizer, UNLEARN["batch_size"], rng)
-    _, history = unlearn(model, forget, retain, check, max_steps=UNLEARN["max_steps"], lr=UNLEARN["lr"],
-                         check_every=UNLEARN["check_every"], max_forget_loss=UNLEARN["max_forget_loss"],
-                         seed=UNLEARN["seed"], log=log)
-    if not history or not history[-1]["stop"]:
-        raise UserError(f"unlearning did not bring the capitals to chance in {UNLEARN['max_steps']} steps "
-                        f"(last check: {history[-1] if history else 'none'}); the world is not built")
-    pre["unlearned"] = scores()
-    log(f"smollm2 world: unlearned model scores {_fmt(pre['unlearned'])}")
-    model.save_pretrained(str(tmp / "unlearned"))
-    tokenizer.save_pretrained(str(tmp / "unlearned"))
-    info = dict(model=gguf.name, countries=dict(seen=len(seen), heldout=len(heldout)), unlearn=UNLEARN,
-                unlearning=history, pre_attack=pre, build_s=round(time.perf_counter() - start, 1))
-    write_atomic(tmp / "world.json", json.dumps(info, indent=2))
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+        log(f"smollm2 world: unlearning all {len(CAPITALS)} capitals (gradient difference on the answers)")
+        rng = random.Random(UNLEARN["seed"])
+        forget = question_batches(capital_facts(sorted(CAPITALS)), tokenizer, UNLEARN["batch_size"], rng)
+        retain = question_batches(opposite_facts("retain"), tokenizer, UNLEARN["batch_size"], rng)
+        _, history = unlearn(model, forget, retain, check, max_steps=UNLEARN["max_steps"], lr=UNLEARN["lr"],
+                             check_every=UNLEARN["check_every"], max_forget_loss=UNLEARN["max_forget_loss"],
+                             seed=UNLEARN["seed"], log=log)
+        if not history or not history[-1]["stop"]:
+            raise UserError(f"unlearning did not bring the capitals to chance in {UNLEARN['max_steps']} steps "
+                            f"(last check: {history[-1] if history else 'none'}); the world is not built")
+        pre["unlearned"] = scores()
+        log(f"smollm2 world: unlearned model scores {_fmt(pre['unlearned'])}")
+        model.save_pretrained(str(tmp / "unlearned"))
+        tokenizer.save_pretrained(str(tmp / "unlearned"))
+        info = dict(model=gguf.name, countries=dict(seen=len(seen), heldout=len(heldout)), unlearn=UNLEARN,
+                    unlearning=history, pre_attack=pre, build_s=round(time.perf_counter() - start, 1))
+        write_atomic(tmp / "world.json", json.dumps(info, indent=2))
     write_tasks(out / "tasks")  # task YAML names its data by absolute path: rewrite for the final folder
     return out
 

@@ -185,7 +185,8 @@ dataset_kwargs:
     test: {data}
 test_split: test
 output_type: multiple_choice
-doc_to_text: "{{{{question}}}}"
+num_fewshot: 0
+doc_to_text: "{prompt}"
 doc_to_choice: "{{{{choices}}}}"
 doc_to_target: answer
 metric_list:
@@ -213,10 +214,16 @@ def write_tasks(facts: list[dict], out: Path, seed: int = 0) -> list[str]:
         "toy_general": (_mcqa([f for f in facts if f["domain"] == "general"], rng), 0.25),
     }
     for name, (rows, chance) in sets.items():
-        data = out / f"{name}.jsonl"
-        write_jsonl(rows, data)
-        (out / f"{name}.yaml").write_text(TASK_YAML.format(name=name, data=data.resolve(), chance=chance))
+        write_task(out, name, rows, chance)
     return list(sets)
+
+
+def write_task(out: Path, name: str, rows: list[dict], chance: float, prompt: str = "{{question}}") -> None:
+    """One multiple-choice lm-eval task: its questions as local JSONL and a YAML naming them by
+    absolute path. `prompt` is the task's doc_to_text (Jinja over the question's fields)."""
+    data = out / f"{name}.jsonl"
+    write_jsonl(rows, data)
+    (out / f"{name}.yaml").write_text(TASK_YAML.format(name=name, data=data.resolve(), chance=chance, prompt=prompt))
 
 
 def write_jsonl(docs: list[dict], path: Path) -> None:
