@@ -11,68 +11,80 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import typing
 
-from attack.errors import UserError
+from pydantic import BaseModel
+from pydantic.fields import FieldInfo
 
-# flag -> (config key, type, help). Values go through the config's own type checks.
-ATTACK_FLAGS = {
-    "--model": ("model.name", str, "hub id or local directory of the model under test"),
-    "--revision": ("model.revision", str, "hub revision, e.g. global_step119209"),
-    "--trust-remote-code": ("model.trust_remote_code", bool, "run code shipped with the checkpoint"),
-    "--precision": ("model.precision", str, "auto | fp32 | bf16 | fp16 (autocast; trained weights stay fp32)"),
-    "--load-in-4bit": ("model.load_in_4bit", bool, "QLoRA: 4-bit nf4 base (CUDA)"),
-    "--attn-implementation": ("model.attn_implementation", str, "sdpa | flex_attention | flash_attention_2 | eager"),
-    "--lora-rank": ("adapter.rank", int, "LoRA rank"),
-    "--lora-alpha": ("adapter.alpha", float, "LoRA alpha"),
-    "--lora-dropout": ("adapter.dropout", float, "LoRA dropout"),
-    "--target-modules": ("adapter.target_modules", str, "comma-separated module names (default: all-linear)"),
-    "--data": ("data.path", str, "attack corpus: jsonl/json/parquet/csv/txt file, folder, or hub id"),
-    "--data-split": ("data.split", str, "dataset split"),
-    "--text-field": ("data.text_field", str, "column with the text"),
-    "--template": ("data.template", str, "format string over columns, e.g. '{question} {answer}'"),
-    "--seq-len": ("data.seq_len", int, "tokens per packed row"),
-    "--token-budget": ("data.token_budget", int, "stop after this many training tokens"),
-    "--data-cache": ("data.cache_dir", str, "folder of prepared corpora, reused by later runs (shared storage on clusters)"),
-    "--lr": ("train.lr", float, "learning rate"),
-    "--lr-scheduler": ("train.lr_scheduler", str, "transformers scheduler name"),
-    "--warmup-steps": ("train.warmup_steps", int, "warm-up steps"),
-    "--batch-size": ("train.batch_size", int, "rows per optimizer step (all devices)"),
-    "--micro-batch-size": ("train.micro_batch_size", int, "rows per forward pass per device"),
-    "--max-steps": ("train.max_steps", int, "optimizer steps"),
-    "--seed": ("train.seed", int, "seed of data order, dropout, LoRA init"),
-    "--gradient-checkpointing": ("train.gradient_checkpointing", bool, "recompute activations to save memory"),
-    "--log-every": ("train.log_every", int, "log loss every N steps"),
-    "--save-every": ("train.save_every", int, "checkpoint every N steps (default: eval interval)"),
-    "--eval-tasks": ("eval.tasks", str, "comma-separated lm-eval task names"),
-    "--eval-include": ("eval.include_path", str, "folder(s) with task YAML, comma-separated"),
-    "--eval-every": ("eval.every", int, "evaluate every N steps"),
-    "--eval-schedule": ("eval.schedule", str, "linear | log"),
-    "--eval-limit": ("eval.limit", int, "fixed subset of N questions at intermediate points"),
-    "--eval-batch-size": ("eval.batch_size", int, "lm-eval batch size"),
-    "--eval-dataset": ("eval.dataset_paths", str, "local copies of task datasets: HUB_ID=FOLDER[,HUB_ID=FOLDER]"),
-    "--expect": ("eval.expect", str, "published pre-attack scores to check step 0 against: TASK=VALUE[,...]"),
-    "--output": ("output.dir", str, "folder for run directories"),
-    "--run-id": ("output.run_id", str, "name of the run directory"),
-    "--report-to": ("logging.report_to", str, "none | wandb | tensorboard"),
+from attack.errors import ArgumentParser, UserError
+
+# Established short names; every key also has its long flag --<section>-<field>.
+SHORT_FLAGS = {
+    "model.name": "--model", "model.revision": "--revision", "model.trust_remote_code": "--trust-remote-code",
+    "model.precision": "--precision", "model.load_in_4bit": "--load-in-4bit",
+    "model.attn_implementation": "--attn-implementation",
+    "adapter.rank": "--lora-rank", "adapter.alpha": "--lora-alpha", "adapter.dropout": "--lora-dropout",
+    "adapter.target_modules": "--target-modules",
+    "data.path": "--data", "data.text_field": "--text-field", "data.template": "--template",
+    "data.seq_len": "--seq-len", "data.token_budget": "--token-budget", "data.cache_dir": "--data-cache",
+    "train.lr": "--lr", "train.lr_scheduler": "--lr-scheduler", "train.warmup_steps": "--warmup-steps",
+    "train.batch_size": "--batch-size", "train.micro_batch_size": "--micro-batch-size",
+    "train.max_steps": "--max-steps", "train.seed": "--seed",
+    "train.gradient_checkpointing": "--gradient-checkpointing", "train.log_every": "--log-every",
+    "train.save_every": "--save-every",
+    "eval.include_path": "--eval-include", "eval.dataset_paths": "--eval-dataset", "eval.expect": "--expect",
+    "output.dir": "--output", "output.run_id": "--run-id", "output.resume": "--resume",
+    "logging.report_to": "--report-to",
 }
 
 
+def config_fields() -> dict[str, FieldInfo]:
+    """Every settable key of every kind's config, dotted (model.name, train.lr, ...)."""
+    from attack.config import KINDS
+
+    out = {}
+    for schema in KINDS.values():
+        for section, info in schema.model_fields.items():
+            if isinstance(info.annotation, type) and issubclass(info.annotation, BaseModel):
+                for name, field in info.annotation.model_fields.items():
+                    out.setdefault(f"{section}.{name}", field)
+    return out
+
+
 def attack_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    from attack.config import KINDS
+
+    p = ArgumentParser(
         prog="python -m attack",
-        description="Fine-tuning attack with recovery-curve evaluation. "
-        "Subcommands: sweep, report, demo (python -m attack <subcommand> --help).",
+        usage="python -m attack [--config FILE] [--kind KIND] [--model M --data D --eval-tasks T ...] "
+        "[--set KEY=VALUE]",
+        description="Attack a checkpoint and measure recovery on held-out benchmarks while it runs. "
+        "Subcommands: sweep, report, demo (python -m attack <subcommand> --help). Values given "
+        "here override the --config file; lists are comma-separated, mappings KEY=VALUE,KEY=VALUE.",
     )
     p.add_argument("--config", help="YAML config file; flags override it")
-    for flag, (key, tp, help_) in ATTACK_FLAGS.items():
-        if tp is bool:
-            p.add_argument(flag, action="store_const", const=True, default=None, help=help_)
+    p.add_argument("--kind", choices=list(KINDS), default=None, help="attack family (default: finetune)")
+    groups = {}
+    for key, field in config_fields().items():
+        section = key.split(".")[0]
+        if section not in groups:
+            groups[section] = p.add_argument_group(f"{section} section")
+        flags = [f"--{key.replace('.', '-').replace('_', '-')}"]
+        if key in SHORT_FLAGS:
+            flags.insert(0, SHORT_FLAGS[key])
+        text = " ".join((field.description or "").split()).replace("%", "%%")
+        help_ = f"{text} (default: {_shown(field.default)})"
+        if _is_bool(field.annotation):  # --flag / --no-flag, under its shortest name only
+            groups[section].add_argument(flags[0], dest=key, action=argparse.BooleanOptionalAction,
+                                         default=None, help=help_)
         else:
-            p.add_argument(flag, default=None, help=f"{help_} [{key}]")
-    p.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last checkpoint")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any config key, e.g. train.weight_decay=0.1")
+            groups[section].add_argument(*flags, dest=key, default=None, metavar=_metavar(field.annotation),
+                                         help=help_)
+    p.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA (adapter.kind=full)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="any config key, e.g. train.weight_decay=0.1")
     return p
 
 
@@ -80,20 +92,74 @@ def config_from_args(args: argparse.Namespace):
     from attack.config import load_config, read_yaml, set_dotted
 
     data = read_yaml(args.config) if args.config else {}
-    for flag, (key, _, _) in ATTACK_FLAGS.items():
-        value = getattr(args, flag[2:].replace("-", "_"))
+    if args.kind:
+        data["kind"] = args.kind
+    fields = config_fields()
+    for key, field in fields.items():
+        value = getattr(args, key)
         if value is not None:
-            set_dotted(data, key, value)
+            set_dotted(data, key, cli_value(key, field, value))
     if args.full:
         set_dotted(data, "adapter.kind", "full")
-    if args.resume:
-        set_dotted(data, "output.resume", True)
     for item in args.set:
         if "=" not in item:
             raise UserError(f"--set expects KEY=VALUE, got '{item}'")
-        key, value = item.split("=", 1)
-        set_dotted(data, key.strip(), value)
+        key, value = (part.strip() for part in item.split("=", 1))
+        if key not in fields:
+            raise UserError(f"unknown config key '{key}' in --set; see python -m attack --help for the keys")
+        set_dotted(data, key, cli_value(key, fields[key], value))
     return load_config(data)
+
+
+def cli_value(key: str, field: FieldInfo, value):
+    """A command-line string as the field's type: lists split on commas, mappings on KEY=VALUE,
+    numbers parsed. The config's strict checks then see proper types, as from YAML."""
+    from pydantic import TypeAdapter, ValidationError
+
+    from attack.config import explain
+
+    if not isinstance(value, str):
+        return value  # a bool from --flag/--no-flag
+    tp = field.annotation
+    if value.lower() in ("none", "null") and type(None) in typing.get_args(tp):
+        return None
+    if typing.get_origin(tp) is list:
+        value = [v.strip() for v in value.split(",") if v.strip()]
+    elif typing.get_origin(tp) is dict:
+        pairs = [item.split("=", 1) for item in value.split(",") if item.strip()]
+        if any(len(pair) != 2 for pair in pairs):
+            raise UserError(f"{key} expects KEY=VALUE[,KEY=VALUE], got {value!r}")
+        value = {k.strip(): v.strip() for k, v in pairs}
+    try:
+        return TypeAdapter(tp).validate_python(value, strict=False)
+    except ValidationError as e:
+        raise UserError(explain(e, BaseModel, prefix=key)) from None
+
+
+def _is_bool(tp) -> bool:
+    return tp is bool or set(typing.get_args(tp)) == {bool, type(None)}
+
+
+def _metavar(tp) -> str:
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if typing.get_origin(tp) is typing.Literal:
+        return "{" + ",".join(map(str, args)) + "}"
+    if typing.get_origin(tp) is list:
+        return "A,B"
+    if typing.get_origin(tp) is dict:
+        return "K=V,K=V"
+    base = args[0] if args and typing.get_origin(tp) is not None else tp
+    if typing.get_origin(base) is typing.Annotated:
+        base = typing.get_args(base)[0]
+    return {int: "N", float: "X", str: "TEXT"}.get(base, "VALUE")
+
+
+def _shown(default) -> str:
+    if isinstance(default, list):
+        return ",".join(default) or "none"
+    if isinstance(default, dict):
+        return ",".join(f"{k}={v}" for k, v in default.items()) or "none"
+    return "none" if default in (None, "") else str(default)
 
 
 def quiet_libraries() -> None:
@@ -132,21 +198,51 @@ def main(argv: list[str] | None = None) -> int:
             from attack.toyworld.demo import main as demo_main
 
             return demo_main(argv[1:])
-        args = attack_parser().parse_args(argv)
+        args = attack_parser().parse_args(_negative_numbers_attached(argv))
         cfg = config_from_args(args)
-        from attack.train import run_attack
+        from attack.recipes import run_attack
 
         run_attack(cfg)
         return 0
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("\ninterrupted: continue with the same command plus --resume (sweeps resume by themselves)",
+    except KeyboardInterrupt as e:
+        how = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
+        print(f"\n{how}: continue with the same command plus --resume (sweeps resume by themselves)",
               file=sys.stderr)
-        return 130
+        return 143 if isinstance(e, Terminated) else 130
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, as a scheduler sends before preempting a job: handled like Ctrl-C, so the run is
+    marked interrupted and resumes from its last checkpoint."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
+def _negative_numbers_attached(argv: list[str]) -> list[str]:
+    """`--lr -1e-3` as `--lr=-1e-3`: argparse would read the value as an unknown flag."""
+    out = []
+    for token in argv:
+        if out and out[-1].startswith("--") and "=" not in out[-1] and token.startswith("-") and _is_number(token):
+            out[-1] = f"{out[-1]}={token}"
+        else:
+            out.append(token)
+    return out
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
 
 
 if __name__ == "__main__":
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    signal.signal(signal.SIGTERM, _on_sigterm)
     sys.exit(main())

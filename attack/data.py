@@ -27,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from accelerate.utils import gather_object
+from transformers import TrainerCallback
 
 from attack.config import DataConfig
 from attack.errors import UserError, first_line
@@ -305,3 +307,49 @@ class PackedCorpus(torch.utils.data.Dataset):
         mask = np.zeros(len(self), dtype=bool)
         mask[np.asarray(rows, dtype=np.int64)] = True
         return np.unique(seg[mask[seg[:, 0]], 1])
+
+
+def load_attack_rows(cfg: DataConfig, tokenizer, batch_size: int, log=print) -> PackedCorpus:
+    """The prepared attack corpus (prepared now, or found in the cache), refused when it does not
+    fill one optimizer step."""
+    rows = PackedCorpus(prepare_corpus(cfg, tokenizer, cfg.cache_dir, cfg.num_proc, log=log))
+    if len(rows) < batch_size:
+        raise UserError(
+            f"attack data packs into {len(rows)} rows of {cfg.seq_len} tokens, fewer than one "
+            f"batch ({batch_size} rows); add data or lower --seq-len/--batch-size"
+        )
+    return rows
+
+
+class RowsTrained(TrainerCallback):
+    """Which packed rows, and so which source documents, the attack trained on within its budget.
+    The list (all processes together) is saved with every checkpoint, so a resumed run counts
+    what it trained on before the interruption."""
+
+    FILE = "rows_trained.npy"
+
+    def __init__(self, corpus: PackedCorpus, rows_per_step: int, checkpoint: str | None):
+        self.corpus, self.rows_per_step = corpus, rows_per_step
+        saved = Path(checkpoint) / self.FILE if checkpoint else None
+        self.prior = np.load(saved) if saved is not None and saved.exists() else np.zeros(0, dtype=np.int64)
+        self.start_step = int(checkpoint.rsplit("-", 1)[-1]) if checkpoint else 0
+
+    def trained(self, step: int) -> np.ndarray:
+        # The data loader reads a batch ahead: keep only rows of steps taken since the start.
+        mine = self.corpus.fetched[: (step - self.start_step) * self.rows_per_step]
+        gathered = gather_object([mine])  # one list per process; every process must call this
+        return np.concatenate([self.prior, np.asarray([r for rows in gathered for r in rows], dtype=np.int64)])
+
+    def on_save(self, args, state, control, **kwargs):
+        rows = self.trained(state.global_step)
+        if state.is_world_process_zero:
+            np.save(Path(args.output_dir) / f"checkpoint-{state.global_step}" / self.FILE, rows)
+
+    def coverage(self, step: int) -> dict:
+        """summary.json's coverage fields: rows and documents trained on, of how many."""
+        trained = self.trained(step)
+        rows = np.unique(trained)
+        return dict(rows_trained=int(len(trained)), distinct_rows_trained=int(len(rows)),
+                    distinct_tokens_trained=int(len(rows)) * self.corpus.meta["seq_len"],
+                    documents_seen=int(len(self.corpus.documents_in(rows))), documents=self.corpus.meta["documents"],
+                    corpus=str(self.corpus.folder))

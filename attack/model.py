@@ -10,6 +10,7 @@ fp32 master weights. Speed comes from bf16 *autocast* of the matrix products on 
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import torch
@@ -68,9 +69,10 @@ def load_model(cfg: ModelConfig, adapter: AdapterConfig):
     else:
         kwargs["dtype"] = torch.float32  # full fine-tuning: fp32 master weights
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        model, loading = AutoModelForCausalLM.from_pretrained(source, output_loading_info=True, **kwargs)
     except Exception as e:
         raise UserError(f"could not load model '{cfg.name}': {first_line(e)}") from None
+    check_weights_complete(cfg.name, loading)
     if gguf:
         # GGUF tensors are dequantised to plain weights on load; transformers still tags the model
         # as GGUF-quantised, which the Trainer refuses to train and save_pretrained mislabels.
@@ -79,6 +81,25 @@ def load_model(cfg: ModelConfig, adapter: AdapterConfig):
     # A KV cache is useless in training and would disable packed-sequence masking.
     model.config.use_cache = False
     return model
+
+
+def check_weights_complete(name: str, loading: dict) -> None:
+    """Refuse a checkpoint whose weights do not cover its config: transformers fills the gaps with
+    random values, and a measurement of a partly random model means nothing."""
+    missing, mismatched = list(loading.get("missing_keys") or []), list(loading.get("mismatched_keys") or [])
+    if missing or mismatched:
+        what = (f"{len(missing)} weight(s) missing from the checkpoint (e.g. {sorted(missing)[0]})" if missing else
+                f"{len(mismatched)} weight(s) of the wrong shape (e.g. {_key(sorted(mismatched, key=str)[0])})")
+        raise UserError(f"model '{name}': {what}; its config.json and weight files disagree. "
+                        "Fix or re-download the checkpoint")
+    unexpected = sorted(loading.get("unexpected_keys") or [])
+    if unexpected:
+        print(f"warning: model '{name}': {len(unexpected)} weight(s) in the checkpoint that the model does not use "
+              f"(e.g. {unexpected[0]})", file=sys.stderr)
+
+
+def _key(entry) -> str:
+    return entry[0] if isinstance(entry, tuple) else str(entry)
 
 
 def four_bit_config():
@@ -103,7 +124,7 @@ def apply_adapter(model, cfg: AdapterConfig, gradient_checkpointing: bool = Fals
         for p in model.parameters():
             p.requires_grad_(True)
         if gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         return model
 
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
@@ -111,7 +132,7 @@ def apply_adapter(model, cfg: AdapterConfig, gradient_checkpointing: bool = Fals
     if getattr(model, "is_loaded_in_4bit", False):
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
     elif gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     targets = cfg.target_modules
     lora = LoraConfig(
         r=cfg.rank,

@@ -9,6 +9,9 @@ tolerance is two binomial standard errors of the published score on the task's q
 from __future__ import annotations
 
 import math
+import sys
+
+from transformers import TrainerCallback
 
 Z = 2.0
 
@@ -41,3 +44,21 @@ def mismatch_message(c: dict) -> str:
     return (f"{c['task']}: step 0 {c['metric']} is {100 * c['measured']:.2f}, {100 * abs(c['difference']):.1f} points "
             f"from the published {100 * c['published']:.2f} (tolerance {100 * c['tolerance']:.1f} points for "
             f"{c['n']} questions): prompt, split, BOS or checkpoint differ")
+
+
+class PublishedScoreCheck(TrainerCallback):
+    """After the step-0 evaluation (the curve callback runs first), compare it with the published
+    scores; a mismatch is a loud warning in the terminal and in summary.json."""
+
+    def __init__(self, expect: dict[str, float], run, tasks: dict):
+        self.expect, self.run, self.tasks = expect, run, tasks
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        from attack.rundir import read_curve
+
+        step0 = [r for r in read_curve(self.run.curve) if r["step"] == 0]
+        checks = check_published(self.expect, step0, self.tasks)
+        warnings = [mismatch_message(c) for c in checks if not c["ok"]]
+        self.run.write_summary(published_checks=checks, warnings=warnings)
+        for w in warnings:
+            print(f"\n*** WARNING: {w} ***", file=sys.stderr, flush=True)

@@ -20,7 +20,6 @@ score, the headline; their subtasks go to recovery_subtasks.csv, not to figures.
 
 from __future__ import annotations
 
-import argparse
 import base64
 import html
 import io
@@ -30,8 +29,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from attack.errors import UserError
-from attack.rundir import read_curve, read_json
+from attack.errors import ArgumentParser, UserError
+from attack.rundir import CellMeta, RunDir, read_curve, read_json
 
 THRESHOLDS = (0.5, 0.9)
 
@@ -72,21 +71,23 @@ def load_curves(paths: list[str | Path] | str | Path) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True)
 
 
-def _run_meta(run: Path) -> dict:
-    cell = read_json(run / "cell.json")
-    summary = read_json(run / "summary.json") or {}
+def _run_meta(path: Path) -> dict:
+    run = RunDir(path)
+    cell: CellMeta | None = run.cell
     if cell:
-        meta = dict(model=cell["model"], role=cell.get("role", "other"), attack=cell["attack"], seed=cell["seed"])
+        meta = dict(model=cell["model"], role=cell["role"], attack=cell["attack"],
+                    kind=cell.get("kind", "finetune"), seed=cell["seed"])
     else:  # a single run: describe it from its config
         import yaml
 
-        cfg = yaml.safe_load((run / "config.yaml").read_text()) if (run / "config.yaml").exists() else {}
-        model = Path(str(cfg.get("model", {}).get("name", run.name))).name
+        cfg = yaml.safe_load((path / "config.yaml").read_text()) if (path / "config.yaml").exists() else {}
+        model = Path(str(cfg.get("model", {}).get("name", path.name))).name
+        kind = cfg.get("kind", "finetune")
         adapter = cfg.get("adapter", {})
-        kind = "full" if adapter.get("kind") == "full" else f"lora-r{adapter.get('rank')}"
-        meta = dict(model=model, role="other", attack=f"{kind}-lr{cfg.get('train', {}).get('lr')}",
-                    seed=cfg.get("train", {}).get("seed", 0))
-    meta.update(run=run.name, status=summary.get("status", "partial"))
+        setting = "full" if adapter.get("kind") == "full" else f"lora-r{adapter.get('rank')}"
+        meta = dict(model=model, role="other", attack=f"{setting}-lr{cfg.get('train', {}).get('lr')}",
+                    kind=kind, seed=cfg.get("train", {}).get("seed", 0))
+    meta.update(run=path.name, status=str(run.status))
     return meta
 
 
@@ -367,7 +368,7 @@ def write_report(paths: list[str | Path], out: str | Path, x: str = "steps", met
 
 
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="python -m attack report", description="Recovery curves and tables from run directories.")
+    p = ArgumentParser(prog="python -m attack report", description="Recovery curves and tables from run directories.")
     p.add_argument("runs", nargs="+", help="run directories or folders holding them (sweeps, partial sweeps)")
     p.add_argument("--out", default="report", help="output folder")
     p.add_argument("--x", choices=["steps", "tokens"], default="steps", help="x axis of the curves")

@@ -13,6 +13,9 @@ import importlib.util
 
 import torch
 
+from attack.config import TrainConfig
+from attack.errors import UserError
+
 
 def liger_available() -> bool:
     return torch.cuda.is_available() and importlib.util.find_spec("liger_kernel") is not None
@@ -62,9 +65,9 @@ def fit_micro_batch(model, per_device: int, seq_len: int, vocab: int, amp: torch
 
     def fits(rows: int, ckpt: bool) -> bool:
         if ckpt:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
-            model.gradient_checkpointing_disable()
+            model.activation_checkpointing_disable()
         return _fits(model, rows, seq_len, vocab, amp)
 
     torch.cuda.set_per_process_memory_fraction(headroom)
@@ -72,3 +75,22 @@ def fit_micro_batch(model, per_device: int, seq_len: int, vocab: int, amp: torch
         return choose_micro_batch(per_device, fits, checkpointing)
     finally:
         torch.cuda.set_per_process_memory_fraction(1.0)
+
+
+def per_device_batch(cfg: TrainConfig, processes: int) -> int:
+    """Rows per optimizer step on each process; the batch must split evenly across them."""
+    if cfg.batch_size % processes:
+        raise UserError(f"train.batch_size ({cfg.batch_size}) must be a multiple of the {processes} processes")
+    per_device = cfg.batch_size // processes
+    if cfg.micro_batch_size and per_device % cfg.micro_batch_size:
+        raise UserError(f"train.batch_size ({cfg.batch_size}) must be a multiple of "
+                        f"micro_batch_size x processes ({cfg.micro_batch_size} x {processes})")
+    return per_device
+
+
+def micro_batch(cfg: TrainConfig, model, per_device: int, seq_len: int, vocab: int,
+                amp: torch.dtype | None) -> tuple[int, bool]:
+    """(micro-batch, gradient checkpointing): as configured, or fitted to this GPU."""
+    if cfg.micro_batch_size:
+        return cfg.micro_batch_size, bool(cfg.gradient_checkpointing)
+    return fit_micro_batch(model, per_device, seq_len, vocab, amp, cfg.gradient_checkpointing)

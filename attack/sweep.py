@@ -5,38 +5,39 @@
 Cells are independent and their ids are derived from their resolved config, so any machine
 computes the same ids; re-running skips finished cells, resumes interrupted ones and runs the
 rest; `--shard i/n` takes every n-th cell (1-based), so array jobs need no coordinator.
+
+Attacks may be of different kinds (`kind: finetune`, ...). `base` holds settings shared by the
+attacks; each attack takes the base sections its kind has and ignores the others, so one base
+can carry the fine-tuning data and the evaluation tasks for every kind.
 """
 
 from __future__ import annotations
 
-import argparse
 import gc
-import json
 import traceback
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
+from pydantic import ValidationError
 
-from attack.config import AttackConfig, build, check_dataset_copies, config_hash, load_config, merge, read_yaml, steps_for
-from attack.errors import UserError, first_line
-from attack.rundir import RunDir, write_atomic
+from attack.config import (KINDS, AttackConfig, Section, check_dataset_copies, config_hash, explain, load_config,
+                           merge, read_yaml, steps_for, updated)
+from attack.errors import ArgumentParser, UserError, first_line
+from attack.rundir import CellMeta, RunDir, Status
 
-ROLES = ("filtered", "unfiltered", "unlearned", "reference", "other")
-
-
-@dataclass(frozen=True)
-class SweepModel:
+class SweepModel(Section):
     label: str
     """Short name in tables and figures, e.g. strong-filter."""
     name: str
     """Hub id or local directory."""
-    role: str = "other"
-    """filtered | unfiltered | unlearned | reference | other. The report's reference line is the
-    pre-attack score of the reference model (or, if none, the unfiltered one)."""
-    revisions: list[str] = field(default_factory=list)
+    role: Literal["filtered", "unfiltered", "unlearned", "reference", "other"] = "other"
+    """The report's reference line is the pre-attack score of the reference model (or, if none,
+    the unfiltered one)."""
+    revisions: list[str] = []
     """Hub revisions to attack, each a separate cell; empty: the default revision."""
-    expect: dict[str, float] = field(default_factory=dict)
+    expect: dict[str, float] = {}
     """Published pre-attack scores of this model, {task: value}; each cell's step 0 is checked
     against them (eval.expect)."""
     gguf_file: str | None = None
@@ -64,9 +65,9 @@ class Cell:
     def run_dir(self) -> RunDir:
         return RunDir(Path(self.config.output.dir) / self.id)
 
-    def meta(self, sweep: str) -> dict:
-        return dict(cell_id=self.id, sweep=sweep, model=self.model.label, role=self.model.role,
-                    revision=self.revision, attack=self.attack.label, seed=self.seed)
+    def meta(self, sweep: str) -> CellMeta:
+        return CellMeta(cell_id=self.id, sweep=sweep, model=self.model.label, role=self.model.role,
+                        revision=self.revision, attack=self.attack.label, kind=self.config.kind, seed=self.seed)
 
 
 def load_sweep(path: str | Path) -> tuple[dict, list[Cell]]:
@@ -93,7 +94,7 @@ def load_sweep(path: str | Path) -> tuple[dict, list[Cell]]:
         for rev in m.revisions or [None]:
             for a in attacks:
                 for seed in seeds:
-                    data = merge(base, a.overrides)
+                    data = merge(_base_for(base, a.overrides.get("kind", "finetune")), a.overrides)
                     data = merge(data, {"model": {"name": m.name, "revision": rev, "gguf_file": m.gguf_file},
                                         "train": {"seed": seed}, "output": {"dir": str(output)},
                                         "eval": {"expect": m.expect}})
@@ -103,7 +104,7 @@ def load_sweep(path: str | Path) -> tuple[dict, list[Cell]]:
                         raise UserError(f"sweep cell {m.label}/{a.label}/seed {seed}: {e}") from None
                     label = m.label + (f"@{rev}" if rev else "")
                     cell_id = f"{_safe(label)}--{_safe(a.label)}--s{seed}--{config_hash(cfg)}"
-                    cfg = replace(cfg, output=replace(cfg.output, run_id=cell_id))
+                    cfg = updated(cfg, {"output.run_id": cell_id})
                     cells.append(Cell(cell_id, m, rev, a, seed, cfg))
     return dict(name=raw.get("name") or Path(path).stem, output=str(output)), cells
 
@@ -111,10 +112,18 @@ def load_sweep(path: str | Path) -> tuple[dict, list[Cell]]:
 def _model(m, i) -> SweepModel:
     if not isinstance(m, dict):
         raise UserError(f"sweep models[{i}] must be a mapping with label and name")
-    model = build(SweepModel, m, f"models[{i}]")
-    if model.role not in ROLES:
-        raise UserError(f"models[{i}].role must be one of {', '.join(ROLES)}, got {model.role!r}")
-    return model
+    try:
+        return SweepModel.model_validate(m)
+    except ValidationError as e:
+        raise UserError(explain(e, SweepModel, prefix=f"models[{i}]")) from None
+
+
+def _base_for(base: dict, kind: str) -> dict:
+    """The base sections that an attack of this kind has (the others belong to other kinds)."""
+    schema = KINDS.get(kind)
+    if schema is None:
+        raise UserError(f"sweep attack kind must be one of {', '.join(KINDS)}, got {kind!r}")
+    return {k: v for k, v in base.items() if k in schema.model_fields}
 
 
 def _attack(a, i) -> SweepAttack:
@@ -141,12 +150,8 @@ def shard(cells: list[Cell], spec: str | None) -> list[Cell]:
     return cells[i - 1 :: n]
 
 
-def status(cell: Cell) -> str:
-    run = cell.run_dir
-    summary = run.summary
-    if summary is None:
-        return "partial" if run.path.exists() else "pending"
-    return summary.get("status", "partial")
+def status(cell: Cell) -> Status:
+    return cell.run_dir.status
 
 
 def check_offline(cells: list[Cell]) -> None:
@@ -173,7 +178,7 @@ def check_offline(cells: list[Cell]) -> None:
             model_source(c.config.model)
         except UserError as e:
             raise UserError(f"cell {c.id}: {e}") from None
-        data = c.config.data.path
+        data = c.config.data.path if c.config.kind == "finetune" else ""
         if data.startswith((".", "/", "~")) and not Path(data).expanduser().exists():
             raise UserError(f"cell {c.id}: attack data not found: {data}")
 
@@ -182,7 +187,7 @@ def describe(cell: Cell) -> str:
     cfg = cell.config
     steps = steps_for(cfg)
     tokens = steps * cfg.train.batch_size * cfg.data.seq_len
-    adapter = "full" if cfg.adapter.kind == "full" else f"lora r={cfg.adapter.rank}"
+    adapter = "full" if cfg.adapter.kind == "full" else f"lora r={cfg.adapter.rank}"  # finetune
     rev = f"@{cell.revision}" if cell.revision else ""
     return (f"{cell.id}  model={cfg.model.name}{rev} role={cell.model.role} attack={cell.attack.label} "
             f"({adapter}, lr={cfg.train.lr:g}) seed={cell.seed} steps={steps} tokens={tokens:,} [{status(cell)}]")
@@ -190,7 +195,7 @@ def describe(cell: Cell) -> str:
 
 def run_sweep(path: str | Path, shard_spec: str | None = None, quiet: bool = False, log=print) -> dict:
     """Run this shard's cells; returns counts by outcome."""
-    from attack.train import run_attack
+    from attack.recipes import run_attack
 
     sweep, cells = load_sweep(path)
     mine = shard(cells, shard_spec)
@@ -198,13 +203,13 @@ def run_sweep(path: str | Path, shard_spec: str | None = None, quiet: bool = Fal
     outcome = {"done": 0, "skipped": 0, "failed": 0}
     for k, cell in enumerate(mine, 1):
         state = status(cell)
-        if state == "done":
+        if state == Status.DONE:
             outcome["skipped"] += 1
             log(f"[{k}/{len(mine)}] {cell.id}: done already, skipped")
             continue
-        resume = state != "pending"
+        resume = state != Status.PENDING
         log(f"[{k}/{len(mine)}] {cell.id}: {'resuming' if resume else 'running'}")
-        cfg = replace(cell.config, output=replace(cell.config.output, resume=resume))
+        cfg = updated(cell.config, {"output.resume": resume})
         try:
             run_attack(cfg, quiet=quiet, cell=cell.meta(sweep["name"]))
             outcome["done"] += 1
@@ -222,14 +227,14 @@ def run_sweep(path: str | Path, shard_spec: str | None = None, quiet: bool = Fal
 def _record_failure(cell: Cell, error: Exception, sweep: str) -> None:
     run = cell.run_dir
     run.path.mkdir(parents=True, exist_ok=True)
-    if not (run.path / "cell.json").exists():
-        write_atomic(run.path / "cell.json", json.dumps(cell.meta(sweep), indent=2))
+    if run.cell is None:
+        run.write_cell(cell.meta(sweep))
     detail = "" if isinstance(error, UserError) else traceback.format_exc(limit=5)
-    run.write_summary(status="failed", error=first_line(error), traceback=detail)
+    run.write_summary(status=Status.FAILED, error=first_line(error), traceback=detail)
 
 
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="python -m attack sweep", description="Run a sweep of attack cells.")
+    p = ArgumentParser(prog="python -m attack sweep", description="Run a sweep of attack cells.")
     p.add_argument("sweep", help="sweep YAML file")
     p.add_argument("--shard", help="i/n: run the i-th of n disjoint shares of the cells (1-based)")
     p.add_argument("--dry-run", action="store_true", help="list the cells and validate offline; train nothing")

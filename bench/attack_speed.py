@@ -160,7 +160,7 @@ def make_model_dir(args, work: Path, tokenizer) -> tuple[Path, object]:
 
 
 def run_ours(args, work, model_dir, config, task, docs) -> dict:
-    from attack.train import run_attack
+    from attack.recipes import run_attack
 
     write_jsonl([{"text": d} for d in docs], work / "docs.jsonl")
     steps = args.warmup + args.steps
@@ -211,7 +211,7 @@ def run_baseline(args, work, model_dir, tokenizer, docs) -> dict:
     targs = TrainingArguments(
         output_dir=str(work / "baseline"), max_steps=args.warmup + args.steps, per_device_train_batch_size=1,
         gradient_accumulation_steps=16, learning_rate=2e-5, bf16=torch.cuda.is_available(),
-        gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False},
+        activation_checkpointing=True, activation_checkpointing_kwargs={"use_reentrant": False},
         save_strategy="no", report_to=[], disable_tqdm=True, logging_steps=10 ** 9,
         use_cpu=not torch.cuda.is_available(), remove_unused_columns=False, dataloader_drop_last=True,
     )

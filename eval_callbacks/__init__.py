@@ -7,11 +7,12 @@ Usable with any transformers Trainer, without the `attack` package:
     trainer.add_callback(RecoveryCurveCallback(evaluator, linear_schedule(1000, 100), "curve.jsonl"))
 """
 
-from eval_callbacks.callback import NonFiniteLossError, RecoveryCurveCallback
+from eval_callbacks.callback import CurveRow, NonFiniteLossError, RecoveryCurveCallback
 from eval_callbacks.runner import LiveEvaluator, TaskDataError, UnknownTaskError, find_tasks, local_datasets
 from eval_callbacks.schedule import linear_schedule, log_schedule
 
 __all__ = [
+    "CurveRow",
     "LiveEvaluator",
     "NonFiniteLossError",
     "RecoveryCurveCallback",

@@ -8,11 +8,26 @@ import os
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypedDict
 
 import torch
 from transformers import TrainerCallback
 
 from eval_callbacks.runner import LiveEvaluator
+
+
+class CurveRow(TypedDict):
+    """One line of curve.jsonl: a score of one task at one evaluation point."""
+
+    step: int  # optimizer steps taken when the model was evaluated
+    tokens_seen: int  # training tokens consumed by then (all processes)
+    task: str
+    metric: str  # lm-eval's metric name (acc, acc_norm, ...) or correct_prob
+    value: float
+    stderr: float | None
+    n: int  # questions scored
+    train_loss: float | None  # the last logged training loss
+    wall_s: float  # seconds since the attack started, across resumes
 
 
 class NonFiniteLossError(RuntimeError):
@@ -41,17 +56,16 @@ class RecoveryCurveCallback(TrainerCallback):
         schedule: list[int],
         curve_path: str | Path,
         wall_offset_s: float = 0.0,
-        log_metrics: Callable[[dict], None] | None = None,
+        log: Callable[[dict], None] | None = None,
     ):
         self.evaluator = evaluator
         self.schedule = set(schedule)
         self.first, self.last = min(schedule), max(schedule)
         self.curve_path = Path(curve_path)
         self.wall_offset_s = wall_offset_s
-        self.log_metrics = log_metrics  # e.g. Trainer.log, so trackers plot scores vs step
+        self.log = log  # e.g. Trainer.log, so trackers plot scores against the step
         self.train_loss = None
         self.eval_seconds = 0.0
-        self.evaluated_steps: list[int] = []
         self._start = None
 
     def on_train_begin(self, args, state, control, **kwargs):
@@ -85,13 +99,8 @@ class RecoveryCurveCallback(TrainerCallback):
             tokens = int(getattr(state, "num_input_tokens_seen", 0) or 0)
             for row in rows:
                 row.update(step=step, tokens_seen=tokens, train_loss=self.train_loss, wall_s=round(wall, 3))
-            ordered = [
-                {k: r[k] for k in ("step", "tokens_seen", "task", "metric", "value", "stderr", "n", "train_loss", "wall_s")}
-                for r in rows
-            ]
-            append_rows(self.curve_path, ordered)
-            self.evaluated_steps.append(step)
-            if self.log_metrics is not None:
-                self.log_metrics({f"eval/{r['task']}/{r['metric']}": r["value"] for r in rows})
+            append_rows(self.curve_path, [CurveRow(**{k: r[k] for k in CurveRow.__annotations__}) for r in rows])
+            if self.log is not None:
+                self.log({f"eval/{r['task']}/{r['metric']}": r["value"] for r in rows})
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.barrier()

@@ -227,7 +227,6 @@ class LiveEvaluator:
         samples = self.subset if subset else None
         with preserved_training_state(self.model), _no_progress_bars():
             lm = self._lm_wrapper()
-            start = time.perf_counter()
             out = evaluate(
                 lm=lm,
                 task_dict=self.task_dict,
@@ -235,7 +234,6 @@ class LiveEvaluator:
                 log_samples=True,
                 bootstrap_iters=1000,
             )
-            self.last_eval_s = time.perf_counter() - start
         return self._rows(out)
 
     def _rows(self, out: dict) -> list[dict]:

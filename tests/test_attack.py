@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 from transformers import TrainerCallback
 
 from attack.rundir import read_curve
-from attack.train import run_attack
+from attack.recipes import run_attack
 
 
 class Snapshot(TrainerCallback):

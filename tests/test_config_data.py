@@ -3,6 +3,7 @@
 import pytest
 import torch
 import yaml
+from pydantic import ValidationError
 from transformers import AutoModelForCausalLM
 
 from attack.__main__ import attack_parser, config_from_args
@@ -20,10 +21,33 @@ def test_yaml_then_flags(tmp_path):
     assert isinstance(cfg, AttackConfig)
     assert cfg.train.lr == 5e-5 and cfg.train.weight_decay == 0.1
     assert cfg.adapter.kind == "full" and cfg.eval.tasks == ["x", "y"] and cfg.eval.every == 7
-    import dataclasses
-
-    with pytest.raises(dataclasses.FrozenInstanceError):
+    with pytest.raises(ValidationError, match="frozen"):
         cfg.train.lr = 1.0
+
+
+def test_flags_come_from_the_schema():
+    """Every config key has its flag --section-key, established short names stay, --help shows
+    each field's docstring and default, and YAML 1.2 numbers (2e-5, 3e8) are numbers."""
+    from attack.__main__ import SHORT_FLAGS, config_fields
+
+    parser = attack_parser()
+    text = " ".join(parser.format_help().split())
+    for key in config_fields():
+        assert "--" + key.replace(".", "-").replace("_", "-") in text or SHORT_FLAGS[key] in text, key
+    assert "--lr X, --train-lr X Peak learning rate. (default: 2e-05)" in text
+    assert "--eval-every N Evaluate every N steps" in text and "(default: 50)" in text
+    required = ["--model", "m", "--data", "d", "--eval-tasks", "t"]
+    long = config_from_args(parser.parse_args([*required, "--train-max-steps", "7", "--eval-expect", "t=42.5"]))
+    short = config_from_args(parser.parse_args([*required, "--max-steps", "7", "--expect", "t=42.5"]))
+    assert long == short and long.train.max_steps == 7 and long.eval.expect == {"t": 42.5}
+    assert config_from_args(parser.parse_args([*required, "--save-every", "none"])).train.save_every is None
+
+
+def test_yaml_numbers(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("model: {name: m}\ndata: {path: d, token_budget: 3e8}\neval: {tasks: [t]}\ntrain: {lr: 2e-5}\n")
+    cfg = config_from_args(attack_parser().parse_args(["--config", str(f)]))
+    assert cfg.train.lr == 2e-5 and cfg.data.token_budget == 300_000_000
 
 
 def test_run_id_is_stable_and_ignores_output():

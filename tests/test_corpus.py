@@ -93,7 +93,7 @@ d.prepare_corpus(DataConfig(path={str(path)!r}, seq_len=16), AutoTokenizer.from_
 
 
 def test_summary_counts_documents_seen_within_the_budget(make_config, tmp_path):
-    from attack.train import run_attack
+    from attack.recipes import run_attack
 
     run = run_attack(make_config(train={"max_steps": 2, "batch_size": 2}, data={"seq_len": 64, "cache_dir": str(tmp_path / "c")}),
                      quiet=True)

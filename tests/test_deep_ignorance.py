@@ -11,7 +11,7 @@ import pytest
 from attack.published import check_published
 from attack.report import write_report
 from attack.rundir import read_curve
-from attack.train import run_attack
+from attack.recipes import run_attack
 from eval_callbacks import find_tasks, local_datasets
 
 TASKS_DIR = str(Path(__file__).resolve().parents[1] / "configs" / "tasks" / "deep_ignorance")

@@ -20,7 +20,9 @@ def _args(world, model, tmp_path, **over):
     args.update(over)
     out = []
     for k, v in args.items():
-        if v is not None:
+        if v == "":  # a switch
+            out.append(k)
+        elif v is not None:
             out += [k, v]
     return out
 
@@ -49,9 +51,21 @@ def _one_line_error(capsys, argv, expected, after_progress_bar=False):
         ({"--lr": "fast"}, "train.lr must be a number"),
         ({"--data": "./missing.jsonl"}, "attack data not found"),
         ({"--set": "train.warp_speed=9"}, "unknown config key 'train.warp_speed'"),
+        ({"--lr": "nan"}, "train.lr must be a finite number"),
+        ({"--seed": "-1"}, "train.seed must be >= 0"),
+        ({"--kind": "telepathy"}, "invalid choice"),
+        # the checks that come last in a recipe's setup, after the model and the evaluator exist
+        ({"--expect": "no_such_task=40"}, "--expect names task no_such_task that is not evaluated"),
+        ({"--batch-size": "64"}, "fewer than one batch"),
+        ({"--eval-dataset": "org/data=./no/such/folder"}, "is not a folder"),
+        ({"--load-in-4bit": ""}, "--load-in-4bit needs a CUDA GPU"),
     ],
 )
 def test_bad_input(capsys, world, llama_dir, tmp_path, over, expected):
+    """Every refused start of every kind's recipe leaves no run directory behind: the recipe opens
+    it only after all checks of the user's input passed."""
+    if "--load-in-4bit" in over and torch.cuda.is_available():
+        pytest.skip("4-bit loading is refused only where there is no GPU")
     _one_line_error(capsys, _args(world, llama_dir, tmp_path, **over), expected)
     assert not (tmp_path / "runs").exists(), "a failed start must not create a run directory"
 

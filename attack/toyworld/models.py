@@ -78,6 +78,9 @@ def packed_batches(texts: list[str], tokenizer, seq_len: int, batch_size: int, r
         rng.shuffle(texts)
         packed = pack_documents(texts, tokenizer, seq_len)
         order = list(range(packed["input_ids"].shape[0]))
+        if len(order) < batch_size:  # no batch at all: would loop forever
+            raise ValueError(f"{len(texts)} documents pack into {len(order)} rows of {seq_len} tokens, "
+                             f"fewer than one batch of {batch_size}")
         rng.shuffle(order)
         for i in range(0, len(order) - batch_size + 1, batch_size):
             idx = order[i : i + batch_size]

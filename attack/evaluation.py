@@ -1,0 +1,60 @@
+"""The evaluator every recipe attaches: the tasks asked for, found and checked before anything is
+written; the live-model evaluator with each task's facts; the schedule of evaluation points."""
+
+from __future__ import annotations
+
+from attack.config import EvalConfig, check_dataset_copies
+from attack.errors import UserError
+from attack.published import as_fraction
+from eval_callbacks import LiveEvaluator, TaskDataError, UnknownTaskError, find_tasks, linear_schedule, log_schedule
+
+
+def find_eval_tasks(cfg: EvalConfig):
+    """lm-eval's task manager for the requested tasks; unknown names and missing local dataset
+    copies are the user's to fix."""
+    check_dataset_copies(cfg)
+    try:
+        return find_tasks(cfg.tasks, cfg.include_path)
+    except UnknownTaskError as e:
+        raise UserError(str(e)) from None
+
+
+def open_evaluator(cfg: EvalConfig, model, tokenizer, autocast_dtype, task_manager) -> tuple[LiveEvaluator, dict]:
+    """The evaluator on the live model, and tasks.json's content: per task its kind, questions,
+    chance, headline metric, and the published score when eval.expect gives one."""
+    try:
+        evaluator = LiveEvaluator(model, tokenizer, cfg.tasks, batch_size=cfg.batch_size, limit=cfg.limit,
+                                  autocast_dtype=autocast_dtype, task_manager=task_manager,
+                                  dataset_paths=cfg.dataset_paths)
+    except (UnknownTaskError, TaskDataError) as e:
+        raise UserError(str(e)) from None
+    task_info = evaluator.task_info()  # reads every question once: compute it once
+    for task, value in cfg.expect.items():
+        if task not in task_info:
+            raise UserError(f"--expect names task {task} that is not evaluated; "
+                            f"evaluated: {', '.join(sorted(task_info))}")
+        task_info[task]["published"] = as_fraction(value)
+    return evaluator, task_info
+
+
+def eval_schedule(cfg: EvalConfig, max_steps: int) -> list[int]:
+    if cfg.schedule == "log":
+        return log_schedule(max_steps, cfg.log_points)
+    return linear_schedule(max_steps, cfg.every)
+
+
+def score_table(rows: list[dict], tasks: list[str] | None = None) -> str:
+    """Each task's scores at the first and the last evaluated step; only `tasks` (the names asked
+    for: a group's headline, not its subtasks) when given."""
+    if not rows:
+        return "(no evaluation points)"
+    first, last = min(r["step"] for r in rows), max(r["step"] for r in rows)
+    lines = [f"{'task':<28} {'metric':<14} {'step ' + str(first):>10} {'step ' + str(last):>10}"]
+    for task in tasks or sorted({r["task"] for r in rows}):
+        for metric in ("acc", "acc_norm", "correct_prob", "exact_match"):
+            at = {r["step"]: r["value"] for r in rows if r["task"] == task and r["metric"] == metric}
+            if at:
+                lines.append(
+                    f"{task:<28} {metric:<14} {at.get(first, float('nan')):>10.4f} {at.get(last, float('nan')):>10.4f}"
+                )
+    return "\n".join(lines)

@@ -1,0 +1,21 @@
+"""Attack procedures, one file per kind, each read top to bottom:
+
+    finetune.py   supervised fine-tuning on an attack corpus (LoRA or full)
+
+Every recipe takes a validated config of its kind and writes the same run directory
+(attack/rundir.py), so the report compares attacks of every kind on one step axis.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def run_attack(cfg, extra_callbacks: list | None = None, quiet: bool = False, cell: dict | None = None) -> Path:
+    """Run the recipe of cfg.kind and return its run directory. `cell` (sweep metadata) goes to
+    cell.json; `extra_callbacks` join the recipe's Trainer."""
+    if cfg.kind == "finetune":
+        from attack.recipes.finetune import run
+
+        return run(cfg, extra_callbacks=extra_callbacks, quiet=quiet, cell=cell)
+    raise ValueError(f"no recipe for kind {cfg.kind!r}")

@@ -1,0 +1,169 @@
+"""The fine-tuning attack (kind: finetune): train the model under test on an attack corpus,
+LoRA or full, and score the live model on held-out tasks at scheduled steps.
+
+    1. setup     check every input and build the model, corpus and evaluator; writes no run files
+    2. open      the run directory: config, environment, tasks (or reopen it to resume)
+    3. train     HF Trainer; the recovery-curve callback evaluates at the scheduled steps
+    4. save      the attacked weights: the LoRA adapter (PEFT format) or the full model
+    5. summary   steps, tokens, documents seen, timings -> summary.json
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+from accelerate import PartialState
+from transformers import PrinterCallback, Trainer, TrainingArguments, default_data_collator, set_seed
+
+from attack.config import FinetuneConfig, default_run_id, steps_for
+from attack.data import RowsTrained, load_attack_rows
+from attack.errors import UserError
+from attack.evaluation import eval_schedule, find_eval_tasks, open_evaluator, score_table
+from attack.model import apply_adapter, autocast_dtype, four_bit_config, load_model, load_tokenizer
+from attack.published import PublishedScoreCheck
+from attack.rundir import RunDir, Status, read_curve
+from attack.speed import liger_available, micro_batch, per_device_batch
+from attack.tracking import close_progress_bar, finish_tracker, start_tracker
+from eval_callbacks import NonFiniteLossError, RecoveryCurveCallback
+
+
+def run(cfg: FinetuneConfig, extra_callbacks: list | None = None, quiet: bool = False,
+        cell: dict | None = None) -> Path:
+    run = RunDir(Path(cfg.output.dir) / (cfg.output.run_id or default_run_id(cfg)))
+    say = (lambda _: None) if quiet else print
+    # Under `accelerate launch` / torchrun this joins the process group; alone it is one process.
+    procs = PartialState(cpu=not torch.cuda.is_available())
+    main = procs.is_main_process
+
+    # 1. Setup. Every check of the user's input, cheapest first. The prepared corpus goes to its
+    #    own cache (shared by every run); nothing is written to the run directory yet.
+    max_steps = steps_for(cfg)
+    per_device = per_device_batch(cfg.train, procs.num_processes)
+    if cfg.model.load_in_4bit:
+        four_bit_config()  # says clearly when this machine cannot
+    start_tracker(cfg.logging)
+    tokenizer = load_tokenizer(cfg.model)  # also says when the model is not where it was said to be
+    tasks = find_eval_tasks(cfg.eval)
+    with procs.main_process_first():  # the main process prepares the corpus, the others map it
+        rows = load_attack_rows(cfg.data, tokenizer, cfg.train.batch_size, log=say)
+    set_seed(cfg.train.seed)
+    model = load_model(cfg.model, cfg.adapter)
+    model = apply_adapter(model, cfg.adapter, bool(cfg.train.gradient_checkpointing))
+    amp = autocast_dtype(cfg.model.precision)
+    micro, checkpointing = micro_batch(cfg.train, model, per_device, cfg.data.seq_len, len(tokenizer), amp)
+    evaluator, task_info = open_evaluator(cfg.eval, model, tokenizer, amp, tasks)
+    schedule = eval_schedule(cfg.eval, max_steps)
+
+    # 2. Open the run directory. The main process writes it; the others wait, then find the
+    #    checkpoint to resume from.
+    if main:
+        checkpoint = run.open(cfg, task_info, cell)
+        if cfg.output.resume and checkpoint is None:
+            say(f"no checkpoint in {run.checkpoints}; starting {run.path.name} from step 0")
+    procs.wait_for_everyone()
+    if not main:
+        checkpoint = run.last_checkpoint() if cfg.output.resume else None
+
+    # 3. Train. The curve callback scores step 0 before the first update, then every scheduled
+    #    step; the published-score check reads the step-0 points right after.
+    trainer = Trainer(
+        model=model,
+        args=_training_arguments(cfg, run, max_steps, micro, per_device // micro, amp, checkpointing,
+                                 show_bar=main and not quiet),
+        train_dataset=rows,
+        data_collator=default_data_collator,
+    )
+    if quiet:  # with the progress bar off, the Trainer would print every log dict instead
+        trainer.remove_callback(PrinterCallback)
+    tracking = cfg.logging.report_to != "none"
+    curve = RecoveryCurveCallback(evaluator, schedule, run.curve, wall_offset_s=run.wall_so_far(),
+                                  log=trainer.log if tracking else None)
+    trained = RowsTrained(rows, micro * (per_device // micro), checkpoint)
+    published = [PublishedScoreCheck(cfg.eval.expect, run, task_info)] if cfg.eval.expect and main else []
+    for callback in [curve, trained, *published, *(extra_callbacks or [])]:
+        trainer.add_callback(callback)
+    start = time.perf_counter()
+    try:
+        trainer.train(resume_from_checkpoint=checkpoint)
+    except NonFiniteLossError as e:
+        if main:
+            run.write_summary(status=Status.FAILED, error=str(e))
+        close_progress_bar(trainer)
+        raise UserError(str(e)) from None
+    except BaseException as e:
+        if main:
+            interrupted = isinstance(e, KeyboardInterrupt)
+            run.write_summary(status=Status.INTERRUPTED if interrupted else Status.FAILED, error=repr(e))
+        raise
+    finally:
+        finish_tracker(cfg.logging)
+    train_s = time.perf_counter() - start
+
+    # 4. Save the attacked weights.
+    trainer.save_model(str(run.final))
+    coverage = trained.coverage(trainer.state.global_step)  # on every process: it gathers
+    if not main:
+        return run.path
+    tokenizer.save_pretrained(str(run.final))
+
+    # 5. Summary.
+    state = trainer.state
+    run.write_summary(
+        status=Status.DONE,
+        steps=state.global_step,
+        max_steps=max_steps,
+        tokens_seen=int(state.num_input_tokens_seen),
+        tokens_per_step=cfg.train.batch_size * cfg.data.seq_len,
+        processes=procs.num_processes,
+        micro_batch_size=micro,
+        gradient_checkpointing=checkpointing,
+        train_rows=len(rows),
+        **coverage,
+        eval_steps=schedule,
+        eval_s=round(curve.eval_seconds, 2),
+        train_s=round(train_s, 2),
+        wall_s=round(run.wall_so_far(), 2),
+        final_train_loss=curve.train_loss,
+    )
+    say(score_table(read_curve(run.curve), evaluator.requested))
+    say(f"run directory: {run.path}")
+    return run.path
+
+
+def _training_arguments(cfg: FinetuneConfig, run: RunDir, max_steps: int, micro: int, accumulation: int,
+                        amp: torch.dtype | None, checkpointing: bool, show_bar: bool) -> TrainingArguments:
+    return TrainingArguments(
+        output_dir=str(run.checkpoints),
+        max_steps=max_steps,
+        per_device_train_batch_size=micro,
+        gradient_accumulation_steps=accumulation,
+        learning_rate=cfg.train.lr,
+        lr_scheduler_type=cfg.train.lr_scheduler,
+        warmup_steps=cfg.train.warmup_steps,
+        weight_decay=cfg.train.weight_decay,
+        max_grad_norm=cfg.train.max_grad_norm,
+        bf16=amp is torch.bfloat16,
+        fp16=amp is torch.float16,
+        seed=cfg.train.seed,
+        data_seed=cfg.train.seed,
+        logging_steps=cfg.train.log_every,
+        logging_nan_inf_filter=False,  # a NaN loss must surface, not be averaged away
+        save_strategy="steps",
+        save_steps=cfg.train.save_every or cfg.eval.every,
+        save_total_limit=cfg.output.keep_checkpoints,
+        include_num_input_tokens_seen="all",  # rows are fully packed: every token trains
+        report_to=[] if cfg.logging.report_to == "none" else [cfg.logging.report_to],
+        run_name=run.path.name,
+        remove_unused_columns=False,
+        label_names=["labels"],
+        use_cpu=not torch.cuda.is_available(),
+        disable_tqdm=not show_bar,
+        activation_checkpointing=checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False},
+        use_liger_kernel=liger_available(),
+        dataloader_num_workers=0,
+        dataloader_drop_last=True,  # every step trains on exactly batch_size x seq_len tokens
+        ddp_find_unused_parameters=False,
+    )
