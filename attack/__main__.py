@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import signal
 import sys
@@ -206,6 +207,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        print(f"error: disk full ({e.filename or 'while writing'}): free space, then run the same command "
+              "with --resume (sweeps resume by themselves)", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:
         how = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"

@@ -77,6 +77,11 @@ def load_corpus(cfg: DataConfig):
             f"attack data '{cfg.path}' has no field '{cfg.text_field}'; pass --text-field one of: "
             f"{', '.join(columns)} (or --template)"
         )
+    else:
+        kind = getattr(ds.features[cfg.text_field], "dtype", None)
+        if kind not in ("string", "large_string"):
+            raise UserError(f"field '{cfg.text_field}' of attack data '{cfg.path}' holds {kind or 'nested values'}, "
+                            f"not text; pass --text-field with a text column, or --template")
     return ds
 
 
@@ -192,7 +197,11 @@ def prepare_corpus(cfg: DataConfig, tokenizer, cache_dir: str | Path, num_proc: 
         tmp = cache / f"{key}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         try:
             start = time.perf_counter()
-            meta = _tokenize_and_pack(ds, cfg, tokenizer, tmp, num_proc)
+            try:
+                meta = _tokenize_and_pack(ds, cfg, tokenizer, tmp, num_proc)
+            except UnicodeDecodeError as e:
+                raise UserError(f"attack data '{cfg.path}' is not UTF-8 text ({e.reason} at byte {e.start}); "
+                                "convert it, e.g. iconv -f latin1 -t utf-8") from None
             meta.update(key=key, source=cfg.path, prepare_s=round(time.perf_counter() - start, 2))
             (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
             os.rename(tmp, final)

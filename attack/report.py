@@ -30,7 +30,7 @@ import numpy as np
 import pandas as pd
 
 from attack.errors import ArgumentParser, UserError
-from attack.rundir import CellMeta, RunDir, read_curve, read_json
+from attack.rundir import CellMeta, RunDir, Status, read_curve, read_json
 
 THRESHOLDS = (0.5, 0.9)
 
@@ -80,14 +80,18 @@ def _run_meta(path: Path) -> dict:
     else:  # a single run: describe it from its config
         import yaml
 
-        cfg = yaml.safe_load((path / "config.yaml").read_text()) if (path / "config.yaml").exists() else {}
+        try:
+            cfg = yaml.safe_load((path / "config.yaml").read_text()) if (path / "config.yaml").exists() else {}
+            cfg.get("model", {}).get("name")
+        except (yaml.YAMLError, AttributeError, UnicodeDecodeError):
+            raise UserError(f"{path / 'config.yaml'} is not a readable config; repair it or leave that run out") from None
         model = Path(str(cfg.get("model", {}).get("name", path.name))).name
         kind = cfg.get("kind", "finetune")
         adapter = cfg.get("adapter", {})
         setting = "full" if adapter.get("kind") == "full" else f"lora-r{adapter.get('rank')}"
         meta = dict(model=model, role="other", attack=f"{setting}-lr{cfg.get('train', {}).get('lr')}",
                     kind=kind, seed=cfg.get("train", {}).get("seed", 0))
-    meta.update(run=path.name, status=str(run.status))
+    meta.update(run=path.name, path=str(path), status=str(run.status))
     return meta
 
 
@@ -321,6 +325,11 @@ def write_report(paths: list[str | Path], out: str | Path, x: str = "steps", met
         raise UserError(f"metric '{metric}' not in the curves; they hold: {', '.join(sorted(set(df.metric)))}")
     if utility_task and utility_task not in set(df.task):
         raise UserError(f"utility task '{utility_task}' not in the curves; they hold: {', '.join(sorted(set(df.task)))}")
+    # A run that failed (diverged, refused its model) keeps its points, but they rank nowhere.
+    failed = _failed_runs(df)
+    df = df[~df.run.isin(failed)]
+    if df.empty:
+        raise UserError(f"every run failed ({', '.join(failed)}); see their summary.json")
     headline = df[df.headline | (df.task == utility_task)]
     picked = pick_metric(headline, metric)
     refs = references(picked)
@@ -339,6 +348,9 @@ def write_report(paths: list[str | Path], out: str | Path, x: str = "steps", met
     md = [f"# Recovery report ({label}, x = {x})", ""]
     if warnings:
         md += ["## WARNING: step 0 differs from the published score", "", *[f"- {w}" for w in warnings], ""]
+    if failed:
+        md += ["## Failed runs (not in the tables, the worst case or the figures)", "",
+               *[f"- {run}: {error}" for run, error in failed.items()], ""]
     md += [table[short].map(_fmt).to_markdown(index=False), "",
            "## Worst case per model (best attack setting at each budget)", "", worst.map(_fmt).to_markdown(index=False)]
     (out / "recovery.md").write_text("\n".join(md) + "\n")
@@ -356,6 +368,9 @@ def write_report(paths: list[str | Path], out: str | Path, x: str = "steps", met
         items = "".join(f"<li>{html.escape(w)}</li>" for w in warnings)
         body.append(f"<div style='border:3px solid #c00;padding:0 1em'><h2 style='color:#c00'>Step 0 differs from the "
                     f"published score</h2><ul>{items}</ul></div>")
+    if failed:
+        items = "".join(f"<li>{html.escape(run)}: {html.escape(error)}</li>" for run, error in failed.items())
+        body.append(f"<h2>Failed runs (not ranked)</h2><ul>{items}</ul>")
     for task, b64 in figures:
         body.append(f"<h2>{html.escape(task)}</h2><img src='data:image/png;base64,{b64}'/>")
     body.append("<h2>Recovery table</h2>" + table[short].map(_fmt).to_html(index=False))
@@ -365,6 +380,18 @@ def write_report(paths: list[str | Path], out: str | Path, x: str = "steps", met
             "</style>" + "\n".join(body))
     (out / "index.html").write_text(page)
     return out
+
+
+def _failed_runs(df: pd.DataFrame) -> dict[str, str]:
+    """{run: error} of the runs whose summary says failed."""
+    out = {}
+    for run, path in df[df.status == Status.FAILED][["run", "path"]].drop_duplicates().itertuples(index=False):
+        out[run] = first_line_of((RunDir(Path(path)).summary or {}).get("error") or "failed")
+    return out
+
+
+def first_line_of(text: str) -> str:
+    return text.strip().splitlines()[0] if text.strip() else text
 
 
 def main(argv: list[str]) -> int:
@@ -378,7 +405,12 @@ def main(argv: list[str]) -> int:
     p.add_argument("--utility-task", help="task whose drop bounds the worst case (e.g. mmlu)")
     p.add_argument("--max-utility-drop", type=float, help="largest allowed absolute drop on the utility task")
     args = p.parse_args(argv)
-    budgets = [int(b) for b in args.budgets.split(",")] if args.budgets else None
+    try:
+        budgets = [int(b) for b in args.budgets.split(",")] if args.budgets else None
+    except ValueError:
+        raise UserError(f"--budgets expects comma-separated step counts, e.g. 100,500,1000; got {args.budgets!r}") from None
+    if budgets and min(budgets) < 0:
+        raise UserError(f"--budgets must be step counts >= 0, got {args.budgets!r}")
     out = write_report(args.runs, args.out, args.x, args.metric, budgets, args.utility_task, args.max_utility_drop)
     print((out / "recovery.md").read_text())
     print(f"report: {out / 'index.html'}")

@@ -14,11 +14,13 @@ edited model continues from there, so its steps count from 1 as well.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
 import subprocess
 import sys
+import time
 from enum import StrEnum
 from importlib import metadata
 from pathlib import Path
@@ -27,10 +29,11 @@ from typing import TypedDict
 import torch
 
 from attack.config import AttackConfig, dump_yaml
-from attack.errors import UserError
+from attack.errors import UserError, first_line
 from eval_callbacks.callback import CurveRow
 
-__all__ = ["CellMeta", "CurveRow", "RunDir", "Status", "Summary", "read_curve", "read_json", "write_atomic"]
+__all__ = ["CellMeta", "CurveRow", "RunDir", "RunDirInUse", "Status", "Summary", "read_curve", "read_json",
+           "write_atomic"]
 
 
 class Status(StrEnum):
@@ -90,13 +93,19 @@ class Summary(TypedDict, total=False):
 
 
 def write_atomic(path: Path, text: str) -> None:
-    """Write via a temporary file and rename, so readers never see a half-written file."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Write via a temporary file (named for this process) and rename, so readers never see a
+    half-written file and a failed write (a full disk) leaves nothing behind."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
 
 
 def read_json(path: Path) -> dict | None:
@@ -106,16 +115,24 @@ def read_json(path: Path) -> dict | None:
         return None
 
 
-def read_curve(path: Path) -> list[dict]:
-    """Curve rows; a torn last line (a crash mid-write) is ignored."""
-    rows = []
+def read_curve(path: Path) -> list[CurveRow]:
+    """Curve rows. A torn last line (a crash mid-write) is ignored; any other line that is not a
+    curve row is damage the user must see."""
     if not Path(path).exists():
-        return rows
-    for line in Path(path).read_text().splitlines():
+        return []
+    lines = Path(path).read_text(errors="replace").splitlines()
+    rows = []
+    for i, line in enumerate(lines, 1):
         try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
+            row = json.loads(line)
+            if not isinstance(row, dict) or not {"step", "task", "metric", "value"} <= set(row):
+                raise ValueError("not a curve row")
+            int(row["step"]), float(row["value"] if row["value"] is not None else "nan")
+        except (ValueError, TypeError):
+            if i == len(lines):
+                continue
+            raise UserError(f"{path} line {i} is not a curve row; remove or repair that line") from None
+        rows.append(row)
     return rows
 
 
@@ -128,6 +145,7 @@ class RunDir:
         self.cell_path = self.path / "cell.json"
         self.checkpoints = self.path / "checkpoints"
         self.final = self.path / "final"
+        self.lock = RunLock(self.path / ".lock")
 
     @property
     def summary(self) -> Summary | None:
@@ -152,11 +170,43 @@ class RunDir:
         the user's input passed, so a refused start leaves nothing behind.
 
         Returns the checkpoint to resume from, or None for a fresh start."""
-        checkpoint = self._prepare(cfg, cfg.output.resume)
-        write_atomic(self.tasks_path, json.dumps(tasks, indent=2))
-        if cell is not None:
-            self.write_cell(cell)
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.lock.acquire()
+        try:
+            checkpoint = self._prepare(cfg, cfg.output.resume)
+            write_atomic(self.tasks_path, json.dumps(tasks, indent=2))
+            if cell is not None:
+                self.write_cell(cell)
+        except BaseException:
+            self.lock.release()
+            raise
         return checkpoint
+
+    def check_writable(self) -> None:
+        """The folder the run directory goes into can be made and written (checked in setup,
+        before anything is created)."""
+        import tempfile
+
+        parent = self.path.parent
+        existing = next(p for p in [parent, *parent.parents] if p.exists())
+        if not existing.is_dir():
+            raise UserError(f"--output {parent}: {existing} is a file, not a folder; choose another --output")
+        try:  # a probe file in the nearest existing folder, removed at once; nothing is created
+            tempfile.TemporaryFile(dir=existing).close()
+        except OSError as e:
+            raise UserError(f"--output {parent} cannot be written ({e.strerror}); choose another --output") from None
+        if self.path.exists() and not self.path.is_dir():
+            raise UserError(f"{self.path} is a file, not a run directory; choose another --run-id or --output")
+
+    def close(self) -> None:
+        """Give up the run directory at the end of the run."""
+        self.lock.release()
+
+    def end(self, status: Status, error: str) -> None:
+        """A run that stops early: record why (if the disk still allows) and give up the directory."""
+        with contextlib.suppress(OSError):
+            self.write_summary(status=status, error=error)
+        self.close()
 
     def write_cell(self, cell: CellMeta) -> None:
         write_atomic(self.cell_path, json.dumps(cell, indent=2))
@@ -165,14 +215,16 @@ class RunDir:
         """Refuses to touch a directory that already holds a run unless resuming, so nothing
         written is clobbered."""
         summary = self.summary
-        if self.path.exists() and any(self.path.iterdir()) and not resume:
+        done = (summary or {}).get("status") == Status.DONE
+        if done:
+            raise UserError(f"run directory {self.path} already exists and is finished (status: done), nothing to "
+                            "resume; for another run of the same config give a new --run-id or --output")
+        if any(p.name != ".lock" for p in self.path.iterdir()) and not resume:
             state = (summary or {}).get("status", Status.PARTIAL)
             raise UserError(
                 f"run directory {self.path} already exists (status: {state}); "
                 "pass --resume to continue it, or --run-id/--output for a new run"
             )
-        if resume and summary and summary.get("status") == Status.DONE:
-            raise UserError(f"run {self.path} already finished; nothing to resume")
         checkpoint = self.last_checkpoint() if resume else None
         self.path.mkdir(parents=True, exist_ok=True)
         if resume and (self.path / "config.yaml").exists():
@@ -192,13 +244,18 @@ class RunDir:
         self.write_summary(status=Status.RUNNING, kind=cfg.kind, resumed_from=checkpoint)
         return checkpoint
 
-    def last_checkpoint(self) -> str | None:
+    def last_checkpoint(self, say=lambda m: print(m, file=sys.stderr)) -> str | None:
+        """The newest intact checkpoint. A damaged one (a kill or a full disk while it was being
+        written) is set aside as damaged-checkpoint-N, and the next older one is used."""
         if not self.checkpoints.is_dir():
             return None
-        ckpts = [p for p in self.checkpoints.glob("checkpoint-*") if (p / "trainer_state.json").exists()]
-        if not ckpts:
-            return None
-        return str(max(ckpts, key=_checkpoint_step))
+        for ckpt in sorted(self.checkpoints.glob("checkpoint-*"), key=_checkpoint_step, reverse=True):
+            problem = checkpoint_damage(ckpt)
+            if problem is None:
+                return str(ckpt)
+            os.replace(ckpt, ckpt.with_name(f"damaged-{ckpt.name}"))
+            say(f"checkpoint {ckpt.name} is damaged ({problem}); set aside, resuming from an older one")
+        return None
 
     def write_summary(self, **fields) -> None:
         """Update summary.json with fields of `Summary` (anything else is a bug, not data)."""
@@ -214,8 +271,128 @@ class RunDir:
         return max((r.get("wall_s") or 0.0 for r in rows), default=0.0)
 
 
+class RunDirInUse(UserError):
+    """Another live process holds the run directory."""
+
+
+class RunLock:
+    """One writer per run directory. The lock file names its holder (host, pid) and is touched
+    every minute while held. A second process refuses to start; a holder that died (its pid is
+    gone on this host, or, from another host, no touch for LEASE_S) is taken over, said in one
+    line. Works on shared file systems: it needs only atomic create and rename."""
+
+    LEASE_S = 600
+
+    held: set[Path] = set()  # the locks this process holds now
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._stop = None
+
+    def acquire(self) -> None:
+        me = {"host": platform.node(), "pid": os.getpid(), "since": time.time()}
+        try:
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+        except FileExistsError:
+            holder = read_json(self.path) or {}
+            mine = holder.get("pid") == os.getpid() and holder.get("host") == platform.node()
+            if mine and self.path.resolve() not in RunLock.held:
+                holder = {}  # left by an earlier run in this process that ended without release
+            elif self._alive(holder):
+                raise RunDirInUse(
+                    f"run directory {self.path.parent} is in use by pid {holder.get('pid')} on "
+                    f"{holder.get('host')}; wait for it, or stop it first (two writers would corrupt the run)"
+                ) from None
+            else:
+                print(f"taking over {self.path.parent}: its previous process (pid {holder.get('pid')} on "
+                      f"{holder.get('host')}) is gone", file=sys.stderr)
+            write_atomic(self.path, json.dumps(me))
+        RunLock.held.add(self.path.resolve())
+        self._heartbeat()
+
+    def _alive(self, holder: dict) -> bool:
+        if holder.get("host") == platform.node():
+            return _pid_alive(holder.get("pid"))
+        try:
+            age = time.time() - self.path.stat().st_mtime
+        except OSError:
+            return False
+        # An unreadable lock is one whose holder died between creating and writing it.
+        return age < (self.LEASE_S if holder else 10)
+
+    def _heartbeat(self) -> None:
+        import threading
+
+        self._stop = threading.Event()
+
+        def touch(stop=self._stop):
+            while not stop.wait(60):
+                with contextlib.suppress(OSError):
+                    os.utime(self.path)
+
+        threading.Thread(target=touch, daemon=True, name="run-dir-lock").start()
+
+    def release(self) -> None:
+        if self._stop is None:
+            return
+        self._stop.set()
+        self._stop = None
+        RunLock.held.discard(self.path.resolve())
+        holder = read_json(self.path) or {}
+        if holder.get("pid") == os.getpid() and holder.get("host") == platform.node():
+            with contextlib.suppress(OSError):
+                self.path.unlink()
+
+
+def _pid_alive(pid) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _checkpoint_step(path) -> int:
     return int(str(path).rsplit("-", 1)[-1])
+
+
+def checkpoint_step(path) -> int:
+    return _checkpoint_step(path)
+
+
+def checkpoint_damage(ckpt: Path) -> str | None:
+    """What makes a trainer checkpoint unusable, or None when it is whole: its state parses, and
+    every weight, optimizer and RNG file it holds is complete (safetensors headers agree with the
+    file size; torch archives have their central directory, written last)."""
+    import zipfile
+
+    from safetensors import safe_open
+
+    state = read_json(ckpt / "trainer_state.json")
+    if not state or state.get("global_step") != _checkpoint_step(ckpt):
+        return "trainer_state.json is missing or unreadable"
+    weights = list(ckpt.glob("*.safetensors")) + list(ckpt.glob("*.bin"))
+    if not weights:
+        return "no weight files"
+    for f in weights:
+        if f.suffix == ".safetensors":
+            try:
+                with safe_open(str(f), "pt") as st:  # checks the header covers the whole file
+                    st.keys()
+            except Exception as e:  # safetensors raises its own error types
+                return f"{f.name} is unreadable: {first_line(e)}"
+        elif not zipfile.is_zipfile(f):
+            return f"{f.name} is truncated"
+    for f in ("optimizer.pt", "scheduler.pt", "rng_state.pth"):
+        if (ckpt / f).exists() and not zipfile.is_zipfile(ckpt / f):
+            return f"{f} is truncated"
+    return None
 
 
 def _identity_changed(saved_yaml: str, cfg: AttackConfig) -> bool:

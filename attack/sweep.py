@@ -25,7 +25,7 @@ from pydantic import ValidationError
 from attack.config import (KINDS, AttackConfig, Section, check_dataset_copies, config_hash, explain, load_config,
                            merge, read_yaml, steps_for, updated)
 from attack.errors import ArgumentParser, UserError, first_line
-from attack.rundir import CellMeta, RunDir, Status
+from attack.rundir import CellMeta, RunDir, RunDirInUse, Status
 
 class SweepModel(Section):
     label: str
@@ -213,6 +213,9 @@ def run_sweep(path: str | Path, shard_spec: str | None = None, quiet: bool = Fal
         try:
             run_attack(cfg, quiet=quiet, cell=cell.meta(sweep["name"]))
             outcome["done"] += 1
+        except RunDirInUse as e:  # another shard or job is on this cell: leave it to that one
+            outcome["skipped"] += 1
+            log(f"[{k}/{len(mine)}] {cell.id}: skipped, {e}")
         except Exception as e:  # one failed cell must not stop the others (Ctrl-C still does)
             outcome["failed"] += 1
             _record_failure(cell, e, sweep["name"])

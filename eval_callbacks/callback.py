@@ -77,6 +77,16 @@ class RecoveryCurveCallback(TrainerCallback):
         if state.global_step in self.schedule and state.global_step != 0:
             self._evaluate(state)
 
+    def _check_weights_finite(self, step: int) -> None:
+        """A diverged attack must not score: its points would be noise, ranked as recovery. The
+        loss is logged only every few steps, so look at the trained weights themselves."""
+        trained = (p for p in self.evaluator.model.parameters() if p.requires_grad)
+        if not all(bool(torch.isfinite(p).all()) for p in trained):
+            raise NonFiniteLossError(
+                f"the trained weights became NaN or infinite by step {step}; "
+                "lower the learning rate or check the model's weights"
+            )
+
     def on_log(self, args, state, control, logs=None, **kwargs):
         loss = (logs or {}).get("loss")
         if loss is None:
@@ -90,6 +100,8 @@ class RecoveryCurveCallback(TrainerCallback):
 
     def _evaluate(self, state) -> None:
         step = state.global_step
+        if step != 0:
+            self._check_weights_finite(step)
         if state.is_world_process_zero:
             start = time.perf_counter()
             full = step in (self.first, self.last) or self.evaluator.subset is None

@@ -7,6 +7,7 @@ import logging
 import math
 import random
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -76,12 +77,35 @@ def find_tasks(tasks: list[str], include_path: list[str] | None = None):
         manager = TaskManager(include_path=include)
     missing = [t for t in tasks if t not in set(manager.all_tasks)]
     if missing:
+        broken = _unparsable_yaml(include or [])
+        if broken:  # lm-eval skips a file it cannot parse, so its task looks unknown
+            raise UnknownTaskError(f"task file {broken[0][0]} is not valid YAML ({broken[0][1]}), so task(s) "
+                                   f"{', '.join(missing)} could not be found; repair the file")
         where = f" or under {', '.join(include)}" if include else ""
         raise UnknownTaskError(
             f"unknown lm-eval task(s) {', '.join(missing)}: not a stock task{where}; "
             "check the name or add the folder holding its YAML with --eval-include"
         )
     return manager
+
+
+def _unparsable_yaml(folders: list[str]) -> list[tuple[str, str]]:
+    """(file, first line of the error) of each task YAML under `folders` that does not parse
+    (lm-eval's own tags such as !function are accepted)."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_multi_constructor("!", lambda loader, suffix, node: None)
+    out = []
+    for folder in folders:
+        for f in sorted(Path(folder).rglob("*.yaml")):
+            try:
+                yaml.load(f.read_text(), Loader=Loader)
+            except (yaml.YAMLError, UnicodeDecodeError) as e:
+                out.append((str(f), " ".join(str(e).split())[:120]))
+    return out
 
 
 def _resolvable(manager, names) -> bool:

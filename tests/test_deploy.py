@@ -1,5 +1,6 @@
 """Files that run elsewhere (Docker, SLURM, accelerate): checked here as far as this machine can."""
 
+import json
 import os
 import re
 import shutil
@@ -64,3 +65,52 @@ def test_slurm_array_task_runs_its_shard(tmp_path, world, llama_dir):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     done = sorted(p.name.split("--")[2] for p in (tmp_path / "runs").iterdir() if (p / "summary.json").exists())
     assert done == ["s1", "s3"]  # shard 2 of 2: the 2nd and 4th cells
+
+
+@pytest.mark.slow
+def test_slurm_preemption_requeues_and_resumes(tmp_path, world, llama_dir):
+    """SIGTERM to the batch shell (what --signal / preemption sends): the cell ends interrupted,
+    the script requeues its array task, and the requeued task finishes the cell."""
+    import signal
+    import time
+
+    from attack.rundir import read_curve
+
+    sweep = {
+        "name": "slurm", "output": str(tmp_path / "runs"),
+        "base": {"data": {"path": str(world["attack"]), "seq_len": 32},
+                 "train": {"batch_size": 2, "max_steps": 300, "log_every": 10},
+                 "adapter": {"rank": 2, "alpha": 4},
+                 "eval": {"tasks": ["toy_target_seen"], "include_path": [str(world["tasks"])], "every": 2}},
+        "models": [{"label": "tiny", "name": str(llama_dir)}],
+    }
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(sweep))
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path / 'requeued'}\n")
+    (bin_dir / "scontrol").chmod(0o755)
+    env = {**os.environ, "SLURM_ARRAY_TASK_ID": "1", "SLURM_ARRAY_TASK_MIN": "1", "SLURM_ARRAY_TASK_COUNT": "1",
+           "SLURM_ARRAY_JOB_ID": "77", "HF_HOME": str(tmp_path / "hf"),
+           "PATH": f"{bin_dir}:{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    script = ["bash", str(ROOT / "examples/slurm/sweep_array.sh"), str(path)]
+    proc = subprocess.Popen(script, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        curves = list((tmp_path / "runs").glob("*/curve.jsonl"))
+        if curves and any(r["step"] >= 4 for r in read_curve(curves[0])):
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-2000:]
+    assert (tmp_path / "requeued").read_text().split() == ["requeue", "77_1"]
+    [run] = list((tmp_path / "runs").iterdir())
+    assert json.loads((run / "summary.json").read_text())["status"] == "interrupted"
+
+    again = subprocess.run(script, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-2000:]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "done" and summary["steps"] == 300 and summary["resumed_from"]
+    keys = [(r["step"], r["task"], r["metric"]) for r in read_curve(run / "curve.jsonl")]
+    assert len(keys) == len(set(keys)) and keys[-1][0] == 300

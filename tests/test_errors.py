@@ -120,3 +120,44 @@ def test_cli_process_exit_status(world, tmp_path):
     assert proc.returncode == 2
     expected = f"error: model directory not found: {tmp_path / 'nope'} (give an existing folder, a .gguf file or a hub id)"
     assert proc.stderr.strip().splitlines() == [expected]
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("latin1", "is not UTF-8 text"),
+    ("numbers", "holds int64, not text"),
+    ("task_yaml", "is not valid YAML"),
+    ("output_is_file", "is a file, not a folder"),
+    ("lr_negative", "train.lr must be > 0"),
+    ("run_id_path", "output.run_id must be a plain name"),
+])
+def test_hostile_input(capsys, world, llama_dir, tmp_path, case, expected):
+    """Malformed corpora, task files and paths: one line, exit 2, no run directory."""
+    over = {}
+    if case == "latin1":
+        (tmp_path / "c.jsonl").write_bytes(b'{"text": "caf\xe9 au lait"}\n' * 40)
+        over["--data"] = str(tmp_path / "c.jsonl")
+    elif case == "numbers":
+        (tmp_path / "c.jsonl").write_text('{"text": 12345}\n' * 40)
+        over["--data"] = str(tmp_path / "c.jsonl")
+    elif case == "task_yaml":
+        import shutil
+
+        shutil.copytree(world["tasks"], tmp_path / "tasks")
+        (tmp_path / "tasks" / "toy_target_seen.yaml").write_text("task: toy_target_seen\n  dataset_path: [\n")
+        over["--eval-include"] = str(tmp_path / "tasks")
+    elif case == "output_is_file":
+        (tmp_path / "afile").write_text("x")
+        over["--output"] = str(tmp_path / "afile")
+    elif case == "lr_negative":
+        over["--lr"] = "-1e-3"
+    elif case == "run_id_path":
+        over["--run-id"] = "../elsewhere"
+    _one_line_error(capsys, _args(world, llama_dir, tmp_path, **over), expected)
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "elsewhere").exists()
+
+
+def test_report_input(capsys, tmp_path):
+    (tmp_path / "runs" / "r").mkdir(parents=True)
+    (tmp_path / "runs" / "r" / "curve.jsonl").write_text('{"step": 0}\n{"step": 0, "task": "t", "metric": "acc", "value": 0.5}\n')
+    _one_line_error(capsys, ["report", str(tmp_path / "runs"), "--budgets", "abc"], "--budgets expects")
+    _one_line_error(capsys, ["report", str(tmp_path / "runs")], "line 1 is not a curve row")

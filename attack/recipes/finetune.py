@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 from accelerate import PartialState
-from transformers import PrinterCallback, Trainer, TrainingArguments, default_data_collator, set_seed
+from transformers import (PrinterCallback, Trainer, TrainerState, TrainingArguments, default_data_collator,
+                          set_seed)
 
 from attack.config import FinetuneConfig, default_run_id, steps_for
 from attack.data import RowsTrained, load_attack_rows
@@ -23,7 +24,7 @@ from attack.errors import UserError
 from attack.evaluation import eval_schedule, find_eval_tasks, open_evaluator, score_table
 from attack.model import apply_adapter, autocast_dtype, four_bit_config, load_model, load_tokenizer
 from attack.published import PublishedScoreCheck
-from attack.rundir import RunDir, Status, read_curve
+from attack.rundir import RunDir, Status, checkpoint_step, read_curve
 from attack.speed import liger_available, micro_batch, per_device_batch
 from attack.tracking import close_progress_bar, finish_tracker, start_tracker
 from eval_callbacks import NonFiniteLossError, RecoveryCurveCallback
@@ -39,6 +40,7 @@ def run(cfg: FinetuneConfig, extra_callbacks: list | None = None, quiet: bool = 
 
     # 1. Setup. Every check of the user's input, cheapest first. The prepared corpus goes to its
     #    own cache (shared by every run); nothing is written to the run directory yet.
+    run.check_writable()
     max_steps = steps_for(cfg)
     per_device = per_device_batch(cfg.train, procs.num_processes)
     if cfg.model.load_in_4bit:
@@ -86,16 +88,19 @@ def run(cfg: FinetuneConfig, extra_callbacks: list | None = None, quiet: bool = 
         trainer.add_callback(callback)
     start = time.perf_counter()
     try:
-        trainer.train(resume_from_checkpoint=checkpoint)
+        if checkpoint and checkpoint_step(checkpoint) >= max_steps:
+            _restore_finished(trainer, checkpoint)  # killed after the last step's checkpoint
+        else:
+            trainer.train(resume_from_checkpoint=checkpoint)
     except NonFiniteLossError as e:
         if main:
-            run.write_summary(status=Status.FAILED, error=str(e))
+            run.end(Status.FAILED, str(e))
         close_progress_bar(trainer)
         raise UserError(str(e)) from None
     except BaseException as e:
         if main:
-            interrupted = isinstance(e, KeyboardInterrupt)
-            run.write_summary(status=Status.INTERRUPTED if interrupted else Status.FAILED, error=repr(e))
+            run.end(Status.INTERRUPTED if isinstance(e, KeyboardInterrupt) else Status.FAILED, repr(e))
+        close_progress_bar(trainer)
         raise
     finally:
         finish_tracker(cfg.logging)
@@ -125,11 +130,24 @@ def run(cfg: FinetuneConfig, extra_callbacks: list | None = None, quiet: bool = 
         eval_s=round(curve.eval_seconds, 2),
         train_s=round(train_s, 2),
         wall_s=round(run.wall_so_far(), 2),
-        final_train_loss=curve.train_loss,
+        final_train_loss=curve.train_loss if curve.train_loss is not None else _last_loss(state),
     )
+    run.close()
     say(score_table(read_curve(run.curve), evaluator.requested))
     say(f"run directory: {run.path}")
     return run.path
+
+
+def _restore_finished(trainer: Trainer, checkpoint: str) -> None:
+    """The attack had taken all its steps when it was killed (during the final save, or before
+    the summary): take the weights and state of its last checkpoint instead of training a step
+    past the budget."""
+    trainer._load_from_checkpoint(checkpoint)
+    trainer.state = TrainerState.load_from_json(str(Path(checkpoint) / "trainer_state.json"))
+
+
+def _last_loss(state: TrainerState) -> float | None:
+    return next((log["loss"] for log in reversed(state.log_history) if "loss" in log), None)
 
 
 def _training_arguments(cfg: FinetuneConfig, run: RunDir, max_steps: int, micro: int, accumulation: int,

@@ -1,0 +1,234 @@
+"""Faults: a run killed at any moment resumes to the uninterrupted result; one writer per run
+directory; damaged checkpoints, diverged runs, incomplete models, SIGTERM and a full disk."""
+
+import errno
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import TrainerCallback
+
+from attack.__main__ import main
+from attack.recipes import run_attack
+from attack.rundir import RunDir, RunLock, read_curve
+
+SECTIONS = dict(train={"max_steps": 6}, eval={"every": 2}, adapter={"dropout": 0.1})
+
+
+class Kill(TrainerCallback):
+    """Stops the run at one moment; the test then leaves the run directory as kill -9 would."""
+
+    def __init__(self, event, step):
+        self.event, self.step = event, step
+
+    def _maybe(self, state):
+        if state.global_step == self.step:
+            raise KeyboardInterrupt(f"killed at {self.event} {self.step}")
+
+    def on_step_end(self, args, state, control, **kw):
+        if self.event == "step_end":
+            self._maybe(state)
+
+    def on_save(self, args, state, control, **kw):  # the checkpoint is on disk by now
+        if self.event == "save":
+            self._maybe(state)
+
+    def on_train_end(self, args, state, control, **kw):  # before the final weights are saved
+        if self.event == "train_end":
+            self._maybe(state)
+
+
+def _as_if_killed(run):
+    """What kill -9 leaves: status running, the lock held by a process that no longer exists."""
+    summary = json.loads((run / "summary.json").read_text())
+    summary.update(status="running")
+    (run / "summary.json").write_text(json.dumps(summary))
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (run / ".lock").write_text(json.dumps({"host": os.uname().nodename, "pid": dead.pid, "since": 0}))
+
+
+def _result(run):
+    points = [(r["step"], r["tokens_seen"], r["task"], r["metric"], r["value"]) for r in read_curve(run / "curve.jsonl")]
+    summary = json.loads((run / "summary.json").read_text())
+    return points, summary["status"], summary["steps"], summary["tokens_seen"], summary["rows_trained"]
+
+
+def _damage_adapter(ckpt):
+    f = ckpt / "adapter_model.safetensors"
+    f.write_bytes(f.read_bytes()[:-64])
+
+
+def _empty_state(ckpt):
+    (ckpt / "trainer_state.json").write_text("")
+
+
+@pytest.mark.parametrize("event, step, damage", [
+    ("step_end", 3, None),  # between checkpoints
+    ("save", 4, None),  # right after a checkpoint
+    ("save", 6, None),  # after the last checkpoint, before the final save and the summary
+    ("train_end", 6, None),  # training done, final weights not yet saved
+    ("save", 6, _damage_adapter),  # the newest checkpoint truncated
+    ("save", 6, _empty_state),  # the newest checkpoint's state empty
+])
+def test_killed_run_resumes_to_the_uninterrupted_result(make_config, tmp_path, capsys, event, step, damage):
+    whole = run_attack(make_config(output={"dir": str(tmp_path / "a")}, **SECTIONS), quiet=True)
+    with pytest.raises(KeyboardInterrupt):
+        run_attack(make_config(output={"dir": str(tmp_path / "b")}, **SECTIONS), extra_callbacks=[Kill(event, step)],
+                   quiet=True)
+    run = next((tmp_path / "b").iterdir())
+    _as_if_killed(run)
+    if damage:
+        damage(run / "checkpoints" / f"checkpoint-{step}")
+    capsys.readouterr()
+    resumed = run_attack(make_config(output={"dir": str(tmp_path / "b"), "resume": True}, **SECTIONS), quiet=True)
+    err = capsys.readouterr().err
+    assert _result(resumed) == _result(whole)
+    a, b = load_file(str(whole / "final" / "adapter_model.safetensors")), load_file(str(resumed / "final" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert "taking over" in err and "is gone" in err
+    if damage:
+        assert f"checkpoint checkpoint-{step} is damaged" in err
+        assert (run / "checkpoints" / f"damaged-checkpoint-{step}").is_dir()
+    assert not (resumed / ".lock").exists()
+
+
+def test_one_writer_per_run_directory(make_config, tmp_path, capsys):
+    cfg = make_config(output={"dir": str(tmp_path), "run_id": "r"})
+    run = tmp_path / "r"
+    run.mkdir()
+    other = RunLock(run / ".lock")
+    other.acquire()  # a live holder: another job on the same cell
+    try:
+        argv = ["--model", cfg.model.name, "--data", cfg.data.path, "--eval-tasks", "toy_target_seen",
+                "--eval-include", cfg.eval.include_path[0], "--max-steps", "2", "--batch-size", "2",
+                "--seq-len", "32", "--output", str(tmp_path), "--run-id", "r", "--resume"]
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"run directory {run} is in use by pid {os.getpid()}" in err[0]
+        assert sorted(p.name for p in run.iterdir()) == [".lock"]  # nothing written
+    finally:
+        other.release()
+    assert not (run / ".lock").exists()
+
+    # A holder on another host that stopped touching the lock has lost it.
+    (run / ".lock").write_text(json.dumps({"host": "node-that-died", "pid": 1, "since": 0}))
+    old = time.time() - RunLock.LEASE_S - 5
+    os.utime(run / ".lock", (old, old))
+    assert main(argv) == 0
+    assert "taking over" in capsys.readouterr().err
+    assert json.loads((run / "summary.json").read_text())["status"] == "done"
+
+
+def test_a_second_shard_on_the_same_cell_skips_it(tmp_path, world, llama_dir):
+    import yaml
+
+    from attack.sweep import load_sweep, run_sweep
+
+    doc = {"name": "t", "output": str(tmp_path / "runs"),
+           "base": {"data": {"path": str(world["attack"]), "seq_len": 32},
+                    "train": {"batch_size": 2, "max_steps": 2},
+                    "eval": {"tasks": ["toy_target_seen"], "include_path": [str(world["tasks"])], "every": 2}},
+           "models": [{"label": "m", "name": str(llama_dir)}], "attacks": [{"label": "a"}], "seeds": [0]}
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    _, [cell] = load_sweep(path)
+    cell.run_dir.path.mkdir(parents=True)
+    busy = RunLock(cell.run_dir.path / ".lock")
+    busy.acquire()
+    try:
+        assert run_sweep(path, quiet=True, log=lambda _: None) == {"done": 0, "skipped": 1, "failed": 0}
+        assert not (cell.run_dir.path / "summary.json").exists()  # the other job's directory untouched
+    finally:
+        busy.release()
+
+
+def test_diverged_run_fails_before_scoring_and_is_not_ranked(make_config, tmp_path, capsys):
+    from attack.report import write_report
+
+    run_attack(make_config(output={"dir": str(tmp_path / "runs"), "run_id": "ok"},
+                                train={"max_steps": 4}, eval={"every": 2}), quiet=True)
+    argv = ["--model", make_config().model.name, "--data", make_config().data.path, "--eval-tasks",
+            "toy_target_seen,toy_general", "--eval-include", make_config().eval.include_path[0],
+            "--max-steps", "4", "--eval-every", "2", "--batch-size", "4", "--seq-len", "64", "--lr", "1e30",
+            "--log-every", "10", "--output", str(tmp_path / "runs"), "--run-id", "diverged"]
+    assert main(argv) == 2
+    assert "became NaN or infinite by step 2" in capsys.readouterr().err
+    bad = tmp_path / "runs" / "diverged"
+    assert json.loads((bad / "summary.json").read_text())["status"] == "failed"
+    assert {r["step"] for r in read_curve(bad / "curve.jsonl")} == {0}  # the pre-attack point only
+    out = write_report([tmp_path / "runs"], tmp_path / "report")
+    tables = (out / "recovery.csv").read_text() + (out / "worst_case.csv").read_text()
+    assert "lr0.001" in tables and "lr1e+30" not in tables  # the single runs' attack labels
+    assert "## Failed runs" in (out / "recovery.md").read_text() and "diverged:" in (out / "recovery.md").read_text()
+
+
+def test_checkpoint_with_missing_weights_is_refused(llama_dir, make_config, tmp_path, capsys):
+    broken = tmp_path / "three-layers"
+    shutil.copytree(llama_dir, broken)
+    config = json.loads((broken / "config.json").read_text())
+    config["num_hidden_layers"] += 1  # the weights are for one layer less
+    (broken / "config.json").write_text(json.dumps(config))
+    cfg = make_config(model=broken)
+    argv = ["--model", str(broken), "--data", cfg.data.path, "--eval-tasks", "toy_target_seen",
+            "--eval-include", cfg.eval.include_path[0], "--seq-len", "32", "--batch-size", "2",
+            "--output", str(tmp_path / "runs")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "weight(s) missing from the checkpoint (e.g. model.layers.2." in err[0]
+    assert not (tmp_path / "runs").exists()
+
+
+def test_full_disk_is_one_line_and_the_run_resumes(make_config, tmp_path, capsys, monkeypatch):
+    import transformers
+
+    cfg = make_config(output={"dir": str(tmp_path / "runs"), "run_id": "r"}, **SECTIONS)
+    argv = ["--model", cfg.model.name, "--data", cfg.data.path, "--eval-tasks", "toy_target_seen,toy_general",
+            "--eval-include", cfg.eval.include_path[0], "--max-steps", "6", "--eval-every", "2", "--batch-size", "4",
+            "--seq-len", "64", "--lr", "1e-3", "--output", str(tmp_path / "runs"), "--run-id", "r"]
+    real = transformers.Trainer._save_checkpoint
+
+    def full(self, *a, **kw):
+        if self.state.global_step == 4:
+            raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "runs" / "r"))
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(transformers.Trainer, "_save_checkpoint", full)
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: disk full") and "--resume" in err[-1] and "Traceback" not in "\n".join(err)
+    run = tmp_path / "runs" / "r"
+    assert json.loads((run / "summary.json").read_text())["status"] == "failed"
+    assert not list(run.glob(".*.tmp"))
+    monkeypatch.setattr(transformers.Trainer, "_save_checkpoint", real)
+    assert main([*argv, "--resume"]) == 0
+    assert json.loads((run / "summary.json").read_text())["steps"] == 6
+
+
+@pytest.mark.slow
+def test_sigterm_ends_as_interrupted_and_resumes(make_config, tmp_path):
+    """Preemption: SIGTERM (what SLURM sends before requeueing) ends the run as interrupted with
+    the resume hint; the requeued command with --resume finishes it."""
+    cfg = make_config()
+    argv = [sys.executable, "-m", "attack", "--model", cfg.model.name, "--data", cfg.data.path,
+            "--eval-tasks", "toy_target_seen", "--eval-include", cfg.eval.include_path[0], "--max-steps", "400",
+            "--eval-every", "2", "--batch-size", "4", "--seq-len", "64", "--output", str(tmp_path), "--run-id", "r"]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    curve = tmp_path / "r" / "curve.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (curve.exists() and any(r["step"] >= 4 for r in read_curve(curve))):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-2000:]
+    assert err.strip().splitlines()[-1].startswith("terminated (SIGTERM): continue with the same command plus --resume")
+    assert json.loads((tmp_path / "r" / "summary.json").read_text())["status"] == "interrupted"
+    assert not (tmp_path / "r" / ".lock").exists()
+    assert RunDir(tmp_path / "r").last_checkpoint() is not None
