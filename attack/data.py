@@ -38,6 +38,11 @@ FORMAT = 1  # bump when the prepared layout or the packing changes
 _LOADERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text"}
 
 
+def means_local_file(path: str) -> bool:
+    """A path that can only mean a local file or folder (not a hub dataset id like org/name)."""
+    return path.startswith((".", "/", "~")) or Path(path).suffix in _LOADERS or path.count("/") > 1
+
+
 def load_corpus(cfg: DataConfig):
     """The attack corpus as loaded by `datasets` (Arrow-backed, memory-mapped), checked for the
     fields `document_texts` needs. Nothing is held in memory."""
@@ -54,7 +59,7 @@ def load_corpus(cfg: DataConfig):
             ds = load_dataset(loader, data_files=str(path), split="train")
         elif path.is_dir():
             ds = load_dataset(str(path), split=cfg.split)
-        elif cfg.path.startswith((".", "/", "~")):
+        elif means_local_file(cfg.path):
             raise UserError(f"attack data not found: {cfg.path}")
         else:
             ds = load_dataset(cfg.path, cfg.name, split=cfg.split)

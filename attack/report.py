@@ -30,83 +30,9 @@ import numpy as np
 import pandas as pd
 
 from attack.errors import ArgumentParser, UserError
-from attack.rundir import CellMeta, RunDir, Status, read_curve, read_json
+from attack.runs import _failed_runs, environments, load_curves, pick_metric, published_warnings  # noqa: F401
 
 THRESHOLDS = (0.5, 0.9)
-
-
-def find_runs(paths: list[str | Path]) -> list[Path]:
-    runs = []
-    for p in paths:
-        p = Path(p)
-        if not p.exists():
-            raise UserError(f"no such run folder: {p}")
-        runs += sorted({c.parent for c in p.rglob("curve.jsonl")})
-    return runs
-
-
-def load_curves(paths: list[str | Path] | str | Path) -> pd.DataFrame:
-    """All curve rows of the run directories under `paths`, one row per (run, step, task, metric),
-    with columns model, role, attack, seed, run, step, tokens_seen, task, metric, value, stderr, n, chance,
-    headline (a task or group asked for, not a subtask lm-eval expanded) and headline_metric."""
-    if isinstance(paths, (str, Path)):
-        paths = [paths]
-    frames = []
-    for run in find_runs(paths):
-        rows = read_curve(run / "curve.jsonl")
-        if not rows:
-            continue
-        meta = _run_meta(run)
-        tasks = read_json(run / "tasks.json") or {}
-        df = pd.DataFrame(rows)
-        for k, v in meta.items():
-            df[k] = v
-        info = {t: i or {} for t, i in tasks.items()}
-        df["chance"] = df["task"].map({t: i.get("chance") for t, i in info.items()})
-        df["headline"] = df["task"].map({t: i.get("requested", True) for t, i in info.items()}).fillna(True).astype(bool)
-        df["headline_metric"] = df["task"].map({t: i.get("metric") or "acc" for t, i in info.items()}).fillna("acc")
-        frames.append(df)
-    if not frames:
-        raise UserError(f"no curve rows found under {', '.join(map(str, paths))}")
-    return pd.concat(frames, ignore_index=True)
-
-
-def _run_meta(path: Path) -> dict:
-    run = RunDir(path)
-    cell: CellMeta | None = run.cell
-    if cell:
-        meta = dict(model=cell["model"], role=cell["role"], attack=cell["attack"],
-                    kind=cell.get("kind", "finetune"), seed=cell["seed"])
-    else:  # a single run: describe it from its config
-        import yaml
-
-        try:
-            cfg = yaml.safe_load((path / "config.yaml").read_text()) if (path / "config.yaml").exists() else {}
-            cfg.get("model", {}).get("name")
-        except (yaml.YAMLError, AttributeError, UnicodeDecodeError):
-            raise UserError(f"{path / 'config.yaml'} is not a readable config; repair it or leave that run out") from None
-        model = Path(str(cfg.get("model", {}).get("name", path.name))).name
-        kind = cfg.get("kind", "finetune")
-        adapter = cfg.get("adapter", {})
-        setting = "full" if adapter.get("kind") == "full" else f"lora-r{adapter.get('rank')}"
-        meta = dict(model=model, role="other", attack=f"{setting}-lr{cfg.get('train', {}).get('lr')}",
-                    kind=kind, seed=cfg.get("train", {}).get("seed", 0))
-    meta.update(run=path.name, path=str(path), status=str(run.status))
-    return meta
-
-
-def pick_metric(df: pd.DataFrame, metric: str | None = None) -> pd.DataFrame:
-    """One metric per task: `metric` for all, or each task's headline metric when None."""
-    return df[df.metric == metric] if metric else df[df.metric == df.headline_metric]
-
-
-def published_warnings(paths: list[str | Path]) -> list[str]:
-    """Step-0 mismatches with published scores that the runs recorded in summary.json."""
-    out = []
-    for run in find_runs(paths):
-        for w in (read_json(run / "summary.json") or {}).get("warnings") or []:
-            out.append(f"{run.name}: {w}")
-    return out
 
 
 # --- numbers ---------------------------------------------------------------------------
@@ -348,6 +274,7 @@ def write_report(paths: list[str | Path], out: str | Path, x: str = "steps", met
     md = [f"# Recovery report ({label}, x = {x})", ""]
     if warnings:
         md += ["## WARNING: step 0 differs from the published score", "", *[f"- {w}" for w in warnings], ""]
+    md += ["## Environment of the runs", "", *[f"- {e}" for e in environments(df)], ""]
     if failed:
         md += ["## Failed runs (not in the tables, the worst case or the figures)", "",
                *[f"- {run}: {error}" for run, error in failed.items()], ""]
@@ -374,24 +301,14 @@ def write_report(paths: list[str | Path], out: str | Path, x: str = "steps", met
     for task, b64 in figures:
         body.append(f"<h2>{html.escape(task)}</h2><img src='data:image/png;base64,{b64}'/>")
     body.append("<h2>Recovery table</h2>" + table[short].map(_fmt).to_html(index=False))
+    body.append("<h2>Environment of the runs</h2><ul>" + "".join(f"<li>{html.escape(e)}</li>" for e in environments(df))
+                + "</ul>")
     body.append("<h2>Worst case per model</h2>" + worst.map(_fmt).to_html(index=False))
     page = ("<!doctype html><meta charset='utf-8'><title>Recovery report</title><style>body{font-family:sans-serif;"
             "margin:2em}table{border-collapse:collapse;font-size:12px}td,th{border:1px solid #ccc;padding:3px 6px}"
             "</style>" + "\n".join(body))
     (out / "index.html").write_text(page)
     return out
-
-
-def _failed_runs(df: pd.DataFrame) -> dict[str, str]:
-    """{run: error} of the runs whose summary says failed."""
-    out = {}
-    for run, path in df[df.status == Status.FAILED][["run", "path"]].drop_duplicates().itertuples(index=False):
-        out[run] = first_line_of((RunDir(Path(path)).summary or {}).get("error") or "failed")
-    return out
-
-
-def first_line_of(text: str) -> str:
-    return text.strip().splitlines()[0] if text.strip() else text
 
 
 def main(argv: list[str]) -> int:

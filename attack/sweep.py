@@ -22,10 +22,22 @@ from typing import Literal
 import torch
 from pydantic import ValidationError
 
-from attack.config import (KINDS, AttackConfig, Section, check_dataset_copies, config_hash, explain, load_config,
-                           merge, read_yaml, steps_for, updated)
+from attack.config import (
+    KINDS,
+    AttackConfig,
+    Section,
+    check_dataset_copies,
+    config_hash,
+    explain,
+    load_config,
+    merge,
+    read_yaml,
+    steps_for,
+    updated,
+)
 from attack.errors import ArgumentParser, UserError, first_line
 from attack.rundir import CellMeta, RunDir, RunDirInUse, Status
+
 
 class SweepModel(Section):
     label: str
@@ -156,6 +168,7 @@ def status(cell: Cell) -> Status:
 
 def check_offline(cells: list[Cell]) -> None:
     """Validate what can be checked without downloads: task names, local paths."""
+    from attack.data import means_local_file
     from attack.model import model_source
     from eval_callbacks import UnknownTaskError, find_tasks
 
@@ -179,8 +192,9 @@ def check_offline(cells: list[Cell]) -> None:
         except UserError as e:
             raise UserError(f"cell {c.id}: {e}") from None
         data = c.config.data.path if c.config.kind == "finetune" else ""
-        if data.startswith((".", "/", "~")) and not Path(data).expanduser().exists():
-            raise UserError(f"cell {c.id}: attack data not found: {data}")
+        if data and means_local_file(data) and not Path(data).expanduser().exists():
+            raise UserError(f"cell {c.id}: attack data not found: {data} (relative paths are taken from the current "
+                            "directory; hub dataset ids look like org/name)")
 
 
 def describe(cell: Cell) -> str:
@@ -193,7 +207,8 @@ def describe(cell: Cell) -> str:
             f"({adapter}, lr={cfg.train.lr:g}) seed={cell.seed} steps={steps} tokens={tokens:,} [{status(cell)}]")
 
 
-def run_sweep(path: str | Path, shard_spec: str | None = None, quiet: bool = False, log=print) -> dict:
+def run_sweep(path: str | Path, shard_spec: str | None = None, quiet: bool = False, log=print,
+              progress: bool = False) -> dict:
     """Run this shard's cells; returns counts by outcome."""
     from attack.recipes import run_attack
 
@@ -211,7 +226,7 @@ def run_sweep(path: str | Path, shard_spec: str | None = None, quiet: bool = Fal
         log(f"[{k}/{len(mine)}] {cell.id}: {'resuming' if resume else 'running'}")
         cfg = updated(cell.config, {"output.resume": resume})
         try:
-            run_attack(cfg, quiet=quiet, cell=cell.meta(sweep["name"]))
+            run_attack(cfg, quiet=quiet, cell=cell.meta(sweep["name"]), progress=progress or not quiet)
             outcome["done"] += 1
         except RunDirInUse as e:  # another shard or job is on this cell: leave it to that one
             outcome["skipped"] += 1
@@ -241,7 +256,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("sweep", help="sweep YAML file")
     p.add_argument("--shard", help="i/n: run the i-th of n disjoint shares of the cells (1-based)")
     p.add_argument("--dry-run", action="store_true", help="list the cells and validate offline; train nothing")
-    p.add_argument("--quiet", action="store_true", help="no per-run progress bars or tables")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or tables; a line per evaluation point")
     args = p.parse_args(argv)
     sweep, cells = load_sweep(args.sweep)
     mine = shard(cells, args.shard)
@@ -251,7 +266,7 @@ def main(argv: list[str]) -> int:
         check_offline(mine)
         print(f"{len(mine)} of {len(cells)} cells in this shard; configs, tasks and local paths check out")
         return 0
-    outcome = run_sweep(args.sweep, args.shard, quiet=args.quiet)
+    outcome = run_sweep(args.sweep, args.shard, quiet=args.quiet, progress=True)
     print(f"sweep {sweep['name']}: {outcome['done']} run, {outcome['skipped']} already done, "
           f"{outcome['failed']} failed; runs under {sweep['output']}")
     return 1 if outcome["failed"] else 0

@@ -66,6 +66,7 @@ class RecoveryCurveCallback(TrainerCallback):
         self.log = log  # e.g. Trainer.log, so trackers plot scores against the step
         self.train_loss = None
         self.eval_seconds = 0.0
+        self.last_rows: list[CurveRow] = []  # the latest point's rows, for progress displays
         self._start = None
 
     def on_train_begin(self, args, state, control, **kwargs):
@@ -111,8 +112,10 @@ class RecoveryCurveCallback(TrainerCallback):
             tokens = int(getattr(state, "num_input_tokens_seen", 0) or 0)
             for row in rows:
                 row.update(step=step, tokens_seen=tokens, train_loss=self.train_loss, wall_s=round(wall, 3))
-            append_rows(self.curve_path, [CurveRow(**{k: r[k] for k in CurveRow.__annotations__}) for r in rows])
+            self.last_rows = [CurveRow(**{k: r[k] for k in CurveRow.__annotations__}) for r in rows]
+            append_rows(self.curve_path, self.last_rows)
             if self.log is not None:
-                self.log({f"eval/{r['task']}/{r['metric']}": r["value"] for r in rows})
+                # "eval_" is the Trainer's prefix for evaluation metrics: trackers file them under eval/
+                self.log({f"eval_{r['task']}/{r['metric']}": r["value"] for r in rows})
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.barrier()

@@ -6,7 +6,6 @@ import contextlib
 import logging
 import math
 import random
-import time
 from pathlib import Path
 
 import numpy as np
@@ -178,6 +177,8 @@ class LiveEvaluator:
                 self.task_dict = manager.load(list(tasks))
         except Exception as e:  # datasets/hub errors come in many types
             detail = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            if isinstance(e, StopIteration) or "StopIteration" in detail:  # lm-eval reading an empty split
+                detail = "a data file holds no questions"
             raise TaskDataError(
                 f"could not load the data of task(s) {', '.join(tasks)}: {detail}; without hub access, point "
                 "eval.dataset_paths (--eval-dataset HUB_ID=FOLDER) at local copies"

@@ -8,8 +8,8 @@ import torch
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
-from attack.rundir import read_curve
 from attack.recipes import run_attack
+from attack.rundir import read_curve
 
 
 class Snapshot(TrainerCallback):
@@ -173,14 +173,17 @@ def test_scores_equal_stock_lm_eval(make_config, world, tmp_path):
 def test_wandb_offline_gets_eval_scores_against_the_step(make_config, tmp_path, monkeypatch):
     pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.delenv("WANDB_DIR", raising=False)
     monkeypatch.setenv("WANDB_SILENT", "true")
-    run_attack(make_config(train={"max_steps": 4}, eval={"every": 2}, logging={"report_to": "wandb"}), quiet=True)
-    logs = list(tmp_path.glob("wandb/offline-run-*/run-*.wandb"))
-    assert len(logs) == 1
+    monkeypatch.chdir(tmp_path)
+    run = run_attack(make_config(train={"max_steps": 4}, eval={"every": 2}, logging={"report_to": "wandb"}), quiet=True)
+    logs = list(run.glob("wandb/offline-run-*/run-*.wandb"))  # inside the run directory
+    assert len(logs) == 1 and not (tmp_path / "wandb").exists()
     blob = logs[0].read_bytes()
     # eval scores are logged through Trainer.log, which wandb plots against train/global_step
-    assert b"eval/toy_target_seen/acc" in blob and b"train/global_step" in blob and b"train/loss" in blob
+    assert b"eval/toy_target_seen/acc" in blob and b"train/eval/" not in blob
+    assert b"train/global_step" in blob and b"train/loss" in blob
+    assert b"attack_config" in blob  # the attack's whole config, beside the Trainer's arguments
 
 
 def test_eval_limit_uses_a_fixed_subset_between_full_first_and_last_points(make_config):

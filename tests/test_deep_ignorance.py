@@ -9,9 +9,9 @@ import hub_copies  # tests/hub_copies.py
 import pytest
 
 from attack.published import check_published
+from attack.recipes import run_attack
 from attack.report import write_report
 from attack.rundir import read_curve
-from attack.recipes import run_attack
 from eval_callbacks import find_tasks, local_datasets
 
 TASKS_DIR = str(Path(__file__).resolve().parents[1] / "configs" / "tasks" / "deep_ignorance")

@@ -5,10 +5,10 @@ import json
 
 import pytest
 
+from attack.recipes import run_attack
 from attack.rundir import read_curve
 from attack.toyworld.capitals import capital_documents, smollm2_gguf, split_countries, write_tasks
 from attack.toyworld.world import write_jsonl
-from attack.recipes import run_attack
 
 pytestmark = pytest.mark.slow
 

@@ -8,8 +8,8 @@ from transformers import TrainerCallback
 
 import attack.recipes
 from attack.__main__ import main
-from attack.rundir import read_curve
 from attack.errors import UserError
+from attack.rundir import read_curve
 from attack.sweep import load_sweep, run_sweep, shard
 
 
@@ -64,11 +64,11 @@ def test_interrupted_sweep_reruns_to_every_cell_done_once(tmp_path, world, two_m
             if state.global_step == 3:
                 raise KeyboardInterrupt("node preempted")
 
-    def counting(cfg, extra_callbacks=None, quiet=False, cell=None):
+    def counting(cfg, extra_callbacks=None, quiet=False, cell=None, **kw):
         calls.append((cell["cell_id"], cfg.output.resume))
         extra = [] if killed or len(calls) < 3 else [Kill()]
         killed.extend(extra)
-        return real(cfg, extra_callbacks=extra, quiet=quiet, cell=cell)
+        return real(cfg, extra_callbacks=extra, quiet=quiet, cell=cell, **kw)
 
     monkeypatch.setattr(attack.recipes, "run_attack", counting)
     with pytest.raises(KeyboardInterrupt):
@@ -126,11 +126,22 @@ def test_dry_run_lists_cells_and_validates(tmp_path, world, two_models, capsys):
 
 
 @pytest.mark.slow
-def test_shipped_sweeps_pass_dry_run(capsys):
+def test_shipped_sweeps_pass_dry_run(capsys, tmp_path, monkeypatch):
     """The Deep Ignorance sweep validates offline (hub models are not fetched in a dry run): every
     model x learning rate x seed is a cell with the sweep's settings, and nothing is reported
-    on stderr."""
-    assert main(["sweep", "configs/sweeps/deep_ignorance.yaml", "--dry-run"]) == 0
+    on stderr. Its attack corpus is a local file: until it exists, the dry run says so."""
+    import shutil
+    from pathlib import Path
+
+    shutil.copytree(Path(__file__).parents[1] / "configs", tmp_path / "configs")
+    monkeypatch.chdir(tmp_path)
+    sweep = "configs/sweeps/deep_ignorance.yaml"
+    assert main(["sweep", sweep, "--dry-run"]) == 2
+    assert "attack data not found: data/bio_attack_corpus.jsonl" in capsys.readouterr().err
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "bio_attack_corpus.jsonl").write_text('{"text": "a document"}\n')
+
+    assert main(["sweep", sweep, "--dry-run"]) == 0
     captured = capsys.readouterr()
     lines = captured.out.strip().splitlines()
     cells, last = lines[:-1], lines[-1]

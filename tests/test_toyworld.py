@@ -46,7 +46,7 @@ def small_world(tmp_path_factory):
     spec = BuildSpec(
         world=WorldSpec(target_entities=6, general_entities=6, docs_per_entity=3),
         model=ModelSpec(hidden=32, layers=1, heads=2, intermediate=64, max_positions=128),
-        pretrain_steps=30, unlearn_max_steps=10, batch_size=4, seq_len=64,
+        pretrain_steps=30, unlearn_max_steps=10, batch_size=4, seq_len=64, check=False,
     )
     root = tmp_path_factory.mktemp("worlds")
     return root, spec, build_world(root, spec, log=lambda _: None)
@@ -98,3 +98,28 @@ def test_tasks_run_in_stock_lm_eval(small_world):
         )
         for task in TASKS:
             assert res["results"][task]["acc,none"] == pytest.approx(info["pre_attack"][model][task], abs=1e-9)
+
+
+def test_world_properties_are_checked():
+    from attack.toyworld.build import world_problems
+
+    good = {"unfiltered": [0.95, 0.9, 0.9, 0.97], "filtered": [0.25, 0.22, 0.13, 0.97], "unlearned": [0.24, 0.3, 0.15, 0.95]}
+    scores = {m: dict(zip(TASKS, v, strict=True)) for m, v in good.items()}
+    assert world_problems(scores, BuildSpec()) == []
+    stalled = {**scores, "unlearned": dict(zip(TASKS, [0.62, 0.6, 0.5, 0.97], strict=True))}  # unlearning stopped at its cap
+    [problem] = world_problems(stalled, BuildSpec())
+    assert problem.startswith("unlearned target accuracy 0.61")
+    forgot = {**scores, "filtered": dict(zip(TASKS, [0.25, 0.22, 0.13, 0.6], strict=True))}
+    assert world_problems(forgot, BuildSpec()) == ["filtered general accuracy 0.60 < 0.80"]
+
+
+def test_a_world_that_fails_its_checks_is_not_kept(tmp_path):
+    """Too little pretraining to learn anything: the build says so and keeps no world."""
+    from attack.toyworld.build import WorldBuildError
+
+    spec = BuildSpec(world=WorldSpec(target_entities=6, general_entities=6, docs_per_entity=3),
+                     model=ModelSpec(hidden=32, layers=1, heads=2, intermediate=64, max_positions=128),
+                     pretrain_steps=5, unlearn_max_steps=10, batch_size=4, seq_len=64)
+    with pytest.raises(WorldBuildError, match="not what their names say .*unfiltered target accuracy"):
+        build_world(tmp_path, spec, log=lambda _: None)
+    assert not list(tmp_path.glob("*/world.json"))

@@ -11,11 +11,13 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def run_attack(cfg, extra_callbacks: list | None = None, quiet: bool = False, cell: dict | None = None) -> Path:
+def run_attack(cfg, extra_callbacks: list | None = None, quiet: bool = False, cell: dict | None = None,
+               progress: bool | None = None) -> Path:
     """Run the recipe of cfg.kind and return its run directory. `cell` (sweep metadata) goes to
-    cell.json; `extra_callbacks` join the recipe's Trainer."""
+    cell.json; `extra_callbacks` join the recipe's Trainer. `quiet`: no progress bar, no final
+    table; `progress`: a line per evaluation point (default: when not quiet)."""
     if cfg.kind == "finetune":
         from attack.recipes.finetune import run
 
-        return run(cfg, extra_callbacks=extra_callbacks, quiet=quiet, cell=cell)
+        return run(cfg, extra_callbacks=extra_callbacks, quiet=quiet, cell=cell, progress=progress)
     raise ValueError(f"no recipe for kind {cfg.kind!r}")

@@ -15,8 +15,7 @@ from pathlib import Path
 
 import torch
 from accelerate import PartialState
-from transformers import (PrinterCallback, Trainer, TrainerState, TrainingArguments, default_data_collator,
-                          set_seed)
+from transformers import PrinterCallback, ProgressCallback, Trainer, TrainerState, TrainingArguments, default_data_collator, set_seed
 
 from attack.config import FinetuneConfig, default_run_id, steps_for
 from attack.data import RowsTrained, load_attack_rows
@@ -26,12 +25,12 @@ from attack.model import apply_adapter, autocast_dtype, four_bit_config, load_mo
 from attack.published import PublishedScoreCheck
 from attack.rundir import RunDir, Status, checkpoint_step, read_curve
 from attack.speed import liger_available, micro_batch, per_device_batch
-from attack.tracking import close_progress_bar, finish_tracker, start_tracker
+from attack.tracking import Bar, ProgressLines, close_progress_bar, finish_tracker, open_tracker, start_tracker
 from eval_callbacks import NonFiniteLossError, RecoveryCurveCallback
 
 
 def run(cfg: FinetuneConfig, extra_callbacks: list | None = None, quiet: bool = False,
-        cell: dict | None = None) -> Path:
+        cell: dict | None = None, progress: bool | None = None) -> Path:
     run = RunDir(Path(cfg.output.dir) / (cfg.output.run_id or default_run_id(cfg)))
     say = (lambda _: None) if quiet else print
     # Under `accelerate launch` / torchrun this joins the process group; alone it is one process.
@@ -64,6 +63,12 @@ def run(cfg: FinetuneConfig, extra_callbacks: list | None = None, quiet: bool = 
         checkpoint = run.open(cfg, task_info, cell)
         if cfg.output.resume and checkpoint is None:
             say(f"no checkpoint in {run.checkpoints}; starting {run.path.name} from step 0")
+        adapter = "full" if cfg.adapter.kind == "full" else f"LoRA r={cfg.adapter.rank}"
+        say(f"{cfg.model.name}: {adapter}, lr {cfg.train.lr:g}, {max_steps} steps of "
+            f"{cfg.train.batch_size} x {cfg.data.seq_len} tokens, evaluated at {len(schedule)} points"
+            + (f", resuming from {Path(checkpoint).name}" if checkpoint else ""))
+        say(f"run directory: {run.path} (resolved config: {run.path / 'config.yaml'})")
+        open_tracker(cfg, run.path)
     procs.wait_for_everyone()
     if not main:
         checkpoint = run.last_checkpoint() if cfg.output.resume else None
@@ -77,14 +82,18 @@ def run(cfg: FinetuneConfig, extra_callbacks: list | None = None, quiet: bool = 
         train_dataset=rows,
         data_collator=default_data_collator,
     )
-    if quiet:  # with the progress bar off, the Trainer would print every log dict instead
-        trainer.remove_callback(PrinterCallback)
+    # The terminal: a bar (not in sweeps) and clean lines at each evaluation point and log step.
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+    if main and not quiet:
+        trainer.add_callback(Bar())
     tracking = cfg.logging.report_to != "none"
     curve = RecoveryCurveCallback(evaluator, schedule, run.curve, wall_offset_s=run.wall_so_far(),
                                   log=trainer.log if tracking else None)
     trained = RowsTrained(rows, micro * (per_device // micro), checkpoint)
     published = [PublishedScoreCheck(cfg.eval.expect, run, task_info)] if cfg.eval.expect and main else []
-    for callback in [curve, trained, *published, *(extra_callbacks or [])]:
+    lines = [ProgressLines(curve, max_steps, task_info, show_loss=not quiet)] if (not quiet if progress is None else progress) else []
+    for callback in [curve, trained, *published, *lines, *(extra_callbacks or [])]:
         trainer.add_callback(callback)
     start = time.perf_counter()
     try:

@@ -8,6 +8,7 @@ attack cells, and the report reads their run directories.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from dataclasses import replace
@@ -27,8 +28,9 @@ def toy_sweep(world: Path, quick: bool = False) -> dict:
         "base": {
             "data": {"path": str(world / "corpus" / "attack.jsonl"), "seq_len": 64 if quick else 128},
             "train": {"batch_size": 8, "max_steps": 20 if quick else 200, "log_every": 20},
-            "eval": {"tasks": list(TASKS), "include_path": [str(world / "tasks")],
-                     "every": 10 if quick else 25, "batch_size": 64},
+            # log-spaced points: dense in the first steps, where the recovery happens
+            "eval": {"tasks": list(TASKS), "include_path": [str(world / "tasks")], "schedule": "log",
+                     "log_points": 6 if quick else 12, "batch_size": 64},
         },
         "models": [{"label": m, "role": m, "name": str(world / m)} for m in ("unfiltered", "filtered", "unlearned")],
         "attacks": [{"label": "lora-r16-lr3e-3", "kind": "finetune",
@@ -83,6 +85,12 @@ def main(argv: list[str]) -> int:
     from attack.sweep import load_sweep, run_sweep
 
     start = time.perf_counter()
+    # One torch thread unless OMP_NUM_THREADS says otherwise: the toy models gain nothing from
+    # more, and on a shared machine more threads only slow everything down.
+    if "OMP_NUM_THREADS" not in os.environ:
+        import torch
+
+        torch.set_num_threads(1)
     cache = Path(args.cache or f".cache/{args.world}world").absolute()
     if args.world == "smollm2":
         from attack.toyworld.capitals import TASKS as tasks
@@ -92,7 +100,6 @@ def main(argv: list[str]) -> int:
         sweep_spec = smollm2_sweep(world, args.quick)
     else:
         from attack.toyworld.build import BuildSpec, build_world, quick_spec
-        from attack.toyworld.world import WorldSpec
 
         tasks = TASKS
         spec = quick_spec() if args.quick else BuildSpec()
@@ -122,7 +129,7 @@ def main(argv: list[str]) -> int:
         print(f"filter: removed {f['removed']} of {f['documents']} documents; "
               f"{f['target_slipped_through']} target documents slipped through\n")
 
-    outcome = run_sweep(sweep_file, quiet=True)
+    outcome = run_sweep(sweep_file, quiet=True, progress=True)
     if outcome["failed"]:
         raise UserError(f"{outcome['failed']} demo cell(s) failed; see summary.json under {out}")
     runs = [out / c.id for c in cells]
