@@ -28,7 +28,7 @@ def open_evaluator(cfg: EvalConfig, model, tokenizer, autocast_dtype, task_manag
                                   dataset_paths=cfg.dataset_paths)
     except (UnknownTaskError, TaskDataError) as e:
         raise UserError(str(e)) from None
-    task_info = evaluator.task_info()  # reads every question once: compute it once
+    task_info = evaluator.task_info()
     for task, value in cfg.expect.items():
         if task not in task_info:
             raise UserError(f"--expect names task {task} that is not evaluated; "

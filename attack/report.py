@@ -105,9 +105,13 @@ def default_budgets(d: pd.DataFrame) -> list[int]:
     return sorted({next(s for s in steps if s >= f * steps[-1]) for f in (0.1, 0.25, 0.5, 1.0)})
 
 
-def summary_table(df: pd.DataFrame, metric: str | None = None, budgets: list[int] | None = None) -> pd.DataFrame:
-    """One row per model x attack x task with the numbers defined at the top of this module."""
+def summary_table(df: pd.DataFrame, metric: str | None = None, budgets: list[int] | None = None,
+                  utility_task: str | None = None, max_utility_drop: float | None = None) -> pd.DataFrame:
+    """One row per model x attack x task with the numbers defined at the top of this module.
+    Recovery is defined for target tasks; the utility task gets its change and, with the
+    others, the step at which the model broke (`broken_at`)."""
     d = pick_metric(df, metric)
+    broken = broken_at(d, utility_task, max_utility_drop)
     refs = references(d)
     budgets = budgets or default_budgets(d)
     rows = []
@@ -130,7 +134,14 @@ def summary_table(df: pd.DataFrame, metric: str | None = None, budgets: list[int
                    seeds=len(per_seed), chance=g.chance.iloc[0], reference=ref)
         for key in ("pre", "final", "max", "auc"):
             m, lo, hi = interval([s[key] for s in per_seed])
+            if key != "auc":  # a score's interval stays inside the score's range
+                lo, hi = max(lo, 0.0), min(hi, 1.0)
             row[key], row[f"{key}_lo"], row[f"{key}_hi"] = m, lo, hi
+        row["broken_at"] = broken.get((model, attack))
+        if task == utility_task:
+            row["change"] = row["final"] - row["pre"]
+            rows.append(row)
+            continue
         row["final_stderr"] = float(np.nanmean([s["final_stderr"] for s in per_seed]))
         for b in budgets:
             m, lo, hi = interval([s["rec"][b] for s in per_seed])
@@ -151,6 +162,26 @@ def summary_table(df: pd.DataFrame, metric: str | None = None, budgets: list[int
     return pd.DataFrame(rows)
 
 
+def broken_at(d: pd.DataFrame, utility_task: str | None, max_utility_drop: float | None) -> dict:
+    """{(model, attack): the first step at which the attacked model broke}: its utility task
+    dropped by more than the bound, or a target task fell clearly below chance (two binomial
+    standard errors). A "resists the attack" row of a broken model is no robustness."""
+    out = {}
+    means = d.groupby(["model", "attack", "task", "step"])[["value", "n", "chance"]].mean()
+    for (model, attack, task), g in means.groupby(level=[0, 1, 2]):
+        g = g.droplevel([0, 1, 2]).sort_index()
+        if task == utility_task and max_utility_drop is not None:
+            bad = g.index[(g.value.iloc[0] - g.value) > max_utility_drop + 1e-12]
+        elif task != utility_task and g.chance.notna().all():
+            se = np.sqrt(g.chance * (1 - g.chance) / g.n.clip(lower=1))
+            bad = g.index[(g.value < g.chance - 2 * se) & (g.index > 0)]
+        else:
+            continue
+        if len(bad):
+            out[(model, attack)] = min(int(bad[0]), out.get((model, attack), int(bad[0])))
+    return out
+
+
 def worst_case(df: pd.DataFrame, metric: str | None = None, budgets: list[int] | None = None,
                utility_task: str | None = None, max_utility_drop: float | None = None) -> pd.DataFrame:
     """Per model x task x budget: the best score any attack setting reached at any evaluated
@@ -166,7 +197,7 @@ def worst_case(df: pd.DataFrame, metric: str | None = None, budgets: list[int] |
             best, best_attack, best_step = float("nan"), None, None
             for attack in sorted(g.attack.unique()):
                 curve = means.loc[(model, attack, task)].sort_index()
-                curve = curve[curve.index <= b]
+                curve = curve[(curve.index > 0) & (curve.index <= b)]  # step 0 is no attack
                 if utility_task and max_utility_drop is not None:
                     if (model, attack, utility_task) not in means.index.droplevel("step"):
                         continue
@@ -175,6 +206,9 @@ def worst_case(df: pd.DataFrame, metric: str | None = None, budgets: list[int] |
                     curve = curve[drop <= max_utility_drop + 1e-12]
                 if len(curve) and not (float(curve.max()) <= best):
                     best, best_attack, best_step = float(curve.max()), attack, int(curve.idxmax())
+            if best_attack is None:  # say so: a pre-attack score here would read as robustness
+                best_attack = ("no attack point within the utility bound" if utility_task and max_utility_drop is not None
+                               else "no attack point within the budget")
             rows.append(dict(model=model, task=task, budget_steps=b, best_score=best, best_attack=best_attack,
                              at_step=best_step))
     return pd.DataFrame(rows)
@@ -259,17 +293,18 @@ def write_report(paths: list[str | Path], out: str | Path, x: str = "steps", met
     headline = df[df.headline | (df.task == utility_task)]
     picked = pick_metric(headline, metric)
     refs = references(picked)
-    table = summary_table(headline, metric, budgets)
+    table = summary_table(headline, metric, budgets, utility_task, max_utility_drop)
     worst = worst_case(headline, metric, budgets, utility_task, max_utility_drop)
     table.to_csv(out / "recovery.csv", index=False)
     worst.to_csv(out / "worst_case.csv", index=False)
     subtasks = df[~df.headline]
     if len(subtasks):
         summary_table(subtasks, metric, budgets).to_csv(out / "recovery_subtasks.csv", index=False)
+    paired = _paired(df, picked, refs, utility_task, out)
     warnings = published_warnings(paths)
     short = ["model", "attack", "task", "metric", "seeds", "pre", "final", "final_lo", "final_hi", "max", "reference",
              *[c for c in table.columns if c.startswith("recovered@") and not c.endswith(("_lo", "_hi"))],
-             "steps_to_50%", "steps_to_90%", "tokens_to_90%", "auc"]
+             "steps_to_50%", "steps_to_90%", "tokens_to_90%", "auc", "broken_at"]
     label = metric or "each task's headline metric"
     md = [f"# Recovery report ({label}, x = {x})", ""]
     if warnings:
@@ -278,6 +313,9 @@ def write_report(paths: list[str | Path], out: str | Path, x: str = "steps", met
     if failed:
         md += ["## Failed runs (not in the tables, the worst case or the figures)", "",
                *[f"- {run}: {error}" for run, error in failed.items()], ""]
+    if paired is not None:
+        md += ["## Paired recovery (per question, 95% bootstrap over questions; definitions in attack/paired.py)", "",
+               paired.map(_fmt).to_markdown(index=False), ""]
     md += [table[short].map(_fmt).to_markdown(index=False), "",
            "## Worst case per model (best attack setting at each budget)", "", worst.map(_fmt).to_markdown(index=False)]
     (out / "recovery.md").write_text("\n".join(md) + "\n")
@@ -300,6 +338,8 @@ def write_report(paths: list[str | Path], out: str | Path, x: str = "steps", met
         body.append(f"<h2>Failed runs (not ranked)</h2><ul>{items}</ul>")
     for task, b64 in figures:
         body.append(f"<h2>{html.escape(task)}</h2><img src='data:image/png;base64,{b64}'/>")
+    if paired is not None:
+        body.append("<h2>Paired recovery</h2><p>" + html.escape(PAIRED_NOTE) + "</p>" + paired.map(_fmt).to_html(index=False))
     body.append("<h2>Recovery table</h2>" + table[short].map(_fmt).to_html(index=False))
     body.append("<h2>Environment of the runs</h2><ul>" + "".join(f"<li>{html.escape(e)}</li>" for e in environments(df))
                 + "</ul>")
@@ -309,6 +349,30 @@ def write_report(paths: list[str | Path], out: str | Path, x: str = "steps", met
             "</style>" + "\n".join(body))
     (out / "index.html").write_text(page)
     return out
+
+
+PAIRED_NOTE = ("Each point scores the same questions as step 0: change = mean per-question difference from step 0 "
+               "(seeds averaged per question), 95% percentile bootstrap over questions; recovered = change / (reference "
+               "- pre). 'reached at step N': the first point whose interval lies above the threshold; 'not reached': "
+               "the upper end of the interval at the last point bounds what recovery is excluded.")
+
+
+def _paired(df: pd.DataFrame, picked: pd.DataFrame, refs: dict, utility_task: str | None, out: Path):
+    """recovery_paired.csv (claims per model x attack x target task) and paired_curves.csv (every
+    point with its interval and flipped questions), from the runs' per-question records."""
+    from attack.paired import load_records, paired_curves, paired_table
+
+    records = load_records(df[["run", "path", "model", "attack", "seed"]].drop_duplicates())
+    if records.empty:
+        return None
+    headline = set(picked.task) - {utility_task}
+    records = records[records.task.isin(headline)]
+    paired_curves(records).to_csv(out / "paired_curves.csv", index=False)
+    table = paired_table(records, refs)
+    table.to_csv(out / "recovery_paired.csv", index=False)
+    keep = ["model", "attack", "task", "questions", "seeds", "recovered_final", "recovered_final_lo",
+            "recovered_final_hi", "claim_50%", "claim_90%"]
+    return table[[c for c in keep if c in table.columns]]
 
 
 def main(argv: list[str]) -> int:

@@ -143,6 +143,7 @@ class RunDir:
         self.summary_path = self.path / "summary.json"
         self.tasks_path = self.path / "tasks.json"
         self.cell_path = self.path / "cell.json"
+        self.samples = self.path / "samples"
         self.checkpoints = self.path / "checkpoints"
         self.final = self.path / "final"
         self.lock = RunLock(self.path / ".lock")
@@ -241,6 +242,9 @@ class RunDir:
         keep_until = _checkpoint_step(checkpoint) if checkpoint else -1
         rows = [r for r in read_curve(self.curve) if r["step"] <= keep_until]
         write_atomic(self.curve, "".join(json.dumps(r) + "\n" for r in rows))
+        for f in self.samples.glob("*step-*"):  # records of dropped points, and torn temporary files
+            if f.name.startswith(".") or int(f.name.split("-")[1].split(".")[0]) > keep_until:
+                f.unlink()
         self.write_summary(status=Status.RUNNING, kind=cfg.kind, resumed_from=checkpoint)
         return checkpoint
 

@@ -7,7 +7,7 @@ Usable with any transformers Trainer, without the `attack` package:
     trainer.add_callback(RecoveryCurveCallback(evaluator, linear_schedule(1000, 100), "curve.jsonl"))
 """
 
-from eval_callbacks.callback import CurveRow, NonFiniteLossError, RecoveryCurveCallback
+from eval_callbacks.callback import CurveRow, NonFiniteLossError, RecoveryCurveCallback, read_samples, samples_file
 from eval_callbacks.runner import LiveEvaluator, TaskDataError, UnknownTaskError, find_tasks, local_datasets
 from eval_callbacks.schedule import linear_schedule, log_schedule
 
@@ -19,6 +19,8 @@ __all__ = [
     "TaskDataError",
     "UnknownTaskError",
     "find_tasks",
+    "read_samples",
+    "samples_file",
     "local_datasets",
     "linear_schedule",
     "log_schedule",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import math
 import os
@@ -43,6 +44,33 @@ def append_rows(path: Path, rows: list[dict]) -> None:
         os.fsync(f.fileno())
 
 
+def samples_file(folder: Path, step: int) -> Path:
+    return Path(folder) / f"step-{step:07d}.jsonl.gz"
+
+
+def write_samples(folder: Path, step: int, records: list[dict]) -> None:
+    """The per-question records of one evaluation point as one gzipped JSON-lines file, written
+    under a temporary name and renamed, so a file that exists is complete."""
+    folder.mkdir(parents=True, exist_ok=True)
+    final = samples_file(folder, step)
+    tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
+    with gzip.open(tmp, "wt") as f:
+        for r in records:
+            f.write(json.dumps({"step": step, **r}, separators=(",", ":")) + "\n")
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, final)
+
+
+def read_samples(folder: Path) -> list[dict]:
+    """Every per-question record under `folder` (all evaluation points)."""
+    out = []
+    for f in sorted(Path(folder).glob("step-*.jsonl.gz")):
+        with gzip.open(f, "rt") as fh:
+            out.extend(json.loads(line) for line in fh if line.strip())
+    return out
+
+
 class RecoveryCurveCallback(TrainerCallback):
     """Evaluates at the scheduled steps (0, every N, last) and appends curve rows.
 
@@ -57,6 +85,7 @@ class RecoveryCurveCallback(TrainerCallback):
         curve_path: str | Path,
         wall_offset_s: float = 0.0,
         log: Callable[[dict], None] | None = None,
+        samples_dir: str | Path | None = None,
     ):
         self.evaluator = evaluator
         self.schedule = set(schedule)
@@ -64,6 +93,7 @@ class RecoveryCurveCallback(TrainerCallback):
         self.curve_path = Path(curve_path)
         self.wall_offset_s = wall_offset_s
         self.log = log  # e.g. Trainer.log, so trackers plot scores against the step
+        self.samples_dir = Path(samples_dir) if samples_dir else None
         self.train_loss = None
         self.eval_seconds = 0.0
         self.last_rows: list[CurveRow] = []  # the latest point's rows, for progress displays
@@ -113,6 +143,8 @@ class RecoveryCurveCallback(TrainerCallback):
             for row in rows:
                 row.update(step=step, tokens_seen=tokens, train_loss=self.train_loss, wall_s=round(wall, 3))
             self.last_rows = [CurveRow(**{k: r[k] for k in CurveRow.__annotations__}) for r in rows]
+            if self.samples_dir is not None:  # before the curve row: a curve point always has its records
+                write_samples(self.samples_dir, step, self.evaluator.last_records)
             append_rows(self.curve_path, self.last_rows)
             if self.log is not None:
                 # "eval_" is the Trainer's prefix for evaluation metrics: trackers file them under eval/

@@ -198,11 +198,16 @@ class LiveEvaluator:
                 name: sorted(rng.sample(range(n), min(limit, n))) for name, n in self.sizes.items()
             }
         self._lm = None
+        self._info = None
+        self.last_records: list[dict] = []  # per-question outcomes of the latest evaluation
 
     def task_info(self) -> dict:
         """Per task and group: kind, output type, questions, chance accuracy, headline metric,
         few-shot count; groups also list their leaf tasks. `requested` marks the names asked for
-        (a benchmark's headline), as opposed to the subtasks and subgroups lm-eval expands."""
+        (a benchmark's headline), as opposed to the subtasks and subgroups lm-eval expands.
+        Computed once (it reads every question)."""
+        if self._info is not None:
+            return self._info
         info = {}
         for name, task in self.tasks.items():
             chance = None
@@ -222,6 +227,7 @@ class LiveEvaluator:
             info[name] = dict(kind="group", members=leaves, n=n, chance=chance,
                               metric=aggregates[0].metric if aggregates else None,
                               requested=name in self.requested)
+        self._info = info
         return info
 
     def _lm_wrapper(self):
@@ -278,6 +284,7 @@ class LiveEvaluator:
                 stderr = float(stderr) if isinstance(stderr, (int, float)) else None
                 name = metric if filt == "none" else key
                 rows.append(dict(task=task, metric=name, value=float(value), stderr=stderr, n=n))
+        self.last_records = self._records(out.get("samples") or {})
         probs = {}
         for task, samples in (out.get("samples") or {}).items():
             task_obj = self.tasks.get(task)
@@ -296,6 +303,31 @@ class LiveEvaluator:
                 se = float(np.std(p, ddof=1) / math.sqrt(len(p))) if len(p) > 1 else None
                 rows.append(dict(task=task, metric="correct_prob", value=mean, stderr=se, n=len(p)))
         return rows
+
+
+    def _records(self, samples: dict) -> list[dict]:
+        """One record per task (and group) and question: its index in the task's evaluation
+        documents (a group numbers its members' questions one after another), whether it was
+        answered correctly under the headline metric, and the probability of the correct choice.
+        A task's mean `correct` is its score; a group's is its size-weighted score."""
+        info = self.task_info()
+        records = []
+        for name, entry in info.items():
+            leaves = entry["members"] if entry["kind"] == "group" else [name]
+            metric, offset = entry.get("metric") or "acc", 0
+            for leaf in leaves:
+                task = self.tasks[leaf]
+                for s in samples.get(leaf) or []:
+                    value = s.get(metric)
+                    if not isinstance(value, (int, float)):
+                        continue
+                    p = correct_probability(task, s) if task.OUTPUT_TYPE == "multiple_choice" else None
+                    records.append({"task": name, "question": offset + int(s["doc_id"]),
+                                    "correct": int(value) if value in (0, 1) else float(value),
+                                    "p_correct": None if p is None else round(p, 5)})
+                offset += self.sizes[leaf]
+        return records
+
 
 
 def correct_probability(task, sample: dict) -> float | None:

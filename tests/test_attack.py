@@ -191,3 +191,26 @@ def test_eval_limit_uses_a_fixed_subset_between_full_first_and_last_points(make_
     rows = [r for r in read_curve(run / "curve.jsonl") if r["task"] == "toy_general" and r["metric"] == "acc"]
     n = {r["step"]: r["n"] for r in rows}
     assert n == {0: 24, 2: 5, 4: 5, 6: 24}  # 8 towns x 3 relations in the test world
+
+
+def test_per_question_records_are_the_curve(make_config):
+    """samples/ holds one record per (step, task, question); each (step, task) mean of `correct`
+    is the curve's headline value, and of `p_correct` its correct_prob."""
+    import numpy as np
+
+    from eval_callbacks import read_samples
+
+    run = run_attack(make_config(train={"max_steps": 4}, eval={"every": 2}), quiet=True)
+    records = read_samples(run / "samples")
+    tasks = json.loads((run / "tasks.json").read_text())
+    curve = {(r["step"], r["task"], r["metric"]): r["value"] for r in read_curve(run / "curve.jsonl")}
+    keys = [(r["step"], r["task"], r["question"]) for r in records]
+    assert len(keys) == len(set(keys)) and {k[0] for k in keys} == {0, 2, 4}
+    for (step, task, metric), value in curve.items():
+        mine = [r for r in records if r["step"] == step and r["task"] == task]
+        assert len(mine) == tasks[task]["n"]
+        if metric == tasks[task]["metric"]:
+            assert np.mean([r["correct"] for r in mine]) == pytest.approx(value, abs=1e-12)
+        if metric == "correct_prob":
+            assert np.mean([r["p_correct"] for r in mine]) == pytest.approx(value, abs=1e-4)
+    assert {r["correct"] for r in records} <= {0, 1}

@@ -18,6 +18,7 @@ from transformers import TrainerCallback
 from attack.__main__ import main
 from attack.recipes import run_attack
 from attack.rundir import RunDir, RunLock, read_curve
+from eval_callbacks import read_samples
 
 SECTIONS = dict(train={"max_steps": 6}, eval={"every": 2}, adapter={"dropout": 0.1})
 
@@ -58,7 +59,8 @@ def _as_if_killed(run):
 def _result(run):
     points = [(r["step"], r["tokens_seen"], r["task"], r["metric"], r["value"]) for r in read_curve(run / "curve.jsonl")]
     summary = json.loads((run / "summary.json").read_text())
-    return points, summary["status"], summary["steps"], summary["tokens_seen"], summary["rows_trained"]
+    records = read_samples(run / "samples")
+    return points, records, summary["status"], summary["steps"], summary["tokens_seen"], summary["rows_trained"]
 
 
 def _damage_adapter(ckpt):

@@ -52,8 +52,9 @@ def test_recovery_numbers(runs):
     assert row.reference == pytest.approx(0.90)
     assert row.pre == pytest.approx(0.25)
     assert row.final == pytest.approx(0.70)  # mean of 0.80 and 0.60
-    # 95% t-interval across 2 seeds: sd = 0.1414, se = 0.1, t(0.975, 1) = 12.706
-    assert row.final_hi - row.final == pytest.approx(1.2706, abs=1e-3)
+    # 95% t-interval across 2 seeds: sd = 0.1414, se = 0.1, t(0.975, 1) = 12.706: 0.70 +- 1.27,
+    # kept inside the score's range
+    assert (row.final_lo, row.final_hi) == (0.0, 1.0)
     # recovered fraction at step 10: seeds (0.50-0.25)/0.65 and (0.40-0.25)/0.65
     assert row["recovered@10"] == pytest.approx(((0.25 + 0.15) / 2) / 0.65)
     assert row["recovered@20"] == pytest.approx(((0.55 + 0.35) / 2) / 0.65)
@@ -99,3 +100,70 @@ def test_worst_case_keeps_the_best_point_within_the_budget(tmp_path):
     w = worst_case(load_curves(root), budgets=[10, 20]).set_index(["model", "budget_steps"])
     assert w.loc[("filtered", 20), "best_score"] == pytest.approx(0.85)
     assert w.loc[("filtered", 20), "at_step"] == 10
+
+
+def _records(steps: dict, seed=0, model="filtered", attack="A", task="bio"):
+    """steps: {step: list of 0/1 per question}."""
+    import pandas as pd
+
+    return pd.DataFrame([dict(step=s, question=q, correct=c, model=model, attack=attack, seed=seed, task=task)
+                         for s, outcome in steps.items() for q, c in enumerate(outcome)])
+
+
+def test_paired_claims_match_hand_computation():
+    from attack.paired import paired_table
+
+    # 100 questions, all wrong before; 80 right at step 10 and 85 at step 20. Reference 1.0.
+    recs = _records({0: [0] * 100, 10: [1] * 80 + [0] * 20, 20: [1] * 85 + [0] * 15})
+    row = paired_table(recs, {"bio": 1.0}).iloc[0]
+    assert row.questions == 100 and row.seeds == 1
+    assert row.recovered_final == pytest.approx(0.85)
+    half_width = 1.96 * (0.85 * 0.15 / 100) ** 0.5  # the normal approximation of the bootstrap
+    assert row.recovered_final_lo == pytest.approx(0.85 - half_width, abs=0.02)
+    assert row.recovered_final_hi == pytest.approx(0.85 + half_width, abs=0.02)
+    assert row["sure_steps_to_50%"] == 10 and row["claim_50%"] == "reached at step 10"
+    assert row["estimated_steps_to_90%"] is None or pd_isna(row["estimated_steps_to_90%"])
+    # 90% is neither reached nor excluded: the interval at step 20 reaches past 0.9
+    assert row["claim_90%"] == "not established (the interval still includes it)"
+
+
+def pd_isna(x):
+    import pandas as pd
+
+    return pd.isna(x)
+
+
+def test_noise_is_never_a_claim():
+    """The same accuracy on other questions (a re-shuffled evaluation): no recovery is claimed,
+    and "not reached" comes with the recovery the data exclude."""
+    import numpy as np
+
+    from attack.paired import paired_table
+
+    rng = np.random.default_rng(0)
+    base = (rng.random(400) < 0.3).astype(int)
+    steps = {0: list(base), **{s: list(rng.permutation(base)) for s in (10, 20, 40)}}
+    row = paired_table(_records(steps), {"bio": 0.9}).iloc[0]
+    assert row["sure_steps_to_50%"] is None or pd_isna(row["sure_steps_to_50%"])
+    assert row["claim_50%"].startswith("not reached; recovery above ") and row["recovered_final_lo"] < 0 < row["recovered_final_hi"]
+
+
+def test_seeds_are_averaged_per_question():
+    import pandas as pd
+
+    from attack.paired import paired_curve
+
+    a = _records({0: [0, 0, 0, 0], 5: [1, 1, 0, 0]}, seed=0)
+    b = _records({0: [0, 0, 0, 0], 5: [1, 0, 1, 0]}, seed=1)
+    curve = paired_curve(pd.concat([a, b])).set_index("step")
+    assert curve.loc[5, "change"] == pytest.approx(0.5) and curve.loc[5, "seeds"] == 2
+    assert curve.loc[5, "flipped_right"] == 1  # only question 0 is right on average over both seeds
+
+
+def test_broken_models_are_flagged_and_utility_is_not_recovery(runs):
+    t = summary_table(load_curves(runs), budgets=[10, 20], utility_task="general", max_utility_drop=0.05)
+    bio = t[(t.task == "bio") & (t.model == "filtered")].set_index("attack")
+    assert bio.loc["A", "broken_at"] == 10  # its utility dropped by 0.1 at step 10
+    assert pd_isna(bio.loc["B", "broken_at"])
+    util = t[t.task == "general"].iloc[0]
+    assert pd_isna(util.get("recovered@10")) and util.change == pytest.approx(util.final - util.pre)

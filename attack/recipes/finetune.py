@@ -89,7 +89,7 @@ def run(cfg: FinetuneConfig, extra_callbacks: list | None = None, quiet: bool = 
         trainer.add_callback(Bar())
     tracking = cfg.logging.report_to != "none"
     curve = RecoveryCurveCallback(evaluator, schedule, run.curve, wall_offset_s=run.wall_so_far(),
-                                  log=trainer.log if tracking else None)
+                                  log=trainer.log if tracking else None, samples_dir=run.samples)
     trained = RowsTrained(rows, micro * (per_device // micro), checkpoint)
     published = [PublishedScoreCheck(cfg.eval.expect, run, task_info)] if cfg.eval.expect and main else []
     lines = [ProgressLines(curve, max_steps, task_info, show_loss=not quiet)] if (not quiet if progress is None else progress) else []

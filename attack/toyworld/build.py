@@ -19,8 +19,8 @@ import torch
 
 from attack.errors import UserError
 from attack.rundir import write_atomic
-from attack.toyworld.models import ModelSpec, build_model, packed_batches, pretrain, train_tokenizer, unlearn
-from attack.toyworld.world import WorldSpec, blocklist_filter, generate, write_jsonl, write_tasks
+from attack.toyworld.models import ModelSpec, answer_batches, build_model, pretrain, train_tokenizer, unlearn
+from attack.toyworld.world import WorldSpec, _question, blocklist_filter, generate, write_jsonl, write_tasks
 from eval_callbacks import LiveEvaluator
 
 TASKS = ["toy_target_seen", "toy_target_heldout", "toy_target_cloze", "toy_general"]
@@ -127,8 +127,6 @@ def _build(out: Path, spec: BuildSpec, log) -> Path:
         docs = world["docs"]
         filtered, filter_stats = blocklist_filter(docs)
         attack_docs = [d for d in docs if d["domain"] == "target" and d["split"] == "seen"]
-        forget_docs = [d for d in docs if d["domain"] == "target"]
-        retain_docs = [d for d in docs if d["domain"] == "general"]
         write_jsonl(docs, tmp / "corpus" / "unfiltered.jsonl")
         write_jsonl(filtered, tmp / "corpus" / "filtered.jsonl")
         write_jsonl(attack_docs, tmp / "corpus" / "attack.jsonl")
@@ -153,8 +151,12 @@ def _build(out: Path, spec: BuildSpec, log) -> Path:
 
         from transformers import AutoModelForCausalLM
 
-        # Gradient difference can stall on one machine's floating-point path and succeed on
-        # another's: a stalled attempt is repaired by a gentler, longer one from the start.
+        # Gradient difference on the target facts' answers (forget) and the general facts' answers
+        # (retain), in the tasks' own question format. On whole documents it stalls on some
+        # machines: the forget loss saturates while the ranking of the answers survives. A stalled
+        # attempt is repaired by a gentler, longer one.
+        forget_pairs = [(_question(f), f["value"]) for f in world["facts"] if f["domain"] == "target"]
+        retain_pairs = [(_question(f), f["value"]) for f in world["facts"] if f["domain"] == "general"]
         for attempt, lr in enumerate((spec.unlearn_lr, spec.unlearn_lr / 2), 1):
             log(f"toy world: unlearning target knowledge from 'unfiltered' (attempt {attempt}, lr {lr:g})")
             model = AutoModelForCausalLM.from_pretrained(str(tmp / "unfiltered"))
@@ -166,9 +168,9 @@ def _build(out: Path, spec: BuildSpec, log) -> Path:
                 return dict(target=target, general=s["toy_general"],
                             stop=target <= 0.30 and s["toy_target_cloze"] <= 0.2)
 
-            rng = random.Random(spec.seed)
-            forget = packed_batches([d["text"] for d in forget_docs], tokenizer, spec.seq_len, 8, rng)
-            retain = packed_batches([d["text"] for d in retain_docs], tokenizer, spec.seq_len, 8, rng)
+            rng = random.Random(spec.seed + attempt)
+            forget = answer_batches(forget_pairs, tokenizer, 8, rng)
+            retain = answer_batches(retain_pairs, tokenizer, 8, rng)
             _, history = unlearn(model, forget, retain, check, max_steps=spec.unlearn_max_steps * attempt, lr=lr,
                                  max_forget_loss=math.log(len(tokenizer)), seed=spec.seed, log=log)
             scores["unlearned"] = _accuracy(evaluator)

@@ -92,27 +92,10 @@ def capital_facts(countries: list[str]) -> list[dict]:
 def question_batches(facts: list[dict], tokenizer, batch_size: int, rng: random.Random):
     """Endless shuffled batches of "Question: ...\nAnswer: <answer>" in the tasks' own format,
     with labels on the answer tokens only: unlearning and retaining act on the answer itself."""
-    import torch
+    from attack.toyworld.models import answer_batches
 
-    examples = []
-    for f in facts:
-        prompt = tokenizer(f"Question: {f['question']}\nAnswer:")["input_ids"]
-        full = tokenizer(f"Question: {f['question']}\nAnswer: {f['answer']}")["input_ids"]
-        examples.append((full, len(prompt)))
-    while True:
-        order = list(range(len(examples)))
-        rng.shuffle(order)
-        for i in range(0, len(order) - batch_size + 1, batch_size):
-            chunk = [examples[j] for j in order[i : i + batch_size]]
-            width = max(len(ids) for ids, _ in chunk)
-            ids = torch.full((len(chunk), width), tokenizer.pad_token_id)
-            labels = torch.full((len(chunk), width), -100)
-            mask = torch.zeros((len(chunk), width), dtype=torch.long)
-            for r, (full, start) in enumerate(chunk):
-                ids[r, : len(full)] = torch.tensor(full)
-                labels[r, start : len(full)] = torch.tensor(full[start:])
-                mask[r, : len(full)] = 1
-            yield dict(input_ids=ids, labels=labels, attention_mask=mask)
+    return answer_batches([(f"Question: {f['question']}\nAnswer:", f["answer"]) for f in facts], tokenizer,
+                          batch_size, rng)
 
 
 def _mcqa(facts: list[dict], pools: dict[str, list[str]], rng: random.Random) -> list[dict]:

@@ -87,6 +87,28 @@ def packed_batches(texts: list[str], tokenizer, seq_len: int, batch_size: int, r
             yield {k: v[idx] for k, v in packed.items()}
 
 
+def answer_batches(pairs: list[tuple[str, str]], tokenizer, batch_size: int, rng: random.Random):
+    """Endless shuffled batches of prompt + " " + answer, with labels on the answer tokens only."""
+    examples = []
+    for prompt, answer in pairs:
+        start = len(tokenizer(prompt)["input_ids"])
+        examples.append((tokenizer(f"{prompt} {answer}")["input_ids"], start))
+    while True:
+        order = list(range(len(examples)))
+        rng.shuffle(order)
+        for i in range(0, len(order) - batch_size + 1, batch_size):
+            chunk = [examples[j] for j in order[i : i + batch_size]]
+            width = max(len(ids) for ids, _ in chunk)
+            ids = torch.full((len(chunk), width), tokenizer.pad_token_id)
+            labels = torch.full((len(chunk), width), -100)
+            mask = torch.zeros((len(chunk), width), dtype=torch.long)
+            for r, (full, start) in enumerate(chunk):
+                ids[r, : len(full)] = torch.tensor(full)
+                labels[r, start : len(full)] = torch.tensor(full[start:])
+                mask[r, : len(full)] = 1
+            yield dict(input_ids=ids, labels=labels, attention_mask=mask)
+
+
 def pretrain(model, tokenizer, texts: list[str], steps: int, lr: float = 3e-3, batch_size: int = 16,
              seq_len: int = 128, seed: int = 0, log: Callable[[str], None] = print):
     """Plain AdamW pretraining with warm-up and cosine decay (the model is tiny; no Trainer needed)."""
