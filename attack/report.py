@@ -295,6 +295,8 @@ def write_report(paths: list[str | Path], out: str | Path, x: str = "steps", met
     refs = references(picked)
     table = summary_table(headline, metric, budgets, utility_task, max_utility_drop)
     worst = worst_case(headline, metric, budgets, utility_task, max_utility_drop)
+    reference_models = set(picked[picked.role == ("reference" if (picked.role == "reference").any() else "unfiltered")].model)
+    worst = worst[~worst.model.isin(reference_models)]  # the worst case is about models under test
     table.to_csv(out / "recovery.csv", index=False)
     worst.to_csv(out / "worst_case.csv", index=False)
     subtasks = df[~df.headline]

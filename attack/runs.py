@@ -45,7 +45,38 @@ def load_curves(paths: list[str | Path] | str | Path) -> pd.DataFrame:
         frames.append(df)
     if not frames:
         raise UserError(f"no curve rows found under {', '.join(map(str, paths))}")
-    return pd.concat(frames, ignore_index=True)
+    return _comparable(pd.concat(frames, ignore_index=True))
+
+
+def _comparable(df: pd.DataFrame) -> pd.DataFrame:
+    """Runs count as seeds of one row only when their configs agree in everything but the seed.
+    A label shared by different configs (another world, another step grid) becomes separate rows,
+    each marked with its config id, never a silent mean."""
+    ids = df.groupby(["model", "attack"])["config_id"].nunique()
+    mixed = set(ids[ids > 1].index)
+    if mixed:
+        marked = [(m, a) in mixed for m, a in zip(df.model, df.attack, strict=True)]
+        df.loc[marked, "attack"] = df.loc[marked, "attack"] + " [config " + df.loc[marked, "config_id"] + "]"
+    return df
+
+
+def config_id(path: Path) -> str:
+    """A hash of the run's config.yaml without what does not decide the result, nor the seed."""
+    import hashlib
+    import json
+
+    import yaml
+
+    try:
+        cfg = yaml.safe_load((path / "config.yaml").read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return "unknown"
+    for section in ("output", "logging"):
+        cfg.pop(section, None)
+    for section, key in (("eval", "expect"), ("eval", "dataset_paths"), ("train", "seed")):
+        if isinstance(cfg.get(section), dict):
+            cfg[section].pop(key, None)
+    return hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:8]
 
 
 def _run_meta(path: Path) -> dict:
@@ -68,7 +99,7 @@ def _run_meta(path: Path) -> dict:
         setting = "full" if adapter.get("kind") == "full" else f"lora-r{adapter.get('rank')}"
         meta = dict(model=model, role="other", attack=f"{setting}-lr{cfg.get('train', {}).get('lr')}",
                     kind=kind, seed=cfg.get("train", {}).get("seed", 0))
-    meta.update(run=path.name, path=str(path), status=str(run.status))
+    meta.update(run=path.name, path=str(path), status=str(run.status), config_id=config_id(path))
     return meta
 
 

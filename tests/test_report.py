@@ -167,3 +167,15 @@ def test_broken_models_are_flagged_and_utility_is_not_recovery(runs):
     assert pd_isna(bio.loc["B", "broken_at"])
     util = t[t.task == "general"].iloc[0]
     assert pd_isna(util.get("recovered@10")) and util.change == pytest.approx(util.final - util.pre)
+
+
+def test_runs_of_different_configs_are_not_averaged(tmp_path):
+    """Two worlds' runs under one model and attack label: separate rows, never one mean."""
+    root = tmp_path / "runs"
+    for name, world, seed in (("a0", "/w1/filtered", 0), ("a1", "/w1/filtered", 1), ("b0", "/w2/filtered", 0)):
+        run = _run(root, name, "filtered", "filtered", "A", seed, {0: 0.25, 10: 0.5})
+        (run / "config.yaml").write_text(f"model: {{name: {world}}}\ntrain: {{seed: {seed}, lr: 0.001}}\n")
+    df = load_curves(root)
+    groups = df.groupby("attack")["run"].unique()
+    assert len(groups) == 2 and sorted(len(r) for r in groups) == [1, 2]  # the two seeds of w1 stay together
+    assert all(a.startswith("A [config ") for a in groups.index)

@@ -202,3 +202,16 @@ def test_demo_runs_from_any_directory(tmp_path):
     _, cells = load_sweep(out / "sweep.yaml")
     assert all(json.loads((out / c.id / "summary.json").read_text())["status"] == "done" for c in cells)
     assert f"recovery curves and report: {out / 'report' / 'index.html'}" in proc.stdout
+
+
+def test_sweep_cells_show_progress(tmp_path, world, llama_dir, capsys):
+    """Each cell prints a line per evaluation point (step, time, ETA, the asked-for scores) and
+    its duration; no raw Trainer dicts."""
+    path = _sweep_file(tmp_path, world, [{"label": "m", "name": str(llama_dir)}], attacks=[{"label": "a"}], seeds=[0])
+    run_sweep(path, quiet=True, progress=True, log=print)
+    out = capsys.readouterr().out
+    lines = [line.strip() for line in out.splitlines()]
+    points = [line for line in lines if line.startswith("step ") and "toy_target_seen" in line]
+    assert [p.split()[1] for p in points] == ["0/4", "2/4", "4/4"]
+    assert "eta" in points[1] and any(line.startswith("done in ") for line in lines)
+    assert "{'loss'" not in out and "'loss':" not in out
