@@ -193,6 +193,8 @@ def worst_case(df: pd.DataFrame, metric: str | None = None, budgets: list[int] |
     means = d.groupby(["model", "attack", "task", "step"])["value"].mean()
     rows = []
     for (model, task), g in d.groupby(["model", "task"]):
+        if task == utility_task:  # the bound, not a target
+            continue
         for b in budgets:
             best, best_attack, best_step = float("nan"), None, None
             for attack in sorted(g.attack.unique()):
@@ -374,7 +376,10 @@ def _paired(df: pd.DataFrame, picked: pd.DataFrame, refs: dict, utility_task: st
     table.to_csv(out / "recovery_paired.csv", index=False)
     keep = ["model", "attack", "task", "questions", "seeds", "recovered_final", "recovered_final_lo",
             "recovered_final_hi", "claim_50%", "claim_90%"]
-    return table[[c for c in keep if c in table.columns]]
+    if "recovered_final" not in table.columns:
+        return None
+    shown = table[table.recovered_final.notna()]  # rows with a gap to recover (not the reference itself)
+    return shown[[c for c in keep if c in shown.columns]]
 
 
 def main(argv: list[str]) -> int:

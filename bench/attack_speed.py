@@ -44,6 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from transformers import (  # noqa: E402
     GPTNeoXConfig,
     LlamaConfig,
+    PrinterCallback,
     Trainer,
     TrainerCallback,
     TrainingArguments,
@@ -218,7 +219,9 @@ def run_baseline(args, work, model_dir, tokenizer, docs) -> dict:
     timer = StepTimer(args.warmup)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    Trainer(model=model, args=targs, train_dataset=data, callbacks=[timer]).train()
+    trainer = Trainer(model=model, args=targs, train_dataset=data, callbacks=[timer])
+    trainer.remove_callback(PrinterCallback)  # stdout carries the JSON lines only
+    trainer.train()
     return dict(recipe="baseline", step_s=float(np.median(timer.times)), tokens_per_step=real_tokens,
                 eval_s=None, micro_batch=1, checkpointing=True, peak_mem_gb=peak_mem_gb())
 

@@ -96,7 +96,7 @@ def test_benchmark_script_prints_its_measurements():
            "--batch-size", "4", "--eval-questions", "16"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith('{"recipe"')]
+    lines = [json.loads(line) for line in proc.stdout.splitlines()]  # stdout is JSON lines only
     assert [r["recipe"] for r in lines] == ["attack", "baseline"]
     for r in lines:
         assert {"recipe", "model", "device", "tokens_per_s", "mfu", "peak_mem_gb", "eval_s", "eval_share"} <= set(r)

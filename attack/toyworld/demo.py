@@ -133,7 +133,7 @@ def main(argv: list[str]) -> int:
     if outcome["failed"]:
         raise UserError(f"{outcome['failed']} demo cell(s) failed; see summary.json under {out}")
     runs = [out / c.id for c in cells]
-    report = write_report(runs, out / "report")
+    report = write_report(runs, out / "report", utility_task=tasks[-1])  # the general domain
 
     print("\n== After the attack (accuracy, mean over seeds) ==")
     print(_attack_table(runs, tasks, list(dict.fromkeys(c.model.label for c in cells))))
