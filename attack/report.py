@@ -159,7 +159,10 @@ def summary_table(df: pd.DataFrame, metric: str | None = None, budgets: list[int
                 else:
                     row[f"{unit}_to_{pct}%"] = "not reached"
         rows.append(row)
-    return pd.DataFrame(rows)
+    table = pd.DataFrame(rows)
+    if utility_task and len(table):  # target tasks first, the utility task after them
+        table = table.sort_values("task", key=lambda t: t == utility_task, kind="stable").reset_index(drop=True)
+    return table
 
 
 def broken_at(d: pd.DataFrame, utility_task: str | None, max_utility_drop: float | None) -> dict:
