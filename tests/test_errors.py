@@ -125,7 +125,7 @@ def test_cli_process_exit_status(world, tmp_path):
 @pytest.mark.parametrize("case, expected", [
     ("latin1", "is not UTF-8 text"),
     ("numbers", "holds int64, not text"),
-    ("task_yaml", "is not valid YAML"),
+    pytest.param("task_yaml", "is not valid YAML", marks=pytest.mark.slow),  # indexes lm-eval's stock tasks
     ("output_is_file", "is a file, not a folder"),
     ("lr_negative", "train.lr must be > 0"),
     ("run_id_path", "output.run_id must be a plain name"),

@@ -73,12 +73,12 @@ def _empty_state(ckpt):
 
 
 @pytest.mark.parametrize("event, step, damage", [
-    ("step_end", 3, None),  # between checkpoints
-    ("save", 4, None),  # right after a checkpoint
+    pytest.param("step_end", 3, None, marks=pytest.mark.slow),  # between checkpoints
+    pytest.param("save", 4, None, marks=pytest.mark.slow),  # right after a checkpoint
     ("save", 6, None),  # after the last checkpoint, before the final save and the summary
-    ("train_end", 6, None),  # training done, final weights not yet saved
+    pytest.param("train_end", 6, None, marks=pytest.mark.slow),  # training done, final weights not yet saved
     ("save", 6, _damage_adapter),  # the newest checkpoint truncated
-    ("save", 6, _empty_state),  # the newest checkpoint's state empty
+    pytest.param("save", 6, _empty_state, marks=pytest.mark.slow),  # the newest checkpoint's state empty
 ])
 def test_killed_run_resumes_to_the_uninterrupted_result(make_config, tmp_path, capsys, event, step, damage):
     whole = run_attack(make_config(output={"dir": str(tmp_path / "a")}, **SECTIONS), quiet=True)
