@@ -183,9 +183,24 @@ class RunDir:
             raise
         return checkpoint
 
-    def check_writable(self) -> None:
-        """The folder the run directory goes into can be made and written (checked in setup,
-        before anything is created)."""
+    def refuse_existing(self, resume: bool) -> None:
+        """A finished run is never reopened, and a started one only to resume it."""
+        if not self.path.is_dir():
+            return
+        summary = self.summary
+        if (summary or {}).get("status") == Status.DONE:
+            raise UserError(f"run directory {self.path} already exists and is finished (status: done), nothing to "
+                            "resume; for another run of the same config give a new --run-id or --output")
+        if any(p.name != ".lock" for p in self.path.iterdir()) and not resume:
+            state = (summary or {}).get("status", Status.PARTIAL)
+            raise UserError(
+                f"run directory {self.path} already exists (status: {state}); "
+                "pass --resume to continue it, or --run-id/--output for a new run"
+            )
+
+    def check_writable(self, resume: bool) -> None:
+        """Checked in setup, before anything is created: the folder the run directory goes into
+        can be written, and the run directory is not one that must not be reopened."""
         import tempfile
 
         parent = self.path.parent
@@ -198,6 +213,7 @@ class RunDir:
             raise UserError(f"--output {parent} cannot be written ({e.strerror}); choose another --output") from None
         if self.path.exists() and not self.path.is_dir():
             raise UserError(f"{self.path} is a file, not a run directory; choose another --run-id or --output")
+        self.refuse_existing(resume)
 
     def close(self) -> None:
         """Give up the run directory at the end of the run."""
@@ -215,17 +231,7 @@ class RunDir:
     def _prepare(self, cfg: AttackConfig, resume: bool) -> str | None:
         """Refuses to touch a directory that already holds a run unless resuming, so nothing
         written is clobbered."""
-        summary = self.summary
-        done = (summary or {}).get("status") == Status.DONE
-        if done:
-            raise UserError(f"run directory {self.path} already exists and is finished (status: done), nothing to "
-                            "resume; for another run of the same config give a new --run-id or --output")
-        if any(p.name != ".lock" for p in self.path.iterdir()) and not resume:
-            state = (summary or {}).get("status", Status.PARTIAL)
-            raise UserError(
-                f"run directory {self.path} already exists (status: {state}); "
-                "pass --resume to continue it, or --run-id/--output for a new run"
-            )
+        self.refuse_existing(resume)
         checkpoint = self.last_checkpoint() if resume else None
         self.path.mkdir(parents=True, exist_ok=True)
         if resume and (self.path / "config.yaml").exists():

@@ -161,3 +161,17 @@ def test_report_input(capsys, tmp_path):
     (tmp_path / "runs" / "r" / "curve.jsonl").write_text('{"step": 0}\n{"step": 0, "task": "t", "metric": "acc", "value": 0.5}\n')
     _one_line_error(capsys, ["report", str(tmp_path / "runs"), "--budgets", "abc"], "--budgets expects")
     _one_line_error(capsys, ["report", str(tmp_path / "runs")], "line 1 is not a curve row")
+
+
+def test_a_finished_run_is_refused_before_anything_loads(capsys, world, llama_dir, tmp_path, monkeypatch):
+    import attack.recipes.finetune as recipe
+
+    argv = _args(world, llama_dir, tmp_path, **{"--run-id": "r1"})
+    assert main(argv) == 0
+    capsys.readouterr()
+
+    def no_loading(*a, **kw):
+        raise AssertionError("the model was loaded before the run directory was checked")
+
+    monkeypatch.setattr(recipe, "load_tokenizer", no_loading)
+    _one_line_error(capsys, [*argv, "--resume"], "already exists and is finished (status: done), nothing to resume")

@@ -39,7 +39,7 @@ def run(cfg: FinetuneConfig, extra_callbacks: list | None = None, quiet: bool = 
 
     # 1. Setup. Every check of the user's input, cheapest first. The prepared corpus goes to its
     #    own cache (shared by every run); nothing is written to the run directory yet.
-    run.check_writable()
+    run.check_writable(cfg.output.resume)
     max_steps = steps_for(cfg)
     per_device = per_device_batch(cfg.train, procs.num_processes)
     if cfg.model.load_in_4bit:
