@@ -10,6 +10,8 @@ fp32 master weights. Speed comes from bf16 *autocast* of the matrix products on 
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import sys
 from pathlib import Path
 
@@ -69,7 +71,8 @@ def load_model(cfg: ModelConfig, adapter: AdapterConfig):
     else:
         kwargs["dtype"] = torch.float32  # full fine-tuning: fp32 master weights
     try:
-        model, loading = AutoModelForCausalLM.from_pretrained(source, output_loading_info=True, **kwargs)
+        with _no_gguf_bar():
+            model, loading = AutoModelForCausalLM.from_pretrained(source, output_loading_info=True, **kwargs)
     except Exception as e:
         raise UserError(f"could not load model '{cfg.name}': {first_line(e)}") from None
     check_weights_complete(cfg.name, loading)
@@ -81,6 +84,20 @@ def load_model(cfg: ModelConfig, adapter: AdapterConfig):
     # A KV cache is useless in training and would disable packed-sequence masking.
     model.config.use_cache = False
     return model
+
+
+@contextlib.contextmanager
+def _no_gguf_bar():
+    """transformers draws a progress bar, whatever its verbosity, while it dequantises GGUF
+    tensors; the attack's terminal shows its own progress instead."""
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
+    original = gguf_utils.tqdm
+    gguf_utils.tqdm = functools.partial(original, disable=True)
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = original
 
 
 def check_weights_complete(name: str, loading: dict) -> None:

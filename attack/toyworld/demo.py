@@ -85,9 +85,10 @@ def main(argv: list[str]) -> int:
     from attack.sweep import load_sweep, run_sweep
 
     start = time.perf_counter()
-    # One torch thread unless OMP_NUM_THREADS says otherwise: the toy models gain nothing from
-    # more, and on a shared machine more threads only slow everything down.
-    if "OMP_NUM_THREADS" not in os.environ:
+    # One torch thread for the toy models unless OMP_NUM_THREADS says otherwise: they gain nothing
+    # from more, and on a shared machine more threads only slow everything down. SmolLM2 (135M
+    # parameters) does gain from the cores, so it keeps torch's default.
+    if args.world == "toy" and "OMP_NUM_THREADS" not in os.environ:
         import torch
 
         torch.set_num_threads(1)
