@@ -338,11 +338,16 @@ def read_yaml(path: str | Path) -> dict:
 
 def identity(cfg: AttackConfig) -> dict:
     """The part of the config that decides the result (not where it is written or logged)."""
-    d = to_dict(cfg)
-    d.pop("output")
-    d.pop("logging")
-    d["eval"].pop("expect")  # a check of the result, not part of it
-    d["eval"].pop("dataset_paths")  # where a copy of the data lives, not what it is
+    return identity_of(to_dict(cfg))
+
+
+def identity_of(d: dict) -> dict:
+    """`identity` of a config as a plain dict (a run's config.yaml, of any version), changed in place."""
+    d.pop("output", None)
+    d.pop("logging", None)
+    if isinstance(d.get("eval"), dict):
+        d["eval"].pop("expect", None)  # a check of the result, not part of it
+        d["eval"].pop("dataset_paths", None)  # where a copy of the data lives, not what it is
     return d
 
 

@@ -32,6 +32,7 @@ from transformers import TrainerCallback
 
 from attack.config import DataConfig
 from attack.errors import UserError, first_line
+from attack.rundir import checkpoint_step
 
 FORMAT = 1  # bump when the prepared layout or the packing changes
 
@@ -346,7 +347,7 @@ class RowsTrained(TrainerCallback):
         self.corpus, self.rows_per_step = corpus, rows_per_step
         saved = Path(checkpoint) / self.FILE if checkpoint else None
         self.prior = np.load(saved) if saved is not None and saved.exists() else np.zeros(0, dtype=np.int64)
-        self.start_step = int(checkpoint.rsplit("-", 1)[-1]) if checkpoint else 0
+        self.start_step = checkpoint_step(checkpoint) if checkpoint else 0
 
     def trained(self, step: int) -> np.ndarray:
         # The data loader reads a batch ahead: keep only rows of steps taken since the start.

@@ -7,8 +7,8 @@ class UserError(Exception):
     """A problem with the user's input: printed as one line, exit status 2, no traceback."""
 
 
-def first_line(e: BaseException) -> str:
-    """The first line of an exception's message (library errors can run to pages)."""
+def first_line(e: BaseException | str) -> str:
+    """The first line of an exception's message or of a text (library errors can run to pages)."""
     text = str(e).strip().splitlines()
     return text[0] if text else type(e).__name__
 

@@ -13,6 +13,8 @@ import sys
 
 from transformers import TrainerCallback
 
+from attack.rundir import read_curve
+
 Z = 2.0
 
 
@@ -54,8 +56,6 @@ class PublishedScoreCheck(TrainerCallback):
         self.expect, self.run, self.tasks = expect, run, tasks
 
     def on_train_begin(self, args, state, control, **kwargs):
-        from attack.rundir import read_curve
-
         step0 = [r for r in read_curve(self.run.curve) if r["step"] == 0]
         checks = check_published(self.expect, step0, self.tasks)
         warnings = [mismatch_message(c) for c in checks if not c["ok"]]

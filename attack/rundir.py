@@ -29,6 +29,7 @@ import torch
 
 from attack.config import AttackConfig, dump_yaml
 from attack.errors import UserError, first_line
+from attack.files import read_json, write_atomic
 from attack.runlock import RunDirInUse, RunLock
 from eval_callbacks.callback import CurveRow
 
@@ -90,29 +91,6 @@ class Summary(TypedDict, total=False):
     final_train_loss: float | None
     published_checks: list[dict]
     warnings: list[str]
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write via a temporary file (named for this process) and rename, so readers never see a
-    half-written file and a failed write (a full disk) leaves nothing behind."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-
-
-def read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
 
 
 def read_curve(path: Path) -> list[CurveRow]:
@@ -245,7 +223,7 @@ class RunDir:
         write_atomic(self.path / "env.json", json.dumps(environment(), indent=2))
         # The resumed trajectory restarts at the checkpoint: points recorded after it
         # (before the interruption) are dropped, so the curve has each step exactly once.
-        keep_until = _checkpoint_step(checkpoint) if checkpoint else -1
+        keep_until = checkpoint_step(checkpoint) if checkpoint else -1
         rows = [r for r in read_curve(self.curve) if r["step"] <= keep_until]
         write_atomic(self.curve, "".join(json.dumps(r) + "\n" for r in rows))
         for f in self.samples.glob("*step-*"):  # records of dropped points, and torn temporary files
@@ -259,7 +237,7 @@ class RunDir:
         written) is set aside as damaged-checkpoint-N, and the next older one is used."""
         if not self.checkpoints.is_dir():
             return None
-        for ckpt in sorted(self.checkpoints.glob("checkpoint-*"), key=_checkpoint_step, reverse=True):
+        for ckpt in sorted(self.checkpoints.glob("checkpoint-*"), key=checkpoint_step, reverse=True):
             problem = checkpoint_damage(ckpt)
             if problem is None:
                 return str(ckpt)
@@ -281,12 +259,9 @@ class RunDir:
         return max((r.get("wall_s") or 0.0 for r in rows), default=0.0)
 
 
-def _checkpoint_step(path) -> int:
-    return int(str(path).rsplit("-", 1)[-1])
-
-
 def checkpoint_step(path) -> int:
-    return _checkpoint_step(path)
+    """The step of a trainer checkpoint folder, checkpoint-<step>."""
+    return int(str(path).rsplit("-", 1)[-1])
 
 
 def checkpoint_damage(ckpt: Path) -> str | None:
@@ -298,7 +273,7 @@ def checkpoint_damage(ckpt: Path) -> str | None:
     from safetensors import safe_open
 
     state = read_json(ckpt / "trainer_state.json")
-    if not state or state.get("global_step") != _checkpoint_step(ckpt):
+    if not state or state.get("global_step") != checkpoint_step(ckpt):
         return "trainer_state.json is missing or unreadable"
     weights = list(ckpt.glob("*.safetensors")) + list(ckpt.glob("*.bin"))
     if not weights:

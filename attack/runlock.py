@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from attack.errors import UserError
+from attack.files import read_json, write_atomic
 
 
 class RunDirInUse(UserError):
@@ -40,7 +41,7 @@ class RunLock:
             with os.fdopen(fd, "w") as f:
                 json.dump(me, f)
         except FileExistsError:
-            holder = _read(self.path)
+            holder = read_json(self.path) or {}
             mine = holder.get("pid") == os.getpid() and holder.get("host") == platform.node()
             if mine and self.path.resolve() not in RunLock.held:
                 holder = {}  # left by an earlier run in this process that ended without release
@@ -52,7 +53,7 @@ class RunLock:
             else:
                 print(f"taking over {self.path.parent}: its previous process (pid {holder.get('pid')} on "
                       f"{holder.get('host')}) is gone", file=sys.stderr)
-            _replace(self.path, me)
+            write_atomic(self.path, json.dumps(me))
         RunLock.held.add(self.path.resolve())
         self._heartbeat()
 
@@ -82,7 +83,7 @@ class RunLock:
         self._stop.set()
         self._stop = None
         RunLock.held.discard(self.path.resolve())
-        holder = _read(self.path)
+        holder = read_json(self.path) or {}
         if holder.get("pid") == os.getpid() and holder.get("host") == platform.node():
             with contextlib.suppress(OSError):
                 self.path.unlink()
@@ -99,16 +100,3 @@ def _pid_alive(pid) -> bool:
         return True
     return True
 
-
-def _read(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
-def _replace(path: Path, holder: dict) -> None:
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(holder))
-    os.replace(tmp, path)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from attack.errors import UserError
+from attack.errors import UserError, first_line
 from attack.rundir import CellMeta, RunDir, Status, read_curve, read_json
 
 
@@ -67,15 +67,17 @@ def config_id(path: Path) -> str:
 
     import yaml
 
+    from attack.config import identity_of
+
     try:
         cfg = yaml.safe_load((path / "config.yaml").read_text()) or {}
     except (OSError, yaml.YAMLError):
         return "unknown"
-    for section in ("output", "logging"):
-        cfg.pop(section, None)
-    for section, key in (("eval", "expect"), ("eval", "dataset_paths"), ("train", "seed")):
-        if isinstance(cfg.get(section), dict):
-            cfg[section].pop(key, None)
+    if not isinstance(cfg, dict):
+        return "unknown"
+    cfg = identity_of(cfg)
+    if isinstance(cfg.get("train"), dict):
+        cfg["train"].pop("seed", None)
     return hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:8]
 
 
@@ -133,9 +135,6 @@ def _failed_runs(df: pd.DataFrame) -> dict[str, str]:
     """{run: error} of the runs whose summary says failed."""
     out = {}
     for run, path in df[df.status == Status.FAILED][["run", "path"]].drop_duplicates().itertuples(index=False):
-        out[run] = first_line_of((RunDir(Path(path)).summary or {}).get("error") or "failed")
+        out[run] = first_line((RunDir(Path(path)).summary or {}).get("error") or "failed")
     return out
 
-
-def first_line_of(text: str) -> str:
-    return text.strip().splitlines()[0] if text.strip() else text

@@ -14,14 +14,13 @@ from attack.config import LoggingConfig
 from attack.errors import UserError
 
 
-def start_tracker(cfg: LoggingConfig) -> None:
-    """Checked before the run directory opens: a tracker that is asked for must be installed."""
+def check_tracker(cfg: LoggingConfig) -> None:
+    """Checked before the run directory opens: a tracker that is asked for must be installed
+    (`open_tracker` starts it, with the project name, once the run directory exists)."""
     if cfg.report_to == "none":
         return
     if importlib.util.find_spec(cfg.report_to) is None:
         raise UserError(f"--report-to {cfg.report_to} needs {cfg.report_to}: pip install {cfg.report_to}")
-    if cfg.report_to == "wandb":
-        os.environ.setdefault("WANDB_PROJECT", cfg.project)
 
 
 def open_tracker(cfg, run_dir) -> None:

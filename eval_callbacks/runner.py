@@ -284,14 +284,12 @@ class LiveEvaluator:
                 stderr = float(stderr) if isinstance(stderr, (int, float)) else None
                 name = metric if filt == "none" else key
                 rows.append(dict(task=task, metric=name, value=float(value), stderr=stderr, n=n))
-        self.last_records = self._records(out.get("samples") or {})
-        probs = {}
-        for task, samples in (out.get("samples") or {}).items():
-            task_obj = self.tasks.get(task)
-            if task_obj is None or task_obj.OUTPUT_TYPE != "multiple_choice" or not samples:
-                continue
-            p = [correct_probability(task_obj, s) for s in samples]
-            probs[task] = [x for x in p if x is not None]
+        samples = out.get("samples") or {}
+        # The probability of the correct choice, once per question of each multiple-choice task.
+        p_correct = {task: [correct_probability(self.tasks[task], s) for s in found] for task, found in samples.items()
+                     if task in self.tasks and self.tasks[task].OUTPUT_TYPE == "multiple_choice"}
+        self.last_records = self._records(samples, p_correct)
+        probs = {task: [x for x in p if x is not None] for task, p in p_correct.items() if p}
         # A group's correct_prob pools its leaf tasks' questions (weighted by size, like its acc).
         for name, group in self.groups.items():
             pooled = [x for t in group.get_all_tasks() for x in probs.get(t.task_name, [])]
@@ -305,7 +303,7 @@ class LiveEvaluator:
         return rows
 
 
-    def _records(self, samples: dict) -> list[dict]:
+    def _records(self, samples: dict, p_correct: dict[str, list]) -> list[dict]:
         """One record per task (and group) and question: its index in the task's evaluation
         documents (a group numbers its members' questions one after another), whether it was
         answered correctly under the headline metric, and the probability of the correct choice.
@@ -316,18 +314,16 @@ class LiveEvaluator:
             leaves = entry["members"] if entry["kind"] == "group" else [name]
             metric, offset = entry.get("metric") or "acc", 0
             for leaf in leaves:
-                task = self.tasks[leaf]
-                for s in samples.get(leaf) or []:
+                found = samples.get(leaf) or []
+                for s, p in zip(found, p_correct.get(leaf) or [None] * len(found), strict=True):
                     value = s.get(metric)
                     if not isinstance(value, (int, float)):
                         continue
-                    p = correct_probability(task, s) if task.OUTPUT_TYPE == "multiple_choice" else None
                     records.append({"task": name, "question": offset + int(s["doc_id"]),
                                     "correct": int(value) if value in (0, 1) else float(value),
                                     "p_correct": None if p is None else round(p, 5)})
                 offset += self.sizes[leaf]
         return records
-
 
 
 def correct_probability(task, sample: dict) -> float | None:

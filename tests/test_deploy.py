@@ -44,20 +44,26 @@ def test_accelerate_configs_parse():
     assert fsdp["distributed_type"] == "FSDP" and "fsdp_config" in fsdp
 
 
-@pytest.mark.slow
-def test_slurm_array_task_runs_its_shard(tmp_path, world, llama_dir):
-    """The array script's per-task command, with SLURM's variables set by hand, on a toy sweep."""
+def _toy_sweep(tmp_path, world, llama_dir, max_steps: int, log_every: int, seeds: list[int]) -> Path:
+    """A one-model sweep on the test world, written to tmp_path/sweep.yaml."""
     sweep = {
         "name": "slurm", "output": str(tmp_path / "runs"),
         "base": {"data": {"path": str(world["attack"]), "seq_len": 32},
-                 "train": {"batch_size": 2, "max_steps": 2, "log_every": 1},
+                 "train": {"batch_size": 2, "max_steps": max_steps, "log_every": log_every},
                  "adapter": {"rank": 2, "alpha": 4},
                  "eval": {"tasks": ["toy_target_seen"], "include_path": [str(world["tasks"])], "every": 2}},
         "models": [{"label": "tiny", "name": str(llama_dir)}],
-        "seeds": [0, 1, 2, 3],
+        "seeds": seeds,
     }
     path = tmp_path / "sweep.yaml"
     path.write_text(yaml.safe_dump(sweep))
+    return path
+
+
+@pytest.mark.slow
+def test_slurm_array_task_runs_its_shard(tmp_path, world, llama_dir):
+    """The array script's per-task command, with SLURM's variables set by hand, on a toy sweep."""
+    path = _toy_sweep(tmp_path, world, llama_dir, max_steps=2, log_every=1, seeds=[0, 1, 2, 3])
     env = {**os.environ, "SLURM_ARRAY_TASK_ID": "2", "SLURM_ARRAY_TASK_MIN": "1", "SLURM_ARRAY_TASK_COUNT": "2",
            "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "HF_HOME": str(tmp_path / "hf")}
     proc = subprocess.run(["bash", str(ROOT / "examples/slurm/sweep_array.sh"), str(path)], env=env,
@@ -76,16 +82,7 @@ def test_slurm_preemption_requeues_and_resumes(tmp_path, world, llama_dir):
 
     from attack.rundir import read_curve
 
-    sweep = {
-        "name": "slurm", "output": str(tmp_path / "runs"),
-        "base": {"data": {"path": str(world["attack"]), "seq_len": 32},
-                 "train": {"batch_size": 2, "max_steps": 300, "log_every": 10},
-                 "adapter": {"rank": 2, "alpha": 4},
-                 "eval": {"tasks": ["toy_target_seen"], "include_path": [str(world["tasks"])], "every": 2}},
-        "models": [{"label": "tiny", "name": str(llama_dir)}],
-    }
-    path = tmp_path / "sweep.yaml"
-    path.write_text(yaml.safe_dump(sweep))
+    path = _toy_sweep(tmp_path, world, llama_dir, max_steps=300, log_every=10, seeds=[0])
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "scontrol").write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path / 'requeued'}\n")

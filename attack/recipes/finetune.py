@@ -25,7 +25,7 @@ from attack.model import apply_adapter, autocast_dtype, four_bit_config, load_mo
 from attack.published import PublishedScoreCheck
 from attack.rundir import RunDir, Status, checkpoint_step, read_curve
 from attack.speed import liger_available, micro_batch, per_device_batch
-from attack.tracking import Bar, ProgressLines, close_progress_bar, finish_tracker, open_tracker, start_tracker
+from attack.tracking import Bar, ProgressLines, check_tracker, close_progress_bar, finish_tracker, open_tracker
 from eval_callbacks import NonFiniteLossError, RecoveryCurveCallback
 
 
@@ -44,7 +44,7 @@ def run(cfg: FinetuneConfig, extra_callbacks: list | None = None, quiet: bool = 
     per_device = per_device_batch(cfg.train, procs.num_processes)
     if cfg.model.load_in_4bit:
         four_bit_config()  # says clearly when this machine cannot
-    start_tracker(cfg.logging)
+    check_tracker(cfg.logging)
     tokenizer = load_tokenizer(cfg.model)  # also says when the model is not where it was said to be
     tasks = find_eval_tasks(cfg.eval)
     with procs.main_process_first():  # the main process prepares the corpus, the others map it
