@@ -1,0 +1,181 @@
+"""Directions in the residual stream: their means from plain forward hooks, their ablation by
+hooks, and the same ablation baked into the weights (orthogonalization).
+
+The residual stream is the sum of what its writers add: the input embedding, and per decoder
+layer the attention output projection and the MLP down projection. Removing a unit direction r
+from every writer's output, out <- out - a (out . r) r, scales the stream's component along r by
+(1 - a) at every layer. The weight form does the same without hooks: W <- W - a r r^T W for each
+writing matrix, b <- b - a (b . r) r for its bias (GPT-NeoX has them), E <- E - a E r r^T for
+the embedding rows. Both are exact at any strength a, so the edited model equals the hooked one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from attack.errors import UserError
+
+# The modules of each decoder layer that add to the residual stream, per architecture. Only
+# architectures whose writers add their output to the stream unchanged: a norm after the
+# writer (Gemma 2/3, OLMo 2) would rescale the stream along r again.
+WRITERS = {
+    "llama": ("self_attn.o_proj", "mlp.down_proj"),
+    "mistral": ("self_attn.o_proj", "mlp.down_proj"),
+    "qwen2": ("self_attn.o_proj", "mlp.down_proj"),
+    "qwen3": ("self_attn.o_proj", "mlp.down_proj"),
+    "gpt_neox": ("attention.dense", "mlp.dense_4h_to_h"),
+}
+
+
+def decoder_layers(model) -> torch.nn.ModuleList:
+    return model.get_decoder().layers
+
+
+def residual_writers(model) -> list[torch.nn.Module]:
+    """The input embedding, then every layer's writers, in order."""
+    kind = model.config.model_type
+    if kind not in WRITERS:
+        raise UserError(f"directional ablation does not know the residual writers of '{kind}' models; "
+                        f"supported: {', '.join(WRITERS)}")
+    writers = [model.get_input_embeddings()]
+    for layer in decoder_layers(model):
+        writers += [layer.get_submodule(name) for name in WRITERS[kind]]
+    return writers
+
+
+def _project_out(x: torch.Tensor, r: torch.Tensor, strength: float) -> torch.Tensor:
+    r = r.to(x.dtype)
+    return x - strength * (x @ r).unsqueeze(-1) * r
+
+
+@contextlib.contextmanager
+def ablated(model, direction: torch.Tensor, strength: float = 1.0):
+    """Inside this block, every residual writer's output loses `strength` of its component along
+    the unit vector `direction`."""
+    r = direction.to(next(model.parameters()).device)
+
+    def hook(module, args, output):
+        return _project_out(output, r, strength)
+
+    handles = [m.register_forward_hook(hook) for m in residual_writers(model)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@torch.no_grad()
+def orthogonalize(model, direction: torch.Tensor, strength: float = 1.0) -> None:
+    """Edit the weights in place so the model writes (1 - strength) of its former component along
+    `direction` to the residual stream: the weight form of `ablated`. Computed in float64. Tied
+    input and output embeddings are untied first, so the unembedding stays as it was."""
+    untie_embeddings(model)
+    r = direction.double()
+    embedding, *linears = residual_writers(model)
+    w = embedding.weight
+    e = w.double()
+    w.copy_(e - strength * torch.outer(e @ r.to(w.device), r.to(w.device)))
+    for linear in linears:
+        w = linear.weight  # (hidden, in): the output is W x + b
+        rr = r.to(w.device)
+        w.copy_(w.double() - strength * torch.outer(rr, rr @ w.double()))
+        if linear.bias is not None:
+            b = linear.bias.double()
+            linear.bias.copy_(b - strength * (b @ rr) * rr)
+
+
+def untie_embeddings(model) -> None:
+    head = model.get_output_embeddings()
+    if head is not None and head.weight is model.get_input_embeddings().weight:
+        head.weight = torch.nn.Parameter(head.weight.detach().clone())
+        model.config.tie_word_embeddings = False
+        text = model.config.get_text_config()
+        if text is not model.config:
+            text.tie_word_embeddings = False
+
+
+@torch.no_grad()
+def mean_activations(model, batches, positions: str | int = "all") -> torch.Tensor:
+    """Mean of the residual stream entering each decoder layer, (layers, hidden) or, for
+    positions=k > 0, (k, layers, hidden) over the last k tokens of each sequence (the
+    post-instruction tokens of a chat prompt). "all" averages every real token but the first
+    (its attention-sink activations dwarf the rest in real models). Accumulated in float64.
+
+    `batches` yields dicts with input_ids and attention_mask, right-padded."""
+    layers = decoder_layers(model)
+    captured: list[torch.Tensor | None] = [None] * len(layers)
+
+    def capture(i):
+        def hook(module, args, kwargs):
+            captured[i] = args[0] if args else kwargs["hidden_states"]
+        return hook
+
+    handles = [layer.register_forward_pre_hook(capture(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    total, count = None, 0
+    device = next(model.parameters()).device
+    try:
+        for batch in batches:
+            mask = batch["attention_mask"].to(device)
+            model(input_ids=batch["input_ids"].to(device), attention_mask=mask)
+            h = torch.stack([c.double() for c in captured])  # (layers, batch, seq, hidden)
+            if positions == "all":
+                keep = mask.clone().double()
+                keep[:, 0] = 0
+                part = torch.einsum("lbsh,bs->lh", h, keep)
+                n = int(keep.sum())
+            else:
+                ends = mask.sum(1)  # right padding: the last real token is at ends - 1
+                idx = ends.unsqueeze(1) - positions + torch.arange(positions, device=device)  # (batch, k)
+                picked = h[:, torch.arange(h.shape[1], device=device).unsqueeze(1), idx]  # (layers, batch, k, hidden)
+                part = picked.sum(1).transpose(0, 1)  # (k, layers, hidden)
+                n = h.shape[1]
+            total = part if total is None else total + part
+            count += n
+    finally:
+        for h in handles:
+            h.remove()
+    if not count:
+        raise UserError("no tokens to average: the texts given for the directions are empty")
+    return total / count
+
+
+def unit(v: torch.Tensor) -> torch.Tensor:
+    v = v.double()
+    return v / v.norm().clamp_min(1e-12)
+
+
+def random_direction(hidden: int, seed: int) -> torch.Tensor:
+    """A uniformly random unit direction: the control that no particular direction is needed."""
+    g = torch.Generator().manual_seed(seed)
+    return unit(torch.randn(hidden, generator=g, dtype=torch.float64))
+
+
+@torch.no_grad()
+def next_token_kl(model, batches, direction: torch.Tensor, strength: float = 1.0) -> float:
+    """Mean KL(unmodified || ablated) of the next-token distributions over every real token."""
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for batch in batches:
+        ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+        base = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.double(), -1)
+        with ablated(model, direction, strength):
+            edited = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.double(), -1)
+        kl = (base.exp() * (base - edited)).sum(-1)  # (batch, seq)
+        total += float((kl * mask).sum())
+        count += int(mask.sum())
+    return total / max(count, 1)
+
+
+def text_batches(tokenizer, texts: list[str], max_length: int, batch_size: int = 8) -> list[dict]:
+    """Right-padded batches of tokenized texts, cut at max_length tokens."""
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "right"
+    try:
+        return [dict(tokenizer(texts[i:i + batch_size], return_tensors="pt", padding=True, truncation=True,
+                               max_length=max_length))
+                for i in range(0, len(texts), batch_size)]
+    finally:
+        tokenizer.padding_side = side
