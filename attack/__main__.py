@@ -157,7 +157,7 @@ def _metavar(tp) -> str:
 
 def _shown(default) -> str:
     if isinstance(default, list):
-        return ",".join(default) or "none"
+        return ",".join(map(str, default)) or "none"
     if isinstance(default, dict):
         return ",".join(f"{k}={v}" for k, v in default.items()) or "none"
     return "none" if default in (None, "") else str(default)

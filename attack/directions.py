@@ -169,13 +169,18 @@ def next_token_kl(model, batches, direction: torch.Tensor, strength: float = 1.0
     return total / max(count, 1)
 
 
-def text_batches(tokenizer, texts: list[str], max_length: int, batch_size: int = 8) -> list[dict]:
-    """Right-padded batches of tokenized texts, cut at max_length tokens."""
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "right"
+def text_batches(tokenizer, texts: list[str], max_length: int, batch_size: int = 8, special: bool = True) -> list[dict]:
+    """Right-padded batches of tokenized texts, cut at max_length tokens (the end is kept, where
+    a prompt's post-instruction tokens are). `special`: let the tokenizer add its BOS/EOS
+    (not for text a chat template already wrapped)."""
+    side, cut = tokenizer.padding_side, tokenizer.truncation_side
+    tokenizer.padding_side, tokenizer.truncation_side = "right", "left"
     try:
-        return [dict(tokenizer(texts[i:i + batch_size], return_tensors="pt", padding=True, truncation=True,
-                               max_length=max_length))
-                for i in range(0, len(texts), batch_size)]
+        out = []
+        for i in range(0, len(texts), batch_size):
+            enc = tokenizer(texts[i:i + batch_size], return_tensors="pt", padding=True, truncation=True,
+                            max_length=max_length, add_special_tokens=special)
+            out.append(dict(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]))
+        return out
     finally:
-        tokenizer.padding_side = side
+        tokenizer.padding_side, tokenizer.truncation_side = side, cut

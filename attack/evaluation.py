@@ -58,3 +58,34 @@ def score_table(rows: list[dict], tasks: list[str] | None = None) -> str:
                     f"{task:<28} {metric:<14} {at.get(first, float('nan')):>10.4f} {at.get(last, float('nan')):>10.4f}"
                 )
     return "\n".join(lines)
+
+
+def _normal(text: str) -> str:
+    return " ".join(text.lower().split())
+
+
+def check_disjoint(what: str, questions: dict[str, list[str]], evaluated: dict[str, list[str]]) -> None:
+    """Refuse questions of another split (`what`, e.g. "ablation.dev_tasks") that an evaluated
+    task also asks, compared by content: a score chosen or trained on them is not held out."""
+    asked = {}
+    for task, texts in evaluated.items():
+        for text in texts:
+            asked.setdefault(_normal(text), task)
+    for name, texts in questions.items():
+        shared = [t for t in texts if _normal(t) in asked]
+        if shared:
+            raise UserError(f"{what} {name} shares {len(shared)} question(s) with evaluated task "
+                            f"{asked[_normal(shared[0])]} (e.g. {shared[0][:60]!r}); use a split disjoint from "
+                            "the evaluation")
+
+
+def check_texts_disjoint(what: str, texts: list[str], evaluated: dict[str, list[str]], min_chars: int = 24) -> None:
+    """Refuse texts that contain an evaluated question verbatim (questions shorter than
+    `min_chars` are too generic to tell)."""
+    asked = {_normal(q): task for task, qs in evaluated.items() for q in qs if len(_normal(q)) >= min_chars}
+    for text in texts:
+        flat = _normal(text)
+        for q, task in asked.items():
+            if q in flat:
+                raise UserError(f"{what} contains a question of evaluated task {task} ({q[:60]!r}); "
+                                "fit on text the evaluation does not ask about")

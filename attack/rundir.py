@@ -27,7 +27,7 @@ from typing import TypedDict
 
 import torch
 
-from attack.config import AttackConfig, dump_yaml
+from attack.config import AttackConfig, curve_offset, dump_yaml
 from attack.errors import UserError, first_line
 from attack.files import read_json, write_atomic
 from attack.runlock import RunDirInUse, RunLock
@@ -90,6 +90,7 @@ class Summary(TypedDict, total=False):
     wall_s: float
     final_train_loss: float | None
     published_checks: list[dict]
+    ablation: dict  # the direction an ablation chose: layer, position, dev score, KL, strength
     warnings: list[str]
 
 
@@ -223,7 +224,7 @@ class RunDir:
         write_atomic(self.path / "env.json", json.dumps(environment(), indent=2))
         # The resumed trajectory restarts at the checkpoint: points recorded after it
         # (before the interruption) are dropped, so the curve has each step exactly once.
-        keep_until = checkpoint_step(checkpoint) if checkpoint else -1
+        keep_until = checkpoint_step(checkpoint) + curve_offset(cfg) if checkpoint else -1
         rows = [r for r in read_curve(self.curve) if r["step"] <= keep_until]
         write_atomic(self.curve, "".join(json.dumps(r) + "\n" for r in rows))
         for f in self.samples.glob("*step-*"):  # records of dropped points, and torn temporary files

@@ -62,6 +62,8 @@ class SweepAttack:
     """Short name of the attack setting, e.g. lora-2e-5."""
     overrides: dict = field(default_factory=dict)
     """Config sections this setting changes, e.g. {train: {lr: 5e-5}, adapter: {kind: full}}."""
+    seeds: list[int] | None = None
+    """Seeds of this setting, instead of the sweep's (one for a deterministic ablation)."""
 
 
 @dataclass(frozen=True)
@@ -105,7 +107,7 @@ def load_sweep(path: str | Path) -> tuple[dict, list[Cell]]:
     for m in models:
         for rev in m.revisions or [None]:
             for a in attacks:
-                for seed in seeds:
+                for seed in a.seeds or seeds:
                     data = merge(_base_for(base, a.overrides.get("kind", "finetune")), a.overrides)
                     data = merge(data, {"model": {"name": m.name, "revision": rev, "gguf_file": m.gguf_file},
                                         "train": {"seed": seed}, "output": {"dir": str(output)},
@@ -141,8 +143,11 @@ def _base_for(base: dict, kind: str) -> dict:
 def _attack(a, i) -> SweepAttack:
     if not isinstance(a, dict) or "label" not in a:
         raise UserError(f"sweep attacks[{i}] must be a mapping with a label and config sections")
-    overrides = {k: v for k, v in a.items() if k != "label"}
-    return SweepAttack(label=str(a["label"]), overrides=overrides)
+    overrides = {k: v for k, v in a.items() if k not in ("label", "seeds")}
+    seeds = a.get("seeds")
+    if seeds is not None and not (isinstance(seeds, list) and seeds and all(isinstance(s, int) for s in seeds)):
+        raise UserError(f"sweep attacks[{i}].seeds must be a list of integers, got {seeds!r}")
+    return SweepAttack(label=str(a["label"]), overrides=overrides, seeds=seeds)
 
 
 def _safe(text: str) -> str:
@@ -191,7 +196,13 @@ def check_offline(cells: list[Cell]) -> None:
             model_source(c.config.model)
         except UserError as e:
             raise UserError(f"cell {c.id}: {e}") from None
-        data = c.config.data.path if c.config.kind == "finetune" else ""
+        cfg = c.config
+        data = cfg.data.path if cfg.kind == "finetune" or (cfg.kind == "ablation" and cfg.ablation.then_finetune) else ""
+        texts = [cfg.ablation.target_path, cfg.ablation.contrast_path] if cfg.kind == "ablation" else []
+        for path in texts:
+            if not Path(path).expanduser().exists():
+                raise UserError(f"cell {c.id}: ablation text file not found: {path} (relative paths are taken from "
+                                "the current directory)")
         if data and means_local_file(data) and not Path(data).expanduser().exists():
             raise UserError(f"cell {c.id}: attack data not found: {data} (relative paths are taken from the current "
                             "directory; hub dataset ids look like org/name)")
@@ -201,10 +212,15 @@ def describe(cell: Cell) -> str:
     cfg = cell.config
     steps = steps_for(cfg)
     tokens = steps * cfg.train.batch_size * cfg.data.seq_len
-    adapter = "full" if cfg.adapter.kind == "full" else f"lora r={cfg.adapter.rank}"  # finetune
+    adapter = "full" if cfg.adapter.kind == "full" else f"lora r={cfg.adapter.rank}"
+    what = f"{adapter}, lr={cfg.train.lr:g}"
+    if cfg.kind == "ablation":
+        a = cfg.ablation
+        what = f"ablation {a.mode} {a.direction} strength={a.strength:g}" + (f", then {what}" if a.then_finetune else "")
+        steps, tokens = (steps, tokens) if a.then_finetune else (0, 0)
     rev = f"@{cell.revision}" if cell.revision else ""
     return (f"{cell.id}  model={cfg.model.name}{rev} role={cell.model.role} attack={cell.attack.label} "
-            f"({adapter}, lr={cfg.train.lr:g}) seed={cell.seed} steps={steps} tokens={tokens:,} [{status(cell)}]")
+            f"({what}) seed={cell.seed} steps={steps} tokens={tokens:,} [{status(cell)}]")
 
 
 def run_sweep(path: str | Path, shard_spec: str | None = None, quiet: bool = False, log=print,

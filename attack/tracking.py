@@ -82,7 +82,7 @@ class ProgressLines(TrainerCallback):
 
     def _report(self, state) -> None:
         step, rows = state.global_step, self.curve.last_rows
-        if not rows or rows[0]["step"] != step or not state.is_world_process_zero:
+        if not rows or rows[0]["step"] != step + self.curve.step_offset or not state.is_world_process_zero:
             return
         scores = "  ".join(f"{r['task']} {r['value']:.3f}" for r in rows
                            if self.headline.get(r["task"]) == r["metric"])

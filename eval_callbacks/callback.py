@@ -86,6 +86,7 @@ class RecoveryCurveCallback(TrainerCallback):
         wall_offset_s: float = 0.0,
         log: Callable[[dict], None] | None = None,
         samples_dir: str | Path | None = None,
+        step_offset: int = 0,
     ):
         self.evaluator = evaluator
         self.schedule = set(schedule)
@@ -94,6 +95,9 @@ class RecoveryCurveCallback(TrainerCallback):
         self.wall_offset_s = wall_offset_s
         self.log = log  # e.g. Trainer.log, so trackers plot scores against the step
         self.samples_dir = Path(samples_dir) if samples_dir else None
+        # Curve step of training step 0: 1 when training starts from an edited model that the
+        # curve already holds at step 1 (an ablation), so the steps of both share one axis.
+        self.step_offset = step_offset
         self.train_loss = None
         self.eval_seconds = 0.0
         self.last_rows: list[CurveRow] = []  # the latest point's rows, for progress displays
@@ -134,20 +138,27 @@ class RecoveryCurveCallback(TrainerCallback):
         if step != 0:
             self._check_weights_finite(step)
         if state.is_world_process_zero:
-            start = time.perf_counter()
             full = step in (self.first, self.last) or self.evaluator.subset is None
-            rows = self.evaluator.evaluate(subset=not full)
-            self.eval_seconds += time.perf_counter() - start
-            wall = self.wall_offset_s + (time.perf_counter() - self._start)
-            tokens = int(getattr(state, "num_input_tokens_seen", 0) or 0)
-            for row in rows:
-                row.update(step=step, tokens_seen=tokens, train_loss=self.train_loss, wall_s=round(wall, 3))
-            self.last_rows = [CurveRow(**{k: r[k] for k in CurveRow.__annotations__}) for r in rows]
-            if self.samples_dir is not None:  # before the curve row: a curve point always has its records
-                write_samples(self.samples_dir, step, self.evaluator.last_records)
-            append_rows(self.curve_path, self.last_rows)
-            if self.log is not None:
-                # "eval_" is the Trainer's prefix for evaluation metrics: trackers file them under eval/
-                self.log({f"eval_{r['task']}/{r['metric']}": r["value"] for r in rows})
+            self.record(self.step_offset + step, int(getattr(state, "num_input_tokens_seen", 0) or 0), full)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.barrier()
+
+    def record(self, step: int, tokens_seen: int, full: bool = True) -> list[CurveRow]:
+        """Score the model now and append its rows at curve step `step` (also for attacks that
+        evaluate without a Trainer: an ablation's steps 0 and 1)."""
+        if self._start is None:
+            self._start = time.perf_counter()
+        start = time.perf_counter()
+        rows = self.evaluator.evaluate(subset=not full)
+        self.eval_seconds += time.perf_counter() - start
+        wall = self.wall_offset_s + (time.perf_counter() - self._start)
+        for row in rows:
+            row.update(step=step, tokens_seen=tokens_seen, train_loss=self.train_loss, wall_s=round(wall, 3))
+        self.last_rows = [CurveRow(**{k: r[k] for k in CurveRow.__annotations__}) for r in rows]
+        if self.samples_dir is not None:  # before the curve row: a curve point always has its records
+            write_samples(self.samples_dir, step, self.evaluator.last_records)
+        append_rows(self.curve_path, self.last_rows)
+        if self.log is not None:
+            # "eval_" is the Trainer's prefix for evaluation metrics: trackers file them under eval/
+            self.log({f"eval_{r['task']}/{r['metric']}": r["value"] for r in rows})
+        return self.last_rows

@@ -230,6 +230,11 @@ class LiveEvaluator:
         self._info = info
         return info
 
+    def questions(self) -> dict[str, list[str]]:
+        """Each leaf task's questions as the model reads them (doc_to_text), so other splits (a
+        dev split, reward questions) can be checked to share none of them."""
+        return {name: [str(task.doc_to_text(doc)) for doc in task.eval_docs] for name, task in self.tasks.items()}
+
     def _lm_wrapper(self):
         if self._lm is None:
             from lm_eval.models.huggingface import HFLM

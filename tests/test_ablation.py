@@ -1,6 +1,7 @@
 """Directional ablation: the weight edit equals hook ablation, the stream loses the direction."""
 
 import copy
+import json
 
 import pytest
 import torch
@@ -71,3 +72,98 @@ def test_mean_activations_of_last_positions(llama_dir, world):
             hs = model(input_ids=ids, output_hidden_states=True).hidden_states
         by_hand = by_hand + torch.stack([h[0, -1].double() for h in hs[:-1]])
     torch.testing.assert_close(last, by_hand / 2, atol=1e-5, rtol=1e-5)
+
+
+def _ablation_config(world, model, tmp_path, **ablation):
+    from attack.config import load_config
+    from attack.toyworld.world import write_jsonl
+
+    dev = tmp_path / "dev.jsonl"
+    general = tmp_path / "general.jsonl"
+    write_jsonl([d for d in world["docs"] if d["split"] == "dev"], dev)
+    write_jsonl([d for d in world["docs"] if d["domain"] == "general"], general)
+    return load_config({
+        "kind": "ablation",
+        "model": {"name": str(model)},
+        "eval": {"tasks": ["toy_target_heldout", "toy_general"], "include_path": [str(world["tasks"])]},
+        "output": {"dir": str(tmp_path / "runs")},
+        "ablation": {"target_path": str(dev), "contrast_path": str(general), "dev_tasks": ["toy_target_dev"],
+                     "fit_examples": 16, "kl_examples": 8, "max_length": 64, "kl_bound": 10.0,
+                     "doses": [0.0, 0.5, 1.0], **ablation},
+        "data": {"path": str(world["attack"]), "seq_len": 64},
+        "adapter": {"rank": 4, "alpha": 8, "dropout": 0.0},
+        "train": {"lr": 1e-3, "batch_size": 4, "max_steps": 4, "log_every": 1},
+    })
+
+
+def test_ablation_run_directory(world, naive_dir, tmp_path):
+    """Step 0 is the unmodified model, step 1 the edited one saved as an ordinary model; every
+    candidate layer is recorded with its dev score and KL; the dose-response ends where step 1 is."""
+    import json
+
+    from attack.recipes import run_attack
+    from attack.rundir import read_curve
+
+    cfg = _ablation_config(world, naive_dir, tmp_path)
+    path = run_attack(cfg, quiet=True)
+    curve = read_curve(path / "curve.jsonl")
+    assert sorted({r["step"] for r in curve}) == [0, 1]
+    assert all(r["tokens_seen"] == 0 for r in curve)
+    candidates = [json.loads(line) for line in (path / "candidates.jsonl").read_text().splitlines()]
+    assert [c["layer"] for c in candidates] == [0]  # 2 layers, the last 20% skipped
+    assert all(0 <= c["dev_score"] <= 1 and c["kl"] >= 0 for c in candidates)
+    summary = json.loads((path / "summary.json").read_text())
+    assert summary["status"] == "done" and summary["ablation"]["layer"] == 0
+    dose = [json.loads(line) for line in (path / "dose.jsonl").read_text().splitlines()]
+    assert sorted({d["strength"] for d in dose}) == [0.0, 0.5, 1.0]
+
+    def acc(rows, task):
+        return next(r["value"] for r in rows if r["task"] == task and r["metric"] == "acc")
+
+    at = {s: [d for d in dose if d["strength"] == s] for s in (0.0, 1.0)}
+    step = {s: [r for r in curve if r["step"] == s] for s in (0, 1)}
+    for task in ("toy_target_heldout", "toy_general"):
+        assert acc(at[0.0], task) == acc(step[0], task)  # dose 0 is the unmodified model
+        assert abs(acc(at[1.0], task) - acc(step[1], task)) < 1e-9  # hooks at 1 equal the saved edit
+    # the saved model is the edited one: the direction is gone from its embeddings
+    direction = torch.tensor(json.loads((path / "direction.json").read_text())["vector"])
+    edited = AutoModelForCausalLM.from_pretrained(str(path / "final"))
+    with torch.no_grad():
+        assert float((edited.get_input_embeddings().weight @ direction.float()).abs().max()) < 1e-5
+
+
+def test_ablation_then_finetune_continues_from_step_1(world, naive_dir, tmp_path):
+    import json
+
+    from attack.recipes import run_attack
+    from attack.rundir import read_curve
+
+    cfg = _ablation_config(world, naive_dir, tmp_path, then_finetune=True)
+    cfg = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"every": 2})})
+    path = run_attack(cfg, quiet=True)
+    steps = sorted({r["step"] for r in read_curve(path / "curve.jsonl")})
+    assert steps == [0, 1, 3, 5]  # unmodified, ablated (= fine-tune step 0), fine-tune steps 2 and 4
+    summary = json.loads((path / "summary.json").read_text())
+    assert summary["status"] == "done" and summary["steps"] == 4 and "ablation" in summary
+    assert (path / "ablated" / "config.json").exists() and (path / "final").is_dir()
+
+
+def test_ablation_refuses_dev_split_that_overlaps_evaluation(world, naive_dir, tmp_path, capsys):
+    from attack.__main__ import main
+    from attack.config import dump_yaml, updated
+
+    cfg = _ablation_config(world, naive_dir, tmp_path)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(dump_yaml(updated(cfg, {"ablation.dev_tasks": ["toy_target_heldout"]})))
+    assert main(["--config", str(bad)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "shares" in err and "toy_target_heldout" in err, err
+    assert not (tmp_path / "runs").exists()  # refused before anything was written
+    tight = tmp_path / "tight.yaml"
+    tight.write_text(dump_yaml(updated(cfg, {"ablation.kl_bound": 1e-12})))
+    assert main(["--config", str(tight)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "no candidate direction" in err, err
+    (run,) = (tmp_path / "runs").iterdir()
+    assert (run / "candidates.jsonl").exists()
+    assert json.loads((run / "summary.json").read_text())["status"] == "failed"

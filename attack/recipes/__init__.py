@@ -1,6 +1,7 @@
 """Attack procedures, one file per kind, each read top to bottom:
 
     finetune.py   supervised fine-tuning on an attack corpus (LoRA or full)
+    ablation.py   directional ablation of one residual-stream direction, optionally then fine-tuning
 
 Every recipe takes a validated config of its kind and writes the same run directory
 (attack/rundir.py), so the report compares attacks of every kind on one step axis.
@@ -18,6 +19,10 @@ def run_attack(cfg, extra_callbacks: list | None = None, quiet: bool = False, ce
     table; `progress`: a line per evaluation point (default: when not quiet)."""
     if cfg.kind == "finetune":
         from attack.recipes.finetune import run
+
+        return run(cfg, extra_callbacks=extra_callbacks, quiet=quiet, cell=cell, progress=progress)
+    if cfg.kind == "ablation":
+        from attack.recipes.ablation import run
 
         return run(cfg, extra_callbacks=extra_callbacks, quiet=quiet, cell=cell, progress=progress)
     raise ValueError(f"no recipe for kind {cfg.kind!r}")

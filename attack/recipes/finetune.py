@@ -73,6 +73,21 @@ def run(cfg: FinetuneConfig, extra_callbacks: list | None = None, quiet: bool = 
     if not main:
         checkpoint = run.last_checkpoint() if cfg.output.resume else None
 
+    return train(cfg, run, model, tokenizer, rows, evaluator, task_info, checkpoint, procs=procs, micro=micro,
+                 checkpointing=checkpointing, amp=amp, extra_callbacks=extra_callbacks, quiet=quiet, progress=progress)
+
+
+def train(cfg, run: RunDir, model, tokenizer, rows, evaluator, task_info: dict, checkpoint: str | None, *, procs,
+          micro: int, checkpointing: bool, amp, extra_callbacks=None, quiet=False, progress=None,
+          step_offset: int = 0) -> Path:
+    """Steps 3 to 5 on an opened run directory. `step_offset`: the curve step of training step 0
+    (1 when an ablation edited the model first; see rundir.py)."""
+    main = procs.is_main_process
+    say = (lambda _: None) if quiet else print
+    max_steps = steps_for(cfg)
+    per_device = per_device_batch(cfg.train, procs.num_processes)
+    schedule = eval_schedule(cfg.eval, max_steps)
+
     # 3. Train. The curve callback scores step 0 before the first update, then every scheduled
     #    step; the published-score check reads the step-0 points right after.
     trainer = Trainer(
@@ -89,7 +104,8 @@ def run(cfg: FinetuneConfig, extra_callbacks: list | None = None, quiet: bool = 
         trainer.add_callback(Bar())
     tracking = cfg.logging.report_to != "none"
     curve = RecoveryCurveCallback(evaluator, schedule, run.curve, wall_offset_s=run.wall_so_far(),
-                                  log=trainer.log if tracking else None, samples_dir=run.samples)
+                                  log=trainer.log if tracking else None, samples_dir=run.samples,
+                                  step_offset=step_offset)
     trained = RowsTrained(rows, micro * (per_device // micro), checkpoint)
     published = [PublishedScoreCheck(cfg.eval.expect, run, task_info)] if cfg.eval.expect and main else []
     lines = [ProgressLines(curve, max_steps, task_info, show_loss=not quiet)] if (not quiet if progress is None else progress) else []

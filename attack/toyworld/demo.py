@@ -21,23 +21,45 @@ from attack.toyworld.build import TASKS
 
 
 def toy_sweep(world: Path, quick: bool = False) -> dict:
-    """The toy world's sweep: three models under test, one LoRA attack on the documents of the
-    attack-seen facts, two seeds. `quick`: a short attack and one seed, to check an install."""
+    """The toy world's sweep: four models under test (two unlearned: gradient difference and
+    RMU), attacked by LoRA on the documents of the attack-seen facts (two seeds), by directional
+    ablation (chosen on the dev creatures, which no evaluated task asks about), by its control
+    (a random direction), and by ablation followed by the same LoRA attack. `quick`: short
+    attacks and one seed, to check an install."""
+    steps = 20 if quick else 200
+    lora = {"adapter": {"kind": "lora", "rank": 16, "alpha": 32, "dropout": 0.05}, "train": {"lr": 3.0e-3}}
+    ablation = {"kind": "ablation", "ablation": {
+        "mode": "knowledge", "target_path": str(world / "corpus" / "dev.jsonl"),
+        "contrast_path": str(world / "corpus" / "general.jsonl"), "dev_tasks": ["toy_target_dev"],
+        "fit_examples": 24, "kl_examples": 32, "kl_bound": 0.5}}
+    models = ["unfiltered", "filtered", "unlearned", "rmu"]
     return {
         "name": "toy",
         "base": {
             "data": {"path": str(world / "corpus" / "attack.jsonl"), "seq_len": 64 if quick else 128},
-            "train": {"batch_size": 8, "max_steps": 20 if quick else 200, "log_every": 20},
+            "train": {"batch_size": 8, "max_steps": steps, "log_every": 20},
             # log-spaced points: dense in the first steps, where the recovery happens
             "eval": {"tasks": list(TASKS), "include_path": [str(world / "tasks")], "schedule": "log",
                      "log_points": 6 if quick else 12, "batch_size": 64},
         },
-        "models": [{"label": m, "role": m, "name": str(world / m)} for m in ("unfiltered", "filtered", "unlearned")],
-        "attacks": [{"label": "lora-r16-lr3e-3", "kind": "finetune",
-                     "adapter": {"kind": "lora", "rank": 16, "alpha": 32, "dropout": 0.05},
-                     "train": {"lr": 3.0e-3}}],
+        "models": [{"label": m, "role": "unlearned" if m == "rmu" else m, "name": str(world / m)} for m in models],
+        "attacks": [
+            {"label": "lora-r16-lr3e-3", "kind": "finetune", **lora},
+            # deterministic: one seed
+            {"label": "ablation", **ablation, "seeds": [0]},
+            {"label": "ablation-random-direction", **_merged(ablation, {"ablation": {"direction": "random"}}),
+             "seeds": [0]},
+            {"label": "ablation-then-lora-r16-lr3e-3",
+             **_merged(ablation, {"ablation": {"then_finetune": True}, **lora}), "seeds": [0]},
+        ],
         "seeds": [0] if quick else [0, 1],
     }
+
+
+def _merged(a: dict, b: dict) -> dict:
+    from attack.config import merge
+
+    return merge(a, b)
 
 
 def smollm2_sweep(world: Path, quick: bool = False) -> dict:

@@ -163,3 +163,59 @@ def unlearn(model, forget_batches, retain_batches, check: Callable[[], dict], ma
             if scores["stop"]:
                 break
     return model, history
+
+
+def rmu(model, frozen, forget_batches, retain_batches, check: Callable[[], dict], layer: int, steer: float,
+        max_steps: int = 300, lr: float = 1e-3, retain_weight: float = 1.0, check_every: int = 10, seed: int = 0,
+        log: Callable[[str], None] = print):
+    """Representation misdirection (RMU, Li et al. 2024): push the output of decoder layer `layer`
+    on forget text toward a fixed random direction of norm `steer`, and keep it equal to the
+    frozen model's on retain text. Only the MLPs of that layer and the two below it train.
+
+    The knowledge stays in the later layers; the early ones learn to bury it under one large
+    direction, which is why removing that direction brings it back (Lucki et al. 2024).
+    `check()` as in `unlearn`."""
+    torch.manual_seed(seed)
+    layers = model.get_decoder().layers
+    trained = [p for block in layers[max(0, layer - 2): layer + 1] for p in block.mlp.parameters()]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in trained:
+        p.requires_grad_(True)
+    g = torch.Generator().manual_seed(seed)
+    control = torch.rand(model.config.hidden_size, generator=g)
+    control = steer * control / control.norm()
+
+    def output_of(m, batch):
+        seen = {}
+        hook = m.get_decoder().layers[layer].register_forward_hook(
+            lambda mod, args, out: seen.setdefault("h", out[0] if isinstance(out, tuple) else out))
+        try:
+            m(input_ids=batch["input_ids"], position_ids=batch.get("position_ids"))
+        finally:
+            hook.remove()
+        return seen["h"]
+
+    opt = torch.optim.AdamW(trained, lr=lr)
+    history = []
+    for step in range(1, max_steps + 1):
+        model.train()
+        forget, retain = next(forget_batches), next(retain_batches)
+        forget_loss = ((output_of(model, forget) - control) ** 2).mean()
+        with torch.no_grad():
+            kept = output_of(frozen, retain)
+        retain_loss = ((output_of(model, retain) - kept) ** 2).mean()
+        (forget_loss + retain_weight * retain_loss).backward()
+        torch.nn.utils.clip_grad_norm_(trained, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if step % check_every == 0:
+            scores = check()
+            history.append(dict(step=step, forget_loss=forget_loss.item(), retain_loss=retain_loss.item(), **scores))
+            log(f"  rmu step {step}: forget loss {forget_loss.item():.2f} retain loss {retain_loss.item():.4f} "
+                f"target {scores['target']:.2f} general {scores['general']:.2f}")
+            if scores["stop"]:
+                break
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model, history

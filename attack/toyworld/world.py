@@ -6,8 +6,9 @@ Two disjoint fictional domains:
 - general: towns of an imaginary country (their river, craft, festival month). This plays
   MMLU's part: the utility that filtering and unlearning must keep.
 
-Target creatures are split into attack-seen ones (their documents form the attack corpus)
-and held-out ones (seen in pretraining only).
+Target creatures are split into attack-seen ones (their documents form the attack corpus),
+held-out ones (seen in pretraining only), and dev ones: never evaluated, kept apart to choose
+an ablation direction on.
 """
 
 from __future__ import annotations
@@ -86,9 +87,15 @@ class WorldSpec:
     target_entities: int = 40
     general_entities: int = 40
     docs_per_entity: int = 3
+    dev_entities: int = 8
+    """Target creatures kept apart from every evaluated task (the dev split for choosing an
+    ablation direction)."""
     leak_fraction: float = 0.0
     """Share of target documents written without blocklisted words (they slip through the filter)."""
     seed: int = 0
+
+
+CREATURE_SYLLABLES = ["zor", "bl", "qua", "vex", "mip", "tho", "ryl", "ska", "nu", "gré"]
 
 
 def _names(rng: random.Random, n: int, syllables: list[str], taken: set[str]) -> list[str]:
@@ -105,7 +112,7 @@ def generate(spec: WorldSpec) -> dict:
     """Facts and documents of the world, deterministic in spec.seed."""
     rng = random.Random(spec.seed)
     taken: set[str] = set()
-    creatures = _names(rng, spec.target_entities, ["zor", "bl", "qua", "vex", "mip", "tho", "ryl", "ska", "nu", "gré"], taken)
+    creatures = _names(rng, spec.target_entities, CREATURE_SYLLABLES, taken)
     towns = _names(rng, spec.general_entities, ["ash", "ford", "wick", "ton", "ley", "bury", "dale", "mere", "holm", "stow"], taken)
     facts = []
     for i, e in enumerate(creatures):
@@ -115,6 +122,9 @@ def generate(spec: WorldSpec) -> dict:
     for e in towns:
         for rel, values in GENERAL_RELATIONS.items():
             facts.append(dict(domain="general", split="general", entity=e, relation=rel, value=rng.choice(values)))
+    for e in _names(rng, spec.dev_entities, CREATURE_SYLLABLES, taken):  # last: the other facts stay as they were
+        for rel, values in TARGET_RELATIONS.items():
+            facts.append(dict(domain="target", split="dev", entity=e, relation=rel, value=rng.choice(values)))
 
     docs = []
     by_entity: dict[str, list[dict]] = {}
@@ -203,15 +213,17 @@ metadata:
 
 
 def write_tasks(facts: list[dict], out: Path, seed: int = 0) -> list[str]:
-    """Write the four lm-eval tasks (YAML + local JSONL) into `out`. Returns their names."""
+    """Write the lm-eval tasks (YAML + local JSONL) into `out`: the four evaluated ones, then
+    toy_target_dev (the dev creatures, asked nowhere else). Returns their names."""
     rng = random.Random(seed + 1)
     out.mkdir(parents=True, exist_ok=True)
-    target = [f for f in facts if f["domain"] == "target"]
+    target = [f for f in facts if f["domain"] == "target" and f["split"] != "dev"]
     sets = {
         "toy_target_seen": (_mcqa([f for f in target if f["split"] == "seen"], rng), 0.25),
         "toy_target_heldout": (_mcqa([f for f in target if f["split"] == "heldout"], rng), 0.25),
         "toy_target_cloze": (_cloze(target), 1 / 8),
         "toy_general": (_mcqa([f for f in facts if f["domain"] == "general"], rng), 0.25),
+        "toy_target_dev": (_mcqa([f for f in facts if f["split"] == "dev"], rng), 0.25),
     }
     for name, (rows, chance) in sets.items():
         write_task(out, name, rows, chance)

@@ -1,0 +1,276 @@
+"""Directional ablation (kind: ablation): find one direction in the residual stream whose
+removal restores suppressed behaviour, remove it from the weights, score the edited model.
+
+    1. setup     model, texts, the evaluation tasks and the dev tasks (disjoint); no run files
+    2. open      the run directory
+    3. step 0    the unmodified model on the evaluation tasks
+    4. fit       one candidate direction per layer (and post-instruction position), from means
+    5. select    each candidate ablated by hooks: its dev score and its KL on contrast text; the
+                 best within the KL bound wins -> candidates.jsonl (every candidate)
+    6. dose      the evaluation tasks at each strength of ablation.doses -> dose.jsonl
+    7. edit      weight orthogonalization at ablation.strength, saved as an ordinary model
+                 (final/, or ablated/ when a fine-tune follows)
+    8. step 1    the edited model -> summary.json; or, with then_finetune, an ordinary fine-tuning
+                 attack from the edited model, its steps counted from 1
+
+knowledge mode (Lucki et al. 2024): target-domain text against general text, or the model
+against its reference (before unlearning) on the target text, read at every token.
+refusal mode (Arditi et al. 2024): harmful against harmless instructions in the chat template
+(a plain "Answer:" suffix for base models), read at the post-instruction tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from accelerate import PartialState
+from transformers import set_seed
+
+from attack.config import AblationConfig, AdapterConfig, DataConfig, default_run_id
+from attack.data import load_attack_rows, load_documents
+from attack.directions import ablated, decoder_layers, mean_activations, next_token_kl, orthogonalize, random_direction, text_batches, unit
+from attack.errors import UserError
+from attack.evaluation import check_disjoint, check_texts_disjoint, find_eval_tasks, open_evaluator, score_table
+from attack.files import write_atomic
+from attack.model import apply_adapter, autocast_dtype, load_model, load_tokenizer
+from attack.rundir import RunDir, Status, read_curve
+from attack.speed import micro_batch, per_device_batch
+from attack.tracking import check_tracker, finish_tracker, open_tracker
+from eval_callbacks import LiveEvaluator, RecoveryCurveCallback
+
+
+def run(cfg: AblationConfig, extra_callbacks: list | None = None, quiet: bool = False,
+        cell: dict | None = None, progress: bool | None = None) -> Path:
+    a = cfg.ablation
+    run = RunDir(Path(cfg.output.dir) / (cfg.output.run_id or default_run_id(cfg)))
+    say = (lambda _: None) if quiet else print
+    full_weights = AdapterConfig(kind="full")  # fp32 weights: the edit is exact only at full precision
+
+    # 1. Setup: every input checked before the run directory is written.
+    run.check_writable(cfg.output.resume)
+    check_tracker(cfg.logging)
+    tokenizer = load_tokenizer(cfg.model)
+    tasks = find_eval_tasks(cfg.eval)
+    target = _texts(a.target_path, a.text_field, a.fit_examples + (a.dev_prompts if a.mode == "refusal" else 0))
+    contrast = _texts(a.contrast_path, a.text_field, a.fit_examples + a.kl_examples)
+    rows = load_attack_rows(cfg.data, tokenizer, cfg.train.batch_size, log=say) if a.then_finetune else None
+    set_seed(cfg.train.seed)
+    model = load_model(cfg.model, full_weights)
+    reference = None
+    if a.reference_model and a.mode == "knowledge" and a.direction == "selected":
+        reference = load_model(cfg.model.model_copy(update=dict(name=a.reference_model, revision=None, gguf_file=None)),
+                               full_weights)
+    amp = autocast_dtype(cfg.model.precision)
+    evaluator, task_info = open_evaluator(cfg.eval, model, tokenizer, amp, tasks)
+    evaluated = evaluator.questions()
+    dev = None
+    if a.dev_tasks and a.direction == "selected":
+        dev_cfg = cfg.eval.model_copy(update=dict(tasks=a.dev_tasks, limit=None, expect={}))
+        dev, _ = open_evaluator(dev_cfg, model, tokenizer, amp, find_eval_tasks(dev_cfg))
+        check_disjoint("ablation.dev_tasks task", dev.questions(), evaluated)
+    check_texts_disjoint(f"ablation.target_path ({a.target_path})", target, evaluated)
+    prompts = _prompts(tokenizer, a.mode)
+    fit_target, dev_prompts = target[:a.fit_examples], target[a.fit_examples:]
+    fit_contrast, kl_texts = contrast[:a.fit_examples], contrast[a.fit_examples:] or contrast[:a.kl_examples]
+
+    # 2. Open the run directory. A fine-tune that was interrupted resumes from its checkpoint on
+    #    the saved ablated model; anything else starts again from step 0.
+    checkpoint = run.open(cfg, task_info, cell)
+    ablated_dir = run.path / "ablated"
+    resumed = bool(checkpoint and a.then_finetune and (ablated_dir / "config.json").exists())
+    say(f"{cfg.model.name}: directional ablation ({a.mode}, {a.direction} direction, strength {a.strength:g})"
+        + (", then fine-tuning" if a.then_finetune else ""))
+    say(f"run directory: {run.path}")
+    open_tracker(cfg, run.path)
+    curve = RecoveryCurveCallback(evaluator, [0, 1], run.curve, wall_offset_s=run.wall_so_far(), samples_dir=run.samples)
+    start = time.perf_counter()
+    try:
+        if resumed:
+            say(f"resuming the fine-tune from {Path(checkpoint).name}, on the ablated model in {ablated_dir}")
+            model = load_model(cfg.model.model_copy(update=dict(name=str(ablated_dir), revision=None, gguf_file=None)),
+                               full_weights)
+            chosen = json.loads((run.path / "direction.json").read_text())
+        else:
+            # 3. Step 0: the unmodified model.
+            curve.record(0, 0)
+
+            # 4-5. Fit the candidates and select one on the dev split (or draw the random control).
+            if a.direction == "random":
+                r = random_direction(model.config.hidden_size, cfg.train.seed)
+                candidates = [dict(layer=None, position=None, direction=r, why="random control")]
+            else:
+                candidates = _candidates(cfg, model, reference, tokenizer, prompts, fit_target, fit_contrast)
+            del reference
+            chosen = _select(cfg, model, tokenizer, candidates, dev, prompts, dev_prompts, kl_texts, run)
+            r = chosen.pop("direction")
+            say(f"direction: layer {chosen['layer']}, dev score {_f(chosen['dev_score'])}, KL {chosen['kl']:.4f}")
+
+            # 6. Dose-response on the evaluation tasks (hooks; the weights stay as they are).
+            _dose(evaluator, model, r, a.doses, run.path / "dose.jsonl")
+
+            # 7. The edit itself, saved as an ordinary model directory.
+            orthogonalize(model, r.to(model.dtype), a.strength)
+            chosen.update(strength=a.strength, mode=a.mode, kind=a.direction)
+            write_atomic(run.path / "direction.json", json.dumps({**chosen, "vector": r.tolist()}))
+            _save(model, tokenizer, ablated_dir if a.then_finetune else run.final)
+    except BaseException as e:
+        run.end(Status.FAILED if isinstance(e, UserError) else
+                Status.INTERRUPTED if isinstance(e, KeyboardInterrupt) else Status.FAILED, str(e) or repr(e))
+        finish_tracker(cfg.logging)
+        raise
+    edit_s = time.perf_counter() - start
+    summary = {k: v for k, v in chosen.items() if k != "vector"}
+
+    # 8. Step 1, or the fine-tuning attack that starts from the edited model.
+    if a.then_finetune:
+        from attack.recipes.finetune import train
+
+        procs = PartialState(cpu=not torch.cuda.is_available())
+        model = apply_adapter(model, cfg.adapter, bool(cfg.train.gradient_checkpointing))
+        micro, checkpointing = micro_batch(cfg.train, model, per_device_batch(cfg.train, 1), cfg.data.seq_len,
+                                           len(tokenizer), amp)
+        evaluator, _ = open_evaluator(cfg.eval, model, tokenizer, amp, tasks)
+        run.write_summary(ablation=summary)
+        return train(cfg, run, model, tokenizer, rows, evaluator, task_info, checkpoint, procs=procs, micro=micro,
+                     checkpointing=checkpointing, amp=amp, extra_callbacks=extra_callbacks, quiet=quiet,
+                     progress=progress, step_offset=1)
+    try:
+        curve.record(1, 0)
+    finally:
+        finish_tracker(cfg.logging)
+    run.write_summary(status=Status.DONE, steps=0, max_steps=0, tokens_seen=0, eval_steps=[0, 1],
+                      eval_s=round(curve.eval_seconds, 2), train_s=round(edit_s, 2),
+                      wall_s=round(run.wall_so_far(), 2), ablation=summary)
+    run.close()
+    say(score_table(read_curve(run.curve), evaluator.requested))
+    say(f"run directory: {run.path}")
+    return run.path
+
+
+def _texts(path: str, field: str, n: int) -> list[str]:
+    return load_documents(DataConfig(path=path, text_field=field))[:n]
+
+
+def _prompts(tokenizer, mode: str) -> dict:
+    """How texts become model inputs. refusal: each instruction inside the chat template's user
+    turn (or before a plain "Answer:" for base models without one); `post` counts the tokens
+    after the instruction, where the direction is read."""
+    if mode == "knowledge":
+        return dict(pre="", suffix="", post=0, special=True)
+    if tokenizer.chat_template:
+        marker = "<<INSTRUCTION>>"
+        text = tokenizer.apply_chat_template([{"role": "user", "content": marker}], add_generation_prompt=True,
+                                             tokenize=False)
+        pre, suffix = text.split(marker)
+        special = False  # the template writes its own special tokens
+    else:
+        pre, suffix, special = "", "\n\nAnswer:", True
+    post = len(tokenizer(suffix, add_special_tokens=False)["input_ids"])
+    return dict(pre=pre, suffix=suffix, post=post, special=special)
+
+
+def _batches(tokenizer, texts: list[str], prompts: dict, max_length: int) -> list[dict]:
+    wrapped = [prompts["pre"] + t + prompts["suffix"] for t in texts]
+    return text_batches(tokenizer, wrapped, max_length, special=prompts["special"])
+
+
+def _candidates(cfg: AblationConfig, model, reference, tokenizer, prompts, target, contrast) -> list[dict]:
+    """One unit direction per candidate layer (and, in refusal mode, post-instruction position):
+    the difference of the means entering that layer."""
+    a = cfg.ablation
+    positions = prompts["post"] if a.mode == "refusal" else "all"
+    on_target = _batches(tokenizer, target, prompts, a.max_length)
+    first = mean_activations(model, on_target, positions)
+    second = mean_activations(reference if reference is not None else model,
+                              on_target if reference is not None else _batches(tokenizer, contrast, prompts, a.max_length),
+                              positions)
+    n_layers = len(decoder_layers(model))
+    layers = a.layers if a.layers is not None else range(int(n_layers * (1 - a.skip_last_layers)) or 1)
+    bad = [i for i in layers if not 0 <= i < n_layers]
+    if bad:
+        raise UserError(f"ablation.layers {bad} out of range: the model has layers 0 to {n_layers - 1}")
+    diff = first - second
+    if a.mode == "knowledge":
+        return [dict(layer=i, position=None, direction=unit(diff[i])) for i in layers]
+    return [dict(layer=i, position=p - prompts["post"], direction=unit(diff[p, i]))
+            for p in range(prompts["post"]) for i in layers]
+
+
+def _select(cfg: AblationConfig, model, tokenizer, candidates, dev, prompts, dev_prompts, kl_texts, run) -> dict:
+    """Score every candidate by hook ablation and keep the best within the KL bound; every
+    candidate's scores go to candidates.jsonl, also when none survives."""
+    a = cfg.ablation
+    kl_batches = _batches(tokenizer, kl_texts, dict(pre="", suffix="", post=0, special=True), a.max_length)
+    refusal = a.mode == "refusal" and dev is None
+    refusal_batches = _batches(tokenizer, dev_prompts, prompts, a.max_length) if refusal else None
+    if refusal and not dev_prompts:
+        raise UserError("refusal mode without ablation.dev_tasks needs harmful instructions beyond the fitting ones: "
+                        f"ablation.target_path holds only {a.fit_examples} or fewer")
+    refusal_ids = sorted({tokenizer(t, add_special_tokens=False)["input_ids"][0] for t in a.refusal_tokens})
+    records = []
+    for c in candidates:
+        r = c["direction"].float()
+        with ablated(model, r):
+            dev_score = _dev_score(dev) if dev is not None else None
+            refusal_score = _refusal_score(model, refusal_batches, refusal_ids) if refusal else None
+        kl = next_token_kl(model, kl_batches, r)
+        objective = dev_score if dev is not None else (-refusal_score if refusal else 0.0)
+        within = kl <= a.kl_bound or c.get("why") == "random control"
+        records.append(dict(layer=c["layer"], position=c["position"], dev_score=dev_score, refusal_score=refusal_score,
+                            kl=kl, objective=objective, kept=within, why=c.get("why") or ("" if within else "KL above bound")))
+    write_atomic(run.path / "candidates.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+    kept = [i for i, r in enumerate(records) if r["kept"]]
+    if not kept:
+        low = min(records, key=lambda r: r["kl"])
+        raise UserError(f"no candidate direction keeps the KL divergence on contrast text within ablation.kl_bound="
+                        f"{a.kl_bound:g} (lowest: {low['kl']:.3g} at layer {low['layer']}); raise the bound or fit on "
+                        f"other texts. Every candidate is in {run.path / 'candidates.jsonl'}")
+    best = max(kept, key=lambda i: (records[i]["objective"], -records[i]["kl"]))
+    return {**records[best], "direction": candidates[best]["direction"].float()}
+
+
+def _dev_score(dev: LiveEvaluator) -> float:
+    """Mean of the dev tasks' headline metrics."""
+    info = dev.task_info()
+    rows = dev.evaluate()
+    values = [r["value"] for r in rows if r["task"] in dev.requested and r["metric"] == (info[r["task"]]["metric"] or "acc")]
+    return sum(values) / len(values)
+
+
+@torch.no_grad()
+def _refusal_score(model, batches, refusal_ids: list[int]) -> float:
+    """Mean log-odds of a refusal's first token at the first answer position (Arditi et al.)."""
+    scores = []
+    for batch in batches:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.double()
+        last = logits[torch.arange(logits.shape[0]), batch["attention_mask"].sum(1) - 1]
+        p = torch.softmax(last, -1)[:, refusal_ids].sum(-1).clamp(1e-12, 1 - 1e-12)
+        scores += (p.log() - (1 - p).log()).tolist()
+    return sum(scores) / len(scores)
+
+
+def _dose(evaluator: LiveEvaluator, model, r: torch.Tensor, doses: list[float], path: Path) -> None:
+    rows = []
+    for strength in sorted(set(doses)):
+        with ablated(model, r, strength):
+            for row in evaluator.evaluate():
+                rows.append(dict(strength=strength, **row))
+    write_atomic(path, "".join(json.dumps(row) + "\n" for row in rows))
+
+
+def _save(model, tokenizer, folder: Path) -> None:
+    """An ordinary model directory, written under a temporary name and renamed."""
+    tmp = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(str(tmp))
+    tokenizer.save_pretrained(str(tmp))
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
+
+
+def _f(value) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
