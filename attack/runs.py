@@ -99,7 +99,12 @@ def _run_meta(path: Path) -> dict:
         kind = cfg.get("kind", "finetune")
         adapter = cfg.get("adapter", {})
         setting = "full" if adapter.get("kind") == "full" else f"lora-r{adapter.get('rank')}"
-        meta = dict(model=model, role="other", attack=f"{setting}-lr{cfg.get('train', {}).get('lr')}",
+        setting = f"{setting}-lr{cfg.get('train', {}).get('lr')}"
+        if kind == "ablation":
+            a = cfg.get("ablation", {})
+            then = f"-then-{setting}" if a.get("then_finetune") else ""
+            setting = f"ablation-{a.get('mode', 'knowledge')}-{a.get('direction', 'selected')}{then}"
+        meta = dict(model=model, role="other", attack=setting,
                     kind=kind, seed=cfg.get("train", {}).get("seed", 0))
     meta.update(run=path.name, path=str(path), status=str(run.status), config_id=config_id(path))
     return meta

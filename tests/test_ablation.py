@@ -147,6 +147,19 @@ def test_ablation_then_finetune_continues_from_step_1(world, naive_dir, tmp_path
     assert summary["status"] == "done" and summary["steps"] == 4 and "ablation" in summary
     assert (path / "ablated" / "config.json").exists() and (path / "final").is_dir()
 
+    # the report reads both kinds side by side, with the ablation's dose-response and direction
+    import pandas as pd
+
+    from attack.report import write_report
+
+    alone = run_attack(_ablation_config(world, naive_dir, tmp_path), quiet=True)
+    report = write_report([path, alone], tmp_path / "report")
+    side = pd.read_csv(report / "attacks_side_by_side.csv")
+    assert {"ablation-knowledge-selected", "ablation-knowledge-selected-then-lora-r4-lr0.001"} <= set(side.columns)
+    assert set(pd.read_csv(report / "dose_response.csv").strength) == {0.0, 0.5, 1.0}
+    assert len(pd.read_csv(report / "ablation_directions.csv")) == 2
+    assert "Dose-response" in (report / "recovery.md").read_text()
+
 
 def test_ablation_refuses_dev_split_that_overlaps_evaluation(world, naive_dir, tmp_path, capsys):
     from attack.__main__ import main
