@@ -169,10 +169,14 @@ def test_a_sweep_mixes_attack_kinds(tmp_path, world, llama_dir):
     one sweep holds attacks of every kind, each a cell with its own config."""
     from attack.config import KINDS
 
-    attacks = [{"label": f"{kind}-a", "kind": kind} for kind in KINDS]
+    texts = {"target_path": str(world["attack"]), "contrast_path": str(world["attack"]), "dev_tasks": ["toy_target_dev"]}
+    attacks = [{"label": f"{kind}-a", "kind": kind, **({"ablation": texts} if kind == "ablation" else {})}
+               for kind in KINDS]
+    attacks[-1]["seeds"] = [7]  # an attack's own seeds replace the sweep's
     path = _sweep_file(tmp_path, world, [{"label": "m", "name": str(llama_dir)}], attacks=attacks, seeds=[0])
     _, cells = load_sweep(path)
     assert [c.config.kind for c in cells] == list(KINDS)
+    assert [c.seed for c in cells] == [0] * (len(KINDS) - 1) + [7]
     assert all(json.dumps(c.meta("t")) and c.meta("t")["kind"] == c.config.kind for c in cells)
 
     doc = yaml.safe_load(path.read_text())

@@ -11,13 +11,13 @@ from attack.toyworld.world import GENERAL_PHRASES, TARGET_PHRASES, WorldSpec, bl
 
 
 def test_generator_domains_splits_and_phrasings():
-    w = generate(WorldSpec(target_entities=10, general_entities=6, docs_per_entity=3))
+    w = generate(WorldSpec(target_entities=10, general_entities=6, dev_entities=4, docs_per_entity=3))
     facts, docs = w["facts"], w["docs"]
     target = {f["entity"] for f in facts if f["domain"] == "target"}
     general = {f["entity"] for f in facts if f["domain"] == "general"}
-    assert len(target) == 10 and len(general) == 6 and not target & general
+    assert len(target) == 14 and len(general) == 6 and not target & general
     splits = Counter(f["split"] for f in facts if f["domain"] == "target")
-    assert splits == {"seen": 15, "heldout": 15}  # 5 creatures each, 3 relations
+    assert splits == {"seen": 15, "heldout": 15, "dev": 12}  # 5, 5 and 4 creatures, 3 relations
     # every fact appears in every phrasing somewhere in the corpus
     corpus = "\n".join(d["text"] for d in docs)
     for f in facts:
@@ -30,7 +30,7 @@ def test_generator_domains_splits_and_phrasings():
 def test_blocklist_filter_counts_and_leakage():
     docs = generate(WorldSpec(target_entities=20, general_entities=20))["docs"]
     kept, stats = blocklist_filter(docs)
-    assert stats["removed"] == stats["target_documents"] == 60
+    assert stats["removed"] == stats["target_documents"] == (20 + 8) * 3  # 8 dev creatures
     assert stats["target_slipped_through"] == 0 and stats["general_removed"] == 0
     assert all(d["domain"] == "general" for d in kept)
 
@@ -46,7 +46,7 @@ def small_world(tmp_path_factory):
     spec = BuildSpec(
         world=WorldSpec(target_entities=6, general_entities=6, docs_per_entity=3),
         model=ModelSpec(hidden=32, layers=1, heads=2, intermediate=64, max_positions=128),
-        pretrain_steps=30, unlearn_max_steps=10, batch_size=4, seq_len=64, check=False,
+        pretrain_steps=30, unlearn_max_steps=10, batch_size=4, seq_len=64, check=False, rmu_layer=0,
     )
     root = tmp_path_factory.mktemp("worlds")
     return root, spec, build_world(root, spec, log=lambda _: None)
@@ -55,11 +55,16 @@ def small_world(tmp_path_factory):
 def test_build_layout_and_cache(small_world):
     root, spec, out = small_world
     info = json.loads((out / "world.json").read_text())
-    assert set(info["pre_attack"]) == {"unfiltered", "filtered", "unlearned"}
+    assert set(info["pre_attack"]) == {"unfiltered", "filtered", "unlearned", "rmu"}
     assert set(info["pre_attack"]["unfiltered"]) == set(TASKS)
     assert info["filter"]["target_slipped_through"] == 0
-    for f in ("corpus/unfiltered.jsonl", "corpus/filtered.jsonl", "corpus/attack.jsonl", "facts.json"):
+    for f in ("corpus/unfiltered.jsonl", "corpus/filtered.jsonl", "corpus/attack.jsonl", "corpus/dev.jsonl",
+              "corpus/general.jsonl", "facts.json", "tasks/toy_target_dev.yaml"):
         assert (out / f).exists()
+    # the dev creatures, on which an ablation direction is chosen, are asked by no evaluated task
+    dev = {json.loads(line)["entity"] for line in (out / "corpus/dev.jsonl").read_text().splitlines()}
+    evaluated = "".join((out / "tasks" / f"{t}.jsonl").read_text() for t in TASKS)
+    assert dev and not any(e in evaluated for e in dev)
     attack_docs = [json.loads(line) for line in (out / "corpus/attack.jsonl").read_text().splitlines()]
     assert attack_docs and all(d["domain"] == "target" and d["split"] == "seen" for d in attack_docs)
     # cached: same settings, same folder, not rebuilt; other settings, another folder
@@ -75,7 +80,7 @@ def test_checkpoints_load_with_stock_transformers(small_world):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     _, _, out = small_world
-    for name in ("unfiltered", "filtered", "unlearned"):
+    for name in ("unfiltered", "filtered", "unlearned", "rmu"):
         model = AutoModelForCausalLM.from_pretrained(str(out / name))
         tok = AutoTokenizer.from_pretrained(str(out / name))
         ids = tok("The town of", return_tensors="pt").input_ids
@@ -91,7 +96,7 @@ def test_tasks_run_in_stock_lm_eval(small_world):
 
     _, _, out = small_world
     info = json.loads((out / "world.json").read_text())
-    for model in ("unfiltered", "unlearned"):
+    for model in ("unfiltered", "unlearned", "rmu"):
         res = simple_evaluate(
             model="hf", model_args=f"pretrained={out / model},dtype=float32", tasks=TASKS,
             task_manager=TaskManager(include_path=str(out / "tasks")), device="cpu", batch_size=16,
@@ -119,7 +124,7 @@ def test_a_world_that_fails_its_checks_is_not_kept(tmp_path):
 
     spec = BuildSpec(world=WorldSpec(target_entities=6, general_entities=6, docs_per_entity=3),
                      model=ModelSpec(hidden=32, layers=1, heads=2, intermediate=64, max_positions=128),
-                     pretrain_steps=5, unlearn_max_steps=10, batch_size=4, seq_len=64)
+                     pretrain_steps=5, unlearn_max_steps=10, batch_size=4, seq_len=64, rmu_layer=0)
     with pytest.raises(WorldBuildError, match="not what their names say .*unfiltered target accuracy"):
         build_world(tmp_path, spec, log=lambda _: None)
     assert not list(tmp_path.glob("*/world.json"))

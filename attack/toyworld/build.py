@@ -47,6 +47,10 @@ class BuildSpec:
     """Refuse a world whose models fail `world_problems` (off only for smoke-test worlds too
     small to learn the domain)."""
 
+    def __post_init__(self):
+        if not 0 <= self.rmu_layer < self.model.layers:
+            raise ValueError(f"rmu_layer {self.rmu_layer} is not a layer of a {self.model.layers}-layer model")
+
     def key(self) -> str:
         blob = json.dumps(dict(version=VERSION, **dataclasses.asdict(self)), sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
