@@ -20,7 +20,7 @@ import torch
 from attack.errors import UserError
 from attack.rundir import write_atomic
 from attack.toyworld.models import ModelSpec, answer_batches, build_model, packed_batches, pretrain, rmu, train_tokenizer, unlearn
-from attack.toyworld.world import WorldSpec, _question, blocklist_filter, generate, write_jsonl, write_tasks
+from attack.toyworld.world import CLOZE_PROMPTS, WorldSpec, _question, blocklist_filter, generate, write_jsonl, write_tasks
 from eval_callbacks import LiveEvaluator
 
 TASKS = ["toy_target_seen", "toy_target_heldout", "toy_target_cloze", "toy_general"]
@@ -164,10 +164,13 @@ def _build(out: Path, spec: BuildSpec, log) -> Path:
         from transformers import AutoModelForCausalLM
 
         # Gradient difference on the target facts' answers (forget) and the general facts' answers
-        # (retain), in the tasks' own question format. On whole documents it stalls on some
+        # (retain), in the tasks' own formats. On whole documents it stalls on some
         # machines: the forget loss saturates while the ranking of the answers survives. A stalled
         # attempt is repaired by a gentler, longer one.
+        # Both forms the tasks ask in: the question, and the statement the cloze task completes.
         forget_pairs = [(_question(f), f["value"]) for f in world["facts"] if f["domain"] == "target"]
+        forget_pairs += [(CLOZE_PROMPTS[f["relation"]].format(e=f["entity"]), f["value"])
+                         for f in world["facts"] if f["domain"] == "target"]
         retain_pairs = [(_question(f), f["value"]) for f in world["facts"] if f["domain"] == "general"]
         for attempt, lr in enumerate((spec.unlearn_lr, spec.unlearn_lr / 2), 1):
             log(f"toy world: unlearning target knowledge from 'unfiltered' (attempt {attempt}, lr {lr:g})")
