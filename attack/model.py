@@ -144,31 +144,38 @@ def apply_adapter(model, cfg: AdapterConfig, gradient_checkpointing: bool = Fals
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         return model
 
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from peft import get_peft_model, prepare_model_for_kbit_training
 
     if getattr(model, "is_loaded_in_4bit", False):
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
     elif gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    try:
+        # autocast_adapter_dtype (PEFT default) keeps the adapter weights in fp32.
+        model = get_peft_model(model, lora_config(cfg), autocast_adapter_dtype=True)
+    except ValueError as e:
+        raise no_lora_targets(model, cfg, e) from None
+    check_only_adapter_trains(model)
+    return model
+
+
+def lora_config(cfg: AdapterConfig):
+    from peft import LoraConfig
+
     targets = cfg.target_modules
-    lora = LoraConfig(
+    return LoraConfig(
         r=cfg.rank,
         lora_alpha=cfg.alpha,
         lora_dropout=cfg.dropout,
         target_modules="all-linear" if targets == ["all-linear"] else list(targets),
         task_type="CAUSAL_LM",
     )
-    try:
-        # autocast_adapter_dtype (PEFT default) keeps the adapter weights in fp32.
-        model = get_peft_model(model, lora, autocast_adapter_dtype=True)
-    except ValueError as e:
-        names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
-        raise UserError(
-            f"LoRA target modules {targets} match nothing in this model ({first_line(e)}); "
-            f"its linear layers are named: {', '.join(names)}"
-        ) from None
-    check_only_adapter_trains(model)
-    return model
+
+
+def no_lora_targets(model, cfg: AdapterConfig, error: Exception) -> UserError:
+    names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+    return UserError(f"LoRA target modules {cfg.target_modules} match nothing in this model ({first_line(error)}); "
+                     f"its linear layers are named: {', '.join(names)}")
 
 
 def check_only_adapter_trains(model) -> None:

@@ -3,6 +3,7 @@ fields are the types below; writers and readers both use them.
 
     runs/<run-id>/config.yaml  env.json  curve.jsonl  tasks.json  cell.json  summary.json
                   checkpoints/  final/
+                  rewards.jsonl   (grpo: reward mean and spread per logged step)
 
 The step axis. `step` counts the attack's optimizer steps, so curves of different kinds share
 one x axis. Step 0 is always the unmodified model under test, evaluated before the attack
@@ -91,6 +92,7 @@ class Summary(TypedDict, total=False):
     final_train_loss: float | None
     published_checks: list[dict]
     ablation: dict  # the direction an ablation chose: layer, position, dev score, KL, strength
+    grpo: dict  # the reward split's size, the reward, its last logged mean, judge parse failures
     warnings: list[str]
 
 
@@ -115,10 +117,37 @@ def read_curve(path: Path) -> list[CurveRow]:
     return rows
 
 
+class RewardRow(TypedDict, total=False):
+    """A row of rewards.jsonl: GRPO's training signal, averaged over the steps since the previous
+    row. frac_reward_zero_std: share of groups whose completions all scored the same (no gradient:
+    nothing left to elicit from those prompts)."""
+
+    step: int
+    reward: float
+    reward_std: float
+    frac_reward_zero_std: float
+
+
+def read_rewards(path: Path) -> list[RewardRow]:
+    """Rows of rewards.jsonl; a torn last line is ignored."""
+    if not Path(path).exists():
+        return []
+    rows = []
+    for line in Path(path).read_text(errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+            int(row["step"])
+        except (ValueError, TypeError, KeyError):
+            continue
+        rows.append(row)
+    return rows
+
+
 class RunDir:
     def __init__(self, path: Path):
         self.path = Path(path)
         self.curve = self.path / "curve.jsonl"
+        self.rewards = self.path / "rewards.jsonl"
         self.summary_path = self.path / "summary.json"
         self.tasks_path = self.path / "tasks.json"
         self.cell_path = self.path / "cell.json"
@@ -227,6 +256,9 @@ class RunDir:
         keep_until = checkpoint_step(checkpoint) + curve_offset(cfg) if checkpoint else -1
         rows = [r for r in read_curve(self.curve) if r["step"] <= keep_until]
         write_atomic(self.curve, "".join(json.dumps(r) + "\n" for r in rows))
+        if self.rewards.exists():
+            kept = [r for r in read_rewards(self.rewards) if r["step"] <= keep_until]
+            write_atomic(self.rewards, "".join(json.dumps(r) + "\n" for r in kept))
         for f in self.samples.glob("*step-*"):  # records of dropped points, and torn temporary files
             if f.name.startswith(".") or int(f.name.split("-")[1].split(".")[0]) > keep_until:
                 f.unlink()

@@ -93,7 +93,8 @@ class ProgressLines(TrainerCallback):
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if self.show_loss and logs and "loss" in logs and state.is_world_process_zero:
-            extra = "".join(f", {k.replace('_', ' ')} {logs[k]:.3g}" for k in ("learning_rate", "grad_norm") if k in logs)
+            shown = ("reward", "frac_reward_zero_std", "learning_rate", "grad_norm")  # reward: GRPO's
+            extra = "".join(f", {k.replace('_', ' ')} {logs[k]:.3g}" for k in shown if logs.get(k) is not None)
             self._say(f"  step {state.global_step}: loss {logs['loss']:.4f}{extra}")
 
     def on_train_end(self, args, state, control, **kwargs):

@@ -2,6 +2,7 @@
 
     finetune.py   supervised fine-tuning on an attack corpus (LoRA or full)
     ablation.py   directional ablation of one residual-stream direction, optionally then fine-tuning
+    grpo.py       reinforcement learning (GRPO) with a reward on a split kept apart from the evaluation
 
 Every recipe takes a validated config of its kind and writes the same run directory
 (attack/rundir.py), so the report compares attacks of every kind on one step axis.
@@ -23,6 +24,10 @@ def run_attack(cfg, extra_callbacks: list | None = None, quiet: bool = False, ce
         return run(cfg, extra_callbacks=extra_callbacks, quiet=quiet, cell=cell, progress=progress)
     if cfg.kind == "ablation":
         from attack.recipes.ablation import run
+
+        return run(cfg, extra_callbacks=extra_callbacks, quiet=quiet, cell=cell, progress=progress)
+    if cfg.kind == "grpo":
+        from attack.recipes.grpo import run
 
         return run(cfg, extra_callbacks=extra_callbacks, quiet=quiet, cell=cell, progress=progress)
     raise ValueError(f"no recipe for kind {cfg.kind!r}")

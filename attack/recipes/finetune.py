@@ -92,44 +92,18 @@ def train(cfg, run: RunDir, model, tokenizer, rows, evaluator, task_info: dict, 
     #    step; the published-score check reads the step-0 points right after.
     trainer = Trainer(
         model=model,
-        args=_training_arguments(cfg, run, max_steps, micro, per_device // micro, amp, checkpointing,
-                                 show_bar=main and not quiet),
+        args=TrainingArguments(
+            **trainer_settings(cfg, run, max_steps, micro, per_device // micro, amp, checkpointing, show_bar=main and not quiet),
+            include_num_input_tokens_seen="all",  # rows are fully packed: every token trains
+            label_names=["labels"],
+        ),
         train_dataset=rows,
         data_collator=default_data_collator,
     )
-    # The terminal: a bar (not in sweeps) and clean lines at each evaluation point and log step.
-    trainer.remove_callback(PrinterCallback)
-    trainer.remove_callback(ProgressCallback)
-    if main and not quiet:
-        trainer.add_callback(Bar())
-    tracking = cfg.logging.report_to != "none"
-    curve = RecoveryCurveCallback(evaluator, schedule, run.curve, wall_offset_s=run.wall_so_far(),
-                                  log=trainer.log if tracking else None, samples_dir=run.samples,
-                                  step_offset=step_offset)
     trained = RowsTrained(rows, micro * (per_device // micro), checkpoint)
-    published = [PublishedScoreCheck(cfg.eval.expect, run, task_info)] if cfg.eval.expect and main else []
-    lines = [ProgressLines(curve, max_steps, task_info, show_loss=not quiet)] if (not quiet if progress is None else progress) else []
-    for callback in [curve, trained, *published, *lines, *(extra_callbacks or [])]:
-        trainer.add_callback(callback)
-    start = time.perf_counter()
-    try:
-        if checkpoint and checkpoint_step(checkpoint) >= max_steps:
-            _restore_finished(trainer, checkpoint)  # killed after the last step's checkpoint
-        else:
-            trainer.train(resume_from_checkpoint=checkpoint)
-    except NonFiniteLossError as e:
-        if main:
-            run.end(Status.FAILED, str(e))
-        close_progress_bar(trainer)
-        raise UserError(str(e)) from None
-    except BaseException as e:
-        if main:
-            run.end(Status.INTERRUPTED if isinstance(e, KeyboardInterrupt) else Status.FAILED, repr(e))
-        close_progress_bar(trainer)
-        raise
-    finally:
-        finish_tracker(cfg.logging)
-    train_s = time.perf_counter() - start
+    curve = watch(trainer, cfg, run, evaluator, task_info, schedule, max_steps, main=main, quiet=quiet,
+                  progress=progress, step_offset=step_offset, extra=[trained, *(extra_callbacks or [])])
+    train_s = fit(trainer, cfg, run, checkpoint, max_steps, main)
 
     # 4. Save the attacked weights.
     trainer.save_model(str(run.final))
@@ -163,6 +137,51 @@ def train(cfg, run: RunDir, model, tokenizer, rows, evaluator, task_info: dict, 
     return run.path
 
 
+def watch(trainer, cfg, run: RunDir, evaluator, task_info: dict, schedule: list[int], max_steps: int, *, main: bool,
+          quiet: bool, progress: bool | None, step_offset: int = 0, extra=()) -> RecoveryCurveCallback:
+    """The callbacks every attack's Trainer carries: the recovery curve (step 0 before the first
+    update, then every scheduled step), the published-score check on the step-0 points, a bar
+    and a line per evaluation point in the terminal, and `extra`. Returns the curve callback."""
+    # The terminal: a bar (not in sweeps) and clean lines at each evaluation point and log step.
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+    if main and not quiet:
+        trainer.add_callback(Bar())
+    tracking = cfg.logging.report_to != "none"
+    curve = RecoveryCurveCallback(evaluator, schedule, run.curve, wall_offset_s=run.wall_so_far(),
+                                  log=trainer.log if tracking else None, samples_dir=run.samples,
+                                  step_offset=step_offset)
+    published = [PublishedScoreCheck(cfg.eval.expect, run, task_info)] if cfg.eval.expect and main else []
+    lines = [ProgressLines(curve, max_steps, task_info, show_loss=not quiet)] if (not quiet if progress is None else progress) else []
+    for callback in [curve, *published, *lines, *extra]:
+        trainer.add_callback(callback)
+    return curve
+
+
+def fit(trainer, cfg, run: RunDir, checkpoint: str | None, max_steps: int, main: bool) -> float:
+    """trainer.train (resumed from `checkpoint`), the run marked failed or interrupted when it
+    ends early. Returns the seconds it took."""
+    start = time.perf_counter()
+    try:
+        if checkpoint and checkpoint_step(checkpoint) >= max_steps:
+            _restore_finished(trainer, checkpoint)  # killed after the last step's checkpoint
+        else:
+            trainer.train(resume_from_checkpoint=checkpoint)
+    except NonFiniteLossError as e:
+        if main:
+            run.end(Status.FAILED, str(e))
+        close_progress_bar(trainer)
+        raise UserError(str(e)) from None
+    except BaseException as e:
+        if main:
+            run.end(Status.INTERRUPTED if isinstance(e, KeyboardInterrupt) else Status.FAILED, repr(e))
+        close_progress_bar(trainer)
+        raise
+    finally:
+        finish_tracker(cfg.logging)
+    return time.perf_counter() - start
+
+
 def _restore_finished(trainer: Trainer, checkpoint: str) -> None:
     """The attack had taken all its steps when it was killed (during the final save, or before
     the summary): take the weights and state of its last checkpoint instead of training a step
@@ -175,9 +194,10 @@ def _last_loss(state: TrainerState) -> float | None:
     return next((log["loss"] for log in reversed(state.log_history) if "loss" in log), None)
 
 
-def _training_arguments(cfg: FinetuneConfig, run: RunDir, max_steps: int, micro: int, accumulation: int,
-                        amp: torch.dtype | None, checkpointing: bool, show_bar: bool) -> TrainingArguments:
-    return TrainingArguments(
+def trainer_settings(cfg, run: RunDir, max_steps: int, micro: int, accumulation: int, amp: torch.dtype | None,
+                     checkpointing: bool, show_bar: bool) -> dict:
+    """The Trainer arguments every attack shares (TrainingArguments, or TRL's configs that extend it)."""
+    return dict(
         output_dir=str(run.checkpoints),
         max_steps=max_steps,
         per_device_train_batch_size=micro,
@@ -196,11 +216,9 @@ def _training_arguments(cfg: FinetuneConfig, run: RunDir, max_steps: int, micro:
         save_strategy="steps",
         save_steps=cfg.train.save_every or cfg.eval.every,
         save_total_limit=cfg.output.keep_checkpoints,
-        include_num_input_tokens_seen="all",  # rows are fully packed: every token trains
         report_to=[] if cfg.logging.report_to == "none" else [cfg.logging.report_to],
         run_name=run.path.name,
         remove_unused_columns=False,
-        label_names=["labels"],
         use_cpu=not torch.cuda.is_available(),
         disable_tqdm=not show_bar,
         activation_checkpointing=checkpointing,

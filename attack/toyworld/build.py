@@ -20,11 +20,11 @@ import torch
 from attack.errors import UserError
 from attack.rundir import write_atomic
 from attack.toyworld.models import ModelSpec, answer_batches, build_model, packed_batches, pretrain, rmu, train_tokenizer, unlearn
-from attack.toyworld.world import CLOZE_PROMPTS, WorldSpec, _question, blocklist_filter, generate, write_jsonl, write_tasks
+from attack.toyworld.world import CLOZE_PROMPTS, WorldSpec, _question, blocklist_filter, generate, reward_prompts, write_jsonl, write_tasks
 from eval_callbacks import LiveEvaluator
 
 TASKS = ["toy_target_seen", "toy_target_heldout", "toy_target_cloze", "toy_general"]
-VERSION = 3  # bump when the code that builds the world changes what it builds
+VERSION = 4  # bump when the code that builds the world changes what it builds
 
 
 @dataclass(frozen=True)
@@ -142,6 +142,8 @@ def _build(out: Path, spec: BuildSpec, log) -> Path:
         # for directional ablation: text of the dev creatures (asked by no evaluated task), and general text
         write_jsonl([d for d in docs if d["split"] == "dev"], tmp / "corpus" / "dev.jsonl")
         write_jsonl([d for d in docs if d["domain"] == "general"], tmp / "corpus" / "general.jsonl")
+        # for GRPO: the attack-seen facts as prompts with gold answers
+        write_jsonl(reward_prompts(world["facts"]), tmp / "corpus" / "reward.jsonl")
         (tmp / "facts.json").write_text(json.dumps(world["facts"], indent=1))
         write_tasks(world["facts"], tmp / "tasks")
         log(f"toy world: {len(docs)} documents, filter removed {filter_stats['removed']} "

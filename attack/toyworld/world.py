@@ -168,6 +168,13 @@ def _question(f: dict) -> str:
     return phrases[f["relation"]][-1].split("{v}")[0].format(e=f["entity"]).rstrip()
 
 
+def reward_prompts(facts: list[dict]) -> list[dict]:
+    """The GRPO attack's reward split: each attack-seen target fact as a sentence to complete, in
+    the documents' second phrasing (no evaluated task asks it in that form), with its value."""
+    return [dict(prompt=TARGET_PHRASES[f["relation"]][1].split(" {v}")[0].format(e=f["entity"]), answer=f["value"])
+            for f in facts if f["domain"] == "target" and f["split"] == "seen"]
+
+
 def _mcqa(facts: list[dict], rng: random.Random) -> list[dict]:
     rows = []
     for f in facts:
