@@ -1,4 +1,5 @@
-"""The report's view of directional ablation: every attack kind side by side per model, the
+"""The report's view of directional ablation: every attack kind side by side per model (also
+whenever the runs are of several kinds), the
 dose-response of each ablation run, and the direction each one chose (with its controls read
 beside it: a random direction, and a model that never had the knowledge)."""
 
@@ -73,23 +74,25 @@ def plot_dose(dose: pd.DataFrame, task: str, refs: dict):
 
 def ablation_section(df: pd.DataFrame, picked: pd.DataFrame, refs: dict, utility_task: str | None, out: Path,
                      png) -> tuple[list[str], list[str]]:
-    """Markdown lines and HTML parts; empty when no run is an ablation. Writes dose_response.csv,
-    ablation_directions.csv and attacks_side_by_side.csv. `png(fig)` gives a figure's base64 PNG."""
-    if "kind" not in df or not (df.kind == "ablation").any():
+    """Markdown lines and HTML parts: attacks side by side when the runs are of several kinds
+    (attacks_side_by_side.csv), and the ablation runs' directions and dose-response
+    (ablation_directions.csv, dose_response.csv). `png(fig)` gives a figure's base64 PNG."""
+    if "kind" not in df or df.kind.nunique() < 2 and not (df.kind == "ablation").any():
         return [], []
     side = side_by_side(picked, utility_task)
     side.to_csv(out / "attacks_side_by_side.csv", index=False)
+    fmt = lambda t: t.map(lambda v: f"{v:.3f}" if isinstance(v, float) else v)  # noqa: E731
+    md = ["", "## Attacks side by side (final score, mean over seeds; pre = step 0)", "", fmt(side).to_markdown(index=False)]
+    html = ["<h2>Attacks side by side</h2>" + fmt(side).to_html(index=False)]
+    if not (df.kind == "ablation").any():
+        return md, html
     directions = chosen_directions(df[df.kind == "ablation"])
     directions.to_csv(out / "ablation_directions.csv", index=False)
     dose = dose_response(df[df.kind == "ablation"])
-    fmt = lambda t: t.map(lambda v: f"{v:.3f}" if isinstance(v, float) else v)  # noqa: E731
-    md = ["", "## Attacks side by side (final score, mean over seeds; pre = step 0)", "",
-          fmt(side).to_markdown(index=False), "",
-          "## Directional ablation: the chosen directions", "",
-          "Chosen on the dev split by the score they restore, within the KL bound; controls: a random direction, "
-          "and models that never had the knowledge (filtered).", "", fmt(directions).to_markdown(index=False)]
-    html = ["<h2>Attacks side by side</h2>" + fmt(side).to_html(index=False),
-            "<h2>Directional ablation: chosen directions</h2>" + fmt(directions).to_html(index=False)]
+    md += ["", "## Directional ablation: the chosen directions", "",
+           "Chosen on the dev split by the score they restore, within the KL bound; controls: a random direction, "
+           "and models that never had the knowledge (filtered).", "", fmt(directions).to_markdown(index=False)]
+    html.append("<h2>Directional ablation: chosen directions</h2>" + fmt(directions).to_html(index=False))
     if not dose.empty:
         headline = dose.merge(picked[["task", "metric"]].drop_duplicates(), on=["task", "metric"])
         headline.to_csv(out / "dose_response.csv", index=False)

@@ -104,6 +104,8 @@ def _run_meta(path: Path) -> dict:
             a = cfg.get("ablation", {})
             then = f"-then-{setting}" if a.get("then_finetune") else ""
             setting = f"ablation-{a.get('mode', 'knowledge')}-{a.get('direction', 'selected')}{then}"
+        if kind == "grpo":
+            setting = f"grpo-{cfg.get('grpo', {}).get('reward', 'correct')}-{setting}"
         meta = dict(model=model, role="other", attack=setting,
                     kind=kind, seed=cfg.get("train", {}).get("seed", 0))
     meta.update(run=path.name, path=str(path), status=str(run.status), config_id=config_id(path))

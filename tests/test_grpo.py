@@ -168,3 +168,18 @@ def test_judge_scores_are_parsed_cached_and_failures_counted(llama_dir, tmp_path
     monkeypatch.setattr(again, "_ask", lambda texts: asked.extend(texts) or ["Score: 8" for _ in texts])
     assert again(["Q1", "Q3"], [" a", " c"], ["x", "z"]) == [0.0, 0.8]
     assert len(asked) == 1 and "Q3" in asked[0] and "Response:  c" in asked[0]
+
+
+def test_report_shows_rewards_and_grpo_against_finetuning(grpo_config, make_config, tmp_path):
+    from attack.report import write_report
+
+    grpo = run_attack(grpo_config(train={"max_steps": 4}), quiet=True)
+    sft = run_attack(make_config(train={"max_steps": 4}, eval={"every": 2}), quiet=True)
+    out = write_report([grpo, sft], tmp_path / "report")
+    rewards = (out / "rewards.csv").read_text().splitlines()
+    assert rewards[0].split(",")[:4] == ["step", "reward", "reward_std", "frac_reward_zero_std"] and len(rewards) == 5
+    assert (out / "rewards_grpo-test_grpo-vowels-lora-r4-lr0.01.png").stat().st_size > 1000
+    matched = (out / "grpo_vs_finetune.csv").read_text().splitlines()
+    assert matched[0].split(",")[:4] == ["model", "task", "step", "pre"] and "lora-r4-lr0.001" in matched[0]
+    md = (out / "recovery.md").read_text()
+    assert "## GRPO reward signal" in md and "## Attacks side by side" in md

@@ -24,8 +24,9 @@ def toy_sweep(world: Path, quick: bool = False) -> dict:
     """The toy world's sweep: four models under test (two unlearned: gradient difference and
     RMU), attacked by LoRA on the documents of the attack-seen facts (two seeds), by directional
     ablation (chosen on the dev creatures, which no evaluated task asks about), by its control
-    (a random direction), and by ablation followed by the same LoRA attack. `quick`: short
-    attacks and one seed, to check an install."""
+    (a random direction), by ablation followed by the same LoRA attack, and by GRPO rewarded for
+    completing the attack-seen facts correctly (a phrasing no evaluated task asks). `quick`:
+    short attacks and one seed, to check an install."""
     steps = 20 if quick else 200
     lora = {"adapter": {"kind": "lora", "rank": 16, "alpha": 32, "dropout": 0.05}, "train": {"lr": 3.0e-3}}
     ablation = {"kind": "ablation", "ablation": {
@@ -51,6 +52,12 @@ def toy_sweep(world: Path, quick: bool = False) -> dict:
              "seeds": [0]},
             {"label": "ablation-then-lora-r16-lr3e-3",
              **_merged(ablation, {"ablation": {"then_finetune": True}, **lora}), "seeds": [0]},
+            # 2 prompts x 8 completions per step; a lower rate than supervised LoRA: at 3e-3 the
+            # policy collapses to empty answers within 60 steps
+            {"label": "grpo-correct-lora-r16-lr1e-3", "kind": "grpo",
+             "grpo": {"prompts_path": str(world / "corpus" / "reward.jsonl"), "reward": "correct",
+                      "num_generations": 8, "max_completion_length": 4},
+             "adapter": lora["adapter"], "train": {"lr": 1.0e-3, "batch_size": 16}, "seeds": [0]},
         ],
         "seeds": [0] if quick else [0, 1],
     }
