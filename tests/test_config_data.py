@@ -1,5 +1,7 @@
 """Config loading and overrides; packing and document isolation."""
 
+from pathlib import Path
+
 import pytest
 import torch
 import yaml
@@ -7,7 +9,7 @@ from pydantic import ValidationError
 from transformers import AutoModelForCausalLM
 
 from attack.__main__ import attack_parser, config_from_args
-from attack.config import AttackConfig, config_hash, default_run_id, load_config
+from attack.config import AttackConfig, config_hash, default_run_id, load_config, read_yaml
 from attack.data import pack_documents
 from attack.errors import UserError
 
@@ -105,3 +107,10 @@ def test_packed_documents_do_not_see_each_other(arch, world, llama_dir, neox_dir
         leaky = model(input_ids=ids).logits[0, len(a):]  # no position ids: plain causal attention
     assert torch.allclose(packed, alone, atol=1e-5)
     assert not torch.allclose(leaky, alone, atol=1e-3)  # the check above can fail
+
+
+@pytest.mark.parametrize("path", sorted(Path(__file__).parent.parent.glob("configs/attack/*.yaml")), ids=lambda p: p.name)
+def test_shipped_attack_configs_are_valid(path):
+    """Every example config loads as its kind (only the data it names is missing here)."""
+    cfg = load_config(read_yaml(path))
+    assert cfg.kind == read_yaml(path).get("kind", "finetune")
