@@ -204,6 +204,7 @@ def main(argv: list[str] | None = None) -> int:
         from attack.recipes import run_attack
 
         run_attack(cfg)
+        _leave_process_group()
         return 0
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -219,6 +220,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n{how}: continue with the same command plus --resume (sweeps resume by themselves)",
               file=sys.stderr)
         return 143 if isinstance(e, Terminated) else 130
+
+
+def _leave_process_group() -> None:
+    """Under accelerate/torchrun: leave the process group before exit. Left to interpreter
+    teardown, gloo's threads sometimes abort a rank ("terminate called without an active
+    exception") after the run has finished and been written."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 class Terminated(KeyboardInterrupt):

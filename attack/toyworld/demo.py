@@ -53,11 +53,14 @@ def toy_sweep(world: Path, quick: bool = False) -> dict:
             {"label": "ablation-then-lora-r16-lr3e-3",
              **_merged(ablation, {"ablation": {"then_finetune": True}, **lora}), "seeds": [0]},
             # 2 prompts x 8 completions per step; a lower rate than supervised LoRA: at 3e-3 the
-            # policy collapses to empty answers within 60 steps
+            # policy collapses to empty answers within 60 steps. No cloze task: its prompts for
+            # the seen creatures ("The creature X is") end two of the reward prompts ("The hide of
+            # the creature X is"), and the overlap check rightly refuses that.
             {"label": "grpo-correct-lora-r16-lr1e-3", "kind": "grpo",
              "grpo": {"prompts_path": str(world / "corpus" / "reward.jsonl"), "reward": "correct",
                       "num_generations": 8, "max_completion_length": 4},
-             "adapter": lora["adapter"], "train": {"lr": 1.0e-3, "batch_size": 16}, "seeds": [0]},
+             "adapter": lora["adapter"], "train": {"lr": 1.0e-3, "batch_size": 16},
+             "eval": {"tasks": [t for t in TASKS if t != "toy_target_cloze"]}, "seeds": [0]},
         ],
         "seeds": [0] if quick else [0, 1],
     }
