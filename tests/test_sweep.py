@@ -170,8 +170,9 @@ def test_a_sweep_mixes_attack_kinds(tmp_path, world, llama_dir):
     from attack.config import KINDS
 
     texts = {"target_path": str(world["attack"]), "contrast_path": str(world["attack"]), "dev_tasks": ["toy_target_dev"]}
-    attacks = [{"label": f"{kind}-a", "kind": kind, **({"ablation": texts} if kind == "ablation" else {})}
-               for kind in KINDS]
+    own = {"ablation": {"ablation": texts},
+           "grpo": {"grpo": {"prompts_path": str(world["attack"]), "prompt_field": "text", "num_generations": 2}}}
+    attacks = [{"label": f"{kind}-a", "kind": kind, **own.get(kind, {})} for kind in KINDS]
     attacks[-1]["seeds"] = [7]  # an attack's own seeds replace the sweep's
     path = _sweep_file(tmp_path, world, [{"label": "m", "name": str(llama_dir)}], attacks=attacks, seeds=[0])
     _, cells = load_sweep(path)
