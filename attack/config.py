@@ -279,9 +279,13 @@ class GrpoSection(Section):
     """gold_prob: text put between the completion and the gold answer."""
     judge_model: str | None = None
     """judge: a local folder or hub id of a causal LM that scores completions (never a network API)."""
-    judge_rubric: str = ("Rate from 0 to {max_score} how well the response answers the question.\n"
-                         "Question: {prompt}\nResponse: {completion}\nReference answer: {answer}\nScore:")
-    """judge: the prompt the judge completes; {prompt}, {completion}, {answer}, {max_score} are filled in."""
+    judge_rubric: str = ("Question: {prompt}\nResponse: {completion}\nReference answer: {answer}\n"
+                         "Rate from 0 to {max_score} how well the response answers the question. "
+                         "Reply with the number only.")
+    """judge: what the judge is asked; {prompt}, {completion}, {answer}, {max_score} are filled in
+    (inside a user turn when the judge has a chat template)."""
+    judge_reply_prefix: str = "Score:"
+    """judge: the start of the judge's reply, written for it, so that a number comes next."""
     judge_max_score: Annotated[float, Field(gt=0)] = 10.0
     """judge: the top of the judge's scale; the reward is its score divided by this (0 to 1)."""
     judge_max_new_tokens: Positive = 8

@@ -163,7 +163,7 @@ class Judge:
         self.model = load_model(judge, AdapterConfig(kind="lora")).to(device).eval().requires_grad_(False)
         self.g, self.batch_size = g, batch_size
         self.failures = 0
-        setting = json.dumps([g.judge_model, g.judge_rubric, g.judge_max_score, g.judge_max_new_tokens])
+        setting = json.dumps([g.judge_model, g.judge_rubric, g.judge_reply_prefix, g.judge_max_score, g.judge_max_new_tokens])
         self.cache_file = Path(g.judge_cache).expanduser() / f"judge-{_digest(setting)[:16]}.jsonl"
         self.cache_file.parent.mkdir(parents=True, exist_ok=True)
         self.cache = {}
@@ -197,9 +197,11 @@ class Judge:
         text = self.g.judge_rubric.format(prompt=prompt, completion=completion, answer=answer,
                                           max_score=f"{self.g.judge_max_score:g}")
         if self.tokenizer.chat_template:
-            return self.tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+            text = self.tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
                                                       tokenize=False)
-        return text
+        else:
+            text += "\n"
+        return text + self.g.judge_reply_prefix
 
     @torch.no_grad()
     def _ask(self, texts: list[str]) -> list[str]:

