@@ -168,7 +168,7 @@ def main(argv: list[str]) -> int:
     runs = [out / c.id for c in cells]
     report = write_report(runs, out / "report", utility_task=tasks[-1])  # the general domain
 
-    print("\n== After the attack (accuracy, mean over seeds) ==")
+    print("\n== After the attack (accuracy at step 0 -> the last step, mean over seeds) ==")
     print(_attack_table(runs, tasks, list(dict.fromkeys(c.model.label for c in cells))))
     print(f"\nrecovery table: {report / 'recovery.md'}")
     print(f"recovery curves and report: {report / 'index.html'}")
@@ -185,18 +185,19 @@ def _table(scores: dict, tasks: list[str]) -> str:
 
 
 def _attack_table(runs: list[Path], tasks: list[str], models: list[str]) -> str:
+    """Per model and attack setting: step 0 -> each run's last step, mean over seeds."""
     from attack.report import load_curves
 
     df = load_curves(runs)
     d = df[df.metric == "acc"]
-    last = d.step.max()
-    lines = [f"{'model':<12}" + "".join(f"{t.removeprefix('toy_'):>22}" for t in tasks)]
+    last = d[d.step == d.groupby("run").step.transform("max")]
+    lines = [f"{'model':<12}{'attack':<32}" + "".join(f"{t.removeprefix('toy_'):>16}" for t in tasks)]
     for model in models:
-        cells = []
-        for t in tasks:
-            g = d[(d.model == model) & (d.task == t)]
-            pre = g[g.step == 0].value.mean()
-            end = g[g.step == last].value.mean()
-            cells.append(f"{pre:.2f} -> {end:.2f}")
-        lines.append(f"{model:<12}" + "".join(f"{c:>22}" for c in cells))
+        for attack in sorted(set(d[d.model == model].attack)):
+            cells = []
+            for t in tasks:
+                pre = d[(d.model == model) & (d.task == t) & (d.step == 0)].value.mean()
+                end = last[(last.model == model) & (last.attack == attack) & (last.task == t)].value.mean()
+                cells.append("-" if end != end else f"{pre:.2f} -> {end:.2f}")  # NaN: a task this attack skips
+            lines.append(f"{model:<12}{attack:<32}" + "".join(f"{c:>16}" for c in cells))
     return "\n".join(lines)
