@@ -171,6 +171,7 @@ def test_judge_scores_are_parsed_cached_and_failures_counted(llama_dir, tmp_path
     assert len(asked) == 1 and "Q3" in asked[0] and "Response:  c" in asked[0]
 
 
+@pytest.mark.slow
 def test_report_shows_rewards_and_grpo_against_finetuning(grpo_config, make_config, tmp_path):
     from attack.report import write_report
 
