@@ -35,7 +35,6 @@ def run(cfg: FinetuneConfig, extra_callbacks: list | None = None, quiet: bool = 
     say = (lambda _: None) if quiet else print
     # Under `accelerate launch` / torchrun this joins the process group; alone it is one process.
     procs = PartialState(cpu=not torch.cuda.is_available())
-    main = procs.is_main_process
 
     # 1. Setup. Every check of the user's input, cheapest first. The prepared corpus goes to its
     #    own cache (shared by every run); nothing is written to the run directory yet.
@@ -57,24 +56,31 @@ def run(cfg: FinetuneConfig, extra_callbacks: list | None = None, quiet: bool = 
     evaluator, task_info = open_evaluator(cfg.eval, model, tokenizer, amp, tasks)
     schedule = eval_schedule(cfg.eval, max_steps)
 
-    # 2. Open the run directory. The main process writes it; the others wait, then find the
-    #    checkpoint to resume from.
-    if main:
-        checkpoint = run.open(cfg, task_info, cell)
-        if cfg.output.resume and checkpoint is None:
-            say(f"no checkpoint in {run.checkpoints}; starting {run.path.name} from step 0")
-        adapter = "full" if cfg.adapter.kind == "full" else f"LoRA r={cfg.adapter.rank}"
-        say(f"{cfg.model.name}: {adapter}, lr {cfg.train.lr:g}, {max_steps} steps of "
-            f"{cfg.train.batch_size} x {cfg.data.seq_len} tokens, evaluated at {len(schedule)} points"
-            + (f", resuming from {Path(checkpoint).name}" if checkpoint else ""))
-        say(f"run directory: {run.path} (resolved config: {run.path / 'config.yaml'})")
-        open_tracker(cfg, run.path)
-    procs.wait_for_everyone()
-    if not main:
-        checkpoint = run.last_checkpoint() if cfg.output.resume else None
+    # 2. Open the run directory.
+    adapter = "full" if cfg.adapter.kind == "full" else f"LoRA r={cfg.adapter.rank}"
+    checkpoint = open_run(cfg, run, task_info, cell, procs, say,
+                          f"{cfg.model.name}: {adapter}, lr {cfg.train.lr:g}, {max_steps} steps of "
+                          f"{cfg.train.batch_size} x {cfg.data.seq_len} tokens, evaluated at {len(schedule)} points")
 
     return train(cfg, run, model, tokenizer, rows, evaluator, task_info, checkpoint, procs=procs, micro=micro,
                  checkpointing=checkpointing, amp=amp, extra_callbacks=extra_callbacks, quiet=quiet, progress=progress)
+
+
+def open_run(cfg, run: RunDir, task_info: dict, cell: dict | None, procs, say, headline: str) -> str | None:
+    """Step 2 of a training recipe: the main process opens the run directory (or reopens it to
+    resume) and says what runs; the others wait, then find the checkpoint to resume from."""
+    checkpoint = None
+    if procs.is_main_process:
+        checkpoint = run.open(cfg, task_info, cell)
+        if cfg.output.resume and checkpoint is None:
+            say(f"no checkpoint in {run.checkpoints}; starting {run.path.name} from step 0")
+        say(headline + (f", resuming from {Path(checkpoint).name}" if checkpoint else ""))
+        say(f"run directory: {run.path} (resolved config: {run.path / 'config.yaml'})")
+        open_tracker(cfg, run.path)
+    procs.wait_for_everyone()
+    if not procs.is_main_process:
+        checkpoint = run.last_checkpoint() if cfg.output.resume else None
+    return checkpoint
 
 
 def train(cfg, run: RunDir, model, tokenizer, rows, evaluator, task_info: dict, checkpoint: str | None, *, procs,

@@ -39,11 +39,11 @@ from attack.model import (
     lora_config,
     no_lora_targets,
 )
-from attack.recipes.finetune import fit, trainer_settings, watch
+from attack.recipes.finetune import fit, open_run, trainer_settings, watch
 from attack.rewards import load_reward_split, reward_function
 from attack.rundir import RunDir, Status, read_curve, read_rewards
 from attack.speed import per_device_batch
-from attack.tracking import check_tracker, open_tracker
+from attack.tracking import check_tracker
 from eval_callbacks.callback import append_rows
 
 
@@ -98,20 +98,11 @@ def run(cfg: GrpoConfig, extra_callbacks: list | None = None, quiet: bool = Fals
         raise UserError(f"GRPO settings: {first_line(e)}") from None
 
     # 2. Open the run directory.
-    if main:
-        checkpoint = run.open(cfg, task_info, cell)
-        if cfg.output.resume and checkpoint is None:
-            say(f"no checkpoint in {run.checkpoints}; starting {run.path.name} from step 0")
-        adapter = "full" if cfg.adapter.kind == "full" else f"LoRA r={cfg.adapter.rank}"
-        say(f"{cfg.model.name}: GRPO ({g.reward} reward, {g.loss_type} loss, beta {g.beta:g}), {adapter}, "
-            f"lr {cfg.train.lr:g}, {max_steps} steps of {cfg.train.batch_size // g.num_generations} prompts x "
-            f"{g.num_generations} completions from {len(prompts)} prompts, evaluated at {len(schedule)} points"
-            + (f", resuming from {Path(checkpoint).name}" if checkpoint else ""))
-        say(f"run directory: {run.path} (resolved config: {run.path / 'config.yaml'})")
-        open_tracker(cfg, run.path)
-    procs.wait_for_everyone()
-    if not main:
-        checkpoint = run.last_checkpoint() if cfg.output.resume else None
+    adapter = "full" if cfg.adapter.kind == "full" else f"LoRA r={cfg.adapter.rank}"
+    checkpoint = open_run(cfg, run, task_info, cell, procs, say,
+                          f"{cfg.model.name}: GRPO ({g.reward} reward, {g.loss_type} loss, beta {g.beta:g}), {adapter}, "
+                          f"lr {cfg.train.lr:g}, {max_steps} steps of {cfg.train.batch_size // g.num_generations} prompts x "
+                          f"{g.num_generations} completions from {len(prompts)} prompts, evaluated at {len(schedule)} points")
 
     # 3. Train. The Trainer is built here, not in setup: it creates its output folder.
     try:

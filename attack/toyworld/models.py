@@ -133,6 +133,23 @@ def pretrain(model, tokenizer, texts: list[str], steps: int, lr: float = 3e-3, b
     return model
 
 
+def _step_and_check(opt, params, loss, step: int, check_every: int, check, history: list, log, name: str,
+                    forget_loss, retain_loss) -> bool:
+    """One clipped optimizer step of an unlearning method; every `check_every` steps, its scores
+    into `history` and the log. Returns whether the check says stop."""
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    if step % check_every:
+        return False
+    scores = check()
+    history.append(dict(step=step, forget_loss=forget_loss.item(), retain_loss=retain_loss.item(), **scores))
+    log(f"  {name} step {step}: forget loss {forget_loss.item():.2f} retain loss {retain_loss.item():.4f} "
+        f"target {scores['target']:.2f} general {scores['general']:.2f}")
+    return bool(scores["stop"])
+
+
 def unlearn(model, forget_batches, retain_batches, check: Callable[[], dict], max_steps: int = 200,
             lr: float = 1e-4, retain_weight: float = 1.0, check_every: int = 10, max_forget_loss: float = 10.0,
             seed: int = 0, log: Callable[[str], None] = print):
@@ -151,17 +168,9 @@ def unlearn(model, forget_batches, retain_batches, check: Callable[[], dict], ma
         retain_loss = model(**next(retain_batches)).loss
         # Bounded ascent: once the forget loss is far above chance there is nothing to gain.
         ascent = -torch.clamp(forget_loss, max=max_forget_loss)
-        (ascent + retain_weight * retain_loss).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if step % check_every == 0:
-            scores = check()
-            history.append(dict(step=step, forget_loss=forget_loss.item(), retain_loss=retain_loss.item(), **scores))
-            log(f"  unlearn step {step}: forget loss {forget_loss.item():.2f} retain loss {retain_loss.item():.2f} "
-                f"target {scores['target']:.2f} general {scores['general']:.2f}")
-            if scores["stop"]:
-                break
+        if _step_and_check(opt, list(model.parameters()), ascent + retain_weight * retain_loss, step, check_every, check,
+                           history, log, "unlearn", forget_loss, retain_loss):
+            break
     return model, history
 
 
@@ -205,17 +214,9 @@ def rmu(model, frozen, forget_batches, retain_batches, check: Callable[[], dict]
         with torch.no_grad():
             kept = output_of(frozen, retain)
         retain_loss = ((output_of(model, retain) - kept) ** 2).mean()
-        (forget_loss + retain_weight * retain_loss).backward()
-        torch.nn.utils.clip_grad_norm_(trained, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if step % check_every == 0:
-            scores = check()
-            history.append(dict(step=step, forget_loss=forget_loss.item(), retain_loss=retain_loss.item(), **scores))
-            log(f"  rmu step {step}: forget loss {forget_loss.item():.2f} retain loss {retain_loss.item():.4f} "
-                f"target {scores['target']:.2f} general {scores['general']:.2f}")
-            if scores["stop"]:
-                break
+        if _step_and_check(opt, trained, forget_loss + retain_weight * retain_loss, step, check_every, check,
+                           history, log, "rmu", forget_loss, retain_loss):
+            break
     for p in model.parameters():
         p.requires_grad_(True)
     return model, history
