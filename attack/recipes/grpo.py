@@ -154,9 +154,10 @@ def run(cfg: GrpoConfig, extra_callbacks: list | None = None, quiet: bool = Fals
 
 class RewardLog(TrainerCallback):
     """Appends GRPO's reward signal to rewards.jsonl at every logged step: mean, spread, the
-    share of zero-spread groups, and each reward's own mean (and the judge's parse failures)."""
+    share of zero-spread groups, the KL to the model under test (when beta > 0), and each
+    reward's own mean (and the judge's parse failures)."""
 
-    KEYS = ("reward", "reward_std", "frac_reward_zero_std")
+    KEYS = ("reward", "reward_std", "frac_reward_zero_std", "kl")
 
     def __init__(self, path: Path, main: bool):
         self.path, self.main = Path(path), main
