@@ -169,6 +169,11 @@ class LoggingConfig(Section):
     """wandb project name."""
 
 
+def _check_four_bit_lora(cfg) -> None:
+    if cfg.model.load_in_4bit and cfg.adapter.kind == "full":
+        raise ValueError("4-bit loading is for LoRA (QLoRA); full fine-tuning needs real weights")
+
+
 class FinetuneConfig(Section):
     """Supervised fine-tuning of the model under test on an attack corpus (LoRA or full)."""
 
@@ -184,8 +189,7 @@ class FinetuneConfig(Section):
 
     @model_validator(mode="after")
     def _four_bit_needs_lora(self):
-        if self.model.load_in_4bit and self.adapter.kind == "full":
-            raise ValueError("4-bit loading is for LoRA (QLoRA); full fine-tuning needs real weights")
+        _check_four_bit_lora(self)
         return self
 
 
@@ -333,8 +337,7 @@ class GrpoConfig(Section):
         micro = self.train.micro_batch_size
         if micro is not None and micro % n and n % micro:
             raise ValueError(f"train.micro_batch_size ({micro}) must divide or be a multiple of grpo.num_generations ({n})")
-        if self.model.load_in_4bit and self.adapter.kind == "full":
-            raise ValueError("4-bit loading is for LoRA (QLoRA); full fine-tuning needs real weights")
+        _check_four_bit_lora(self)
         return self
 
 

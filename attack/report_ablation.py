@@ -14,6 +14,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from attack.runs import run_records  # noqa: E402
+
 
 def side_by_side(picked: pd.DataFrame, utility_task: str | None) -> pd.DataFrame:
     """Per model and task: the pre-attack score and each attack setting's final score (mean over
@@ -29,15 +31,17 @@ def side_by_side(picked: pd.DataFrame, utility_task: str | None) -> pd.DataFrame
 
 def dose_response(df: pd.DataFrame) -> pd.DataFrame:
     """dose.jsonl of every ablation run: model, attack, seed, strength, task, metric, value."""
-    frames = []
-    for (_run, path), meta in df.groupby(["run", "path"]).first().iterrows():
-        f = Path(path) / "dose.jsonl"
-        if f.exists():
-            rows = pd.DataFrame([json.loads(line) for line in f.read_text().splitlines() if line.strip()])
-            for k in ("model", "attack", "seed"):
-                rows[k] = meta[k]
-            frames.append(rows)
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+    return run_records(df, _dose_rows)
+
+
+def _dose_rows(run: Path) -> list[dict]:
+    f = run / "dose.jsonl"
+    return [json.loads(line) for line in f.read_text().splitlines() if line.strip()] if f.exists() else []
+
+
+def three_places(table: pd.DataFrame) -> pd.DataFrame:
+    """Floats of a report table to 3 decimals (the text is what markdown and HTML show)."""
+    return table.map(lambda v: f"{v:.3f}" if isinstance(v, float) else v)
 
 
 def chosen_directions(df: pd.DataFrame) -> pd.DataFrame:
@@ -81,9 +85,8 @@ def ablation_section(df: pd.DataFrame, picked: pd.DataFrame, refs: dict, utility
         return [], []
     side = side_by_side(picked, utility_task)
     side.to_csv(out / "attacks_side_by_side.csv", index=False)
-    fmt = lambda t: t.map(lambda v: f"{v:.3f}" if isinstance(v, float) else v)  # noqa: E731
-    md = ["", "## Attacks side by side (final score, mean over seeds; pre = step 0)", "", fmt(side).to_markdown(index=False)]
-    html = ["<h2>Attacks side by side</h2>" + fmt(side).to_html(index=False)]
+    md = ["", "## Attacks side by side (final score, mean over seeds; pre = step 0)", "", three_places(side).to_markdown(index=False)]
+    html = ["<h2>Attacks side by side</h2>" + three_places(side).to_html(index=False)]
     if not (df.kind == "ablation").any():
         return md, html
     directions = chosen_directions(df[df.kind == "ablation"])
@@ -91,14 +94,14 @@ def ablation_section(df: pd.DataFrame, picked: pd.DataFrame, refs: dict, utility
     dose = dose_response(df[df.kind == "ablation"])
     md += ["", "## Directional ablation: the chosen directions", "",
            "Chosen on the dev split by the score they restore, within the KL bound; controls: a random direction, "
-           "and models that never had the knowledge (filtered).", "", fmt(directions).to_markdown(index=False)]
-    html.append("<h2>Directional ablation: chosen directions</h2>" + fmt(directions).to_html(index=False))
+           "and models that never had the knowledge (filtered).", "", three_places(directions).to_markdown(index=False)]
+    html.append("<h2>Directional ablation: chosen directions</h2>" + three_places(directions).to_html(index=False))
     if not dose.empty:
         headline = dose.merge(picked[["task", "metric"]].drop_duplicates(), on=["task", "metric"])
         headline.to_csv(out / "dose_response.csv", index=False)
         table = headline.groupby(["model", "attack", "task", "strength"]).value.mean().unstack("strength").reset_index()
-        md += ["", "## Dose-response (score at each ablation strength)", "", fmt(table).to_markdown(index=False)]
-        html.append("<h2>Dose-response</h2>" + fmt(table).to_html(index=False))
+        md += ["", "## Dose-response (score at each ablation strength)", "", three_places(table).to_markdown(index=False)]
+        html.append("<h2>Dose-response</h2>" + three_places(table).to_html(index=False))
         for task in sorted(set(headline.task) - {utility_task}):
             b64 = png(plot_dose(headline, task, refs))
             html.append(f"<h3>{task}</h3><img src='data:image/png;base64,{b64}'/>")

@@ -14,20 +14,14 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from attack.report_ablation import three_places  # noqa: E402
 from attack.rundir import read_rewards  # noqa: E402
+from attack.runs import run_records  # noqa: E402
 
 
 def reward_rows(df: pd.DataFrame) -> pd.DataFrame:
     """rewards.jsonl of every GRPO run, with its model, attack and seed."""
-    frames = []
-    for (_run, path), meta in df[df.kind == "grpo"].groupby(["run", "path"]).first().iterrows():
-        rows = pd.DataFrame(read_rewards(Path(path) / "rewards.jsonl"))
-        if rows.empty:
-            continue
-        for k in ("model", "attack", "seed"):
-            rows[k] = meta[k]
-        frames.append(rows)
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+    return run_records(df[df.kind == "grpo"], lambda run: read_rewards(run / "rewards.jsonl"))
 
 
 def at_matched_steps(picked: pd.DataFrame) -> pd.DataFrame:
@@ -72,19 +66,18 @@ def grpo_section(df: pd.DataFrame, picked: pd.DataFrame, out: Path, png) -> tupl
     rewards = reward_rows(df)
     matched = at_matched_steps(picked)
     matched.to_csv(out / "grpo_vs_finetune.csv", index=False)
-    fmt = lambda t: t.map(lambda v: f"{v:.3f}" if isinstance(v, float) else v)  # noqa: E731
     note = ("A group whose completions all score the same has no advantage and gives no gradient: a high "
             "frac_reward_zero_std with a low reward means the model never samples the answer (nothing left to elicit).")
     md = ["", "## GRPO against fine-tuning at the same number of steps (mean over seeds)", "",
-          fmt(matched).to_markdown(index=False), "", "## GRPO reward signal", "", note]
-    html = ["<h2>GRPO against fine-tuning at the same number of steps</h2>" + fmt(matched).to_html(index=False),
+          three_places(matched).to_markdown(index=False), "", "## GRPO reward signal", "", note]
+    html = ["<h2>GRPO against fine-tuning at the same number of steps</h2>" + three_places(matched).to_html(index=False),
             f"<h2>GRPO reward signal</h2><p>{note}</p>"]
     if not rewards.empty:
         rewards.to_csv(out / "rewards.csv", index=False)
         last = rewards[rewards.step == rewards.groupby(["model", "attack", "seed"]).step.transform("max")]
         final = last.groupby(["model", "attack"])[["step", "reward", "reward_std", "frac_reward_zero_std"]].mean().reset_index()
-        md += ["", fmt(final).to_markdown(index=False)]
-        html.append(fmt(final).to_html(index=False))
+        md += ["", three_places(final).to_markdown(index=False)]
+        html.append(three_places(final).to_html(index=False))
         for attack in sorted(rewards.attack.unique()):
             b64 = png(plot_rewards(rewards, attack))
             safe = re.sub(r"[^\w.-]", "-", attack)  # labels may hold a module:function reward

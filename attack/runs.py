@@ -112,6 +112,20 @@ def _run_meta(path: Path) -> dict:
     return meta
 
 
+def run_records(df: pd.DataFrame, read) -> pd.DataFrame:
+    """`read(run_path)` (a list of dict rows, e.g. a run's dose.jsonl) for every run in the curve
+    table `df`, each row tagged with its run's model, attack and seed."""
+    frames = []
+    for (_run, path), meta in df.groupby(["run", "path"]).first().iterrows():
+        rows = pd.DataFrame(read(Path(path)))
+        if rows.empty:
+            continue
+        for k in ("model", "attack", "seed"):
+            rows[k] = meta[k]
+        frames.append(rows)
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
 def pick_metric(df: pd.DataFrame, metric: str | None = None) -> pd.DataFrame:
     """One metric per task: `metric` for all, or each task's headline metric when None."""
     return df[df.metric == metric] if metric else df[df.metric == df.headline_metric]
