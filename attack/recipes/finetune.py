@@ -17,6 +17,7 @@ import torch
 from accelerate import PartialState
 from transformers import PrinterCallback, ProgressCallback, Trainer, TrainerState, TrainingArguments, default_data_collator, set_seed
 
+from attack.attribution import IndexedRows, collection_callbacks
 from attack.config import FinetuneConfig, default_run_id, steps_for
 from attack.data import RowsTrained, load_attack_rows
 from attack.errors import UserError
@@ -96,6 +97,8 @@ def train(cfg, run: RunDir, model, tokenizer, rows, evaluator, task_info: dict, 
 
     # 3. Train. The curve callback scores step 0 before the first update, then every scheduled
     #    step; the published-score check reads the step-0 points right after.
+    attribution = getattr(cfg, "attribution", None)
+    attribution = attribution if attribution is not None and attribution.enabled else None
     trainer = Trainer(
         model=model,
         args=TrainingArguments(
@@ -103,12 +106,13 @@ def train(cfg, run: RunDir, model, tokenizer, rows, evaluator, task_info: dict, 
             include_num_input_tokens_seen="all",  # rows are fully packed: every token trains
             label_names=["labels"],
         ),
-        train_dataset=rows,
+        train_dataset=IndexedRows(rows) if attribution else rows,  # attribution: each row carries its index
         data_collator=default_data_collator,
     )
     trained = RowsTrained(rows, micro * (per_device // micro), checkpoint)
+    collection = collection_callbacks(trainer, run.path, evaluator, schedule, attribution.projection_dim) if attribution else []
     curve = watch(trainer, cfg, run, evaluator, task_info, schedule, max_steps, main=main, quiet=quiet,
-                  progress=progress, step_offset=step_offset, extra=[trained, *(extra_callbacks or [])])
+                  progress=progress, step_offset=step_offset, extra=[trained, *collection, *(extra_callbacks or [])])
     train_s = fit(trainer, cfg, run, checkpoint, max_steps, main)
 
     # 4. Save the attacked weights.
@@ -137,6 +141,10 @@ def train(cfg, run: RunDir, model, tokenizer, rows, evaluator, task_info: dict, 
         wall_s=round(run.wall_so_far(), 2),
         final_train_loss=curve.train_loss if curve.train_loss is not None else _last_loss(state),
     )
+    if attribution:
+        from attack.attribute import attribute
+
+        say(f"attribution: {attribute(run.path)}")
     run.close()
     say(score_table(read_curve(run.curve), evaluator.requested))
     say(f"run directory: {run.path}")

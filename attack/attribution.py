@@ -1,0 +1,153 @@
+"""Attribution, collected while the attack runs (opt-in: --attribution).
+
+Two streams go to <run>/attribution/:
+
+    train/epoch_E/   Bergson's per-row gradients of each epoch: the update the optimizer applied
+                     for that row (LoRA gradient, random projection, divided by Adam's second
+                     moment, times the learning rate)
+    order.hf         which row trained at which step (Bergson)
+    step_epochs.json the epoch folder of each step's rows
+    queries/step-N.npy  at each evaluation point N > 0: the projected gradient, same projection,
+                     of every evaluated question's loss on its correct answer
+    questions.json   the questions in the order of those rows: task, index, context, answer
+
+`python -m attack attribute RUN_DIR` (attack/attribute.py) scores them: the inner product of a
+question's gradient at point N with the update of each row trained since the previous point is
+the first-order change of the question's log-probability that row caused (TracIn).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import TrainerCallback
+
+from eval_callbacks.runner import preserved_training_state
+
+FOLDER = "attribution"
+
+
+class IndexedRows(torch.utils.data.Dataset):
+    """The packed attack rows, each with its index (`_idx`), which Bergson's hooks read and
+    remove before the model sees the batch."""
+
+    def __init__(self, rows):
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict:
+        return {**self.rows[i], "_idx": i}
+
+
+def collection_callbacks(trainer, run_path: Path, evaluator, schedule: list[int], projection_dim: int) -> list:
+    """Bergson's gradient collector on `trainer`, and the query gradients at every scheduled step."""
+    from bergson.huggingface import GradientCollectorCallback
+
+    setattr(trainer.args, "__gradient_collection_enabled__", True)  # what bergson's prepare step marks
+    folder = run_path / FOLDER
+    # float32 on disk: Adam's normaliser is tiny in the first steps, and fp16 (Bergson's default)
+    # overflows to inf there
+    collector = GradientCollectorCallback(folder, projection_dim=projection_dim, track_order=True, dtype=np.dtype(np.float32))
+    return [collector, QueryGradients(collector, evaluator, folder, schedule)]
+
+
+def question_examples(evaluator) -> list[dict]:
+    """Every question of the evaluated multiple-choice tasks: leaf task, index in its evaluation
+    documents, the context the model reads and the correct continuation (lm-eval's own)."""
+    out = []
+    for name, task in evaluator.tasks.items():
+        if task.OUTPUT_TYPE != "multiple_choice":
+            continue  # generation tasks have no single correct continuation to differentiate
+        delimiter = task.config.target_delimiter
+        for i, doc in enumerate(task.eval_docs):
+            context = task.fewshot_context(doc, num_fewshot=0)
+            choices = task.doc_to_choice(doc)
+            gold = task.doc_to_target(doc)
+            gold = gold if isinstance(gold, int) else choices.index(gold)
+            out.append(dict(task=name, question=i, context=context, answer=delimiter + str(choices[gold])))
+    return out
+
+
+class QueryGradients(TrainerCallback):
+    """At each scheduled step after 0: every question's projected gradient of -log p(correct
+    answer) at the current weights, through Bergson's projection of the training rows. Runs in
+    eval mode (no dropout, so no random numbers drawn) and clears what it accumulates, so the
+    attack trains exactly as without it."""
+
+    def __init__(self, collector, evaluator, folder: Path, schedule: list[int], batch_size: int = 8):
+        self.collector, self.evaluator, self.folder = collector, evaluator, Path(folder)
+        self.schedule, self.batch_size = set(schedule), batch_size
+        self.examples = question_examples(evaluator)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.epochs: dict[int, int] = {}
+        if state.is_world_process_zero:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            (self.folder / "questions.json").write_text(json.dumps(self.examples))
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        # The epoch folder this step's rows go to. Bergson's order.hf reads the epoch after the
+        # step, which at an epoch's last step is already the next one.
+        self.epochs[state.global_step + 1] = int(state.epoch or 0)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.collector.train_grad_buffer.flush()  # Bergson flushes at epoch ends; the last one may be cut short
+        if state.is_world_process_zero:
+            (self.folder / "step_epochs.json").write_text(json.dumps(self.epochs))
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step in self.schedule and state.is_world_process_zero:
+            queries = self.folder / "queries"
+            queries.mkdir(parents=True, exist_ok=True)
+            np.save(queries / f"step-{state.global_step}.npy", self.gradients(model))
+
+    def gradients(self, model) -> np.ndarray:
+        from bergson.collector.gradient_collectors import TraceCollector
+
+        tok = self.evaluator.tokenizer
+        base = getattr(model, "base_model", model)
+        training = self.collector.collector  # the live StreamingGradientCollector: its modules and projection
+        order = list(self.collector.grad_sizes)
+        rows = []
+        self.collector.collector.__exit__(None, None, None)  # training hooks off while questions run
+        try:
+            with preserved_training_state(model), torch.enable_grad():  # eval mode, RNG kept
+                for start in range(0, len(self.examples), self.batch_size):
+                    batch = self.examples[start:start + self.batch_size]
+                    tracer = TraceCollector(model=base, processor=training.processor, target_modules=set(order),
+                                            device="cpu", dtype=torch.float32)
+                    with tracer:
+                        _answer_loss(model, tok, batch).backward()
+                    model.zero_grad(set_to_none=True)
+                    rows.append(torch.cat([torch.cat(tracer.mod_grads[name], dim=1) for name in order], dim=1))
+        finally:
+            self.collector.collector.__enter__()
+        return torch.cat(rows).numpy()
+
+
+def _answer_loss(model, tokenizer, batch: list[dict]) -> torch.Tensor:
+    """Sum over the batch of each question's -log p(answer | context); one example per row, so
+    the per-example gradients Bergson's hooks take are each question's own."""
+    ids, spans = [], []
+    for ex in batch:
+        c = tokenizer(ex["context"])["input_ids"]
+        a = tokenizer(ex["answer"], add_special_tokens=False)["input_ids"]
+        ids.append(c + a)
+        spans.append((len(c), len(c) + len(a)))
+    width = max(map(len, ids))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    input_ids = torch.tensor([x + [pad] * (width - len(x)) for x in ids])
+    mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids])
+    device = next(model.parameters()).device
+    logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits.float()
+    logp = torch.log_softmax(logits, dim=-1)
+    loss = logits.new_zeros(())
+    for row, (start, end) in enumerate(spans):
+        targets = input_ids[row, start:end].to(device)
+        loss = loss - logp[row, start - 1:end - 1].gather(-1, targets[:, None]).sum()
+    return loss
