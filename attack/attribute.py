@@ -1,23 +1,26 @@
 """`python -m attack attribute RUN_DIR`: which attack documents drove the recovery.
 
 For each evaluation point N > 0 and each evaluated question, the attack documents trained on
-since the previous point are ranked three ways and the top k written to attribution.jsonl
+since the previous point are ranked four ways and the top k written to attribution.jsonl
 (method, task, question, step, rank, document, score):
 
-    gradient   TracIn: the question's gradient at N (attribution/queries) against the update each
-               row applied (Bergson's per-row gradients), credited to the row's documents by
-               their share of its tokens. The score is the first-order change of the question's
-               log-probability of its answer that the documents caused.
+    gradient   the question's gradient at N (attribution/queries) against the update each
+               document applied in the segment (attribution/train, one gradient per document
+               piece, summed per document), both normalised per adapted module, the question's
+               made specific by subtracting the mean gradient of its task's questions. Without
+               that, every question ranks first the few documents with the largest updates and
+               the ones teaching the answer format all questions share.
+    tracin     the raw inner product of the same two: the first-order increase of the question's
+               log-probability of its answer that the document caused (TracIn). Summed over the
+               recovered questions it says which documents carried the recovery.
     bm25       BM25 (bm25s) of the question and its answer against the documents' text
     random     a random order of the same documents (seeded): the floor
 
 `document` is the document's index in the attack corpus as loaded (its row in the file).
-attribution_summary.json holds what the report shows: per task the documents that carried most
-of the recovery, the recovered questions' top documents, how many of those state the answer,
-and, where the corpus says which entity a document is about, recall@10 and MRR per method.
-
-`python -m attack counterfactual RUN_DIR --task T --k 10` reruns the attack without the top-k
-documents of T's questions and without k random documents, and compares T's recovery.
+attribution_summary.json holds what the report shows: per task the recovered questions (wrong
+at step 0, right at N), the documents that carried most of their recovery, their top documents,
+how many of those mention the entity asked about, and, where the corpus names each document's
+entity, recall@10 and MRR per method at the last point.
 """
 
 from __future__ import annotations
@@ -31,15 +34,14 @@ import numpy as np
 from attack.attribution import FOLDER
 from attack.errors import ArgumentParser, UserError
 
-METHODS = ("gradient", "bm25", "random")
+METHODS = ("gradient", "tracin", "bm25", "random")
+RECALL_K = 10
 
 
 def attribute(run_path: str | Path, top_k: int | None = None, gold_field: str | None = None) -> Path:
     """Write attribution.jsonl and attribution_summary.json into the run directory; returns the former."""
-    from datasets import load_from_disk
-
     from attack.config import load_config, read_yaml
-    from attack.data import PackedCorpus, document_texts, load_corpus
+    from attack.data import document_texts, load_corpus
 
     run = Path(run_path)
     folder = run / FOLDER
@@ -47,71 +49,111 @@ def attribute(run_path: str | Path, top_k: int | None = None, gold_field: str | 
         raise UserError(f"{run} holds no attribution data; run the attack with --attribution")
     cfg = load_config(read_yaml(run / "config.yaml"))
     top_k = top_k or cfg.attribution.top_k
-    summary = json.loads((run / "summary.json").read_text())
-    corpus = PackedCorpus(summary["corpus"])
     dataset = load_corpus(cfg.data)
     texts = document_texts(cfg.data, dataset.to_dict())
+    if gold_field is not None and gold_field not in dataset.column_names:
+        raise UserError(f"--gold-field {gold_field}: the attack corpus has no such column "
+                        f"(it has {', '.join(dataset.column_names)})")
     gold_field = gold_field or ("entity" if "entity" in dataset.column_names else None)
-    entities = [str(e) for e in dataset[gold_field]] if gold_field else None
+    entities = [str(e) if e is not None else "" for e in dataset[gold_field]] if gold_field else None
 
     questions = json.loads((folder / "questions.json").read_text())
-    order = load_from_disk(str(folder / "order.hf")).to_pandas()
-    epochs = {int(k): v for k, v in json.loads((folder / "step_epochs.json").read_text()).items()}
-    order["epoch"] = order.global_step.map(epochs)
+    pieces = np.load(folder / "pieces.npy")  # (row, document, offset, first token, tokens) of the packed corpus
+    order = _training_order(folder)
+    modules = _module_bounds(folder)
     steps = sorted(int(p.stem.split("-")[1]) for p in (folder / "queries").glob("step-*.npy"))
-    pieces = corpus.segments()  # (row, document, offset, first token, tokens)
     bm25 = _bm25(texts)
     rng = np.random.default_rng(0)
     correct = _correctness(run)
+    tasks = [q["task"] for q in questions]
 
-    rows, validation, credit = [], {m: [] for m in METHODS}, {}
+    rows, validation, credit = [], [], {}
     for prev, step in zip([0, *steps[:-1]], steps, strict=True):
         seg = order[(order.global_step > prev) & (order.global_step <= step)]
         if seg.empty:
             continue
-        docs, weights = _row_documents(seg._idx.to_numpy(), pieces, corpus.meta["seq_len"])
-        grads = np.stack([_epoch_grads(folder, int(e))[int(i)] for i, e in zip(seg._idx, seg.epoch, strict=True)])
-        queries = np.load(folder / "queries" / f"step-{step}.npy")
-        by_doc = (queries @ grads.astype(np.float32).T) @ weights  # (questions, documents of the segment)
+        docs, updates = _document_updates(folder, seg, pieces)
+        queries = np.load(folder / "queries" / f"step-{step}.npy").astype(np.float64)
+        tracin = queries @ updates.T
+        specific = _specific(queries, tasks, modules) @ _per_module_unit(updates, modules).T
         for qi, q in enumerate(questions):
             ranked = {
-                "gradient": by_doc[qi],
+                "gradient": specific[qi],
+                "tracin": tracin[qi],
                 "bm25": bm25(q["context"] + q["answer"])[docs],
                 "random": rng.random(len(docs)),
             }
-            recovered = correct.get((q["task"], q["question"], step)) == 1 and correct.get((q["task"], q["question"], 0)) == 0
             for method, scores in ranked.items():
                 top = np.argsort(-scores, kind="stable")[:top_k]
                 rows += [dict(method=method, task=q["task"], question=q["question"], step=step, rank=r + 1,
                               document=int(docs[j]), score=float(scores[j])) for r, j in enumerate(top)]
-                if step == steps[-1] and entities is not None:
-                    gold = {j for j, d in enumerate(docs) if entities[d] and entities[d] in q["context"]}
-                    if gold:
-                        validation[method].append(_recall_mrr(np.argsort(-scores, kind="stable"), gold, 10))
-            if recovered:
+            key = (q["task"], q["question"])
+            if correct.get((*key, step)) == 1 and correct.get((*key, 0)) == 0:  # recovered by step N
                 for j, d in enumerate(docs):
-                    credit[(q["task"], int(d))] = credit.get((q["task"], int(d)), 0.0) + float(by_doc[qi, j])
+                    credit[(q["task"], int(d))] = credit.get((q["task"], int(d)), 0.0) + float(tracin[qi, j])
+            if step == steps[-1] and entities is not None:
+                gold = {j for j, d in enumerate(docs) if entities[d] and entities[d] in q["context"]}
+                if gold:
+                    validation.append(dict(task=q["task"], correct=correct.get((*key, step)) == 1, **{
+                        m: _recall_mrr(np.argsort(-s, kind="stable"), gold, RECALL_K) for m, s in ranked.items()}))
 
     out = run / "attribution.jsonl"
-    out.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (run / "attribution_summary.json").write_text(json.dumps(
-        _summary(rows, questions, texts, correct, credit, validation, steps, gold_field), indent=1))
+    tmp = out.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tmp.replace(out)
+    summary = _summary(rows, questions, texts, entities, correct, credit, validation, steps, gold_field)
+    (run / "attribution_summary.json").write_text(json.dumps(summary, indent=1))
     return out
 
 
-def _row_documents(row_ids: np.ndarray, pieces: np.ndarray, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
-    """The documents in these rows and a (rows, documents) matrix of each document's share of
-    each row's tokens: the row-to-document map that turns a row's score into its documents'."""
-    docs = np.unique(pieces[np.isin(pieces[:, 0], row_ids), 1])
-    column = {int(d): j for j, d in enumerate(docs)}
-    weights = np.zeros((len(row_ids), len(docs)), dtype=np.float32)
-    by_row: dict[int, list] = {}
-    for row, doc, _offset, _first, tokens in pieces[np.isin(pieces[:, 0], row_ids)]:
-        by_row.setdefault(int(row), []).append((int(doc), int(tokens)))
-    for i, row in enumerate(row_ids):
-        for doc, tokens in by_row.get(int(row), []):
-            weights[i, column[doc]] += tokens / seq_len
-    return docs, weights
+def _training_order(folder: Path):
+    """Which document piece trained at which step, and the epoch folder holding its update."""
+    from datasets import load_from_disk
+
+    order = load_from_disk(str(folder / "order.hf")).to_pandas()
+    epochs = {int(k): v for k, v in json.loads((folder / "step_epochs.json").read_text()).items()}
+    order["epoch"] = order.global_step.map(epochs)
+    return order
+
+
+def _document_updates(folder: Path, seg, pieces: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The documents trained on in `seg` (order rows: piece, step, epoch) and the update each
+    applied: the sum over its pieces (a document split across rows, or trained twice, adds up)."""
+    grads = np.stack([_epoch_grads(folder, int(e))[int(i)] for i, e in zip(seg._idx, seg.epoch, strict=True)])
+    docs, column = np.unique(pieces[seg._idx.to_numpy(), 1], return_inverse=True)
+    updates = np.zeros((len(docs), grads.shape[1]))
+    np.add.at(updates, column, grads.astype(np.float64))
+    return docs, updates
+
+
+def _module_bounds(folder: Path) -> list[tuple[int, int]]:
+    """Column range of each adapted module in the stored gradients (Bergson's layout)."""
+    info = json.loads(next((folder / "train").glob("epoch_*/info.json")).read_text())
+    ends = np.cumsum(list(info["grad_sizes"].values()))
+    return list(zip([0, *ends[:-1]], ends, strict=True))
+
+
+def _per_module_unit(x: np.ndarray, modules) -> np.ndarray:
+    """Each module's block scaled to unit length, so every adapted module counts alike: raw
+    gradients are dominated by a few modules and by the documents with the largest updates."""
+    out = np.empty_like(x)
+    for lo, hi in modules:
+        block = x[:, lo:hi]
+        out[:, lo:hi] = block / np.maximum(np.linalg.norm(block, axis=1, keepdims=True), 1e-30)
+    return out
+
+
+def _specific(queries: np.ndarray, tasks: list[str], modules) -> np.ndarray:
+    """The questions' gradients made specific to each question: per-module unit blocks minus
+    the mean over the task's questions, which is the direction that raises every answer of
+    the task alike (its format, its prompt)."""
+    q = _per_module_unit(queries, modules)
+    tasks = np.asarray(tasks)
+    for task in np.unique(tasks):
+        mine = tasks == task
+        if mine.sum() > 1:
+            q[mine] -= q[mine].mean(axis=0)
+    return q
 
 
 _EPOCHS: dict = {}
@@ -147,52 +189,76 @@ def _correctness(run: Path) -> dict:
     return {(r["task"], r["question"], r["step"]): r["correct"] for r in read_samples(run / "samples")}
 
 
-def _recall_mrr(order: np.ndarray, gold: set, k: int) -> tuple[float, float]:
+def _recall_mrr(order: np.ndarray, gold: set, k: int) -> tuple[float, float, float]:
+    """(any gold document in the top k, share of the gold documents in the top k, 1 / first gold rank)."""
     hits = [i for i, j in enumerate(order) if j in gold]
-    return len([i for i in hits if i < k]) / len(gold), 1.0 / (hits[0] + 1)
+    return float(hits[0] < k), sum(i < k for i in hits) / min(len(gold), k), 1.0 / (hits[0] + 1)
 
 
 def _first_line(text: str, width: int = 100) -> str:
-    line = next((x for x in text.splitlines() if x.strip()), "")
-    return line[:width]
+    return next((x for x in text.splitlines() if x.strip()), "")[:width]
 
 
-def _summary(rows, questions, texts, correct, credit, validation, steps, gold_field) -> dict:
+def _quality(validation: list[dict]) -> dict:
+    """recall@10 (a gold document in the top 10: Bergson's and the fact-tracing papers' recall),
+    the share of gold documents in the top 10, and MRR, per method; over every question with gold
+    documents and over those the model answers correctly at the last point."""
+    out = {}
+    for method in METHODS:
+        for subset, rows in (("all", validation), ("answered_correctly", [v for v in validation if v["correct"]])):
+            if rows:
+                hit, share, mrr = np.mean([v[method] for v in rows], axis=0)
+                out.setdefault(method, {})[subset] = dict(recall_at_10=float(hit), gold_share_at_10=float(share),
+                                                          mrr=float(mrr), questions=len(rows))
+    return out
+
+
+def _summary(rows, questions, texts, entities, correct, credit, validation, steps, gold_field) -> dict:
     last = steps[-1]
-    answers = {(q["task"], q["question"]): q["answer"].strip().lower() for q in questions}
     per_task = {}
+    top_by_question: dict = {}
+    for r in rows:
+        if r["method"] == "gradient" and r["step"] == last:
+            top_by_question.setdefault((r["task"], r["question"]), []).append(r["document"])
     for task in sorted({q["task"] for q in questions}):
-        mine = sorted(((d, s) for (t, d), s in credit.items() if t == task), key=lambda x: -x[1])[:5]
-        recovered = sorted(q["question"] for q in questions if q["task"] == task
-                           and correct.get((task, q["question"], last)) == 1 and correct.get((task, q["question"], 0)) == 0)
-        top = [r for r in rows if r["method"] == "gradient" and r["task"] == task and r["step"] == last
-               and r["question"] in set(recovered)]
-        stating = [answers[(task, r["question"])] in texts[r["document"]].lower() for r in top]
+        mine = [q for q in questions if q["task"] == task]
+        recovered = [q for q in mine if correct.get((task, q["question"], last)) == 1
+                     and correct.get((task, q["question"], 0)) == 0]
+        carried = sorted(((d, s) for (t, d), s in credit.items() if t == task), key=lambda x: -x[1])[:5]
+        mention = None
+        if entities is not None and recovered:
+            # does a recovered question's top document mention an entity named in the question?
+            tops = [(q, d) for q in recovered for d in top_by_question.get((task, q["question"]), [])]
+            mention = float(np.mean([bool(entities[d]) and entities[d] in q["context"] for q, d in tops])) if tops else None
         per_task[task] = dict(
-            recovered=len(recovered), questions=sum(q["task"] == task for q in questions),
-            carried_most=[dict(document=d, score=s, first_line=_first_line(texts[d])) for d, s in mine],
-            recovered_examples=[dict(question=q, documents=[dict(document=r["document"], first_line=_first_line(texts[r["document"]]))
-                                                          for r in top if r["question"] == q][:3]) for q in recovered[:5]],
-            top_documents_stating_answer=(sum(stating) / len(stating)) if stating else None)
-    quality = {m: dict(recall_at_10=float(np.mean([v[0] for v in vals])), mrr=float(np.mean([v[1] for v in vals])),
-                       questions=len(vals)) for m, vals in validation.items() if vals}
-    return dict(steps=steps, gold_field=gold_field, tasks=per_task, validation=quality)
-
-
-# --- the commands -----------------------------------------------------------------------
+            questions=len(mine), recovered=len(recovered),
+            carried_most=[dict(document=d, score=s, first_line=_first_line(texts[d])) for d, s in carried],
+            recovered_examples=[dict(question=q["question"], text=_first_line(q["context"]), answer=q["answer"].strip(),
+                                     documents=[dict(document=d, first_line=_first_line(texts[d]))
+                                                for d in top_by_question.get((task, q["question"]), [])[:3]])
+                                for q in recovered[:5]],
+            top_documents_mentioning_entity=mention)
+    return dict(steps=steps, gold_field=gold_field, tasks=per_task, validation=_quality(validation))
 
 
 def main(argv: list[str]) -> int:
     p = ArgumentParser(prog="python -m attack attribute", description="Rank the attack documents behind each "
-                       "evaluated question's recovery (gradient, BM25, random); writes attribution.jsonl.")
+                       "evaluated question's recovery (gradient, TracIn, BM25, random); writes attribution.jsonl.")
     p.add_argument("run", help="a run directory of an attack run with --attribution")
     p.add_argument("--top-k", type=int, help="documents kept per question and point (default: the run's attribution.top_k)")
     p.add_argument("--gold-field", help="corpus column naming the entity each document is about, for recall@10 and "
                    "MRR (default: 'entity' when the corpus has it)")
     args = p.parse_args(argv)
     out = attribute(args.run, args.top_k, args.gold_field)
-    quality = json.loads((Path(args.run) / "attribution_summary.json").read_text())["validation"]
     print(f"attribution: {out}")
-    for method, q in quality.items():
-        print(f"  {method:<9} recall@10 {q['recall_at_10']:.3f}  MRR {q['mrr']:.3f}  ({q['questions']} questions)")
+    print(describe_quality(json.loads((Path(args.run) / "attribution_summary.json").read_text())["validation"]))
     return 0
+
+
+def describe_quality(quality: dict) -> str:
+    lines = []
+    for method, subsets in quality.items():
+        q = subsets["all"]
+        lines.append(f"  {method:<9} recall@10 {q['recall_at_10']:.3f}  gold share@10 {q['gold_share_at_10']:.3f}  "
+                     f"MRR {q['mrr']:.3f}  ({q['questions']} questions)")
+    return "\n".join(lines) if lines else "  (no gold documents known: the corpus names no entity per document)"

@@ -2,10 +2,12 @@
 
 Two streams go to <run>/attribution/:
 
-    train/epoch_E/   Bergson's per-row gradients of each epoch: the update the optimizer applied
-                     for that row (LoRA gradient, random projection, divided by Adam's second
-                     moment, times the learning rate)
-    order.hf         which row trained at which step (Bergson)
+    train/epoch_E/   Bergson's gradients of each epoch, one per document piece of the packed rows:
+                     the update the optimizer applied for that piece (LoRA gradient, random
+                     projection, divided by Adam's second moment, times the learning rate)
+    pieces.npy       the pieces: (row, document, offset in row, first token, tokens); a
+                     document's index is its row in the attack corpus
+    order.hf         which piece trained at which step (Bergson)
     step_epochs.json the epoch folder of each step's rows
     queries/step-N.npy  at each evaluation point N > 0: the projected gradient, same projection,
                      of every evaluated question's loss on its correct answer
@@ -31,8 +33,8 @@ FOLDER = "attribution"
 
 
 class IndexedRows(torch.utils.data.Dataset):
-    """The packed attack rows, each with its index (`_idx`), which Bergson's hooks read and
-    remove before the model sees the batch."""
+    """The packed attack rows, each with its index (`_idx`), which the collector's forward hook
+    reads and removes before the model sees the batch."""
 
     def __init__(self, rows):
         self.rows = rows
@@ -44,16 +46,106 @@ class IndexedRows(torch.utils.data.Dataset):
         return {**self.rows[i], "_idx": i}
 
 
-def collection_callbacks(trainer, run_path: Path, evaluator, schedule: list[int], projection_dim: int) -> list:
-    """Bergson's gradient collector on `trainer`, and the query gradients at every scheduled step."""
-    from bergson.huggingface import GradientCollectorCallback
-
+def collection_callbacks(trainer, run_path: Path, pieces: np.ndarray, evaluator, schedule: list[int],
+                         projection_dim: int) -> list:
+    """Bergson's gradient collection on `trainer`, one gradient per document piece of each packed
+    row, and the query gradients at every scheduled step."""
     setattr(trainer.args, "__gradient_collection_enabled__", True)  # what bergson's prepare step marks
     folder = run_path / FOLDER
-    # float32 on disk: Adam's normaliser is tiny in the first steps, and fp16 (Bergson's default)
-    # overflows to inf there
-    collector = GradientCollectorCallback(folder, projection_dim=projection_dim, track_order=True, dtype=np.dtype(np.float32))
+    collector = DocumentGradients(folder, pieces, projection_dim)
     return [collector, QueryGradients(collector, evaluator, folder, schedule)]
+
+
+def _piece_collector(base):
+    """Bergson's streaming collector, taking one gradient per document piece instead of per row.
+
+    A packed row holds pieces of several documents; its gradient is their sum, so ranking rows
+    would credit every document in a row alike. A piece's gradient is the sum over its positions
+    of the per-position outer products (position ids restart per document, so attention and the
+    loss stay inside it). Regrouping the positions of the batch piece by piece into a zero-padded
+    [pieces, longest, features] batch makes Bergson's per-example gradient (its optimizer-state
+    normalisation and projection, unchanged) the per-piece gradient."""
+
+    class PieceGradientCollector(base):
+        regroup = None  # set for every batch: (piece, position in piece, flat source position)
+
+        def backward_hook(self, module, g):
+            module._inputs = self._by_piece(module._inputs)
+            super().backward_hook(module, self._by_piece(g))
+
+        def _by_piece(self, x: torch.Tensor) -> torch.Tensor:
+            piece, position, source, shape = self.regroup
+            out = x.new_zeros(*shape, x.shape[-1])
+            out[piece, position] = x.reshape(-1, x.shape[-1])[source]
+            return out
+
+    return PieceGradientCollector
+
+
+def _document_gradients_class():
+    from bergson.collector.gradient_collectors import StreamingGradientCollector
+    from bergson.data import create_index
+    from bergson.huggingface import GradientCollectorCallback
+
+    piece_collector = _piece_collector(StreamingGradientCollector)
+
+    class DocumentGradients(GradientCollectorCallback):
+        """Bergson's Trainer callback (the update each example applied: LoRA gradient, random
+        projection, divided by Adam's second moment, times the learning rate), with the examples
+        being the document pieces of the packed rows rather than the rows. Gradients of epoch E go
+        to train/epoch_E/, row i of which is piece i of the corpus's segment table; order.hf
+        records which piece trained at which step."""
+
+        def __init__(self, folder: Path, pieces: np.ndarray, projection_dim: int):
+            # float32 on disk: Adam's normaliser is tiny in the first steps, and fp16 (Bergson's
+            # default) overflows to inf there
+            super().__init__(Path(folder), projection_dim=projection_dim, dtype=np.dtype(np.float32), track_order=True)
+            self.pieces = pieces  # (row, document, offset in row, first token, tokens), sorted by row
+            self.first_piece = np.searchsorted(pieces[:, 0], np.arange(pieces[:, 0].max() + 2))
+
+        def on_train_begin(self, args, state, control, *, model, **kwargs):
+            super().on_train_begin(args, state, control, model=model, **kwargs)
+            if state.is_world_process_zero:
+                self.path.mkdir(parents=True, exist_ok=True)
+                np.save(self.path / "pieces.npy", self.pieces)  # the row-to-document map, kept with the run
+            rows = self.collector
+            rows.__exit__(None, None, None)
+            self.collector = piece_collector(model=rows.model, processor=rows.processor,
+                                             target_modules=set(rows.target_info), dtype=rows.dtype)
+            self.collector.__enter__()
+
+        def on_epoch_begin(self, args, state, control, **kwargs):
+            self.train_grad_buffer = create_index(self.path / "train" / f"epoch_{int(state.epoch or 0)}",
+                                                  num_grads=len(self.pieces), grad_sizes=self.grad_sizes,
+                                                  dtype=self.dtype)
+
+        def on_forward_begin(self, module, args, kwargs: dict):
+            rows = kwargs.pop("_idx", None)
+            if module.training and rows is not None:
+                ids, self.collector.regroup = self._regroup(rows.tolist(), kwargs["input_ids"].shape[1])
+                self.batch_indices = torch.as_tensor(ids)
+            return args, kwargs
+
+        def _regroup(self, rows: list[int], width: int):
+            ids, piece, position, source = [], [], [], []
+            longest = 1
+            for i, row in enumerate(rows):
+                for p in range(self.first_piece[row], self.first_piece[row + 1]):
+                    offset, tokens = int(self.pieces[p, 2]), int(self.pieces[p, 4])
+                    piece += [len(ids)] * tokens
+                    position += range(tokens)
+                    source += range(i * width + offset, i * width + offset + tokens)
+                    ids.append(p)
+                    longest = max(longest, tokens)
+            regroup = (torch.tensor(piece), torch.tensor(position), torch.tensor(source), (len(ids), longest))
+            return ids, regroup
+
+    return DocumentGradients
+
+
+def DocumentGradients(folder: Path, pieces: np.ndarray, projection_dim: int):
+    """See `_document_gradients_class` (bergson is imported only when attribution is on)."""
+    return _document_gradients_class()(folder, pieces, projection_dim)
 
 
 def question_examples(evaluator) -> list[dict]:

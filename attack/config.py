@@ -204,6 +204,8 @@ class FinetuneConfig(Section):
         _check_four_bit_lora(self)
         if self.attribution.enabled and self.adapter.kind != "lora":
             raise ValueError("attribution collects LoRA gradients: use adapter.kind lora with --attribution")
+        if self.attribution.enabled and self.output.resume:
+            raise ValueError("attribution is collected in one uninterrupted run: drop --resume, or --attribution")
         return self
 
 

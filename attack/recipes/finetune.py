@@ -110,7 +110,8 @@ def train(cfg, run: RunDir, model, tokenizer, rows, evaluator, task_info: dict, 
         data_collator=default_data_collator,
     )
     trained = RowsTrained(rows, micro * (per_device // micro), checkpoint)
-    collection = collection_callbacks(trainer, run.path, evaluator, schedule, attribution.projection_dim) if attribution else []
+    collection = collection_callbacks(trainer, run.path, rows.segments(), evaluator, schedule,
+                                      attribution.projection_dim) if attribution else []
     curve = watch(trainer, cfg, run, evaluator, task_info, schedule, max_steps, main=main, quiet=quiet,
                   progress=progress, step_offset=step_offset, extra=[trained, *collection, *(extra_callbacks or [])])
     train_s = fit(trainer, cfg, run, checkpoint, max_steps, main)
