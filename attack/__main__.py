@@ -201,6 +201,10 @@ def main(argv: list[str] | None = None) -> int:
             from attack.attribute import main as attribute_main
 
             return attribute_main(argv[1:])
+        if argv and argv[0] == "counterfactual":
+            from attack.counterfactual import main as counterfactual_main
+
+            return counterfactual_main(argv[1:])
         if argv and argv[0] == "demo":
             from attack.toyworld.demo import main as demo_main
 
