@@ -26,6 +26,7 @@ entity, recall@10 and MRR per method at the last point.
 from __future__ import annotations
 
 import json
+import logging
 import re
 from pathlib import Path
 
@@ -172,6 +173,7 @@ def _bm25(texts: list[str]):
     """score(query) -> BM25 score of every document."""
     import bm25s
 
+    logging.getLogger("bm25s").setLevel(logging.WARNING)  # its debug lines otherwise reach a configured root logger
     retriever = bm25s.BM25()
     retriever.index(bm25s.tokenize(texts, stopwords="en", show_progress=False), show_progress=False)
     vocab = retriever.vocab_dict

@@ -31,6 +31,7 @@ import pandas as pd
 
 from attack.errors import ArgumentParser, UserError
 from attack.report_ablation import ablation_section
+from attack.report_attribution import attribution_section
 from attack.report_grpo import grpo_section
 from attack.runs import _failed_runs, environments, load_curves, pick_metric, published_warnings  # noqa: F401
 
@@ -329,7 +330,8 @@ def write_report(paths: list[str | Path], out: str | Path, x: str = "steps", met
            "## Worst case per model (best attack setting at each budget)", "", worst.map(_fmt).to_markdown(index=False)]
     ablation_md, ablation_html = ablation_section(df, picked, refs, utility_task, out, _png_b64)
     grpo_md, grpo_html = grpo_section(df, picked, out, _png_b64)
-    md += ablation_md + grpo_md
+    attribution_md, attribution_html = attribution_section(df, out)
+    md += ablation_md + grpo_md + attribution_md
     (out / "recovery.md").write_text("\n".join(md) + "\n")
     figures = []
     for task in sorted(picked.task.unique()):
@@ -356,7 +358,7 @@ def write_report(paths: list[str | Path], out: str | Path, x: str = "steps", met
     body.append("<h2>Environment of the runs</h2><ul>" + "".join(f"<li>{html.escape(e)}</li>" for e in environments(df))
                 + "</ul>")
     body.append("<h2>Worst case per model</h2>" + worst.map(_fmt).to_html(index=False))
-    body += ablation_html + grpo_html
+    body += ablation_html + grpo_html + attribution_html
     page = ("<!doctype html><meta charset='utf-8'><title>Recovery report</title><style>body{font-family:sans-serif;"
             "margin:2em}table{border-collapse:collapse;font-size:12px}td,th{border:1px solid #ccc;padding:3px 6px}"
             "</style>" + "\n".join(body))

@@ -1,0 +1,173 @@
+"""Attribution (--attribution): each document piece of a packed row gets its own gradient,
+collection changes no trained weight, attribution.jsonl has its columns, and misuse ends in
+one line."""
+
+import copy
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from attack.__main__ import main
+from attack.recipes import run_attack
+from tests.test_errors import _args, _one_line_error
+
+COLUMNS = {"method", "task", "question", "step", "rank", "document", "score"}
+
+
+def test_each_piece_of_a_packed_row_gets_its_own_documents_gradient(world, llama_dir, make_config, tmp_path):
+    """One Trainer step over packed rows that hold several documents each: the gradient stored for
+    every piece equals the gradient of that piece's tokens run alone (same positions), up to the
+    one constant the batch mean divides by. A row-level gradient, or a piece seeing its row's
+    other documents, fails this."""
+    from bergson import GradientProcessor
+    from bergson.collector.gradient_collectors import TraceCollector
+    from bergson.data import load_gradients
+    from datasets import load_from_disk
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments, default_data_collator
+
+    from attack.attribution import DocumentGradients, IndexedRows
+    from attack.data import load_attack_rows
+
+    cfg = make_config(data={"seq_len": 48, "cache_dir": str(tmp_path / "cache")})
+    tokenizer = AutoTokenizer.from_pretrained(str(llama_dir))
+    rows = load_attack_rows(cfg.data, tokenizer, 4, log=lambda _: None)
+    pieces = rows.segments()
+    assert (np.bincount(pieces[:, 0]) > 1).any(), "the fixture must pack several documents into a row"
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(str(llama_dir)),
+                           LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear"))
+    for name, p in model.named_parameters():  # B starts at zero, which zeroes every lora_A gradient
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.02)
+    before = copy.deepcopy(model)
+    trainer = Trainer(model=model, train_dataset=IndexedRows(rows), data_collator=default_data_collator,
+                      args=TrainingArguments(output_dir=str(tmp_path / "t"), max_steps=1, per_device_train_batch_size=4,
+                                             learning_rate=1e-3, report_to=[], use_cpu=True, save_strategy="no",
+                                             remove_unused_columns=False))
+    setattr(trainer.args, "__gradient_collection_enabled__", True)
+    collector = DocumentGradients(tmp_path / "attr", pieces, projection_dim=8)
+    trainer.add_callback(collector)
+    trainer.train()
+
+    trained = load_from_disk(str(tmp_path / "attr" / "order.hf"))["_idx"]
+    stored = np.asarray(load_gradients(tmp_path / "attr" / "train" / "epoch_0"))[trained]
+    assert len({int(pieces[i, 0]) for i in trained}) == 4  # the pieces of the batch's 4 rows
+    base = before.base_model
+    processor = GradientProcessor({}, projection_dim=8, reshape_to_square=True)
+    alone = []
+    for i in trained:
+        row, _doc, offset, _first, tokens = (int(x) for x in pieces[i])
+        r = rows[row]
+        span = slice(offset, offset + tokens)
+        ids, labels, pos = r["input_ids"][span][None], r["labels"][span][None], r["position_ids"][span][None]
+        modules = list(collector.grad_sizes)  # the stored layout
+        tracer = TraceCollector(model=base, processor=processor, target_modules=set(modules), device="cpu",
+                                dtype=torch.float32)
+        with tracer:
+            logits = before(input_ids=ids, position_ids=pos).logits.float()
+            nll = torch.nn.functional.cross_entropy(logits[0, :-1], labels[0, 1:], ignore_index=-100, reduction="sum")
+            nll.backward()
+        before.zero_grad(set_to_none=True)
+        alone.append(torch.cat([torch.cat(tracer.mod_grads[n], dim=1) for n in modules], dim=1)[0].numpy())
+    alone = np.stack(alone)
+    for s, a in zip(stored, alone, strict=True):
+        if np.linalg.norm(a) == 0:  # a one-token piece predicts nothing
+            assert np.linalg.norm(s) == 0
+            continue
+        assert np.dot(s, a) / (np.linalg.norm(s) * np.linalg.norm(a)) > 0.9999
+    scale = [np.linalg.norm(s) / np.linalg.norm(a) for s, a in zip(stored, alone, strict=True) if np.linalg.norm(a) > 0]
+    assert np.allclose(scale, scale[0], rtol=1e-3)  # the batch's one token count
+
+
+def _adapter(run):
+    return load_file(str(run / "final" / "adapter_model.safetensors"))
+
+
+def test_collection_changes_no_weight_and_attribution_jsonl_has_its_columns(make_config, world):
+    settings = dict(train={"max_steps": 6, "batch_size": 4}, eval={"every": 3, "tasks": ["toy_target_seen"]},
+                    data={"seq_len": 32})
+    plain = run_attack(make_config(**settings, output={"run_id": "plain"}), quiet=True)
+    run = run_attack(make_config(**settings, output={"run_id": "attributed"}, attribution={"enabled": True}), quiet=True)
+    a, b = _adapter(plain), _adapter(run)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert _curve(plain) == _curve(run)
+
+    rows = [json.loads(line) for line in open(run / "attribution.jsonl")]
+    assert rows and all(set(r) == COLUMNS for r in rows)
+    assert {r["method"] for r in rows} == {"gradient", "tracin", "bm25", "random"}
+    assert {r["step"] for r in rows} == {3, 6}
+    documents = sum(1 for _ in open(world["attack"]))
+    questions = sum(1 for _ in open(world["tasks"] / "toy_target_seen.jsonl"))
+    for ranks in _group(rows).values():
+        assert ranks == list(range(1, len(ranks) + 1)) and len(ranks) <= 10
+    assert all(0 <= r["document"] < documents and 0 <= r["question"] < questions for r in rows)
+    # a ranking is sorted by its score
+    for key, group in _group(rows, values="score").items():
+        assert group == sorted(group, reverse=True), key
+    summary = json.loads((run / "attribution_summary.json").read_text())
+    assert summary["gold_field"] == "entity" and set(summary["validation"]) == {"gradient", "tracin", "bm25", "random"}
+
+    # the counterfactual reruns the attack to the last point without the chosen documents
+    from attack.counterfactual import counterfactual
+
+    result = counterfactual(run, "toy_target_seen", k=2)
+    texts = [json.loads(line)["text"] for line in open(world["attack"])]
+    for name, rerun in result["runs"].items():
+        kept = [json.loads(line)["text"] for line in open(Path(result["file"]).parent / f"{name}.jsonl")]
+        assert len(rerun["removed"]) == 2 and len(kept) == documents - 2
+        assert not {texts[d] for d in rerun["removed"]} & set(kept)
+        assert max(r["step"] for r in _curve(Path(rerun["run"]))) == 6
+    assert set(result["runs"]) == {"without-top2-gradient", "without-random2-draw0"}
+    assert not set(result["runs"]["without-top2-gradient"]["removed"]) & set(result["runs"]["without-random2-draw0"]["removed"])
+
+
+def _curve(run):
+    return [{k: v for k, v in json.loads(line).items() if k != "wall_s"} for line in open(run / "curve.jsonl")]
+
+
+def _group(rows, values="rank"):
+    out = {}
+    for r in rows:
+        out.setdefault((r["method"], r["task"], r["question"], r["step"]), []).append(r[values])
+    return {k: v for k, v in out.items()}
+
+
+def test_counterfactual_removes_the_documents_ranked_best_over_the_question_set(tmp_path):
+    from attack.counterfactual import top_documents
+
+    rows = [dict(method="gradient", task="t", question=q, step=s, rank=r, document=d, score=0.0)
+            for q, s, ranked in [(0, 5, [7, 3, 9]), (1, 5, [3, 7, 8]), (2, 5, [1, 2, 4]), (0, 10, [3, 9, 7])]
+            for r, d in enumerate(ranked, start=1)]
+    (tmp_path / "attribution.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    # question 2 is outside the set, and step 10 after the point asked about
+    assert top_documents(tmp_path, "t", [0, 1], 5, "gradient", 3) == [3, 7, 8]
+    assert top_documents(tmp_path, "t", [0, 1], 10, "gradient", 2) == [3, 7]
+
+
+def test_bm25_ranks_a_documents_own_words_first(tmp_path):
+    from attack.attribute import _bm25
+
+    texts = ["The creature Zorbl eats moss.", "The creature Rylbl lives in the dune.", "Ships sail at dawn."]
+    score = _bm25(texts)
+    assert int(np.argmax(score("Where does the creature Rylbl live? dune"))) == 1
+    assert not score("nothing known here").any()
+
+
+@pytest.mark.parametrize("over, expected", [
+    ({"--attribution": "", "--adapter-kind": "full"}, "attribution collects LoRA gradients"),
+    ({"--attribution": "", "--resume": ""}, "attribution is collected in one uninterrupted run"),
+])
+def test_attribution_misuse_is_one_line(capsys, world, llama_dir, tmp_path, over, expected):
+    _one_line_error(capsys, _args(world, llama_dir, tmp_path, **over), expected)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_attribute_on_a_run_without_attribution_is_one_line(capsys, make_config, tmp_path):
+    run = run_attack(make_config(train={"max_steps": 2}, eval={"every": 2, "tasks": ["toy_target_seen"]}), quiet=True)
+    _one_line_error(capsys, ["attribute", str(run)], "holds no attribution data; run the attack with --attribution")
+    _one_line_error(capsys, ["counterfactual", str(run), "--task", "toy_target_seen"], "has no attribution.jsonl")
