@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from transformers import TrainerCallback
 
+from attack.errors import UserError
 from eval_callbacks.runner import preserved_training_state
 
 FOLDER = "attribution"
@@ -46,11 +47,18 @@ class IndexedRows(torch.utils.data.Dataset):
         return {**self.rows[i], "_idx": i}
 
 
+def require_bergson() -> None:
+    try:
+        import bergson  # noqa: F401
+    except ImportError:
+        raise UserError("--attribution needs bergson: pip install --no-deps bergson==2.5.1 (make does)") from None
+
+
 def collection_callbacks(trainer, run_path: Path, pieces: np.ndarray, evaluator, schedule: list[int],
                          projection_dim: int) -> list:
     """Bergson's gradient collection on `trainer`, one gradient per document piece of each packed
     row, and the query gradients at every scheduled step."""
-    setattr(trainer.args, "__gradient_collection_enabled__", True)  # what bergson's prepare step marks
+    trainer.args.__gradient_collection_enabled__ = True  # what bergson's prepare step marks
     folder = run_path / FOLDER
     collector = DocumentGradients(folder, pieces, projection_dim)
     return [collector, QueryGradients(collector, evaluator, folder, schedule)]

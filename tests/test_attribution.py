@@ -11,7 +11,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from attack.__main__ import main
 from attack.recipes import run_attack
 from tests.test_errors import _args, _one_line_error
 
@@ -49,7 +48,7 @@ def test_each_piece_of_a_packed_row_gets_its_own_documents_gradient(world, llama
                       args=TrainingArguments(output_dir=str(tmp_path / "t"), max_steps=1, per_device_train_batch_size=4,
                                              learning_rate=1e-3, report_to=[], use_cpu=True, save_strategy="no",
                                              remove_unused_columns=False))
-    setattr(trainer.args, "__gradient_collection_enabled__", True)
+    trainer.args.__gradient_collection_enabled__ = True
     collector = DocumentGradients(tmp_path / "attr", pieces, projection_dim=8)
     trainer.add_callback(collector)
     trainer.train()

@@ -10,6 +10,7 @@ LoRA or full, and score the live model on held-out tasks at scheduled steps.
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import torch
 from accelerate import PartialState
 from transformers import PrinterCallback, ProgressCallback, Trainer, TrainerState, TrainingArguments, default_data_collator, set_seed
 
-from attack.attribution import IndexedRows, collection_callbacks
+from attack.attribution import IndexedRows, collection_callbacks, require_bergson
 from attack.config import FinetuneConfig, default_run_id, steps_for
 from attack.data import RowsTrained, load_attack_rows
 from attack.errors import UserError
@@ -45,6 +46,8 @@ def run(cfg: FinetuneConfig, extra_callbacks: list | None = None, quiet: bool = 
     if cfg.model.load_in_4bit:
         four_bit_config()  # says clearly when this machine cannot
     check_tracker(cfg.logging)
+    if cfg.attribution.enabled:
+        require_bergson()
     tokenizer = load_tokenizer(cfg.model)  # also says when the model is not where it was said to be
     tasks = find_eval_tasks(cfg.eval)
     with procs.main_process_first():  # the main process prepares the corpus, the others map it
@@ -142,10 +145,11 @@ def train(cfg, run: RunDir, model, tokenizer, rows, evaluator, task_info: dict, 
         wall_s=round(run.wall_so_far(), 2),
         final_train_loss=curve.train_loss if curve.train_loss is not None else _last_loss(state),
     )
-    if attribution:
-        from attack.attribute import attribute
+    if attribution and main:
+        from attack.attribute import attribute, describe_quality
 
         say(f"attribution: {attribute(run.path)}")
+        say(describe_quality(json.loads((run.path / "attribution_summary.json").read_text())["validation"]))
     run.close()
     say(score_table(read_curve(run.curve), evaluator.requested))
     say(f"run directory: {run.path}")
