@@ -120,7 +120,8 @@ def _training_order(folder: Path):
 def _document_updates(folder: Path, seg, pieces: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The documents trained on in `seg` (order rows: piece, step, epoch) and the update each
     applied: the sum over its pieces (a document split across rows, or trained twice, adds up)."""
-    grads = np.stack([_epoch_grads(folder, int(e))[int(i)] for i, e in zip(seg._idx, seg.epoch, strict=True)])
+    epochs = {int(e): _epoch_grads(folder, int(e)) for e in seg.epoch.unique()}
+    grads = np.stack([epochs[int(e)][int(i)] for i, e in zip(seg._idx, seg.epoch, strict=True)])
     docs, column = np.unique(pieces[seg._idx.to_numpy(), 1], return_inverse=True)
     updates = np.zeros((len(docs), grads.shape[1]))
     np.add.at(updates, column, grads.astype(np.float64))
@@ -157,16 +158,11 @@ def _specific(queries: np.ndarray, tasks: list[str], modules) -> np.ndarray:
     return q
 
 
-_EPOCHS: dict = {}
-
-
 def _epoch_grads(folder: Path, epoch: int) -> np.ndarray:
+    """Epoch `epoch`'s stored updates, memory-mapped (rows: pieces of the packed corpus)."""
     from bergson.data import load_gradients
 
-    key = (str(folder), epoch)
-    if key not in _EPOCHS:
-        _EPOCHS[key] = load_gradients(folder / "train" / f"epoch_{epoch}")
-    return _EPOCHS[key]
+    return load_gradients(folder / "train" / f"epoch_{epoch}")
 
 
 def _bm25(texts: list[str]):
