@@ -10,9 +10,10 @@ since the previous point are ranked four ways and the top k written to attributi
                made specific by subtracting the mean gradient of its task's questions. Without
                that, every question ranks first the few documents with the largest updates and
                the ones teaching the answer format all questions share.
-    tracin     the raw inner product of the same two: the first-order increase of the question's
-               log-probability of its answer that the document caused (TracIn). Summed over the
-               recovered questions it says which documents carried the recovery.
+    tracin     the raw inner product of the same two (TracIn; the question's gradient passes through
+               the same Adam second-moment correction as the updates, as Bergson queries an index,
+               so it is proportional to, not equal to, the change in log-probability). Summed over
+               the recovered questions it says which documents carried the recovery.
     bm25       BM25 (bm25s) of the question and its answer against the documents' text
     random     a random order of the same documents (seeded): the floor
 

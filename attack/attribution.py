@@ -9,18 +9,18 @@ Two streams go to <run>/attribution/:
                      document's index is its row in the attack corpus
     order.hf         which piece trained at which step (Bergson)
     step_epochs.json the epoch folder of each step's rows
-    queries/step-N.npy  at each evaluation point N > 0: the projected gradient, same projection,
-                     of every evaluated question's loss on its correct answer
+    queries/step-N.npy  at each evaluation point N > 0: the gradient of every evaluated question's
+                     loss on its correct answer, through the same projection and Adam correction
     questions.json   the questions in the order of those rows: task, index, context, answer
 
-`python -m attack attribute RUN_DIR` (attack/attribute.py) scores them: the inner product of a
-question's gradient at point N with the update of each row trained since the previous point is
-the first-order change of the question's log-probability that row caused (TracIn).
+`python -m attack attribute RUN_DIR` (attack/attribute.py) scores them: a question's gradient at
+point N against the update of each document piece trained since the previous point (TracIn).
 """
 
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -216,7 +216,9 @@ class QueryGradients(TrainerCallback):
         rows = []
         self.collector.collector.__exit__(None, None, None)  # training hooks off while questions run
         try:
-            with preserved_training_state(model), torch.enable_grad():  # eval mode, RNG kept
+            # eval mode, RNG kept; the questions' inputs need no gradient, which torch warns about
+            with preserved_training_state(model), torch.enable_grad(), warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="Full backward hook is firing")
                 for start in range(0, len(self.examples), self.batch_size):
                     batch = self.examples[start:start + self.batch_size]
                     tracer = TraceCollector(model=base, processor=training.processor, target_modules=set(order),
