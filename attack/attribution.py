@@ -28,6 +28,7 @@ import torch
 from transformers import TrainerCallback
 
 from attack.errors import UserError
+from attack.model import continuation_logprobs
 from eval_callbacks.runner import preserved_training_state
 
 FOLDER = "attribution"
@@ -235,21 +236,4 @@ class QueryGradients(TrainerCallback):
 def _answer_loss(model, tokenizer, batch: list[dict]) -> torch.Tensor:
     """Sum over the batch of each question's -log p(answer | context); one example per row, so
     the per-example gradients Bergson's hooks take are each question's own."""
-    ids, spans = [], []
-    for ex in batch:
-        c = tokenizer(ex["context"])["input_ids"]
-        a = tokenizer(ex["answer"], add_special_tokens=False)["input_ids"]
-        ids.append(c + a)
-        spans.append((len(c), len(c) + len(a)))
-    width = max(map(len, ids))
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    input_ids = torch.tensor([x + [pad] * (width - len(x)) for x in ids])
-    mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids])
-    device = next(model.parameters()).device
-    logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits.float()
-    logp = torch.log_softmax(logits, dim=-1)
-    loss = logits.new_zeros(())
-    for row, (start, end) in enumerate(spans):
-        targets = input_ids[row, start:end].to(device)
-        loss = loss - logp[row, start - 1:end - 1].gather(-1, targets[:, None]).sum()
-    return loss
+    return -continuation_logprobs(model, tokenizer, [ex["context"] for ex in batch], [ex["answer"] for ex in batch]).sum()

@@ -209,3 +209,23 @@ def model_source(cfg: ModelConfig) -> tuple[str, dict]:
 
 def _revision(cfg: ModelConfig) -> str | None:
     return None if looks_local(cfg.name) else cfg.revision
+
+
+def continuation_logprobs(model, tokenizer, contexts: list[str], continuations: list[str]) -> torch.Tensor:
+    """log p(continuation | context) of each pair, one pair per row (right-padded), summed over the
+    continuation's tokens; differentiable, so per-row gradients are each pair's own."""
+    ids, spans = [], []
+    for context, continuation in zip(contexts, continuations, strict=True):
+        c = tokenizer(context)["input_ids"]
+        a = tokenizer(continuation, add_special_tokens=False)["input_ids"]
+        ids.append(c + a)
+        spans.append((len(c), len(c) + len(a)))
+    width = max(map(len, ids))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    input_ids = torch.tensor([x + [pad] * (width - len(x)) for x in ids])
+    mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids])
+    device = next(model.parameters()).device
+    logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits.float()
+    logp = torch.log_softmax(logits, dim=-1)
+    return torch.stack([logp[row, start - 1:end - 1].gather(-1, input_ids[row, start:end].to(device)[:, None]).sum()
+                        for row, (start, end) in enumerate(spans)])

@@ -22,6 +22,7 @@ import torch
 
 from attack.config import AdapterConfig, GrpoSection, ModelConfig
 from attack.errors import UserError, first_line
+from attack.model import continuation_logprobs
 from eval_callbacks.runner import preserved_training_state
 
 _FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
@@ -121,26 +122,8 @@ class GoldProbability:
 
     @torch.no_grad()
     def _probabilities(self, contexts: list[str], golds: list[str]) -> list[float]:
-        tok = self.tokenizer
-        ids, spans = [], []
-        for context, gold in zip(contexts, golds, strict=False):
-            c = tok(context)["input_ids"]
-            g = tok(gold, add_special_tokens=False)["input_ids"]
-            ids.append(c + g)
-            spans.append((len(c), len(c) + len(g)))
-        width = max(map(len, ids))
-        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        input_ids = torch.tensor([x + [pad] * (width - len(x)) for x in ids])
-        mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids])
-        device = next(self.model.parameters()).device
         with preserved_training_state(self.model):
-            logits = self.model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits.float()
-        logp = torch.log_softmax(logits, dim=-1)
-        out = []
-        for row, (start, end) in enumerate(spans):
-            targets = input_ids[row, start:end].to(device)
-            out.append(float(logp[row, start - 1:end - 1].gather(-1, targets[:, None]).sum().exp()))
-        return out
+            return continuation_logprobs(self.model, self.tokenizer, contexts, golds).exp().tolist()
 
 
 # --- a local judge ----------------------------------------------------------------------
