@@ -198,11 +198,11 @@ def main(argv: list[str] | None = None) -> int:
 
             return report_main(argv[1:])
         if argv and argv[0] == "attribute":
-            from attack.attribute import main as attribute_main
+            from attack.attribution.attribute import main as attribute_main
 
             return attribute_main(argv[1:])
         if argv and argv[0] == "counterfactual":
-            from attack.counterfactual import main as counterfactual_main
+            from attack.attribution.counterfactual import main as counterfactual_main
 
             return counterfactual_main(argv[1:])
         if argv and argv[0] == "demo":

@@ -10,7 +10,12 @@ A config has a top-level `kind`, the attack family, and the sections that kind u
     grpo         grpo (the reward split and the reward), adapter, train
 
 A section of another kind is an unknown key. Every field's docstring is its `--help` text
-(attack/cli.py derives the flags from this schema).
+(attack/__main__.py derives the flags from this schema).
+
+What depends on the kind (does it read an attack corpus, how many optimizer steps, where its
+curve starts, its label, its report sections) is answered by the kind's config class, so the
+sweep, the report and the other commands ask the config instead of comparing kind names. A
+new kind is one config class here (added to KINDS) and one recipe file.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -185,19 +190,95 @@ class AttributionSection(Section):
     """Documents kept per question and evaluation point in attribution.jsonl."""
 
 
-class FinetuneConfig(Section):
-    """Supervised fine-tuning of the model under test on an attack corpus (LoRA or full)."""
+class AttackKind(Section):
+    """What every kind's config has and the questions every kind answers. Subclasses set `kind`
+    (a Literal of their own name) and override what differs."""
 
-    kind: Literal["finetune"] = "finetune"
+    kind: str = ""
     """The attack family; it decides which sections the config may have."""
     model: ModelConfig = ModelConfig()
     eval: EvalConfig = EvalConfig()
     output: OutputConfig = OutputConfig()
     logging: LoggingConfig = LoggingConfig()
+
+    curve_offset: ClassVar[int] = 0
+    """Curve step of the attack's training step 0 (1 after a one-shot edit: step 1 is the edited model)."""
+    sections: ClassVar[tuple[str, ...]] = ()
+    """The report sections that exist for this kind (beyond those every run gets)."""
+    supervised: ClassVar[bool] = False
+    """Trains on an attack corpus with a language-modelling loss (what counterfactual reruns and
+    what GRPO is set against at matched steps)."""
+
+    @property
+    def uses_data(self) -> bool:
+        """Reads an attack corpus (data section)."""
+        return False
+
+    def training_steps(self) -> int:
+        """Optimizer steps of the attack (0 for a one-shot edit): from the token budget when one is set."""
+        if self.uses_data and self.data.token_budget is not None:
+            return max(1, -(-self.data.token_budget // self.tokens_per_step()))
+        return self.train.max_steps
+
+    def tokens_per_step(self) -> int | None:
+        """Training tokens of one optimizer step; None where they are generated (RL)."""
+        return self.train.batch_size * self.data.seq_len if self.uses_data else None
+
+    def eval_schedule(self) -> list[int]:
+        """The training steps at which the attack is evaluated (step 0 and the last included)."""
+        from eval_callbacks.schedule import linear_schedule, log_schedule
+
+        steps = self.training_steps()
+        if self.eval.schedule == "log":
+            return log_schedule(steps, self.eval.log_points)
+        return linear_schedule(steps, self.eval.every)
+
+    def curve_steps(self) -> list[int]:
+        """Every step the recovery curve will have: step 0, the unmodified model, then the
+        scheduled points on the curve's axis."""
+        return sorted({0, *(s + self.curve_offset for s in self.eval_schedule())})
+
+    def adapter_label(self) -> str:
+        return "full" if self.adapter.kind == "full" else f"lora-r{self.adapter.rank}"
+
+    def label(self) -> str:
+        """A short name of the attack setting, for runs outside a sweep (a sweep names its own)."""
+        return f"{self.adapter_label()}-lr{self.train.lr:g}"
+
+    def describe(self) -> str:
+        """One line on what the attack does, for the terminal and a sweep's dry run."""
+        adapter = "full" if self.adapter.kind == "full" else f"LoRA r={self.adapter.rank}"
+        return f"{adapter}, lr {self.train.lr:g}"
+
+    def input_files(self) -> dict[str, str]:
+        """Local files the attack reads besides its model and corpus, {key: path}, checked before it runs."""
+        return {}
+
+    def check_required(self) -> None:
+        """What the kind needs and no default can supply, with the flag that supplies it."""
+        if self.uses_data and not self.data.path:
+            raise UserError("no attack data given: pass --data <file, folder or hub id> or set data.path")
+
+
+class FinetuneConfig(AttackKind):
+    """Supervised fine-tuning of the model under test on an attack corpus (LoRA or full)."""
+
+    kind: Literal["finetune"] = "finetune"
+    """The attack family; it decides which sections the config may have."""
     adapter: AdapterConfig = AdapterConfig()
     data: DataConfig = DataConfig()
     train: TrainConfig = TrainConfig()
     attribution: AttributionSection = AttributionSection()
+
+    supervised: ClassVar[bool] = True
+
+    @property
+    def uses_data(self) -> bool:
+        return True
+
+    def describe(self) -> str:
+        return (f"{super().describe()}, {self.training_steps()} steps of {self.train.batch_size} x "
+                f"{self.data.seq_len} tokens")
 
     @model_validator(mode="after")
     def _four_bit_needs_lora(self):
@@ -257,20 +338,49 @@ class AblationSection(Section):
     attack; its curve continues from step 1, the ablated model."""
 
 
-class AblationConfig(Section):
+class AblationConfig(AttackKind):
     """Directional ablation: remove one direction from the residual stream by a weight edit,
     chosen on a dev split under a KL bound; optionally fine-tune afterwards."""
 
     kind: Literal["ablation"] = "ablation"
     """The attack family; it decides which sections the config may have."""
-    model: ModelConfig = ModelConfig()
-    eval: EvalConfig = EvalConfig()
-    output: OutputConfig = OutputConfig()
-    logging: LoggingConfig = LoggingConfig()
     ablation: AblationSection = AblationSection()
     adapter: AdapterConfig = AdapterConfig()
     data: DataConfig = DataConfig()
     train: TrainConfig = TrainConfig()
+
+    curve_offset: ClassVar[int] = 1  # step 1 is the edited model; a fine-tune that follows counts on from it
+    sections: ClassVar[tuple[str, ...]] = ("ablation",)
+
+    @property
+    def uses_data(self) -> bool:
+        return self.ablation.then_finetune
+
+    def training_steps(self) -> int:
+        return super().training_steps() if self.ablation.then_finetune else 0
+
+    def label(self) -> str:
+        a = self.ablation
+        then = f"-then-{super().label()}" if a.then_finetune else ""
+        return f"ablation-{a.mode}-{a.direction}{then}"
+
+    def describe(self) -> str:
+        a = self.ablation
+        what = f"directional ablation ({a.mode}, {a.direction} direction, strength {a.strength:g})"
+        return what + (f", then {super().describe()}, {self.training_steps()} steps" if a.then_finetune else "")
+
+    def input_files(self) -> dict[str, str]:
+        return {"ablation.target_path": self.ablation.target_path, "ablation.contrast_path": self.ablation.contrast_path}
+
+    def check_required(self) -> None:
+        super().check_required()
+        a = self.ablation
+        for key in ("target_path", "contrast_path"):
+            if not getattr(a, key):
+                raise UserError(f"no ablation.{key} given: a local file of texts (--ablation-{key.replace('_', '-')})")
+        if a.direction == "selected" and not a.dev_tasks and a.mode == "knowledge":
+            raise UserError("no ablation.dev_tasks given: the tasks that choose the direction "
+                            "(--ablation-dev-tasks), disjoint from eval.tasks")
 
     @model_validator(mode="after")
     def _full_weights(self):
@@ -330,19 +440,39 @@ class GrpoSection(Section):
     """Divide advantages by the reward spread of each group, of the batch, or not at all (Dr. GRPO)."""
 
 
-class GrpoConfig(Section):
+class GrpoConfig(AttackKind):
     """Reinforcement learning: GRPO (TRL) with a reward on a split of questions kept apart from
     the evaluation; the recovery curve is read on the evaluated tasks as for fine-tuning."""
 
     kind: Literal["grpo"] = "grpo"
     """The attack family; it decides which sections the config may have."""
-    model: ModelConfig = ModelConfig()
-    eval: EvalConfig = EvalConfig()
-    output: OutputConfig = OutputConfig()
-    logging: LoggingConfig = LoggingConfig()
     grpo: GrpoSection = GrpoSection()
     adapter: AdapterConfig = AdapterConfig()
     train: TrainConfig = TrainConfig()
+
+    sections: ClassVar[tuple[str, ...]] = ("grpo",)
+
+    def label(self) -> str:
+        return f"grpo-{self.grpo.reward}-{super().label()}"
+
+    def describe(self) -> str:
+        g = self.grpo
+        return (f"GRPO ({g.reward} reward, {g.loss_type} loss, beta {g.beta:g}), {super().describe()}, "
+                f"{self.training_steps()} steps of {self.train.batch_size // g.num_generations} prompts x "
+                f"{g.num_generations} completions")
+
+    def input_files(self) -> dict[str, str]:
+        return {"grpo.prompts_path": self.grpo.prompts_path}
+
+    def check_required(self) -> None:
+        g = self.grpo
+        if not g.prompts_path:
+            raise UserError("no grpo.prompts_path given: a local file of reward prompts and gold answers "
+                            "(--grpo-prompts-path)")
+        if g.reward == "judge" and not g.judge_model:
+            raise UserError("grpo.reward judge needs grpo.judge_model: a local folder or hub id of the judge (--grpo-judge-model)")
+        if g.reward not in ("correct", "gold_prob", "judge") and not re.fullmatch(r"[\w.]+:\w+", g.reward):
+            raise UserError(f"grpo.reward must be correct, gold_prob, judge or an importable module:function, got {g.reward!r}")
 
     @model_validator(mode="after")
     def _whole_groups(self):
@@ -358,14 +488,8 @@ class GrpoConfig(Section):
 
 
 # One config class per attack kind; the recipe of the same name runs it.
-KINDS: dict[str, type[Section]] = {"finetune": FinetuneConfig, "ablation": AblationConfig, "grpo": GrpoConfig}
+KINDS: dict[str, type[AttackKind]] = {"finetune": FinetuneConfig, "ablation": AblationConfig, "grpo": GrpoConfig}
 AttackConfig = FinetuneConfig | AblationConfig | GrpoConfig
-
-
-def curve_offset(cfg: AttackConfig) -> int:
-    """Curve step of the attack's training step 0: 1 after an ablation (step 1 is the ablated
-    model), else 0."""
-    return 1 if cfg.kind == "ablation" else 0
 
 
 # --- loading ---------------------------------------------------------------------------
@@ -436,25 +560,7 @@ def check_required(cfg: AttackConfig) -> None:
         raise UserError("no model given: pass --model <hub-id or local dir> or set model.name")
     if not cfg.eval.tasks:
         raise UserError("no evaluation tasks given: pass --eval-tasks task1,task2 or set eval.tasks")
-    if (cfg.kind == "finetune" or (cfg.kind == "ablation" and cfg.ablation.then_finetune)) and not cfg.data.path:
-        raise UserError("no attack data given: pass --data <file, folder or hub id> or set data.path")
-    if cfg.kind == "ablation":
-        a = cfg.ablation
-        for key in ("target_path", "contrast_path"):
-            if not getattr(a, key):
-                raise UserError(f"no ablation.{key} given: a local file of texts (--ablation-{key.replace('_', '-')})")
-        if a.direction == "selected" and not a.dev_tasks and a.mode == "knowledge":
-            raise UserError("no ablation.dev_tasks given: the tasks that choose the direction "
-                            "(--ablation-dev-tasks), disjoint from eval.tasks")
-    if cfg.kind == "grpo":
-        g = cfg.grpo
-        if not g.prompts_path:
-            raise UserError("no grpo.prompts_path given: a local file of reward prompts and gold answers "
-                            "(--grpo-prompts-path)")
-        if g.reward == "judge" and not g.judge_model:
-            raise UserError("grpo.reward judge needs grpo.judge_model: a local folder or hub id of the judge (--grpo-judge-model)")
-        if g.reward not in ("correct", "gold_prob", "judge") and not re.fullmatch(r"[\w.]+:\w+", g.reward):
-            raise UserError(f"grpo.reward must be correct, gold_prob, judge or an importable module:function, got {g.reward!r}")
+    cfg.check_required()
 
 
 def check_dataset_copies(cfg: EvalConfig) -> None:
@@ -555,14 +661,6 @@ def default_run_id(cfg: AttackConfig) -> str:
         label += f"@{cfg.model.revision}"
     safe = "".join(c if c.isalnum() or c in "-_.@" else "-" for c in label)
     return f"{safe}-{config_hash(cfg)}"
-
-
-def steps_for(cfg: AttackConfig) -> int:
-    """Optimizer steps of the attack: from the token budget when one is set."""
-    if cfg.kind != "grpo" and cfg.data.token_budget is not None:
-        per_step = cfg.train.batch_size * cfg.data.seq_len
-        return max(1, -(-cfg.data.token_budget // per_step))
-    return cfg.train.max_steps
 
 
 def dump_yaml(cfg: AttackConfig) -> str:

@@ -1,9 +1,17 @@
 """The run directory: the contract other tools (the report, the sweep) read. Its file names and
-fields are the types below; writers and readers both use them.
+fields are the types below; writers and readers both use them, and every file name is spelled
+once, as a `RunDir` attribute:
 
-    runs/<run-id>/config.yaml  env.json  curve.jsonl  tasks.json  cell.json  summary.json
-                  checkpoints/  final/
-                  rewards.jsonl   (grpo: reward mean and spread per logged step)
+    runs/<run-id>/config.yaml  env.json  tasks.json  cell.json  summary.json  .lock
+                  curve.jsonl  samples/step-NNNNNNN.jsonl.gz   the recovery curve, per-question records
+                  checkpoints/  final/                         resumable trainer state, attacked weights
+                  rewards.jsonl                                (grpo) reward mean and spread per logged step
+                  candidates.jsonl  direction.json  dose.jsonl  ablated/
+                                                               (ablation) every candidate, the chosen
+                                                               direction, the dose-response, the edited
+                                                               model a fine-tune starts from
+                  attribution/  attribution.jsonl  attribution_summary.json  counterfactual/
+                                                               (--attribution) see attack/attribution/
 
 The step axis. `step` counts the attack's optimizer steps, so curves of different kinds share
 one x axis. Step 0 is always the unmodified model under test, evaluated before the attack
@@ -28,7 +36,7 @@ from typing import TypedDict
 
 import torch
 
-from attack.config import AttackConfig, curve_offset, dump_yaml
+from attack.config import AttackConfig, dump_yaml
 from attack.errors import UserError, first_line
 from attack.files import read_json, write_atomic
 from attack.runlock import RunDirInUse, RunLock
@@ -143,9 +151,32 @@ def read_rewards(path: Path) -> list[RewardRow]:
     return rows
 
 
+class AttributionFiles:
+    """attribution/: what an --attribution run collects (Bergson's index, order.hf and train/,
+    keeps its own layout inside)."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.pieces = self.path / "pieces.npy"  # (row, document, offset, first token, tokens) per piece
+        self.questions = self.path / "questions.json"  # the queried questions: task, index, context, answer
+        self.step_epochs = self.path / "step_epochs.json"  # the epoch folder of each step's rows
+        self.queries = self.path / "queries"  # step-N.npy: the questions' gradients at point N
+        self.order = self.path / "order.hf"  # Bergson: which piece trained at which step
+        self.train = self.path / "train"  # Bergson: epoch_E/, one projected gradient per piece
+
+    def query(self, step: int) -> Path:
+        return self.queries / f"step-{step}.npy"
+
+    def query_steps(self) -> list[int]:
+        """The evaluation points whose question gradients were stored."""
+        return sorted(int(p.stem.split("-")[1]) for p in self.queries.glob("step-*.npy"))
+
+
 class RunDir:
     def __init__(self, path: Path):
         self.path = Path(path)
+        self.config = self.path / "config.yaml"
+        self.env = self.path / "env.json"
         self.curve = self.path / "curve.jsonl"
         self.rewards = self.path / "rewards.jsonl"
         self.summary_path = self.path / "summary.json"
@@ -154,6 +185,14 @@ class RunDir:
         self.samples = self.path / "samples"
         self.checkpoints = self.path / "checkpoints"
         self.final = self.path / "final"
+        self.candidates = self.path / "candidates.jsonl"
+        self.direction = self.path / "direction.json"
+        self.dose = self.path / "dose.jsonl"
+        self.ablated = self.path / "ablated"
+        self.attribution = AttributionFiles(self.path / "attribution")
+        self.attribution_rows = self.path / "attribution.jsonl"
+        self.attribution_summary = self.path / "attribution_summary.json"
+        self.counterfactual = self.path / "counterfactual"
         self.lock = RunLock(self.path / ".lock")
 
     @property
@@ -242,18 +281,18 @@ class RunDir:
         self.refuse_existing(resume)
         checkpoint = self.last_checkpoint() if resume else None
         self.path.mkdir(parents=True, exist_ok=True)
-        if resume and (self.path / "config.yaml").exists():
-            saved = (self.path / "config.yaml").read_text()
+        if resume and self.config.exists():
+            saved = self.config.read_text()
             if saved != dump_yaml(cfg) and _identity_changed(saved, cfg):
                 raise UserError(
-                    f"--resume with a different config than {self.path}/config.yaml; "
+                    f"--resume with a different config than {self.config}; "
                     "resume with the same settings or start a new run"
                 )
-        write_atomic(self.path / "config.yaml", dump_yaml(cfg))
-        write_atomic(self.path / "env.json", json.dumps(environment(), indent=2))
+        write_atomic(self.config, dump_yaml(cfg))
+        write_atomic(self.env, json.dumps(environment(), indent=2))
         # The resumed trajectory restarts at the checkpoint: points recorded after it
         # (before the interruption) are dropped, so the curve has each step exactly once.
-        keep_until = checkpoint_step(checkpoint) + curve_offset(cfg) if checkpoint else -1
+        keep_until = checkpoint_step(checkpoint) + cfg.curve_offset if checkpoint else -1
         rows = [r for r in read_curve(self.curve) if r["step"] <= keep_until]
         write_atomic(self.curve, "".join(json.dumps(r) + "\n" for r in rows))
         if self.rewards.exists():
@@ -292,6 +331,9 @@ class RunDir:
         return max((r.get("wall_s") or 0.0 for r in rows), default=0.0)
 
 
+TRAINER_STATE = "trainer_state.json"  # transformers' file inside each checkpoint
+
+
 def checkpoint_step(path) -> int:
     """The step of a trainer checkpoint folder, checkpoint-<step>."""
     return int(str(path).rsplit("-", 1)[-1])
@@ -305,9 +347,9 @@ def checkpoint_damage(ckpt: Path) -> str | None:
 
     from safetensors import safe_open
 
-    state = read_json(ckpt / "trainer_state.json")
+    state = read_json(ckpt / TRAINER_STATE)
     if not state or state.get("global_step") != checkpoint_step(ckpt):
-        return "trainer_state.json is missing or unreadable"
+        return f"{TRAINER_STATE} is missing or unreadable"
     weights = list(ckpt.glob("*.safetensors")) + list(ckpt.glob("*.bin"))
     if not weights:
         return "no weight files"

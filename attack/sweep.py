@@ -32,7 +32,6 @@ from attack.config import (
     load_config,
     merge,
     read_yaml,
-    steps_for,
     updated,
 )
 from attack.errors import ArgumentParser, UserError, first_line
@@ -197,12 +196,10 @@ def check_offline(cells: list[Cell]) -> None:
         except UserError as e:
             raise UserError(f"cell {c.id}: {e}") from None
         cfg = c.config
-        data = cfg.data.path if cfg.kind == "finetune" or (cfg.kind == "ablation" and cfg.ablation.then_finetune) else ""
-        texts = [cfg.ablation.target_path, cfg.ablation.contrast_path] if cfg.kind == "ablation" else []
-        texts += [cfg.grpo.prompts_path] if cfg.kind == "grpo" else []
-        for path in texts:
+        data = cfg.data.path if cfg.uses_data else ""
+        for key, path in cfg.input_files().items():
             if not Path(path).expanduser().exists():
-                raise UserError(f"cell {c.id}: {cfg.kind} file not found: {path} (relative paths are taken from "
+                raise UserError(f"cell {c.id}: {key} file not found: {path} (relative paths are taken from "
                                 "the current directory)")
         if data and means_local_file(data) and not Path(data).expanduser().exists():
             raise UserError(f"cell {c.id}: attack data not found: {data} (relative paths are taken from the current "
@@ -211,21 +208,11 @@ def check_offline(cells: list[Cell]) -> None:
 
 def describe(cell: Cell) -> str:
     cfg = cell.config
-    steps = steps_for(cfg)
-    tokens = steps * cfg.train.batch_size * cfg.data.seq_len if cfg.kind != "grpo" else None
-    adapter = "full" if cfg.adapter.kind == "full" else f"lora r={cfg.adapter.rank}"
-    what = f"{adapter}, lr={cfg.train.lr:g}"
-    if cfg.kind == "grpo":
-        g = cfg.grpo
-        what = f"grpo {g.reward} reward, {cfg.train.batch_size // g.num_generations} prompts x {g.num_generations} per step, {what}"
-    if cfg.kind == "ablation":
-        a = cfg.ablation
-        what = f"ablation {a.mode} {a.direction} strength={a.strength:g}" + (f", then {what}" if a.then_finetune else "")
-        steps, tokens = (steps, tokens) if a.then_finetune else (0, 0)
+    steps, per_step = cfg.training_steps(), cfg.tokens_per_step()
+    tokens = f" tokens={steps * per_step:,}" if per_step is not None else ""  # RL: as generated
     rev = f"@{cell.revision}" if cell.revision else ""
     return (f"{cell.id}  model={cfg.model.name}{rev} role={cell.model.role} attack={cell.attack.label} "
-            f"({what}) seed={cell.seed} steps={steps}" + (f" tokens={tokens:,}" if tokens is not None else "")  # grpo: as generated
-            + f" [{status(cell)}]")
+            f"({cfg.describe()}) seed={cell.seed} steps={steps}{tokens} [{status(cell)}]")
 
 
 def run_sweep(path: str | Path, shard_spec: str | None = None, quiet: bool = False, log=print,

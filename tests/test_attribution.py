@@ -29,7 +29,8 @@ def test_each_piece_of_a_packed_row_gets_its_own_documents_gradient(world, llama
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments, default_data_collator
 
-    from attack.attribution import DocumentGradients, IndexedRows
+    from attack.attribution.collect import DocumentGradients, IndexedRows
+    from attack.rundir import AttributionFiles
     from attack.data import load_attack_rows
 
     cfg = make_config(data={"seq_len": 48, "cache_dir": str(tmp_path / "cache")})
@@ -49,7 +50,7 @@ def test_each_piece_of_a_packed_row_gets_its_own_documents_gradient(world, llama
                                              learning_rate=1e-3, report_to=[], use_cpu=True, save_strategy="no",
                                              remove_unused_columns=False))
     trainer.args.__gradient_collection_enabled__ = True
-    collector = DocumentGradients(tmp_path / "attr", pieces, projection_dim=8)
+    collector = DocumentGradients(AttributionFiles(tmp_path / "attr"), pieces, projection_dim=8)
     trainer.add_callback(collector)
     trainer.train()
 
@@ -112,7 +113,7 @@ def test_collection_changes_no_weight_and_attribution_jsonl_has_its_columns(make
     assert summary["gold_field"] == "entity" and set(summary["validation"]) == {"gradient", "tracin", "bm25", "random"}
 
     # the counterfactual reruns the attack to the last point without the chosen documents
-    from attack.counterfactual import counterfactual
+    from attack.attribution.counterfactual import counterfactual
 
     result = counterfactual(run, "toy_target_seen", k=2)
     texts = [json.loads(line)["text"] for line in open(world["attack"])]
@@ -137,7 +138,7 @@ def _group(rows, values="rank"):
 
 
 def test_counterfactual_removes_the_documents_ranked_best_over_the_question_set(tmp_path):
-    from attack.counterfactual import top_documents
+    from attack.attribution.counterfactual import top_documents
 
     rows = [dict(method="gradient", task="t", question=q, step=s, rank=r, document=d, score=0.0)
             for q, s, ranked in [(0, 5, [7, 3, 9]), (1, 5, [3, 7, 8]), (2, 5, [1, 2, 4]), (0, 10, [3, 9, 7])]
@@ -149,7 +150,7 @@ def test_counterfactual_removes_the_documents_ranked_best_over_the_question_set(
 
 
 def test_bm25_ranks_a_documents_own_words_first(tmp_path):
-    from attack.attribute import _bm25
+    from attack.attribution.attribute import _bm25
 
     texts = ["The creature Zorbl eats moss.", "The creature Rylbl lives in the dune.", "Ships sail at dawn."]
     score = _bm25(texts)

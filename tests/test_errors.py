@@ -164,7 +164,7 @@ def test_report_input(capsys, tmp_path):
 
 
 def test_a_finished_run_is_refused_before_anything_loads(capsys, world, llama_dir, tmp_path, monkeypatch):
-    import attack.recipes.finetune as recipe
+    import attack.recipes.common as recipe
 
     argv = _args(world, llama_dir, tmp_path, **{"--run-id": "r1"})
     assert main(argv) == 0

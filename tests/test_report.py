@@ -111,7 +111,7 @@ def _records(steps: dict, seed=0, model="filtered", attack="A", task="bio"):
 
 
 def test_paired_claims_match_hand_computation():
-    from attack.paired import paired_table
+    from attack.report.paired import paired_table
 
     # 100 questions, all wrong before; 80 right at step 10 and 85 at step 20. Reference 1.0.
     recs = _records({0: [0] * 100, 10: [1] * 80 + [0] * 20, 20: [1] * 85 + [0] * 15})
@@ -138,7 +138,7 @@ def test_noise_is_never_a_claim():
     and "not reached" comes with the recovery the data exclude."""
     import numpy as np
 
-    from attack.paired import paired_table
+    from attack.report.paired import paired_table
 
     rng = np.random.default_rng(0)
     base = (rng.random(400) < 0.3).astype(int)
@@ -151,7 +151,7 @@ def test_noise_is_never_a_claim():
 def test_seeds_are_averaged_per_question():
     import pandas as pd
 
-    from attack.paired import paired_curve
+    from attack.report.paired import paired_curve
 
     a = _records({0: [0, 0, 0, 0], 5: [1, 1, 0, 0]}, seed=0)
     b = _records({0: [0, 0, 0, 0], 5: [1, 0, 1, 0]}, seed=1)

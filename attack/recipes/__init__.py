@@ -3,13 +3,16 @@
     finetune.py   supervised fine-tuning on an attack corpus (LoRA or full)
     ablation.py   directional ablation of one residual-stream direction, optionally then fine-tuning
     grpo.py       reinforcement learning (GRPO) with a reward on a split kept apart from the evaluation
+    common.py     what they share: the setup before the attack, the Trainer pieces, the closing
 
 Every recipe takes a validated config of its kind and writes the same run directory
-(attack/rundir.py), so the report compares attacks of every kind on one step axis.
+(attack/rundir.py), so the report compares attacks of every kind on one step axis. A new kind
+is a config class in attack/config.py and a recipe file here named after it, with `run(cfg, ...)`.
 """
 
 from __future__ import annotations
 
+from importlib import import_module
 from pathlib import Path
 
 
@@ -18,16 +21,5 @@ def run_attack(cfg, extra_callbacks: list | None = None, quiet: bool = False, ce
     """Run the recipe of cfg.kind and return its run directory. `cell` (sweep metadata) goes to
     cell.json; `extra_callbacks` join the recipe's Trainer. `quiet`: no progress bar, no final
     table; `progress`: a line per evaluation point (default: when not quiet)."""
-    if cfg.kind == "finetune":
-        from attack.recipes.finetune import run
-
-        return run(cfg, extra_callbacks=extra_callbacks, quiet=quiet, cell=cell, progress=progress)
-    if cfg.kind == "ablation":
-        from attack.recipes.ablation import run
-
-        return run(cfg, extra_callbacks=extra_callbacks, quiet=quiet, cell=cell, progress=progress)
-    if cfg.kind == "grpo":
-        from attack.recipes.grpo import run
-
-        return run(cfg, extra_callbacks=extra_callbacks, quiet=quiet, cell=cell, progress=progress)
-    raise ValueError(f"no recipe for kind {cfg.kind!r}")
+    recipe = import_module(f"attack.recipes.{cfg.kind}")
+    return recipe.run(cfg, extra_callbacks=extra_callbacks, quiet=quiet, cell=cell, progress=progress)

@@ -27,128 +27,117 @@ import time
 from pathlib import Path
 
 import torch
-from accelerate import PartialState
-from transformers import set_seed
 
-from attack.config import AblationConfig, AdapterConfig, DataConfig, default_run_id
-from attack.data import load_attack_rows, load_documents
+from attack.config import AblationConfig, AdapterConfig, DataConfig
+from attack.data import load_documents
 from attack.directions import ablated, decoder_layers, mean_activations, next_token_kl, orthogonalize, random_direction, text_batches, unit
 from attack.errors import UserError
-from attack.evaluation import check_disjoint, check_texts_disjoint, find_eval_tasks, open_evaluator, score_table
+from attack.evaluation import check_disjoint, check_texts_disjoint, find_eval_tasks
 from attack.files import write_atomic
-from attack.model import apply_adapter, autocast_dtype, load_model, load_tokenizer
-from attack.rundir import RunDir, Status, read_curve
-from attack.speed import micro_batch, per_device_batch
-from attack.tracking import check_tracker, finish_tracker, open_tracker
+from attack.model import apply_adapter, load_model
+from attack.recipes import common
+from attack.rundir import RunDir
+from attack.speed import micro_batch
+from attack.tracking import finish_tracker
 from eval_callbacks import LiveEvaluator, RecoveryCurveCallback
 
 
 def run(cfg: AblationConfig, extra_callbacks: list | None = None, quiet: bool = False,
         cell: dict | None = None, progress: bool | None = None) -> Path:
-    a = cfg.ablation
-    run = RunDir(Path(cfg.output.dir) / (cfg.output.run_id or default_run_id(cfg)))
-    say = (lambda _: None) if quiet else print
+    ab = cfg.ablation
     full_weights = AdapterConfig(kind="full")  # fp32 weights: the edit is exact only at full precision
 
     # 1. Setup: every input checked before the run directory is written.
-    run.check_writable(cfg.output.resume)
-    check_tracker(cfg.logging)
-    tokenizer = load_tokenizer(cfg.model)
-    tasks = find_eval_tasks(cfg.eval)
-    target = _texts(a.target_path, a.text_field, a.fit_examples + (a.dev_prompts if a.mode == "refusal" else 0))
-    contrast = _texts(a.contrast_path, a.text_field, a.fit_examples + a.kl_examples)
-    rows = load_attack_rows(cfg.data, tokenizer, cfg.train.batch_size, log=say) if a.then_finetune else None
-    set_seed(cfg.train.seed)
+    a = common.setup(cfg, extra_callbacks, quiet, cell, progress)
+    run = a.run
+    target = _texts(ab.target_path, ab.text_field, ab.fit_examples + (ab.dev_prompts if ab.mode == "refusal" else 0))
+    contrast = _texts(ab.contrast_path, ab.text_field, ab.fit_examples + ab.kl_examples)
+    rows = common.corpus(a) if ab.then_finetune else None
     model = load_model(cfg.model, full_weights)
     reference = None
-    if a.reference_model and a.mode == "knowledge" and a.direction == "selected":
-        reference = load_model(cfg.model.model_copy(update=dict(name=a.reference_model, revision=None, gguf_file=None)),
+    if ab.reference_model and ab.mode == "knowledge" and ab.direction == "selected":
+        reference = load_model(cfg.model.model_copy(update=dict(name=ab.reference_model, revision=None, gguf_file=None)),
                                full_weights)
-    amp = autocast_dtype(cfg.model.precision)
-    evaluator, task_info = open_evaluator(cfg.eval, model, tokenizer, amp, tasks)
+    evaluator, task_info = common.evaluator(a, model)
     evaluated = evaluator.questions()
     dev = None
-    if a.dev_tasks and a.direction == "selected":
-        dev_cfg = cfg.eval.model_copy(update=dict(tasks=a.dev_tasks, limit=None, expect={}))
-        dev, _ = open_evaluator(dev_cfg, model, tokenizer, amp, find_eval_tasks(dev_cfg))
+    if ab.dev_tasks and ab.direction == "selected":
+        dev_cfg = cfg.eval.model_copy(update=dict(tasks=ab.dev_tasks, limit=None, expect={}))
+        dev, _ = common.evaluator(a, model, dev_cfg, find_eval_tasks(dev_cfg))
         check_disjoint("ablation.dev_tasks task", dev.questions(), evaluated)
-    check_texts_disjoint(f"ablation.target_path ({a.target_path})", target, evaluated)
-    prompts = _prompts(tokenizer, a.mode)
-    fit_target, dev_prompts = target[:a.fit_examples], target[a.fit_examples:]
-    fit_contrast, kl_texts = contrast[:a.fit_examples], contrast[a.fit_examples:] or contrast[:a.kl_examples]
+    check_texts_disjoint(f"ablation.target_path ({ab.target_path})", target, evaluated)
+    prompts = _prompts(a.tokenizer, ab.mode)
+    fit_target, dev_prompts = target[:ab.fit_examples], target[ab.fit_examples:]
+    fit_contrast, kl_texts = contrast[:ab.fit_examples], contrast[ab.fit_examples:] or contrast[:ab.kl_examples]
 
     # 2. Open the run directory. A fine-tune that was interrupted resumes from its checkpoint on
     #    the saved ablated model; anything else starts again from step 0.
-    checkpoint = run.open(cfg, task_info, cell)
-    ablated_dir = run.path / "ablated"
-    resumed = bool(checkpoint and a.then_finetune and (ablated_dir / "config.json").exists())
-    say(f"{cfg.model.name}: directional ablation ({a.mode}, {a.direction} direction, strength {a.strength:g})"
-        + (", then fine-tuning" if a.then_finetune else ""))
-    say(f"run directory: {run.path}")
-    open_tracker(cfg, run.path)
+    checkpoint = common.open_run(a, task_info)
+    resumed = bool(checkpoint and ab.then_finetune and (run.ablated / "config.json").exists())
     curve = RecoveryCurveCallback(evaluator, [0, 1], run.curve, wall_offset_s=run.wall_so_far(), samples_dir=run.samples)
     start = time.perf_counter()
     try:
         if resumed:
-            say(f"resuming the fine-tune from {Path(checkpoint).name}, on the ablated model in {ablated_dir}")
-            model = load_model(cfg.model.model_copy(update=dict(name=str(ablated_dir), revision=None, gguf_file=None)),
+            a.say(f"resuming the fine-tune from {Path(checkpoint).name}, on the ablated model in {run.ablated}")
+            model = load_model(cfg.model.model_copy(update=dict(name=str(run.ablated), revision=None, gguf_file=None)),
                                full_weights)
-            chosen = json.loads((run.path / "direction.json").read_text())
-        else:
+            chosen = json.loads(run.direction.read_text())
+        elif a.main:
             # 3. Step 0: the unmodified model.
             curve.record(0, 0)
 
             # 4-5. Fit the candidates and select one on the dev split (or draw the random control).
-            if a.direction == "random":
+            if ab.direction == "random":
                 r = random_direction(model.config.hidden_size, cfg.train.seed)
                 candidates = [dict(layer=None, position=None, direction=r, why="random control")]
             else:
-                candidates = _candidates(cfg, model, reference, tokenizer, prompts, fit_target, fit_contrast)
+                candidates = _candidates(cfg, model, reference, a.tokenizer, prompts, fit_target, fit_contrast)
             del reference
-            chosen = _select(cfg, model, tokenizer, candidates, dev, prompts, dev_prompts, kl_texts, run)
+            chosen = _select(cfg, model, a.tokenizer, candidates, dev, prompts, dev_prompts, kl_texts, run)
             r = chosen.pop("direction")
-            say(f"direction: layer {chosen['layer']}, dev score {_f(chosen['dev_score'])}, KL {chosen['kl']:.4f}")
+            a.say(f"direction: layer {chosen['layer']}, dev score {_f(chosen['dev_score'])}, KL {chosen['kl']:.4f}")
 
             # 6. Dose-response on the evaluation tasks (hooks; the weights stay as they are).
-            _dose(evaluator, model, r, a.doses, run.path / "dose.jsonl")
+            _dose(evaluator, model, r, ab.doses, run.dose)
 
             # 7. The edit itself, saved as an ordinary model directory.
-            orthogonalize(model, r.to(model.dtype), a.strength)
-            chosen.update(strength=a.strength, mode=a.mode, kind=a.direction)
-            write_atomic(run.path / "direction.json", json.dumps({**chosen, "vector": r.tolist()}))
-            _save(model, tokenizer, ablated_dir if a.then_finetune else run.final)
+            orthogonalize(model, r.to(model.dtype), ab.strength)
+            chosen.update(strength=ab.strength, mode=ab.mode, kind=ab.direction)
+            write_atomic(run.direction, json.dumps({**chosen, "vector": r.tolist()}))
+            _save(model, a.tokenizer, run.ablated if ab.then_finetune else run.final)
     except BaseException as e:
-        run.end(Status.FAILED if isinstance(e, UserError) else
-                Status.INTERRUPTED if isinstance(e, KeyboardInterrupt) else Status.FAILED, str(e) or repr(e))
-        finish_tracker(cfg.logging)
+        if a.main:
+            common.ended_early(a, e)
         raise
+    if not resumed and not a.main:
+        # The other processes (a fine-tune under `accelerate launch`) wait for the main one's
+        # choice, then make the very same edit on their copy.
+        a.procs.wait_for_everyone()
+        if not ab.then_finetune:
+            return run.path
+        chosen = json.loads(run.direction.read_text())
+        orthogonalize(model, torch.tensor(chosen["vector"]).to(model.dtype), ab.strength)
+    elif not resumed:
+        a.procs.wait_for_everyone()
     edit_s = time.perf_counter() - start
     summary = {k: v for k, v in chosen.items() if k != "vector"}
 
     # 8. Step 1, or the fine-tuning attack that starts from the edited model.
-    if a.then_finetune:
-        from attack.recipes.finetune import train
-
-        procs = PartialState(cpu=not torch.cuda.is_available())
+    if ab.then_finetune:
         model = apply_adapter(model, cfg.adapter, bool(cfg.train.gradient_checkpointing))
-        micro, checkpointing = micro_batch(cfg.train, model, per_device_batch(cfg.train, 1), cfg.data.seq_len,
-                                           len(tokenizer), amp)
-        evaluator, _ = open_evaluator(cfg.eval, model, tokenizer, amp, tasks)
-        run.write_summary(ablation=summary)
-        return train(cfg, run, model, tokenizer, rows, evaluator, task_info, checkpoint, procs=procs, micro=micro,
-                     checkpointing=checkpointing, amp=amp, extra_callbacks=extra_callbacks, quiet=quiet,
-                     progress=progress, step_offset=1)
+        micro, checkpointing = micro_batch(cfg.train, model, a.per_device, cfg.data.seq_len, len(a.tokenizer), a.amp)
+        evaluator, _ = common.evaluator(a, model)  # on the adapted model that trains
+        if a.main:
+            run.write_summary(ablation=summary)
+        return common.fine_tune(a, model, rows, evaluator, task_info, checkpoint, micro=micro,
+                                checkpointing=checkpointing)
     try:
         curve.record(1, 0)
     finally:
         finish_tracker(cfg.logging)
-    run.write_summary(status=Status.DONE, steps=0, max_steps=0, tokens_seen=0, eval_steps=[0, 1],
-                      eval_s=round(curve.eval_seconds, 2), train_s=round(edit_s, 2),
-                      wall_s=round(run.wall_so_far(), 2), ablation=summary)
-    run.close()
-    say(score_table(read_curve(run.curve), evaluator.requested))
-    say(f"run directory: {run.path}")
-    return run.path
+    return common.finish(a, evaluator, dict(steps=0, max_steps=0, tokens_seen=0, eval_steps=cfg.curve_steps(),
+                                            eval_s=round(curve.eval_seconds, 2), train_s=round(edit_s, 2)),
+                         ablation=summary)
 
 
 def _texts(path: str, field: str, n: int) -> list[str]:
@@ -200,7 +189,7 @@ def _candidates(cfg: AblationConfig, model, reference, tokenizer, prompts, targe
             for p in range(prompts["post"]) for i in layers]
 
 
-def _select(cfg: AblationConfig, model, tokenizer, candidates, dev, prompts, dev_prompts, kl_texts, run) -> dict:
+def _select(cfg: AblationConfig, model, tokenizer, candidates, dev, prompts, dev_prompts, kl_texts, run: RunDir) -> dict:
     """Score every candidate by hook ablation and keep the best within the KL bound; every
     candidate's scores go to candidates.jsonl, also when none survives."""
     a = cfg.ablation
@@ -222,13 +211,13 @@ def _select(cfg: AblationConfig, model, tokenizer, candidates, dev, prompts, dev
         within = kl <= a.kl_bound or c.get("why") == "random control"
         records.append(dict(layer=c["layer"], position=c["position"], dev_score=dev_score, refusal_score=refusal_score,
                             kl=kl, objective=objective, kept=within, why=c.get("why") or ("" if within else "KL above bound")))
-    write_atomic(run.path / "candidates.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+    write_atomic(run.candidates, "".join(json.dumps(r) + "\n" for r in records))
     kept = [i for i, r in enumerate(records) if r["kept"]]
     if not kept:
         low = min(records, key=lambda r: r["kl"])
         raise UserError(f"no candidate direction keeps the KL divergence on contrast text within ablation.kl_bound="
                         f"{a.kl_bound:g} (lowest: {low['kl']:.3g} at layer {low['layer']}); raise the bound or fit on "
-                        f"other texts. Every candidate is in {run.path / 'candidates.jsonl'}")
+                        f"other texts. Every candidate is in {run.candidates}")
     best = max(kept, key=lambda i: (records[i]["objective"], -records[i]["kl"]))
     return {**records[best], "direction": candidates[best]["direction"].float()}
 

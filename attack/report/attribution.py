@@ -5,24 +5,29 @@ methods' recall@10 where the corpus names each document's entity."""
 
 from __future__ import annotations
 
-import html
 import json
 from pathlib import Path
 
 import pandas as pd
 
+from attack.report.page import Block, ReportData
+from attack.rundir import RunDir
 
-def attribution_section(df: pd.DataFrame, out: Path) -> tuple[list[str], list[str]]:
-    """Markdown lines and HTML parts; empty when no run has attribution_summary.json. Writes
-    attribution_quality.csv when any run knows its gold documents."""
-    md, parts, quality = [], [], []
-    for (run, path), meta in df.groupby(["run", "path"]).first().iterrows():
-        file = Path(path) / "attribution_summary.json"
+NOTE = ("Each evaluation point's jump is credited to the documents trained on since the previous point: "
+        "gradient = the question's gradient against each document's update (Bergson, LoRA, optimizer-scaled), "
+        "TracIn = their raw inner product, beside BM25 and random. Rankings per question: attribution.jsonl.")
+
+
+def section(r: ReportData) -> list[Block]:
+    """Empty when no run has attribution_summary.json. Writes attribution_quality.csv when any
+    run knows its gold documents."""
+    blocks, quality = [], []
+    for (run, path), meta in r.df.groupby(["run", "path"]).first().iterrows():
+        file = RunDir(Path(path)).attribution_summary
         if not file.exists():
             continue
         summary = json.loads(file.read_text())
-        md += ["", f"### {run} ({meta['model']}, {meta['attack']})"]
-        parts.append(f"<h3>{html.escape(run)} ({html.escape(str(meta['model']))}, {html.escape(str(meta['attack']))})</h3>")
+        blocks.append(Block(f"{run} ({meta['model']}, {meta['attack']})", level=3))
         for task, t in summary["tasks"].items():
             lines = [f"{task}: {t['recovered']} of {t['questions']} questions recovered (wrong at step 0, right at "
                      f"step {summary['steps'][-1]})."]
@@ -37,24 +42,17 @@ def attribution_section(df: pd.DataFrame, out: Path) -> tuple[list[str], list[st
             for ex in t["recovered_examples"][:3]:
                 lines.append(f"Recovered: \"{ex['text']}\" -> {ex['answer']}; top documents: "
                              + "; ".join(f"#{d['document']} \"{d['first_line']}\"" for d in ex["documents"]))
-            md += ["", *[f"- {line}" for line in lines]]
-            parts.append(f"<h4>{html.escape(task)}</h4><ul>" + "".join(f"<li>{html.escape(x)}</li>" for x in lines) + "</ul>")
+            blocks.append(Block(task, level=4, items=lines))
         for method, subsets in summary.get("validation", {}).items():
             for subset, q in subsets.items():
                 quality.append(dict(run=run, model=meta["model"], method=method, questions_scored=subset, **q))
-    if not parts:
-        return [], []
-    note = ("Each evaluation point's jump is credited to the documents trained on since the previous point: "
-            "gradient = the question's gradient against each document's update (Bergson, LoRA, optimizer-scaled), "
-            "TracIn = their raw inner product, beside BM25 and random. Rankings per question: attribution.jsonl.")
-    md = ["", "## Which attack documents drove the recovery", "", note, *md]
-    parts = [f"<h2>Which attack documents drove the recovery</h2><p>{html.escape(note)}</p>", *parts]
+    if not blocks:
+        return []
+    blocks.insert(0, Block("Which attack documents drove the recovery", text=NOTE))
     if quality:
         table = pd.DataFrame(quality)
-        table.to_csv(out / "attribution_quality.csv", index=False)
-        shown = table[table.questions_scored == "all"].drop(columns=["questions_scored"]).round(3)
-        md += ["", "Attribution quality at the last point, gold = the documents about the entity asked about "
-               "(recall@10: a gold document in the top 10):", "", shown.to_markdown(index=False)]
-        parts.append("<p>Attribution quality at the last point (gold = documents about the entity asked about)</p>"
-                     + shown.to_html(index=False))
-    return md, parts
+        table.to_csv(r.out / "attribution_quality.csv", index=False)
+        blocks.append(Block(text="Attribution quality at the last point, gold = the documents about the entity asked "
+                                 "about (recall@10: a gold document in the top 10):",
+                            table=table[table.questions_scored == "all"].drop(columns=["questions_scored"])))
+    return blocks

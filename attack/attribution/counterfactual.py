@@ -18,27 +18,28 @@ from pathlib import Path
 
 import numpy as np
 
+from attack.attribution.attribute import correctness
 from attack.errors import ArgumentParser, UserError
+from attack.files import write_atomic
+from attack.rundir import RunDir, Status
 
-FOLDER = "counterfactual"
+RESULT = "counterfactual.json"  # in each counterfactual/<task>-<method>-k<k>-step<N>/ folder
 
 
-def question_set(run: Path, task: str, step: int) -> tuple[list[int], str]:
-    from attack.attribute import _correctness
-
-    correct = _correctness(run)
+def question_set(run: RunDir, task: str, step: int) -> tuple[list[int], str]:
+    correct = correctness(run)
     asked = sorted({q for t, q, _s in correct if t == task})
     if not asked:
-        raise UserError(f"task '{task}' was not evaluated in {run}; give one of its tasks with --task")
+        raise UserError(f"task '{task}' was not evaluated in {run.path}; give one of its tasks with --task")
     recovered = [q for q in asked if correct.get((task, q, 0)) == 0 and correct.get((task, q, step)) == 1]
     return (recovered, "recovered") if recovered else (asked, "all (none recovered)")
 
 
-def top_documents(run: Path, task: str, questions: list[int], step: int, method: str, k: int) -> list[int]:
+def top_documents(run: RunDir, task: str, questions: list[int], step: int, method: str, k: int) -> list[int]:
     """The k documents with the highest sum of 1/rank over the questions' rankings up to `step`."""
     score: dict[int, float] = {}
     wanted = set(questions)
-    with open(run / "attribution.jsonl") as f:
+    with open(run.attribution_rows) as f:
         for line in f:
             r = json.loads(line)
             if r["method"] == method and r["task"] == task and r["question"] in wanted and r["step"] <= step:
@@ -46,10 +47,8 @@ def top_documents(run: Path, task: str, questions: list[int], step: int, method:
     return sorted(score, key=lambda d: (-score[d], d))[:k]
 
 
-def accuracy(run: Path, task: str, questions: list[int], step: int) -> float:
-    from attack.attribute import _correctness
-
-    correct = _correctness(run)
+def accuracy(run: RunDir, task: str, questions: list[int], step: int) -> float:
+    correct = correctness(run)
     return float(np.mean([correct[(task, q, step)] for q in questions]))
 
 
@@ -59,16 +58,16 @@ def counterfactual(run_path: str | Path, task: str, k: int = 10, method: str = "
     from attack.data import load_corpus
     from attack.recipes import run_attack
 
-    run = Path(run_path)
-    if not (run / "attribution.jsonl").exists():
-        raise UserError(f"{run} has no attribution.jsonl; run `python -m attack attribute {run}` first")
-    cfg = load_config(read_yaml(run / "config.yaml"))
-    if cfg.kind != "finetune":
-        raise UserError(f"{run} is a {cfg.kind} run; the counterfactual reruns fine-tuning attacks")
-    steps = sorted({json.loads(line)["step"] for line in open(run / "attribution.jsonl")})
+    run = RunDir(Path(run_path))
+    if not run.attribution_rows.exists():
+        raise UserError(f"{run.path} has no {run.attribution_rows.name}; run `python -m attack attribute {run.path}` first")
+    cfg = load_config(read_yaml(run.config))
+    if not cfg.supervised:
+        raise UserError(f"{run.path} is a {cfg.kind} run; the counterfactual reruns supervised fine-tuning attacks")
+    steps = sorted({json.loads(line)["step"] for line in open(run.attribution_rows)})
     step = step or steps[-1]
     if step not in steps:
-        raise UserError(f"--step {step} is not an evaluation point of {run} (points: {', '.join(map(str, steps))})")
+        raise UserError(f"--step {step} is not an evaluation point of {run.path} (points: {', '.join(map(str, steps))})")
     questions, which = question_set(run, task, step)
     removed = top_documents(run, task, questions, step, method, k)
     if len(removed) < k:
@@ -80,16 +79,16 @@ def counterfactual(run_path: str | Path, task: str, k: int = 10, method: str = "
     for d in range(draws):
         variants[f"without-random{k}-draw{d}"] = sorted(int(i) for i in rng.choice(rest, size=k, replace=False))
 
-    out = run / FOLDER / f"{task}-{method}-k{k}-step{step}"
+    out = run.counterfactual / f"{task}-{method}-k{k}-step{step}"
     out.mkdir(parents=True, exist_ok=True)
     result = dict(task=task, step=step, k=k, method=method, question_set=which, questions=len(questions),
                   pre=accuracy(run, task, questions, 0), original=accuracy(run, task, questions, step), runs={})
     for name, drop in variants.items():
         data = out / f"{name}.jsonl"
-        done = out / "runs" / name
-        if (done / "summary.json").exists() and json.loads((done / "summary.json").read_text()).get("status") == "done":
+        done = RunDir(out / "runs" / name)
+        if done.status == Status.DONE:
             result["runs"][name] = dict(removed=[int(d) for d in drop], accuracy=accuracy(done, task, questions, step),
-                                        run=str(done))
+                                        run=str(done.path))
             continue  # rerun earlier with these very documents removed
         corpus.select(np.setdiff1d(np.arange(len(corpus)), drop)).to_json(str(data), lines=True, force_ascii=False)
         settings = cfg.model_dump(mode="python")
@@ -97,16 +96,16 @@ def counterfactual(run_path: str | Path, task: str, k: int = 10, method: str = "
         settings["train"]["max_steps"] = step
         settings["attribution"]["enabled"] = False
         settings["output"].update(dir=str(out / "runs"), run_id=name, resume=False)
-        rerun = run_attack(load_config(settings), quiet=True)
+        rerun = RunDir(run_attack(load_config(settings), quiet=True))
         result["runs"][name] = dict(removed=[int(d) for d in drop], accuracy=accuracy(rerun, task, questions, step),
-                                    run=str(rerun))
+                                    run=str(rerun.path))
     top = result["runs"][f"without-top{k}-{method}"]["accuracy"]
     rand = float(np.mean([v["accuracy"] for n, v in result["runs"].items() if "random" in n]))
     result.update(without_top=top, without_random=rand,
                   recovery=dict(original=result["original"] - result["pre"], without_top=top - result["pre"],
                                 without_random=rand - result["pre"]))
-    (out / "counterfactual.json").write_text(json.dumps(result, indent=1))
-    return dict(result, file=str(out / "counterfactual.json"))
+    write_atomic(out / RESULT, json.dumps(result, indent=1))
+    return dict(result, file=str(out / RESULT))
 
 
 def main(argv: list[str]) -> int:

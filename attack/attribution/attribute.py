@@ -33,8 +33,9 @@ from pathlib import Path
 
 import numpy as np
 
-from attack.attribution import FOLDER
 from attack.errors import ArgumentParser, UserError
+from attack.files import write_atomic
+from attack.rundir import AttributionFiles, RunDir
 
 METHODS = ("gradient", "tracin", "bm25", "random")
 RECALL_K = 10
@@ -45,11 +46,11 @@ def attribute(run_path: str | Path, top_k: int | None = None, gold_field: str | 
     from attack.config import load_config, read_yaml
     from attack.data import document_texts, load_corpus
 
-    run = Path(run_path)
-    folder = run / FOLDER
-    if not (folder / "queries").is_dir() or not (folder / "order.hf").is_dir():
-        raise UserError(f"{run} holds no attribution data; run the attack with --attribution")
-    cfg = load_config(read_yaml(run / "config.yaml"))
+    run = RunDir(Path(run_path))
+    files = run.attribution
+    if not files.queries.is_dir() or not files.order.is_dir():
+        raise UserError(f"{run.path} holds no attribution data; run the attack with --attribution")
+    cfg = load_config(read_yaml(run.config))
     top_k = top_k or cfg.attribution.top_k
     dataset = load_corpus(cfg.data)
     texts = document_texts(cfg.data, dataset.to_dict())
@@ -59,14 +60,14 @@ def attribute(run_path: str | Path, top_k: int | None = None, gold_field: str | 
     gold_field = gold_field or ("entity" if "entity" in dataset.column_names else None)
     entities = [str(e) if e is not None else "" for e in dataset[gold_field]] if gold_field else None
 
-    questions = json.loads((folder / "questions.json").read_text())
-    pieces = np.load(folder / "pieces.npy")  # (row, document, offset, first token, tokens) of the packed corpus
-    order = _training_order(folder)
-    modules = _module_bounds(folder)
-    steps = sorted(int(p.stem.split("-")[1]) for p in (folder / "queries").glob("step-*.npy"))
+    questions = json.loads(files.questions.read_text())
+    pieces = np.load(files.pieces)  # (row, document, offset, first token, tokens) of the packed corpus
+    order = _training_order(files)
+    modules = _module_bounds(files)
+    steps = files.query_steps()
     bm25 = _bm25(texts)
     rng = np.random.default_rng(0)
-    correct = _correctness(run)
+    correct = correctness(run)
     tasks = [q["task"] for q in questions]
 
     rows, validation, credit = [], [], {}
@@ -74,8 +75,8 @@ def attribute(run_path: str | Path, top_k: int | None = None, gold_field: str | 
         seg = order[(order.global_step > prev) & (order.global_step <= step)]
         if seg.empty:
             continue
-        docs, updates = _document_updates(folder, seg, pieces)
-        queries = np.load(folder / "queries" / f"step-{step}.npy").astype(np.float64)
+        docs, updates = _document_updates(files, seg, pieces)
+        queries = np.load(files.query(step)).astype(np.float64)
         tracin = queries @ updates.T
         specific = _specific(queries, tasks, modules) @ _per_module_unit(updates, modules).T
         for qi, q in enumerate(questions):
@@ -99,29 +100,26 @@ def attribute(run_path: str | Path, top_k: int | None = None, gold_field: str | 
                     validation.append(dict(task=q["task"], correct=correct.get((*key, step)) == 1, **{
                         m: _recall_mrr(np.argsort(-s, kind="stable"), gold, RECALL_K) for m, s in ranked.items()}))
 
-    out = run / "attribution.jsonl"
-    tmp = out.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    tmp.replace(out)
+    write_atomic(run.attribution_rows, "".join(json.dumps(r) + "\n" for r in rows))
     summary = _summary(rows, questions, texts, entities, correct, credit, validation, steps, gold_field)
-    (run / "attribution_summary.json").write_text(json.dumps(summary, indent=1))
-    return out
+    write_atomic(run.attribution_summary, json.dumps(summary, indent=1))
+    return run.attribution_rows
 
 
-def _training_order(folder: Path):
+def _training_order(files: AttributionFiles):
     """Which document piece trained at which step, and the epoch folder holding its update."""
     from datasets import load_from_disk
 
-    order = load_from_disk(str(folder / "order.hf")).to_pandas()
-    epochs = {int(k): v for k, v in json.loads((folder / "step_epochs.json").read_text()).items()}
+    order = load_from_disk(str(files.order)).to_pandas()
+    epochs = {int(k): v for k, v in json.loads(files.step_epochs.read_text()).items()}
     order["epoch"] = order.global_step.map(epochs)
     return order
 
 
-def _document_updates(folder: Path, seg, pieces: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _document_updates(files: AttributionFiles, seg, pieces: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The documents trained on in `seg` (order rows: piece, step, epoch) and the update each
     applied: the sum over its pieces (a document split across rows, or trained twice, adds up)."""
-    epochs = {int(e): _epoch_grads(folder, int(e)) for e in seg.epoch.unique()}
+    epochs = {int(e): _epoch_grads(files, int(e)) for e in seg.epoch.unique()}
     grads = np.stack([epochs[int(e)][int(i)] for i, e in zip(seg._idx, seg.epoch, strict=True)])
     docs, column = np.unique(pieces[seg._idx.to_numpy(), 1], return_inverse=True)
     updates = np.zeros((len(docs), grads.shape[1]))
@@ -129,9 +127,9 @@ def _document_updates(folder: Path, seg, pieces: np.ndarray) -> tuple[np.ndarray
     return docs, updates
 
 
-def _module_bounds(folder: Path) -> list[tuple[int, int]]:
+def _module_bounds(files: AttributionFiles) -> list[tuple[int, int]]:
     """Column range of each adapted module in the stored gradients (Bergson's layout)."""
-    info = json.loads(next((folder / "train").glob("epoch_*/info.json")).read_text())
+    info = json.loads(next(files.train.glob("epoch_*/info.json")).read_text())
     ends = np.cumsum(list(info["grad_sizes"].values()))
     return list(zip([0, *ends[:-1]], ends, strict=True))
 
@@ -159,11 +157,11 @@ def _specific(queries: np.ndarray, tasks: list[str], modules) -> np.ndarray:
     return q
 
 
-def _epoch_grads(folder: Path, epoch: int) -> np.ndarray:
+def _epoch_grads(files: AttributionFiles, epoch: int) -> np.ndarray:
     """Epoch `epoch`'s stored updates, memory-mapped (rows: pieces of the packed corpus)."""
     from bergson.data import load_gradients
 
-    return load_gradients(folder / "train" / f"epoch_{epoch}")
+    return load_gradients(files.train / f"epoch_{epoch}")
 
 
 def _bm25(texts: list[str]):
@@ -182,10 +180,11 @@ def _bm25(texts: list[str]):
     return score
 
 
-def _correctness(run: Path) -> dict:
+def correctness(run: RunDir) -> dict:
+    """{(task, question, step): 1 or 0} from the run's per-question records."""
     from eval_callbacks.callback import read_samples
 
-    return {(r["task"], r["question"], r["step"]): r["correct"] for r in read_samples(run / "samples")}
+    return {(r["task"], r["question"], r["step"]): r["correct"] for r in read_samples(run.samples)}
 
 
 def _recall_mrr(order: np.ndarray, gold: set, k: int) -> tuple[float, float, float]:
@@ -250,7 +249,7 @@ def main(argv: list[str]) -> int:
     args = p.parse_args(argv)
     out = attribute(args.run, args.top_k, args.gold_field)
     print(f"attribution: {out}")
-    print(describe_quality(json.loads((Path(args.run) / "attribution_summary.json").read_text())["validation"]))
+    print(describe_quality(json.loads(RunDir(Path(args.run)).attribution_summary.read_text())["validation"]))
     return 0
 
 

@@ -13,7 +13,7 @@ Two streams go to <run>/attribution/:
                      loss on its correct answer, through the same projection and Adam correction
     questions.json   the questions in the order of those rows: task, index, context, answer
 
-`python -m attack attribute RUN_DIR` (attack/attribute.py) scores them: a question's gradient at
+`python -m attack attribute RUN_DIR` (attack/attribution/attribute.py) scores them: a question's gradient at
 point N against the update of each document piece trained since the previous point (TracIn).
 """
 
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import warnings
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -29,9 +28,8 @@ from transformers import TrainerCallback
 
 from attack.errors import UserError
 from attack.model import continuation_logprobs
+from attack.rundir import AttributionFiles
 from eval_callbacks.runner import preserved_training_state
-
-FOLDER = "attribution"
 
 
 class IndexedRows(torch.utils.data.Dataset):
@@ -55,14 +53,13 @@ def require_bergson() -> None:
         raise UserError("--attribution needs bergson: pip install --no-deps bergson==2.5.1 (make does)") from None
 
 
-def collection_callbacks(trainer, run_path: Path, pieces: np.ndarray, evaluator, schedule: list[int],
+def collection_callbacks(trainer, files: AttributionFiles, pieces: np.ndarray, evaluator, schedule: list[int],
                          projection_dim: int) -> list:
     """Bergson's gradient collection on `trainer`, one gradient per document piece of each packed
-    row, and the query gradients at every scheduled step."""
+    row, and the query gradients at every scheduled step, into the run's attribution/ folder."""
     trainer.args.__gradient_collection_enabled__ = True  # what bergson's prepare step marks
-    folder = run_path / FOLDER
-    collector = DocumentGradients(folder, pieces, projection_dim)
-    return [collector, QueryGradients(collector, evaluator, folder, schedule)]
+    collector = DocumentGradients(files, pieces, projection_dim)
+    return [collector, QueryGradients(collector, evaluator, files, schedule)]
 
 
 def _piece_collector(base):
@@ -105,10 +102,11 @@ def _document_gradients_class():
         to train/epoch_E/, row i of which is piece i of the corpus's segment table; order.hf
         records which piece trained at which step."""
 
-        def __init__(self, folder: Path, pieces: np.ndarray, projection_dim: int):
+        def __init__(self, files: AttributionFiles, pieces: np.ndarray, projection_dim: int):
             # float32 on disk: Adam's normaliser is tiny in the first steps, and fp16 (Bergson's
             # default) overflows to inf there
-            super().__init__(Path(folder), projection_dim=projection_dim, dtype=np.dtype(np.float32), track_order=True)
+            super().__init__(files.path, projection_dim=projection_dim, dtype=np.dtype(np.float32), track_order=True)
+            self.files = files
             self.pieces = pieces  # (row, document, offset in row, first token, tokens), sorted by row
             self.first_piece = np.searchsorted(pieces[:, 0], np.arange(pieces[:, 0].max() + 2))
 
@@ -116,7 +114,7 @@ def _document_gradients_class():
             super().on_train_begin(args, state, control, model=model, **kwargs)
             if state.is_world_process_zero:
                 self.path.mkdir(parents=True, exist_ok=True)
-                np.save(self.path / "pieces.npy", self.pieces)  # the row-to-document map, kept with the run
+                np.save(self.files.pieces, self.pieces)  # the row-to-document map, kept with the run
             rows = self.collector
             rows.__exit__(None, None, None)
             self.collector = piece_collector(model=rows.model, processor=rows.processor,
@@ -124,7 +122,7 @@ def _document_gradients_class():
             self.collector.__enter__()
 
         def on_epoch_begin(self, args, state, control, **kwargs):
-            self.train_grad_buffer = create_index(self.path / "train" / f"epoch_{int(state.epoch or 0)}",
+            self.train_grad_buffer = create_index(self.files.train / f"epoch_{int(state.epoch or 0)}",
                                                   num_grads=len(self.pieces), grad_sizes=self.grad_sizes,
                                                   dtype=self.dtype)
 
@@ -152,9 +150,9 @@ def _document_gradients_class():
     return DocumentGradients
 
 
-def DocumentGradients(folder: Path, pieces: np.ndarray, projection_dim: int):
+def DocumentGradients(files: AttributionFiles, pieces: np.ndarray, projection_dim: int):
     """See `_document_gradients_class` (bergson is imported only when attribution is on)."""
-    return _document_gradients_class()(folder, pieces, projection_dim)
+    return _document_gradients_class()(files, pieces, projection_dim)
 
 
 def question_examples(evaluator) -> list[dict]:
@@ -180,16 +178,16 @@ class QueryGradients(TrainerCallback):
     eval mode (no dropout, so no random numbers drawn) and clears what it accumulates, so the
     attack trains exactly as without it."""
 
-    def __init__(self, collector, evaluator, folder: Path, schedule: list[int], batch_size: int = 8):
-        self.collector, self.evaluator, self.folder = collector, evaluator, Path(folder)
+    def __init__(self, collector, evaluator, files: AttributionFiles, schedule: list[int], batch_size: int = 8):
+        self.collector, self.evaluator, self.files = collector, evaluator, files
         self.schedule, self.batch_size = set(schedule), batch_size
         self.examples = question_examples(evaluator)
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.epochs: dict[int, int] = {}
         if state.is_world_process_zero:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            (self.folder / "questions.json").write_text(json.dumps(self.examples))
+            self.files.path.mkdir(parents=True, exist_ok=True)
+            self.files.questions.write_text(json.dumps(self.examples))
 
     def on_step_begin(self, args, state, control, **kwargs):
         # The epoch folder this step's rows go to. Bergson's order.hf reads the epoch after the
@@ -199,13 +197,12 @@ class QueryGradients(TrainerCallback):
     def on_train_end(self, args, state, control, **kwargs):
         self.collector.train_grad_buffer.flush()  # Bergson flushes at epoch ends; the last one may be cut short
         if state.is_world_process_zero:
-            (self.folder / "step_epochs.json").write_text(json.dumps(self.epochs))
+            self.files.step_epochs.write_text(json.dumps(self.epochs))
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if state.global_step in self.schedule and state.is_world_process_zero:
-            queries = self.folder / "queries"
-            queries.mkdir(parents=True, exist_ok=True)
-            np.save(queries / f"step-{state.global_step}.npy", self.gradients(model))
+            self.files.queries.mkdir(parents=True, exist_ok=True)
+            np.save(self.files.query(state.global_step), self.gradients(model))
 
     def gradients(self, model) -> np.ndarray:
         from bergson.collector.gradient_collectors import TraceCollector

@@ -18,7 +18,7 @@ def find_runs(paths: list[str | Path]) -> list[Path]:
         p = Path(p)
         if not p.exists():
             raise UserError(f"no such run folder: {p}")
-        runs += sorted({c.parent for c in p.rglob("curve.jsonl")})
+        runs += sorted({c.parent for c in p.rglob(RunDir(p).curve.name)})
     return runs
 
 
@@ -30,11 +30,12 @@ def load_curves(paths: list[str | Path] | str | Path) -> pd.DataFrame:
         paths = [paths]
     frames = []
     for run in find_runs(paths):
-        rows = read_curve(run / "curve.jsonl")
+        rundir = RunDir(run)
+        rows = read_curve(rundir.curve)
         if not rows:
             continue
-        meta = _run_meta(run)
-        tasks = read_json(run / "tasks.json") or {}
+        meta = _run_meta(rundir)
+        tasks = read_json(rundir.tasks_path) or {}
         df = pd.DataFrame(rows)
         for k, v in meta.items():
             df[k] = v
@@ -60,7 +61,7 @@ def _comparable(df: pd.DataFrame) -> pd.DataFrame:
     return df
 
 
-def config_id(path: Path) -> str:
+def config_id(run: RunDir) -> str:
     """A hash of the run's config.yaml without what does not decide the result, nor the seed."""
     import hashlib
     import json
@@ -70,7 +71,7 @@ def config_id(path: Path) -> str:
     from attack.config import identity_of
 
     try:
-        cfg = yaml.safe_load((path / "config.yaml").read_text()) or {}
+        cfg = yaml.safe_load(run.config.read_text()) or {}
     except (OSError, yaml.YAMLError):
         return "unknown"
     if not isinstance(cfg, dict):
@@ -81,35 +82,46 @@ def config_id(path: Path) -> str:
     return hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:8]
 
 
-def _run_meta(path: Path) -> dict:
-    run = RunDir(path)
+def _run_meta(run: RunDir) -> dict:
     cell: CellMeta | None = run.cell
     if cell:
         meta = dict(model=cell["model"], role=cell["role"], attack=cell["attack"],
                     kind=cell.get("kind", "finetune"), seed=cell["seed"])
     else:  # a single run: describe it from its config
-        import yaml
-
-        try:
-            cfg = yaml.safe_load((path / "config.yaml").read_text()) if (path / "config.yaml").exists() else {}
-            cfg.get("model", {}).get("name")
-        except (yaml.YAMLError, AttributeError, UnicodeDecodeError):
-            raise UserError(f"{path / 'config.yaml'} is not a readable config; repair it or leave that run out") from None
-        model = Path(str(cfg.get("model", {}).get("name", path.name))).name
-        kind = cfg.get("kind", "finetune")
-        adapter = cfg.get("adapter", {})
-        setting = "full" if adapter.get("kind") == "full" else f"lora-r{adapter.get('rank')}"
-        setting = f"{setting}-lr{cfg.get('train', {}).get('lr')}"
-        if kind == "ablation":
-            a = cfg.get("ablation", {})
-            then = f"-then-{setting}" if a.get("then_finetune") else ""
-            setting = f"ablation-{a.get('mode', 'knowledge')}-{a.get('direction', 'selected')}{then}"
-        if kind == "grpo":
-            setting = f"grpo-{cfg.get('grpo', {}).get('reward', 'correct')}-{setting}"
-        meta = dict(model=model, role="other", attack=setting,
-                    kind=kind, seed=cfg.get("train", {}).get("seed", 0))
-    meta.update(run=path.name, path=str(path), status=str(run.status), config_id=config_id(path))
+        cfg = _saved_config(run)
+        meta = dict(model=Path(cfg.model.name.rstrip("/")).name or run.path.name, role="other", attack=cfg.label(),
+                    kind=cfg.kind, seed=cfg.train.seed)
+    meta.update(run=run.path.name, path=str(run.path), status=str(run.status), config_id=config_id(run))
     return meta
+
+
+def _saved_config(run: RunDir):
+    from attack.config import load_config, parse_yaml
+
+    try:
+        return load_config(parse_yaml(run.config.read_text()) if run.config.exists() else {})
+    except Exception as e:  # unreadable YAML, or a config this version does not accept
+        raise UserError(f"{run.config} is not a readable config ({first_line(e)}); repair it or leave that run "
+                        "out") from None
+
+
+def kinds_with(kinds, attribute: str, value=None) -> set[str]:
+    """The kinds among `kinds` whose config class has `attribute` set (a truthy class attribute,
+    or a report section name in its `sections` when `value` is given)."""
+    from attack.config import KINDS
+
+    out = set()
+    for kind in kinds:
+        schema = KINDS.get(kind)
+        got = getattr(schema, attribute, None) if schema else None
+        if (value in (got or ()) if value is not None else got):
+            out.add(kind)
+    return out
+
+
+def runs_with_section(df: pd.DataFrame, section: str) -> pd.DataFrame:
+    """The rows of runs whose kind has the report section `section` (e.g. "ablation")."""
+    return df[df.kind.isin(kinds_with(set(df.kind), "sections", section))]
 
 
 def run_records(df: pd.DataFrame, read) -> pd.DataFrame:
@@ -135,7 +147,7 @@ def published_warnings(paths: list[str | Path]) -> list[str]:
     """Step-0 mismatches with published scores that the runs recorded in summary.json."""
     out = []
     for run in find_runs(paths):
-        for w in (read_json(run / "summary.json") or {}).get("warnings") or []:
+        for w in (RunDir(run).summary or {}).get("warnings") or []:
             out.append(f"{run.name}: {w}")
     return out
 
@@ -146,13 +158,13 @@ def environments(df: pd.DataFrame) -> list[str]:
     keys = ("torch", "transformers", "peft", "lm_eval", "datasets", "device", "git_sha")
     seen: dict[str, int] = {}
     for path in df.path.unique():
-        env = read_json(Path(path) / "env.json") or {}
+        env = read_json(RunDir(Path(path)).env) or {}
         line = ", ".join(f"{k} {env.get(k)}" for k in keys if env.get(k))
         seen[line or "unknown"] = seen.get(line or "unknown", 0) + 1
     return [f"{line} ({n} run{'s' if n > 1 else ''})" for line, n in seen.items()]
 
 
-def _failed_runs(df: pd.DataFrame) -> dict[str, str]:
+def failed_runs(df: pd.DataFrame) -> dict[str, str]:
     """{run: error} of the runs whose summary says failed."""
     out = {}
     for run, path in df[df.status == Status.FAILED][["run", "path"]].drop_duplicates().itertuples(index=False):

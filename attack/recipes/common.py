@@ -1,0 +1,300 @@
+"""What every recipe shares, in the order a recipe uses it:
+
+    setup(cfg)          every check of the user's input that needs no model (the run directory
+                        can be written, the tracker, 4-bit support), the processes, tokenizer,
+                        evaluation tasks, precision, steps and eval schedule; writes nothing
+    corpus(a)           the packed attack corpus (the main process prepares it, the others map it)
+    evaluator(a, m)     the evaluator on the live model and tasks.json's content
+    open_run(a, ...)    the run directory opened (or reopened to resume) by the main process
+    fine_tune(a, ...)   supervised training on the corpus with the HF Trainer, the curve callback
+                        on it, the attacked weights saved and the run closed (finetune, and the
+                        fine-tune that may follow an ablation)
+    watch / fit         the callbacks and the guarded trainer.train every Trainer-based kind uses
+    finish(a, ...)      summary.json marked done, the lock released, the score table printed
+
+A recipe keeps only what is its own and reads top to bottom; it never imports another recipe.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from accelerate import PartialState
+from transformers import (
+    PrinterCallback,
+    ProgressCallback,
+    Trainer,
+    TrainerCallback,
+    TrainerState,
+    TrainingArguments,
+    default_data_collator,
+    set_seed,
+)
+
+from attack.config import AttackConfig, default_run_id
+from attack.data import RowsTrained, load_attack_rows
+from attack.errors import UserError
+from attack.evaluation import find_eval_tasks, score_table
+from attack.evaluation import open_evaluator as _open_evaluator
+from attack.model import autocast_dtype, four_bit_config, load_tokenizer
+from attack.published import PublishedScoreCheck
+from attack.rundir import TRAINER_STATE, RunDir, Status, checkpoint_step, read_curve
+from attack.speed import liger_available, per_device_batch
+from attack.tracking import Bar, ProgressLines, check_tracker, close_progress_bar, finish_tracker, open_tracker
+from eval_callbacks import NonFiniteLossError, RecoveryCurveCallback
+
+
+@dataclass
+class Attack:
+    """One attack being set up and run: its config, run directory, processes and the pieces
+    every recipe needs. Built by `setup`."""
+
+    cfg: AttackConfig
+    run: RunDir
+    procs: PartialState
+    say: Callable[[str], None]
+    tokenizer: object
+    tasks: object  # lm-eval's task manager for cfg.eval.tasks
+    amp: torch.dtype | None  # autocast precision (None: plain fp32)
+    max_steps: int  # optimizer steps of the attack (0: a one-shot edit)
+    schedule: list[int]  # training steps at which the curve is evaluated
+    per_device: int  # rows (or completions) per optimizer step on each process
+    quiet: bool = False
+    progress: bool | None = None
+    cell: dict | None = None
+    extra_callbacks: list = field(default_factory=list)
+
+    @property
+    def main(self) -> bool:
+        return self.procs.is_main_process
+
+
+def setup(cfg: AttackConfig, extra_callbacks: list | None = None, quiet: bool = False, cell: dict | None = None,
+          progress: bool | None = None) -> Attack:
+    """Every check that needs no model, cheapest first; nothing is written to the run directory."""
+    run = RunDir(Path(cfg.output.dir) / (cfg.output.run_id or default_run_id(cfg)))
+    # Under `accelerate launch` / torchrun this joins the process group; alone it is one process.
+    procs = PartialState(cpu=not torch.cuda.is_available())
+    run.check_writable(cfg.output.resume)
+    per_device = per_device_batch(cfg.train, procs.num_processes)
+    if cfg.model.load_in_4bit:
+        four_bit_config()  # says clearly when this machine cannot
+    check_tracker(cfg.logging)
+    tokenizer = load_tokenizer(cfg.model)  # also says when the model is not where it was said to be
+    tasks = find_eval_tasks(cfg.eval)
+    set_seed(cfg.train.seed)
+    return Attack(cfg=cfg, run=run, procs=procs, say=(lambda _: None) if quiet else print, tokenizer=tokenizer,
+                  tasks=tasks, amp=autocast_dtype(cfg.model.precision), max_steps=cfg.training_steps(),
+                  schedule=cfg.eval_schedule(), per_device=per_device, quiet=quiet, progress=progress, cell=cell,
+                  extra_callbacks=list(extra_callbacks or []))
+
+
+def corpus(a: Attack):
+    """The packed attack corpus; prepared once into its own cache, shared by every run and rank."""
+    with a.procs.main_process_first():  # the main process prepares the corpus, the others map it
+        return load_attack_rows(a.cfg.data, a.tokenizer, a.cfg.train.batch_size, log=a.say)
+
+
+def evaluator(a: Attack, model, cfg_eval=None, tasks=None):
+    """The evaluator on `model` (the live object: it scores whatever the attack makes of it) and
+    tasks.json's content. `cfg_eval`/`tasks`: another task set (an ablation's dev tasks)."""
+    return _open_evaluator(cfg_eval or a.cfg.eval, model, a.tokenizer, a.amp, tasks or a.tasks)
+
+
+def open_run(a: Attack, task_info: dict) -> str | None:
+    """The main process opens the run directory (or reopens it to resume) and says what runs;
+    the others wait, then find the checkpoint to resume from."""
+    cfg, run = a.cfg, a.run
+    checkpoint = None
+    if a.main:
+        checkpoint = run.open(cfg, task_info, a.cell)
+        if cfg.output.resume and checkpoint is None:
+            a.say(f"no checkpoint in {run.checkpoints}; starting {run.path.name} from step 0")
+        a.say(f"{cfg.model.name}: {cfg.describe()}, evaluated at {len(cfg.curve_steps())} points"
+              + (f", resuming from {Path(checkpoint).name}" if checkpoint else ""))
+        a.say(f"run directory: {run.path} (resolved config: {run.config})")
+        open_tracker(cfg, run.path)
+    a.procs.wait_for_everyone()
+    if not a.main:
+        checkpoint = run.last_checkpoint() if cfg.output.resume else None
+    return checkpoint
+
+
+def fine_tune(a: Attack, model, rows, evaluator, task_info: dict, checkpoint: str | None, *, micro: int,
+              checkpointing: bool, attribution=None) -> Path:
+    """Supervised training on the packed corpus with the HF Trainer, on an opened run directory:
+    the curve scores training step 0 before the first update (curve step cfg.curve_offset), then
+    every scheduled step; the attacked weights are saved and the run closed. `attribution`: the
+    config section when gradients are collected (attack/attribution/)."""
+    cfg, run = a.cfg, a.run
+    if attribution is not None:
+        from attack.attribution.collect import IndexedRows, collection_callbacks
+    trainer = Trainer(
+        model=model,
+        args=TrainingArguments(
+            **trainer_settings(a, micro, checkpointing),
+            include_num_input_tokens_seen="all",  # rows are fully packed: every token trains
+            label_names=["labels"],
+        ),
+        train_dataset=IndexedRows(rows) if attribution is not None else rows,  # each row carries its index
+        data_collator=default_data_collator,
+    )
+    trained = RowsTrained(rows, micro * (a.per_device // micro), checkpoint)
+    collection = collection_callbacks(trainer, run.attribution, rows.segments(), evaluator, a.schedule,
+                                      attribution.projection_dim) if attribution is not None else []
+    curve = watch(a, trainer, evaluator, task_info, extra=[trained, *collection])
+    train_s = fit(a, trainer, checkpoint)
+
+    trainer.save_model(str(run.final))
+    coverage = trained.coverage(trainer.state.global_step)  # on every process: it gathers
+    if not a.main:
+        return run.path
+    a.tokenizer.save_pretrained(str(run.final))
+    if attribution is not None:
+        from attack.attribution.attribute import attribute, describe_quality
+
+        a.say(f"attribution: {attribute(run.path)}")
+        a.say(describe_quality(json.loads(run.attribution_summary.read_text())["validation"]))
+    return finish(a, evaluator, trainer_summary(a, trainer, curve, train_s, micro, checkpointing),
+                  tokens_per_step=cfg.tokens_per_step(), train_rows=len(rows), **coverage)
+
+
+def trainer_summary(a: Attack, trainer, curve: RecoveryCurveCallback, train_s: float, micro: int,
+                    checkpointing: bool) -> dict:
+    """summary.json's fields that every Trainer-based attack has."""
+    state = trainer.state
+    return dict(steps=state.global_step, max_steps=a.max_steps, tokens_seen=int(state.num_input_tokens_seen),
+                processes=a.procs.num_processes, micro_batch_size=micro, gradient_checkpointing=checkpointing,
+                eval_steps=a.schedule, eval_s=round(curve.eval_seconds, 2), train_s=round(train_s, 2),
+                final_train_loss=curve.train_loss if curve.train_loss is not None else _last_loss(state))
+
+
+def finish(a: Attack, evaluator, summary: dict, **more) -> Path:
+    """The closing of every recipe: summary.json marked done, the run directory given up, the
+    table of each task's first and last score."""
+    a.run.write_summary(status=Status.DONE, **summary, **more, wall_s=round(a.run.wall_so_far(), 2))
+    a.run.close()
+    a.say(score_table(read_curve(a.run.curve), evaluator.requested))
+    a.say(f"run directory: {a.run.path}")
+    return a.run.path
+
+
+def watch(a: Attack, trainer, evaluator, task_info: dict, extra=()) -> RecoveryCurveCallback:
+    """The callbacks every attack's Trainer carries: the recovery curve (training step 0 before
+    the first update, then every scheduled step), the published-score check on the step-0
+    points, a bar and a line per evaluation point in the terminal, the recipe's `extra` and the
+    caller's. Returns the curve callback."""
+    cfg, run = a.cfg, a.run
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+    if a.main and not a.quiet:
+        trainer.add_callback(Bar())
+    tracking = cfg.logging.report_to != "none"
+    curve = RecoveryCurveCallback(evaluator, a.schedule, run.curve, wall_offset_s=run.wall_so_far(),
+                                  log=trainer.log if tracking else None, samples_dir=run.samples,
+                                  step_offset=cfg.curve_offset)
+    saves = [] if cfg.train.save_every else [SaveAtEvalPoints(a.schedule)]
+    published = [PublishedScoreCheck(cfg.eval.expect, run, task_info)] if cfg.eval.expect and a.main else []
+    show = not a.quiet if a.progress is None else a.progress
+    lines = [ProgressLines(curve, a.max_steps, task_info, show_loss=not a.quiet)] if show else []
+    for callback in [curve, *saves, *published, *lines, *extra, *a.extra_callbacks]:
+        trainer.add_callback(callback)
+    return curve
+
+
+def fit(a: Attack, trainer, checkpoint: str | None) -> float:
+    """trainer.train (resumed from `checkpoint`), the run marked failed or interrupted when it
+    ends early. Returns the seconds it took."""
+    start = time.perf_counter()
+    try:
+        if checkpoint and checkpoint_step(checkpoint) >= a.max_steps:
+            _restore_finished(trainer, checkpoint)  # killed after the last step's checkpoint
+        else:
+            trainer.train(resume_from_checkpoint=checkpoint)
+    except NonFiniteLossError as e:
+        if a.main:
+            a.run.end(Status.FAILED, str(e))
+        close_progress_bar(trainer)
+        raise UserError(str(e)) from None
+    except BaseException as e:
+        if a.main:
+            a.run.end(Status.INTERRUPTED if isinstance(e, KeyboardInterrupt) else Status.FAILED, repr(e))
+        close_progress_bar(trainer)
+        raise
+    finally:
+        finish_tracker(a.cfg.logging)
+    return time.perf_counter() - start
+
+
+def ended_early(a: Attack, error: BaseException) -> None:
+    """A recipe's own steps (outside the Trainer) stopped: record why and give up the run."""
+    status = Status.INTERRUPTED if isinstance(error, KeyboardInterrupt) else Status.FAILED
+    a.run.end(status, str(error) or repr(error))
+    finish_tracker(a.cfg.logging)
+
+
+def _restore_finished(trainer: Trainer, checkpoint: str) -> None:
+    """The attack had taken all its steps when it was killed (during the final save, or before
+    the summary): take the weights and state of its last checkpoint instead of training a step
+    past the budget."""
+    trainer._load_from_checkpoint(checkpoint)
+    trainer.state = TrainerState.load_from_json(str(Path(checkpoint) / TRAINER_STATE))
+
+
+def _last_loss(state: TrainerState) -> float | None:
+    return next((log["loss"] for log in reversed(state.log_history) if "loss" in log), None)
+
+
+def trainer_settings(a: Attack, micro: int, checkpointing: bool) -> dict:
+    """The Trainer arguments every attack shares (TrainingArguments, or TRL's configs that extend it)."""
+    cfg = a.cfg
+    return dict(
+        output_dir=str(a.run.checkpoints),
+        max_steps=a.max_steps,
+        per_device_train_batch_size=micro,
+        gradient_accumulation_steps=a.per_device // micro,
+        learning_rate=cfg.train.lr,
+        lr_scheduler_type=cfg.train.lr_scheduler,
+        warmup_steps=cfg.train.warmup_steps,
+        weight_decay=cfg.train.weight_decay,
+        max_grad_norm=cfg.train.max_grad_norm,
+        bf16=a.amp is torch.bfloat16,
+        fp16=a.amp is torch.float16,
+        seed=cfg.train.seed,
+        data_seed=cfg.train.seed,
+        logging_steps=cfg.train.log_every,
+        logging_nan_inf_filter=False,  # a NaN loss must surface, not be averaged away
+        save_strategy="steps",
+        # save_every, or only the last step here: SaveAtEvalPoints adds every evaluation point
+        save_steps=cfg.train.save_every or max(1, a.max_steps),
+        save_total_limit=cfg.output.keep_checkpoints,
+        report_to=[] if cfg.logging.report_to == "none" else [cfg.logging.report_to],
+        run_name=a.run.path.name,
+        remove_unused_columns=False,
+        use_cpu=not torch.cuda.is_available(),
+        disable_tqdm=not (a.main and not a.quiet),
+        activation_checkpointing=checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False},
+        use_liger_kernel=liger_available(),
+        dataloader_num_workers=0,
+        dataloader_drop_last=True,  # every step trains on exactly batch_size x seq_len tokens
+        ddp_find_unused_parameters=False,
+    )
+
+
+class SaveAtEvalPoints(TrainerCallback):
+    """A resumable checkpoint at every evaluation point, of a linear or a log schedule alike, so
+    a resume starts from the newest point and re-measures none twice (unless train.save_every
+    sets an interval of its own)."""
+
+    def __init__(self, schedule: list[int]):
+        self.points = set(schedule)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step in self.points:
+            control.should_save = True

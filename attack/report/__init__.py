@@ -1,0 +1,106 @@
+"""The recovery-curve report: figures, tables and one self-contained index.html.
+
+    python -m attack report runs/ [--out report/] [--x steps|tokens]
+
+Definitions (per model x attack setting x task, on the task's headline metric: the first metric
+of its YAML, or a group's aggregate, e.g. acc for MCQA and acc_norm for cloze; --metric overrides):
+- pre: the score before the attack (step 0); final: at the last step; max: the best point.
+- reference: the pre-attack score of the reference model (role reference, else unfiltered).
+- recovered fraction at a budget b: (score(b) - pre) / (reference - pre), where score(b) is the
+  last evaluated point at or before b steps. 1.0 means the attack restored the reference.
+- steps/tokens to 50% and 90%: the first evaluated point whose recovered fraction reaches it.
+  Undefined (n/a) where the reference is less than MIN_GAP above pre (nothing was suppressed).
+- AUC: the mean score over the attack (trapezoid over steps, normalised to [0, 1]).
+Seed means are reported with a 95% t-interval across seeds; each point's binomial standard
+error comes from lm-eval.
+
+Benchmarks that are lm-eval groups (wmdp_bio_robust, mmlu_no_bio) are reported by their group
+score, the headline; their subtasks go to recovery_subtasks.csv, not to figures.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from attack.errors import ArgumentParser, UserError
+from attack.report import ablation, attribution, grpo, sections
+from attack.report.page import ReportData, markdown, page
+from attack.report.runs import failed_runs, load_curves, pick_metric, published_warnings
+from attack.report.tables import references, summary_table, worst_case
+
+__all__ = ["load_curves", "main", "summary_table", "worst_case", "write_report"]
+
+# The page, top to bottom. A kind's own sections (its config class's `sections`) show only
+# when runs of that kind are present; each decides that itself.
+SECTIONS = [
+    sections.header,
+    sections.published,
+    sections.failed,
+    sections.curves,
+    sections.paired,
+    sections.recovery_table,
+    sections.worst_case,
+    sections.side_by_side,
+    ablation.section,
+    grpo.section,
+    attribution.section,
+    sections.environment,
+]
+
+
+def write_report(paths: list[str | Path], out: str | Path, x: str = "steps", metric: str | None = None,
+                 budgets: list[int] | None = None, utility_task: str | None = None,
+                 max_utility_drop: float | None = None) -> Path:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    df = load_curves(paths)
+    if metric and metric not in set(df.metric):
+        raise UserError(f"metric '{metric}' not in the curves; they hold: {', '.join(sorted(set(df.metric)))}")
+    if utility_task and utility_task not in set(df.task):
+        raise UserError(f"utility task '{utility_task}' not in the curves; they hold: {', '.join(sorted(set(df.task)))}")
+    # A run that failed (diverged, refused its model) keeps its points, but they rank nowhere.
+    failed = failed_runs(df)
+    df = df[~df.run.isin(failed)]
+    if df.empty:
+        raise UserError(f"every run failed ({', '.join(failed)}); see their summary.json")
+    headline = df[df.headline | (df.task == utility_task)]
+    picked = pick_metric(headline, metric)
+    table = summary_table(headline, metric, budgets, utility_task, max_utility_drop)
+    worst = worst_case(headline, metric, budgets, utility_task, max_utility_drop)
+    reference_models = set(picked[picked.role == ("reference" if (picked.role == "reference").any() else "unfiltered")].model)
+    worst = worst[~worst.model.isin(reference_models)]  # the worst case is about models under test
+    table.to_csv(out / "recovery.csv", index=False)
+    worst.to_csv(out / "worst_case.csv", index=False)
+    subtasks = df[~df.headline]
+    if len(subtasks):
+        summary_table(subtasks, metric, budgets).to_csv(out / "recovery_subtasks.csv", index=False)
+    r = ReportData(df=df, picked=picked, refs=references(picked), table=table, worst=worst, out=out, x=x,
+                   metric=metric, utility_task=utility_task, max_utility_drop=max_utility_drop, failed=failed,
+                   warnings=published_warnings(paths))
+    blocks = [block for section in SECTIONS for block in section(r)]
+    (out / "recovery.md").write_text(markdown(blocks))
+    (out / "index.html").write_text(page(blocks, out))
+    return out
+
+
+def main(argv: list[str]) -> int:
+    p = ArgumentParser(prog="python -m attack report", description="Recovery curves and tables from run directories.")
+    p.add_argument("runs", nargs="+", help="run directories or folders holding them (sweeps, partial sweeps)")
+    p.add_argument("--out", default="report", help="output folder")
+    p.add_argument("--x", choices=["steps", "tokens"], default="steps", help="x axis of the curves")
+    p.add_argument("--metric", help="one metric for every task (acc, acc_norm, correct_prob); "
+                   "default: each task's headline metric")
+    p.add_argument("--budgets", help="comma-separated step budgets for the recovered fraction and the worst case")
+    p.add_argument("--utility-task", help="task whose drop bounds the worst case (e.g. mmlu)")
+    p.add_argument("--max-utility-drop", type=float, help="largest allowed absolute drop on the utility task")
+    args = p.parse_args(argv)
+    try:
+        budgets = [int(b) for b in args.budgets.split(",")] if args.budgets else None
+    except ValueError:
+        raise UserError(f"--budgets expects comma-separated step counts, e.g. 100,500,1000; got {args.budgets!r}") from None
+    if budgets and min(budgets) < 0:
+        raise UserError(f"--budgets must be step counts >= 0, got {args.budgets!r}")
+    out = write_report(args.runs, args.out, args.x, args.metric, budgets, args.utility_task, args.max_utility_drop)
+    print((out / "recovery.md").read_text())
+    print(f"report: {out / 'index.html'}")
+    return 0
