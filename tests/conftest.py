@@ -15,12 +15,31 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from transformers import TrainerCallback  # noqa: E402
 
 from attack.config import load_config  # noqa: E402
 from attack.toyworld.models import ModelSpec, build_model, pretrain, train_tokenizer  # noqa: E402
 from attack.toyworld.world import WorldSpec, generate, write_jsonl, write_tasks  # noqa: E402
 
 torch.set_num_threads(1)
+
+
+class CrashAt(TrainerCallback):
+    """Simulates a job killed mid-run: Ctrl-C at the end of optimizer step `step`."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kw):
+        if state.global_step == self.step:
+            raise KeyboardInterrupt(f"killed at step {self.step}")
+
+
+def adapter_weights(run: Path) -> dict:
+    """The LoRA adapter a run saved in final/, as tensors."""
+    from safetensors.torch import load_file
+
+    return load_file(str(run / "final" / "adapter_model.safetensors"))
 
 TINY = ModelSpec(hidden=64, layers=2, heads=2, intermediate=128, max_positions=256)
 

@@ -186,3 +186,34 @@ def test_ablation_refuses_dev_split_that_overlaps_evaluation(world, naive_dir, t
     (run,) = (tmp_path / "runs").iterdir()
     assert (run / "candidates.jsonl").exists()
     assert json.loads((run / "summary.json").read_text())["status"] == "failed"
+
+
+@pytest.mark.slow
+def test_ablation_then_finetune_under_two_processes(world, naive_dir, tmp_path):
+    """accelerate launch with 2 processes (gloo on CPU): the main process chooses and saves the
+    direction, both make the same edit and fine-tune it; one curve with every point once, the
+    batch split across the processes, the rows of both counted."""
+    import subprocess
+    import sys
+
+    from attack.config import dump_yaml, updated
+    from attack.rundir import read_curve
+
+    cfg = _ablation_config(world, naive_dir, tmp_path, then_finetune=True)
+    cfg = updated(cfg, {"eval.every": 2, "output.run_id": "ddp", "data.cache_dir": str(tmp_path / "corpus")})
+    config = tmp_path / "ablate.yaml"
+    config.write_text(dump_yaml(cfg))
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "-m", "attack", "--config", str(config)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = tmp_path / "runs" / "ddp"
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "done" and summary["processes"] == 2 and "ablation" in summary
+    assert summary["micro_batch_size"] == 2  # batch 4 split over 2 processes, not 4 rows each
+    assert summary["rows_trained"] == 4 * 4 and summary["steps"] == 4
+    keys = [(r["step"], r["task"], r["metric"]) for r in read_curve(run / "curve.jsonl")]
+    assert len(keys) == len(set(keys))  # every point once
+    assert sorted({k[0] for k in keys}) == [0, 1, 3, 5]
+    assert len(list((run / "samples").glob("step-*.jsonl.gz"))) == 4

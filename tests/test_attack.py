@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from conftest import CrashAt, adapter_weights
 from transformers import TrainerCallback
 
 from attack.recipes import run_attack
@@ -22,19 +22,6 @@ class Snapshot(TrainerCallback):
         self.after = {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
-class CrashAt(TrainerCallback):
-    """Simulates a job killed mid-run."""
-
-    def __init__(self, step):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kw):
-        if state.global_step == self.step:
-            raise KeyboardInterrupt(f"killed at step {self.step}")
-
-
-def _adapter(run):
-    return load_file(str(run / "final" / "adapter_model.safetensors"))
 
 
 @pytest.mark.parametrize("arch", ["llama", "neox"])
@@ -111,7 +98,7 @@ def test_resumed_run_equals_uninterrupted(make_config, tmp_path):
     coverage = ("rows_trained", "distinct_rows_trained", "documents_seen", "tokens_seen")
     summaries = [json.loads((run / "summary.json").read_text()) for run in (whole, resumed)]
     assert [s[k] for k in coverage for s in summaries[:1]] == [s[k] for k in coverage for s in summaries[1:]]
-    a, b = _adapter(whole), _adapter(resumed)
+    a, b = adapter_weights(whole), adapter_weights(resumed)
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -120,7 +107,7 @@ def test_evaluation_does_not_disturb_training(make_config, tmp_path):
     sections = dict(train={"max_steps": 6}, adapter={"dropout": 0.2})
     often = run_attack(make_config(output={"dir": str(tmp_path / "often")}, eval={"every": 1}, **sections), quiet=True)
     rarely = run_attack(make_config(output={"dir": str(tmp_path / "rarely")}, eval={"every": 6}, **sections), quiet=True)
-    a, b = _adapter(often), _adapter(rarely)
+    a, b = adapter_weights(often), adapter_weights(rarely)
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 

