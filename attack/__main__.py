@@ -17,11 +17,21 @@ import os
 import signal
 import sys
 import typing
+from importlib import import_module
 
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
 from attack.errors import ArgumentParser, UserError
+
+# python -m attack <subcommand>: the module whose main(argv) runs it, and what it does.
+SUBCOMMANDS = {
+    "sweep": ("attack.sweep", "run a sweep of attack cells (models x attacks x seeds)"),
+    "report": ("attack.report", "recovery curves, tables and the worst case from run directories"),
+    "attribute": ("attack.attribution.attribute", "which attack documents drove the recovery (--attribution runs)"),
+    "counterfactual": ("attack.attribution.counterfactual", "rerun without the top-k attributed documents vs k random"),
+    "demo": ("attack.toyworld.demo", "the built-in toy world, end to end"),
+}
 
 # Established short names; every key also has its long flag --<section>-<field>.
 SHORT_FLAGS = {
@@ -64,8 +74,10 @@ def attack_parser() -> argparse.ArgumentParser:
         usage="python -m attack [--config FILE] [--kind KIND] [--model M --data D --eval-tasks T ...] "
         "[--set KEY=VALUE]",
         description="Attack a checkpoint and measure recovery on held-out benchmarks while it runs. "
-        "Subcommands: sweep, report, demo (python -m attack <subcommand> --help). Values given "
-        "here override the --config file; lists are comma-separated, mappings KEY=VALUE,KEY=VALUE.",
+        "Values given here override the --config file;\nlists are comma-separated, mappings KEY=VALUE,KEY=VALUE.",
+        epilog="subcommands (python -m attack <subcommand> --help):\n"
+        + "\n".join(f"  {name:<15} {what}" for name, (_, what) in SUBCOMMANDS.items()),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--config", help="YAML config file; flags override it")
     p.add_argument("--kind", choices=list(KINDS), default=None, help="attack family (default: finetune)")
@@ -189,26 +201,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         quiet_libraries()
-        if argv and argv[0] == "sweep":
-            from attack.sweep import main as sweep_main
-
-            return sweep_main(argv[1:])
-        if argv and argv[0] == "report":
-            from attack.report import main as report_main
-
-            return report_main(argv[1:])
-        if argv and argv[0] == "attribute":
-            from attack.attribution.attribute import main as attribute_main
-
-            return attribute_main(argv[1:])
-        if argv and argv[0] == "counterfactual":
-            from attack.attribution.counterfactual import main as counterfactual_main
-
-            return counterfactual_main(argv[1:])
-        if argv and argv[0] == "demo":
-            from attack.toyworld.demo import main as demo_main
-
-            return demo_main(argv[1:])
+        if argv and argv[0] in SUBCOMMANDS:
+            module, _ = SUBCOMMANDS[argv[0]]
+            return import_module(module).main(argv[1:])
         args = attack_parser().parse_args(_negative_numbers_attached(argv))
         cfg = config_from_args(args)
         from attack.recipes import run_attack

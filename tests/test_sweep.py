@@ -149,7 +149,7 @@ def test_shipped_sweeps_pass_dry_run(capsys, tmp_path, monkeypatch):
     assert len(cells) == 54 and len({line.split()[0] for line in cells}) == 54
     strong = [line for line in cells if "model=EleutherAI/deep-ignorance-e2e-strong-filter " in line]
     assert len(strong) == 6 and all("role=filtered" in line for line in strong)
-    assert {line.split("lr=")[1].split(")")[0] for line in strong} == {"2e-05", "5e-05", "0.0001"}
+    assert {line.split(", lr ")[1].split(",")[0] for line in strong} == {"2e-05", "5e-05", "0.0001"}
     assert captured.err == ""
 
 

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from attack.rundir import RunDir
 from eval_callbacks import read_samples
 
 BOOTSTRAP = 1000
@@ -37,7 +38,7 @@ def load_records(runs: pd.DataFrame) -> pd.DataFrame:
     seed), with those columns added. Empty when no run has records."""
     frames = []
     for run in runs.itertuples(index=False):
-        records = read_samples(Path(run.path) / "samples")
+        records = read_samples(RunDir(Path(run.path)).samples)
         if records:
             df = pd.DataFrame(records)
             df["model"], df["attack"], df["seed"] = run.model, run.attack, run.seed
