@@ -6,7 +6,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo demo-smollm2 test test-fast lint clean
+.PHONY: demo demo-full demo-smollm2 test test-fast lint clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -23,18 +23,22 @@ $(BIN)/python:
 demo: $(BIN)/python
 	$(BIN)/python -m attack demo
 
+demo-full: $(BIN)/python
+	$(BIN)/python -m attack demo --full
+
 demo-smollm2: $(BIN)/python
 	$(BIN)/python -m attack demo --world smollm2
 
 test: $(BIN)/python
 	$(BIN)/ruff check attack eval_callbacks tests bench
-	$(BIN)/python -m pytest -p no:cacheprovider tests
+	# two workers, one torch thread each (tests/conftest.py): both cores, never oversubscribed
+	$(BIN)/python -m pytest -p no:cacheprovider -n 2 tests
 
 test-fast: $(BIN)/python
-	$(BIN)/python -m pytest -p no:cacheprovider -m "not slow" tests
+	$(BIN)/python -m pytest -p no:cacheprovider -n 2 -m "not slow" tests
 
 lint: $(BIN)/python
 	$(BIN)/ruff check attack eval_callbacks tests bench
 
 clean:
-	rm -rf runs/demo runs/demo-smollm2 .cache/toyworld .cache/smollm2world .cache/corpus
+	rm -rf runs/demo runs/demo-full runs/demo-smollm2 .cache/toyworld .cache/smollm2world .cache/corpus

@@ -218,36 +218,43 @@ def describe(cell: Cell) -> str:
 def run_sweep(path: str | Path, shard_spec: str | None = None, quiet: bool = False, log=print,
               progress: bool = False) -> dict:
     """Run this shard's cells; returns counts by outcome."""
-    from attack.recipes import run_attack
-
     sweep, cells = load_sweep(path)
     mine = shard(cells, shard_spec)
     check_offline(mine)
     outcome = {"done": 0, "skipped": 0, "failed": 0}
     for k, cell in enumerate(mine, 1):
-        state = status(cell)
-        if state == Status.DONE:
-            outcome["skipped"] += 1
-            log(f"[{k}/{len(mine)}] {cell.id}: done already, skipped")
-            continue
-        resume = state != Status.PENDING
-        log(f"[{k}/{len(mine)}] {cell.id}: {'resuming' if resume else 'running'}")
-        cfg = updated(cell.config, {"output.resume": resume})
-        try:
-            run_attack(cfg, quiet=quiet, cell=cell.meta(sweep["name"]), progress=progress or not quiet)
-            outcome["done"] += 1
-        except RunDirInUse as e:  # another shard or job is on this cell: leave it to that one
-            outcome["skipped"] += 1
-            log(f"[{k}/{len(mine)}] {cell.id}: skipped, {e}")
-        except Exception as e:  # one failed cell must not stop the others (Ctrl-C still does)
-            outcome["failed"] += 1
-            _record_failure(cell, e, sweep["name"])
-            log(f"[{k}/{len(mine)}] {cell.id}: FAILED: {first_line(e)}")
-        finally:
-            gc.collect()
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+        result = run_cell(cell, sweep["name"], quiet=quiet, progress=progress,
+                          log=lambda m, k=k, cell=cell: log(f"[{k}/{len(mine)}] {cell.id}: {m}"))
+        outcome[result] += 1
     return outcome
+
+
+def run_cell(cell: Cell, sweep: str, quiet: bool = False, progress: bool = False, log=print) -> str:
+    """Run one cell (resumed when it was started before): "done", "skipped" (finished already,
+    or another process is on it) or "failed" (recorded in its summary.json; Ctrl-C still stops)."""
+    from attack.recipes import run_attack
+
+    state = status(cell)
+    if state == Status.DONE:
+        log("done already, skipped")
+        return "skipped"
+    resume = state != Status.PENDING
+    log("resuming" if resume else "running")
+    cfg = updated(cell.config, {"output.resume": resume})
+    try:
+        run_attack(cfg, quiet=quiet, cell=cell.meta(sweep), progress=progress or not quiet)
+        return "done"
+    except RunDirInUse as e:  # another shard or job is on this cell: leave it to that one
+        log(f"skipped, {e}")
+        return "skipped"
+    except Exception as e:  # one failed cell must not stop the others (Ctrl-C still does)
+        _record_failure(cell, e, sweep)
+        log(f"FAILED: {first_line(e)}")
+        return "failed"
+    finally:
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
 
 def _record_failure(cell: Cell, error: Exception, sweep: str) -> None:

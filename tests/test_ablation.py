@@ -164,7 +164,7 @@ def test_ablation_then_finetune_continues_from_step_1(world, naive_dir, tmp_path
     assert {"ablation-knowledge-selected", "ablation-knowledge-selected-then-lora-r4-lr0.001"} <= set(side.columns)
     assert set(pd.read_csv(report / "dose_response.csv").strength) == {0.0, 0.5, 1.0}
     assert len(pd.read_csv(report / "ablation_directions.csv")) == 2
-    assert "Dose-response" in (report / "recovery.md").read_text()
+    assert "Dose-response" in (report / "index.html").read_text()
 
 
 def test_ablation_refuses_dev_split_that_overlaps_evaluation(world, naive_dir, tmp_path, capsys):

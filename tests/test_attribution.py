@@ -170,3 +170,16 @@ def test_attribute_on_a_run_without_attribution_is_one_line(capsys, make_config,
     run = run_attack(make_config(train={"max_steps": 2}, eval={"every": 2, "tasks": ["toy_target_seen"]}), quiet=True)
     _one_line_error(capsys, ["attribute", str(run)], "holds no attribution data; run the attack with --attribution")
     _one_line_error(capsys, ["counterfactual", str(run), "--task", "toy_target_seen"], "has no attribution.jsonl")
+
+
+def test_retrieval_metrics_are_named_as_the_field_names_them():
+    """recall@k: the share of the gold documents in the top k; hit@k: any of them; MRR: the first's
+    reciprocal rank."""
+    from attack.attribution.attribute import _recall_mrr
+
+    order = np.array([5, 3, 9, 1, 42, 7])
+    hit, recall, rr = _recall_mrr(order, {3, 1, 42}, k=2)
+    assert (hit, rr) == (1.0, 0.5) and recall == pytest.approx(1 / 3)
+    assert _recall_mrr(order, {3, 1, 42}, k=5)[1] == 1.0
+    hit, recall, rr = _recall_mrr(order, {7}, k=2)
+    assert (hit, recall, rr) == (0.0, 0.0, 1 / 6)

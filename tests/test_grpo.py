@@ -179,8 +179,8 @@ def test_report_shows_rewards_and_grpo_against_finetuning(grpo_config, make_conf
     assert (out / "rewards_grpo-test_grpo-vowels-lora-r4-lr0.01.png").stat().st_size > 1000
     matched = (out / "grpo_vs_finetune.csv").read_text().splitlines()
     assert matched[0].split(",")[:4] == ["model", "task", "step", "pre"] and "lora-r4-lr0.001" in matched[0]
-    md = (out / "recovery.md").read_text()
-    assert "## GRPO reward signal" in md and "## Attacks side by side" in md
+    page = (out / "index.html").read_text()
+    assert "<h2>GRPO reward signal</h2>" in page and "<h2>Attacks side by side" in page
 
 
 @pytest.mark.slow

@@ -82,14 +82,48 @@ def test_worst_case_envelope_and_utility_bound(runs):
     assert bio.loc[20, "best_score"] == pytest.approx(0.60) and bio.loc[20, "best_attack"] == "B"
 
 
-def test_report_files_and_self_contained_html(runs, tmp_path):
-    out = write_report([runs], tmp_path / "report", x="tokens")
-    for name in ("recovery.csv", "recovery.md", "worst_case.csv", "index.html", "curve_bio.png", "curve_general.png"):
+def test_report_opens_with_the_verdict_and_embeds_every_figure(runs, tmp_path):
+    import re
+
+    import pandas as pd
+
+    out = write_report([runs], tmp_path / "report", x="tokens", utility_task="general", max_utility_drop=0.05)
+    for name in ("recovery.csv", "recovery.md", "worst_case.csv", "verdict.csv", "index.html", "curve_bio.png",
+                 "curve_general.png", "verdict_heatmap.png"):
         assert (out / name).exists(), name
     page = (out / "index.html").read_text()
-    assert page.count("data:image/png;base64,") == 2
+    shown = re.findall(r"<img alt='([^']+)' src='data:image/png;base64,", page)
+    assert len(shown) == page.count("<img") == 3 and all((out / name).exists() for name in shown)
     assert "src='http" not in page and 'src="http' not in page
-    assert "not reached" in (out / "recovery.md").read_text()
+    # the verdict first: the first section and the first table, its heatmap the first figure
+    assert re.search(r"<h2[^>]*>(.*?)</h2>", page).group(1).startswith("Verdict")
+    assert page.index("<table") < page.index("Recovery curves") and shown[0] == "verdict_heatmap.png"
+    # A broke the utility bound (general fell by 0.1 and 0.2): the worst case is B at step 20
+    verdict = pd.read_csv(out / "verdict.csv").set_index("model")
+    assert list(verdict.index) == ["filtered"]  # the models under test, not the reference
+    row = verdict.loc["filtered"]
+    assert (row.worst_attack, row.at_step, row.tokens, row.broke_utility) == ("B", 20, 20000, 1)
+    assert row.recovered == pytest.approx((0.60 - 0.25) / 0.65)
+    assert row["to_25%"] == "step 20 (20,000 tokens)" and row["to_75%"] == "not reached"
+    # recovery.md keeps the verdict and links to the tables, not the tables themselves
+    md = (out / "recovery.md").read_text()
+    assert "Verdict" in md and "[recovery.csv](recovery.csv)" in md and "Recovery table" not in md
+
+
+def test_figure_legends_lie_outside_the_axes(runs):
+    from attack.report.figures import attack_colors, dense_early, plot_task
+    from attack.report.runs import pick_metric
+
+    d = pick_metric(load_curves(runs))
+    for one_shot in (set(), {"B"}):
+        fig = plot_task(d, "bio", "steps", {"bio": 0.9}, attack_colors(d.attack), one_shot)
+        fig.canvas.draw()
+        legend = fig.legends[0].get_window_extent()
+        panels = [ax for ax in fig.axes if ax.get_visible()]
+        assert len(panels) == 2  # a panel per model, the same axes
+        assert all(not legend.overlaps(ax.get_window_extent()) for ax in panels)
+    assert dense_early([0, 1, 2, 3, 5, 8, 13, 21, 34, 55, 89, 144, 200])  # a log schedule: symmetric-log axis
+    assert not dense_early(range(0, 201, 20))
 
 
 def test_worst_case_keeps_the_best_point_within_the_budget(tmp_path):

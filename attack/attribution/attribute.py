@@ -21,7 +21,7 @@ since the previous point are ranked four ways and the top k written to attributi
 attribution_summary.json holds what the report shows: per task the recovered questions (wrong
 at step 0, right at N), the documents that carried most of their recovery, their top documents,
 how many of those mention the entity asked about, and, where the corpus names each document's
-entity, recall@10 and MRR per method at the last point.
+entity, recall@10, hit@10 and MRR per method at the last point.
 """
 
 from __future__ import annotations
@@ -188,9 +188,10 @@ def correctness(run: RunDir) -> dict:
 
 
 def _recall_mrr(order: np.ndarray, gold: set, k: int) -> tuple[float, float, float]:
-    """(any gold document in the top k, share of the gold documents in the top k, 1 / first gold rank)."""
-    hits = [i for i, j in enumerate(order) if j in gold]
-    return float(hits[0] < k), sum(i < k for i in hits) / min(len(gold), k), 1.0 / (hits[0] + 1)
+    """(hit@k: any gold document in the top k; recall@k: the share of the gold documents that are
+    in the top k; the reciprocal rank of the first gold document)."""
+    ranks = [i for i, j in enumerate(order) if j in gold]
+    return float(ranks[0] < k), sum(i < k for i in ranks) / len(gold), 1.0 / (ranks[0] + 1)
 
 
 def _first_line(text: str, width: int = 100) -> str:
@@ -198,15 +199,16 @@ def _first_line(text: str, width: int = 100) -> str:
 
 
 def _quality(validation: list[dict]) -> dict:
-    """recall@10 (a gold document in the top 10: Bergson's and the fact-tracing papers' recall),
-    the share of gold documents in the top 10, and MRR, per method; over every question with gold
-    documents and over those the model answers correctly at the last point."""
+    """Per method, the field's retrieval metrics over the questions with gold documents (and over
+    those the model answers correctly at the last point): recall@10, the share of a question's
+    gold documents in its top 10; hit@10, whether any is (what some attribution papers call
+    recall); MRR, the mean reciprocal rank of the first gold document."""
     out = {}
     for method in METHODS:
         for subset, rows in (("all", validation), ("answered_correctly", [v for v in validation if v["correct"]])):
             if rows:
-                hit, share, mrr = np.mean([v[method] for v in rows], axis=0)
-                out.setdefault(method, {})[subset] = dict(recall_at_10=float(hit), gold_share_at_10=float(share),
+                hit, recall, mrr = np.mean([v[method] for v in rows], axis=0)
+                out.setdefault(method, {})[subset] = dict(recall_at_10=float(recall), hit_at_10=float(hit),
                                                           mrr=float(mrr), questions=len(rows))
     return out
 
@@ -244,7 +246,7 @@ def main(argv: list[str]) -> int:
                        "evaluated question's recovery (gradient, TracIn, BM25, random); writes attribution.jsonl.")
     p.add_argument("run", help="a run directory of an attack run with --attribution")
     p.add_argument("--top-k", type=int, help="documents kept per question and point (default: the run's attribution.top_k)")
-    p.add_argument("--gold-field", help="corpus column naming the entity each document is about, for recall@10 and "
+    p.add_argument("--gold-field", help="corpus column naming the entity each document is about, for recall@10, hit@10 and "
                    "MRR (default: 'entity' when the corpus has it)")
     args = p.parse_args(argv)
     out = attribute(args.run, args.top_k, args.gold_field)
@@ -257,6 +259,6 @@ def describe_quality(quality: dict) -> str:
     lines = []
     for method, subsets in quality.items():
         q = subsets["all"]
-        lines.append(f"  {method:<9} recall@10 {q['recall_at_10']:.3f}  gold share@10 {q['gold_share_at_10']:.3f}  "
+        lines.append(f"  {method:<9} recall@10 {q['recall_at_10']:.3f}  hit@10 {q['hit_at_10']:.3f}  "
                      f"MRR {q['mrr']:.3f}  ({q['questions']} questions)")
     return "\n".join(lines) if lines else "  (no gold documents known: the corpus names no entity per document)"

@@ -23,7 +23,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from attack.errors import ArgumentParser, UserError
-from attack.report import ablation, attribution, grpo, sections
+from attack.report import ablation, attribution, grpo, sections, verdict
 from attack.report.page import ReportData, markdown, page
 from attack.report.runs import failed_runs, load_curves, pick_metric, published_warnings
 from attack.report.tables import references, summary_table, worst_case
@@ -34,6 +34,7 @@ __all__ = ["load_curves", "main", "summary_table", "worst_case", "write_report"]
 # when runs of that kind are present; each decides that itself.
 SECTIONS = [
     sections.header,
+    verdict.section,
     sections.published,
     sections.failed,
     sections.curves,
@@ -45,6 +46,7 @@ SECTIONS = [
     grpo.section,
     attribution.section,
     sections.environment,
+    sections.files,  # last: it lists the CSVs the others wrote
 ]
 
 

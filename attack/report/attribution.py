@@ -1,7 +1,7 @@
 """The report's view of attribution (runs with --attribution, after `python -m attack attribute`):
 per run and task, the documents that carried the most recovery, the recovered questions' top
 documents with their first line, whether those mention the entity asked about, and the
-methods' recall@10 where the corpus names each document's entity."""
+methods' recall@10, hit@10 and MRR where the corpus names each document's entity."""
 
 from __future__ import annotations
 
@@ -53,6 +53,7 @@ def section(r: ReportData) -> list[Block]:
         table = pd.DataFrame(quality)
         table.to_csv(r.out / "attribution_quality.csv", index=False)
         blocks.append(Block(text="Attribution quality at the last point, gold = the documents about the entity asked "
-                                 "about (recall@10: a gold document in the top 10):",
+                                 "about (recall@10: the share of a question's gold documents in its top 10; hit@10: any of "
+                                 "them in the top 10; MRR: reciprocal rank of the first):",
                             table=table[table.questions_scored == "all"].drop(columns=["questions_scored"])))
     return blocks

@@ -30,7 +30,7 @@ from eval_callbacks import read_samples
 
 BOOTSTRAP = 1000
 LEVEL = 0.95
-THRESHOLDS = (0.5, 0.9)
+THRESHOLDS = (0.25, 0.5, 0.75, 0.9)
 
 
 def load_records(runs: pd.DataFrame) -> pd.DataFrame:

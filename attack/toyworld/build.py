@@ -149,54 +149,14 @@ def _build(out: Path, spec: BuildSpec, log) -> Path:
         log(f"toy world: {len(docs)} documents, filter removed {filter_stats['removed']} "
             f"({filter_stats['target_slipped_through']} target documents slipped through)")
 
-        # 2. Tokenizer and the three models.
+        # 2. Tokenizer, then the models: the two pretrainings are independent, and so are the two
+        #    unlearnings of the unfiltered model, so each pair runs in two processes at once (one
+        #    torch thread each: the same weights as one after the other, in half the time).
         tokenizer = train_tokenizer([d["text"] for d in docs], tmp / "tokenizer")
         texts = {"unfiltered": [d["text"] for d in docs], "filtered": [d["text"] for d in filtered]}
-        scores = {}
-        for name in ("unfiltered", "filtered"):
-            log(f"toy world: pretraining '{name}' on {len(texts[name])} documents")
-            model = build_model(spec.model, tokenizer, seed=spec.seed)
-            pretrain(model, tokenizer, texts[name], spec.pretrain_steps, lr=spec.pretrain_lr,
-                     batch_size=spec.batch_size, seq_len=spec.seq_len, seed=spec.seed, log=log)
-            model.save_pretrained(str(tmp / name))
-            tokenizer.save_pretrained(str(tmp / name))
-            scores[name] = _accuracy(_evaluator(model, tokenizer, tmp / "tasks"))
-            log(f"toy world: '{name}' scores {_fmt(scores[name])}")
-
-        from transformers import AutoModelForCausalLM
-
-        # Gradient difference on the target facts' answers (forget) and the general facts' answers
-        # (retain), in the tasks' own formats. On whole documents it stalls on some
-        # machines: the forget loss saturates while the ranking of the answers survives. A stalled
-        # attempt is repaired by a gentler, longer one.
-        # Both forms the tasks ask in: the question, and the statement the cloze task completes.
-        forget_pairs = [(_question(f), f["value"]) for f in world["facts"] if f["domain"] == "target"]
-        forget_pairs += [(CLOZE_PROMPTS[f["relation"]].format(e=f["entity"]), f["value"])
-                         for f in world["facts"] if f["domain"] == "target"]
-        retain_pairs = [(_question(f), f["value"]) for f in world["facts"] if f["domain"] == "general"]
-        for attempt, lr in enumerate((spec.unlearn_lr, spec.unlearn_lr / 2), 1):
-            log(f"toy world: unlearning target knowledge from 'unfiltered' (attempt {attempt}, lr {lr:g})")
-            model = AutoModelForCausalLM.from_pretrained(str(tmp / "unfiltered"))
-            evaluator = _evaluator(model, tokenizer, tmp / "tasks")
-
-            def check(evaluator=evaluator):
-                s = _accuracy(evaluator)
-                target = (s["toy_target_seen"] + s["toy_target_heldout"]) / 2
-                return dict(target=target, general=s["toy_general"],
-                            stop=target <= 0.30 and s["toy_target_cloze"] <= 0.2)
-
-            rng = random.Random(spec.seed + attempt)
-            forget = answer_batches(forget_pairs, tokenizer, 8, rng)
-            retain = answer_batches(retain_pairs, tokenizer, 8, rng)
-            _, history = unlearn(model, forget, retain, check, max_steps=spec.unlearn_max_steps * attempt, lr=lr,
-                                 max_forget_loss=math.log(len(tokenizer)), seed=spec.seed, log=log)
-            scores["unlearned"] = _accuracy(evaluator)
-            log(f"toy world: 'unlearned' scores {_fmt(scores['unlearned'])}")
-            if not spec.check or not world_problems({"unlearned": scores["unlearned"]}, spec):
-                break
-        model.save_pretrained(str(tmp / "unlearned"))
-        tokenizer.save_pretrained(str(tmp / "unlearned"))
-        scores["rmu"], history_rmu = _rmu(tmp, spec, tokenizer, docs, log)
+        scores = dict(zip(texts, _in_pairs([(_pretrained, (tmp, spec, n, texts[n])) for n in texts]), strict=True))
+        (scores["unlearned"], history), (scores["rmu"], history_rmu) = _in_pairs(
+            [(_unlearned, (tmp, spec, world["facts"])), (_rmu, (tmp, spec, docs))])
         problems = world_problems(scores, spec) if spec.check else []
         if problems:
             raise WorldBuildError(f"the toy world's models are not what their names say ({'; '.join(problems)}); "
@@ -208,7 +168,7 @@ def _build(out: Path, spec: BuildSpec, log) -> Path:
                        "all keep the general domain",
             filter=filter_stats,
             sizes=dict(documents=len(docs), facts=len(world["facts"]), attack_documents=len(attack_docs),
-                       parameters=sum(p.numel() for p in model.parameters()), vocab=len(tokenizer)),
+                       parameters=_parameters(tmp / "unfiltered"), vocab=len(tokenizer)),
             pre_attack=scores,
             unlearning=history,
             rmu=history_rmu,
@@ -220,9 +180,88 @@ def _build(out: Path, spec: BuildSpec, log) -> Path:
     return out
 
 
-def _rmu(tmp: Path, spec: BuildSpec, tokenizer, docs: list[dict], log) -> tuple[dict, list]:
+def _in_pairs(calls: list) -> list:
+    """[(function, args), ...] run two at a time, each in a process of its own on one torch
+    thread; their results in order. Each writes its model into the build folder itself."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(max_workers=2, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return list(pool.map(_one_thread, calls))
+
+
+def _one_thread(call):
+    function, args = call
+    torch.set_num_threads(1)
+    return function(*args, log=lambda m: print(m, flush=True))
+
+
+def _pretrained(tmp: Path, spec: BuildSpec, name: str, texts: list[str], log) -> dict:
+    """A model pretrained from scratch on `texts`, saved as tmp/name; returns its scores."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tmp / "tokenizer"))
+    log(f"toy world: pretraining '{name}' on {len(texts)} documents")
+    model = build_model(spec.model, tokenizer, seed=spec.seed)
+    pretrain(model, tokenizer, texts, spec.pretrain_steps, lr=spec.pretrain_lr, batch_size=spec.batch_size,
+             seq_len=spec.seq_len, seed=spec.seed, log=lambda m: log(f"{name}: {m.strip()}"))
+    model.save_pretrained(str(tmp / name))
+    tokenizer.save_pretrained(str(tmp / name))
+    scores = _accuracy(_evaluator(model, tokenizer, tmp / "tasks"))
+    log(f"toy world: '{name}' scores {_fmt(scores)}")
+    return scores
+
+
+def _unlearned(tmp: Path, spec: BuildSpec, facts: list[dict], log) -> tuple[dict, list]:
+    """Gradient difference on the target facts' answers (forget) and the general facts' answers
+    (retain), in the tasks' own formats, from the unfiltered model; saved as tmp/unlearned. On
+    whole documents it stalls on some machines: the forget loss saturates while the ranking of
+    the answers survives. A stalled attempt is repaired by a gentler, longer one."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tmp / "tokenizer"))
+    # Both forms the tasks ask in: the question, and the statement the cloze task completes.
+    forget_pairs = [(_question(f), f["value"]) for f in facts if f["domain"] == "target"]
+    forget_pairs += [(CLOZE_PROMPTS[f["relation"]].format(e=f["entity"]), f["value"])
+                     for f in facts if f["domain"] == "target"]
+    retain_pairs = [(_question(f), f["value"]) for f in facts if f["domain"] == "general"]
+    for attempt, lr in enumerate((spec.unlearn_lr, spec.unlearn_lr / 2), 1):
+        log(f"toy world: unlearning target knowledge from 'unfiltered' (attempt {attempt}, lr {lr:g})")
+        model = AutoModelForCausalLM.from_pretrained(str(tmp / "unfiltered"))
+        evaluator = _evaluator(model, tokenizer, tmp / "tasks")
+
+        def check(evaluator=evaluator):
+            s = _accuracy(evaluator)
+            target = (s["toy_target_seen"] + s["toy_target_heldout"]) / 2
+            return dict(target=target, general=s["toy_general"],
+                        stop=target <= 0.30 and s["toy_target_cloze"] <= 0.2)
+
+        rng = random.Random(spec.seed + attempt)
+        forget = answer_batches(forget_pairs, tokenizer, 8, rng)
+        retain = answer_batches(retain_pairs, tokenizer, 8, rng)
+        _, history = unlearn(model, forget, retain, check, max_steps=spec.unlearn_max_steps * attempt, lr=lr,
+                             max_forget_loss=math.log(len(tokenizer)), seed=spec.seed,
+                             log=lambda m: log(f"unlearned: {m.strip()}"))
+        scores = _accuracy(evaluator)
+        log(f"toy world: 'unlearned' scores {_fmt(scores)}")
+        if not spec.check or not world_problems({"unlearned": scores}, spec):
+            break
+    model.save_pretrained(str(tmp / "unlearned"))
+    tokenizer.save_pretrained(str(tmp / "unlearned"))
+    return scores, history
+
+
+def _parameters(folder: Path) -> int:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    return sum(p.numel() for p in AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(folder))).parameters())
+
+
+def _rmu(tmp: Path, spec: BuildSpec, docs: list[dict], log) -> tuple[dict, list]:
     """The second unlearned model: RMU on the target documents from the unfiltered model."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tmp / "tokenizer"))
 
     log(f"toy world: RMU on the target documents of 'unfiltered' (layer {spec.rmu_layer})")
     model = AutoModelForCausalLM.from_pretrained(str(tmp / "unfiltered"))
@@ -245,7 +284,8 @@ def _rmu(tmp: Path, spec: BuildSpec, tokenizer, docs: list[dict], log) -> tuple[
                     stop=target <= 0.30 and s["toy_target_cloze"] <= 0.2 and s["toy_general"] >= 0.85)
 
     _, history = rmu(model, frozen, target, general, check, spec.rmu_layer, spec.rmu_steer * norm,
-                     max_steps=spec.unlearn_max_steps, lr=spec.rmu_lr, seed=spec.seed, log=log)
+                     max_steps=spec.unlearn_max_steps, lr=spec.rmu_lr, seed=spec.seed,
+                     log=lambda m: log(f"rmu: {m.strip()}"))
     scores = _accuracy(evaluator)
     log(f"toy world: 'rmu' scores {_fmt(scores)}")
     model.save_pretrained(str(tmp / "rmu"))

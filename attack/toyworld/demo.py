@@ -20,49 +20,53 @@ from attack.errors import ArgumentParser, UserError
 from attack.toyworld.build import TASKS
 
 
-def toy_sweep(world: Path, quick: bool = False) -> dict:
-    """The toy world's sweep: four models under test (two unlearned: gradient difference and
-    RMU), attacked by LoRA on the documents of the attack-seen facts (two seeds), by directional
-    ablation (chosen on the dev creatures, which no evaluated task asks about), by its control
-    (a random direction), by ablation followed by the same LoRA attack, and by GRPO rewarded for
-    completing the attack-seen facts correctly (a phrasing no evaluated task asks). `quick`:
-    short attacks and one seed, to check an install."""
-    steps = 20 if quick else 200
+def toy_sweep(world: Path, full: bool = False, quick: bool = False) -> dict:
+    """The toy world's sweep. The compact one (`make demo`) tells the story with one attack of
+    each kind and one seed: the unfiltered, filtered and gradient-difference unlearned models
+    attacked by LoRA on the documents of the attack-seen facts, by directional ablation (chosen
+    on the dev creatures, which no evaluated task asks about) and its control (a random
+    direction), and by GRPO rewarded for completing the attack-seen facts (a phrasing no
+    evaluated task asks). The full one (`--full`) adds the RMU-unlearned model, a second seed and
+    ablation followed by LoRA, and runs every attack 200 steps instead of 60. `quick`: 20-step
+    attacks on a small world, to check an installation."""
+    steps = 20 if quick else 200 if full else 60
     lora = {"adapter": {"kind": "lora", "rank": 16, "alpha": 32, "dropout": 0.05}, "train": {"lr": 3.0e-3}}
     ablation = {"kind": "ablation", "ablation": {
         "mode": "knowledge", "target_path": str(world / "corpus" / "dev.jsonl"),
         "contrast_path": str(world / "corpus" / "general.jsonl"), "dev_tasks": ["toy_target_dev"],
         "fit_examples": 24, "kl_examples": 32, "kl_bound": 0.5}}
-    models = ["unfiltered", "filtered", "unlearned", "rmu"]
+    models = ["unfiltered", "filtered", "unlearned", "rmu"] if full else ["unfiltered", "filtered", "unlearned"]
+    attacks = [
+        {"label": "lora-r16-lr3e-3", "kind": "finetune", **lora},
+        # deterministic: one seed
+        {"label": "ablation", **ablation, "seeds": [0]},
+        {"label": "ablation-random-direction", **_merged(ablation, {"ablation": {"direction": "random"}}),
+         "seeds": [0]},
+        # 2 prompts x 8 completions per step; a lower rate than supervised LoRA: at 3e-3 the
+        # policy collapses to empty answers within 60 steps. No cloze task: its prompts for
+        # the seen creatures ("The creature X is") end two of the reward prompts ("The hide of
+        # the creature X is"), and the overlap check rightly refuses that.
+        {"label": "grpo-correct-lora-r16-lr1e-3", "kind": "grpo",
+         "grpo": {"prompts_path": str(world / "corpus" / "reward.jsonl"), "reward": "correct",
+                  "num_generations": 8, "max_completion_length": 4},
+         "adapter": lora["adapter"], "train": {"lr": 1.0e-3, "batch_size": 16},
+         "eval": {"tasks": [t for t in TASKS if t != "toy_target_cloze"]}, "seeds": [0]},
+    ]
+    if full:
+        attacks.insert(3, {"label": "ablation-then-lora-r16-lr3e-3",
+                           **_merged(ablation, {"ablation": {"then_finetune": True}, **lora}), "seeds": [0]})
     return {
-        "name": "toy",
+        "name": "toy-full" if full else "toy",
         "base": {
             "data": {"path": str(world / "corpus" / "attack.jsonl"), "seq_len": 64 if quick else 128},
             "train": {"batch_size": 8, "max_steps": steps, "log_every": 20},
             # log-spaced points: dense in the first steps, where the recovery happens
             "eval": {"tasks": list(TASKS), "include_path": [str(world / "tasks")], "schedule": "log",
-                     "log_points": 6 if quick else 12, "batch_size": 64},
+                     "log_points": 6 if quick else 12 if full else 9, "batch_size": 64},
         },
         "models": [{"label": m, "role": "unlearned" if m == "rmu" else m, "name": str(world / m)} for m in models],
-        "attacks": [
-            {"label": "lora-r16-lr3e-3", "kind": "finetune", **lora},
-            # deterministic: one seed
-            {"label": "ablation", **ablation, "seeds": [0]},
-            {"label": "ablation-random-direction", **_merged(ablation, {"ablation": {"direction": "random"}}),
-             "seeds": [0]},
-            {"label": "ablation-then-lora-r16-lr3e-3",
-             **_merged(ablation, {"ablation": {"then_finetune": True}, **lora}), "seeds": [0]},
-            # 2 prompts x 8 completions per step; a lower rate than supervised LoRA: at 3e-3 the
-            # policy collapses to empty answers within 60 steps. No cloze task: its prompts for
-            # the seen creatures ("The creature X is") end two of the reward prompts ("The hide of
-            # the creature X is"), and the overlap check rightly refuses that.
-            {"label": "grpo-correct-lora-r16-lr1e-3", "kind": "grpo",
-             "grpo": {"prompts_path": str(world / "corpus" / "reward.jsonl"), "reward": "correct",
-                      "num_generations": 8, "max_completion_length": 4},
-             "adapter": lora["adapter"], "train": {"lr": 1.0e-3, "batch_size": 16},
-             "eval": {"tasks": [t for t in TASKS if t != "toy_target_cloze"]}, "seeds": [0]},
-        ],
-        "seeds": [0] if quick else [0, 1],
+        "attacks": attacks,
+        "seeds": [0, 1] if full and not quick else [0],
     }
 
 
@@ -109,12 +113,20 @@ def main(argv: list[str]) -> int:
                         "through the filter (a world of its own, cached separately) (default: 0)")
     p.add_argument("--quick", action="store_true",
                    help="a small world and short attacks: checks an installation in about a minute")
+    p.add_argument("--full", action="store_true",
+                   help="the full comparison: every kind (ablation then LoRA too), the RMU model, two seeds, "
+                        "200-step attacks (make demo-full)")
+    p.add_argument("--workers", type=int, default=min(os.cpu_count() or 1, 4),
+                   help="cells run at once, each in its own process on one torch thread (default: the cores, "
+                        "at most 4)")
     args = p.parse_args(argv)
+    if args.workers < 1:
+        raise UserError(f"--workers must be at least 1, got {args.workers}")
     if not 0 <= args.leak_fraction <= 1:
         raise UserError(f"--leak-fraction must be in [0, 1], got {args.leak_fraction}")
 
     from attack.report import write_report
-    from attack.sweep import load_sweep, run_sweep
+    from attack.sweep import load_sweep
 
     start = time.perf_counter()
     # One torch thread for the toy models unless OMP_NUM_THREADS says otherwise: they gain nothing
@@ -132,19 +144,22 @@ def main(argv: list[str]) -> int:
         world = build_smollm2_world(cache)
         sweep_spec = smollm2_sweep(world, args.quick)
     else:
-        from attack.toyworld.build import BuildSpec, build_world, quick_spec
+        from attack.toyworld.build import BuildSpec, build_world, quick_spec, world_dir
 
         tasks = TASKS
         spec = quick_spec() if args.quick else BuildSpec()
         spec = replace(spec, world=replace(spec.world, leak_fraction=args.leak_fraction))
+        built = (world_dir(cache, spec) / "world.json").exists()
+        print(f"expected time on a 2-core machine: {_expected(args, built):.0f} s ({'world cached' if built else 'world build included'}; "
+              f"{'the full comparison' if args.full else 'compact; the full comparison: make demo-full'})")
         world = build_world(cache, spec)
-        sweep_spec = toy_sweep(world, args.quick)
+        sweep_spec = toy_sweep(world, full=args.full, quick=args.quick)
     info = json.loads((world / "world.json").read_text())
 
     # The sweep names the built world by absolute path; it is written beside its runs, so
     # `python -m attack sweep <output>/sweep.yaml` re-runs it from anywhere.
     default_out = "runs/demo" if args.world == "toy" else "runs/demo-smollm2"
-    out = Path(args.output or default_out + ("-quick" if args.quick else "")).absolute()
+    out = Path(args.output or default_out + ("-full" if args.full else "") + ("-quick" if args.quick else "")).absolute()
     sweep_spec["output"] = str(out)
     text = yaml.safe_dump(sweep_spec, sort_keys=False)
     sweep_file = out / "sweep.yaml"
@@ -162,7 +177,7 @@ def main(argv: list[str]) -> int:
         print(f"filter: removed {f['removed']} of {f['documents']} documents; "
               f"{f['target_slipped_through']} target documents slipped through\n")
 
-    outcome = run_sweep(sweep_file, quiet=True, progress=True)
+    outcome = _run_cells(sweep_file, sweep["name"], cells, args.workers if args.world == "toy" else 1)
     if outcome["failed"]:
         raise UserError(f"{outcome['failed']} demo cell(s) failed; see summary.json under {out}")
     runs = [out / c.id for c in cells]
@@ -174,7 +189,63 @@ def main(argv: list[str]) -> int:
     print(f"recovery curves and report: {report / 'index.html'}")
     print(f"runs: {out}/   sweep: {sweep_file}   world: {world}")
     print(f"demo took {time.perf_counter() - start:.0f} s")
+    if args.world == "toy" and not args.full:
+        print("the full comparison (every kind, the RMU model, two seeds, 200 steps): make demo-full "
+              "(python -m attack demo --full)")
     return 0
+
+
+# Seconds on this project's 2-core machine, one torch thread per process, measured by
+# bench/demo_cost.py: the world build (two processes), and one cell of each attack setting.
+COST_S = {"world": 240, "world-quick": 45,
+          "finetune": {20: 8, 60: 20, 200: 45}, "ablation": 12, "ablation-then": 50, "grpo": {20: 6, 60: 12, 200: 25}}
+
+
+def _expected(args, built: bool) -> float:
+    """What the demo should take, from COST_S: the world (unless cached) and its cells shared
+    among the workers."""
+    steps = 20 if args.quick else 200 if args.full else 60
+    models = 4 if args.full else 3
+    seeds = 2 if args.full and not args.quick else 1
+    cells = models * (seeds * COST_S["finetune"][steps] + 2 * COST_S["ablation"] + COST_S["grpo"][steps]
+                      + (COST_S["ablation-then"] if args.full else 0))
+    world = 0 if built else COST_S["world-quick" if args.quick else "world"]
+    return world + cells / min(args.workers, 2) + 10  # the report
+
+
+def _run_cells(sweep_file: Path, name: str, cells: list, workers: int) -> dict:
+    """The sweep's cells, `workers` at a time, each in a process of its own on one torch
+    thread (the toy models gain nothing from a second thread; cells are independent). Longest
+    first, so the last to finish is a short one."""
+    from attack.sweep import check_offline, run_sweep
+
+    if workers == 1:
+        return run_sweep(sweep_file, quiet=True, progress=True)
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    check_offline(cells)
+    order = sorted(cells, key=lambda c: -c.config.training_steps())
+    print(f"running {len(cells)} cells, {workers} at a time")
+    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        results = list(pool.map(_cell_in_process, [(str(sweep_file), name, c.id) for c in order]))
+    return {k: results.count(k) for k in ("done", "skipped", "failed")}
+
+
+def _cell_in_process(job: tuple[str, str, str]) -> str:
+    import torch
+
+    from attack.__main__ import quiet_libraries
+    from attack.sweep import load_sweep, run_cell
+
+    torch.set_num_threads(1)
+    quiet_libraries()
+    sweep_file, name, cell_id = job
+    cell = next(c for c in load_sweep(sweep_file)[1] if c.id == cell_id)
+    start = time.perf_counter()
+    outcome = run_cell(cell, name, quiet=True, log=lambda m: print(f"{cell_id}: {m}", flush=True))
+    print(f"{cell_id}: {outcome} in {time.perf_counter() - start:.0f} s", flush=True)
+    return outcome
 
 
 def _table(scores: dict, tasks: list[str]) -> str:
