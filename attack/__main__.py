@@ -104,9 +104,11 @@ def attack_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace):
-    from attack.config import load_config, read_yaml, set_dotted
+    from pathlib import Path
 
-    data = read_yaml(args.config) if args.config else {}
+    from attack.config import load_config, read_yaml, set_dotted, with_paths_from
+
+    data = with_paths_from(read_yaml(args.config), Path(args.config).parent) if args.config else {}
     if args.kind:
         data["kind"] = args.kind
     fields = config_fields()

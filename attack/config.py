@@ -20,6 +20,7 @@ new kind is one config class here (added to KINDS) and one recipe file.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import re
@@ -229,6 +230,8 @@ class AttackKind(Section):
         from eval_callbacks.schedule import linear_schedule, log_schedule
 
         steps = self.training_steps()
+        if steps == 0:  # a one-shot edit: the curve's points are its own (steps 0 and 1)
+            return [0]
         if self.eval.schedule == "log":
             return log_schedule(steps, self.eval.log_points)
         return linear_schedule(steps, self.eval.every)
@@ -616,6 +619,34 @@ def _exponent_number(loader, node):
 _Loader.add_implicit_resolver("!exponent", re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$"),
                               list("-+0123456789."))
 _Loader.add_constructor("!exponent", _exponent_number)
+
+
+# Config keys that name something the attack reads (a local path, or a hub id that is left alone).
+INPUT_PATHS = ("model.name", "data.path", "eval.include_path", "eval.dataset_paths", "ablation.target_path",
+               "ablation.contrast_path", "ablation.reference_model", "grpo.prompts_path", "grpo.judge_model")
+
+
+def with_paths_from(data: dict, folder: Path) -> dict:
+    """A config read from a file in `folder`, its relative input paths found from that folder
+    first: where `folder / path` exists it replaces the path, so a config or sweep file works
+    from any directory. Anything else (hub ids, files still to be made) stays as written, taken
+    from the current directory. Outputs (output.dir, caches) stay relative to the current directory."""
+
+    def fix(value):
+        if isinstance(value, str) and value and not Path(value).is_absolute() and (folder / value).exists():
+            return str((folder / value).resolve())
+        return value
+
+    out = copy.deepcopy(data)
+    for key in INPUT_PATHS:
+        section, name = key.split(".")
+        values = out.get(section) if isinstance(out, dict) else None
+        if not isinstance(values, dict) or name not in values:
+            continue
+        v = values[name]
+        values[name] = ([fix(x) for x in v] if isinstance(v, list) else
+                        {k: fix(x) for k, x in v.items()} if isinstance(v, dict) else fix(v))
+    return out
 
 
 def parse_yaml(text: str):

@@ -33,6 +33,7 @@ from attack.config import (
     merge,
     read_yaml,
     updated,
+    with_paths_from,
 )
 from attack.errors import ArgumentParser, UserError, first_line
 from attack.rundir import CellMeta, RunDir, RunDirInUse, Status
@@ -92,9 +93,12 @@ def load_sweep(path: str | Path) -> tuple[dict, list[Cell]]:
         raise UserError(f"unknown sweep key(s) {', '.join(sorted(unknown))} in {path}; valid: {', '.join(sorted(allowed))}")
     if not raw.get("models"):
         raise UserError(f"sweep {path} lists no models")
-    base = raw.get("base") or {}
-    models = [_model(m, i) for i, m in enumerate(raw["models"])]
-    attacks = [_attack(a, i) for i, a in enumerate(raw.get("attacks") or [{"label": "default"}])]
+    here = Path(path).parent  # relative input paths in the file are found from its folder first
+    base = with_paths_from(raw.get("base") or {}, here)
+    models = [_model(with_paths_from({"model": m}, here)["model"] if isinstance(m, dict) else m, i)
+              for i, m in enumerate(raw["models"])]
+    attacks = [_attack(with_paths_from(a, here) if isinstance(a, dict) else a, i)
+               for i, a in enumerate(raw.get("attacks") or [{"label": "default"}])]
     seeds = raw.get("seeds") or [0]
     if not all(isinstance(s, int) for s in seeds):
         raise UserError(f"sweep seeds must be integers, got {seeds}")
@@ -180,9 +184,6 @@ def check_offline(cells: list[Cell]) -> None:
     for c in cells:
         key = (tuple(c.config.eval.tasks), tuple(c.config.eval.include_path))
         if key not in known:
-            for folder in c.config.eval.include_path:
-                if not Path(folder).is_dir():
-                    raise UserError(f"cell {c.id}: eval include path not found: {folder}")
             try:
                 known[key] = set(find_tasks(list(key[0]), list(key[1])).all_tasks)
             except UnknownTaskError as e:

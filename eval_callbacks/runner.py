@@ -64,11 +64,32 @@ def _no_progress_bars():
         tqdm.tqdm.__init__ = original
 
 
+SHIPPED_TASKS = Path(__file__).parent / "tasks"
+"""Task sets that ship with the package, each a folder of lm-eval YAML named by its folder:
+`include_path: [deep_ignorance]` finds it from any directory and from an installed package."""
+
+
+def shipped_task_sets() -> list[str]:
+    return sorted(p.name for p in SHIPPED_TASKS.iterdir() if p.is_dir()) if SHIPPED_TASKS.is_dir() else []
+
+
+def resolve_include(entry: str) -> str:
+    """An eval include path: an existing folder as given, else the shipped task set of that name;
+    UnknownTaskError when it is neither."""
+    if Path(entry).expanduser().is_dir():
+        return str(Path(entry).expanduser())
+    if (SHIPPED_TASKS / entry).is_dir() and "/" not in entry:
+        return str(SHIPPED_TASKS / entry)
+    raise UnknownTaskError(f"eval include path not found: {entry} (a folder of lm-eval task YAML, or the name of a "
+                           f"shipped task set: {', '.join(shipped_task_sets())})")
+
+
 def find_tasks(tasks: list[str], include_path: list[str] | None = None):
-    """A TaskManager that knows every task in `tasks`, or UnknownTaskError naming the missing ones."""
+    """A TaskManager that knows every task in `tasks`, or UnknownTaskError naming the missing ones.
+    `include_path`: folders of task YAML, or names of shipped task sets (resolve_include)."""
     from lm_eval.tasks import TaskManager
 
-    include = list(include_path or []) or None
+    include = [resolve_include(p) for p in include_path or []] or None
     # Indexing lm-eval's ~15k stock task files takes seconds: skip it when the include path
     # alone holds every requested task and every member of every requested group.
     manager = TaskManager(include_path=include, include_defaults=False) if include else None

@@ -14,7 +14,7 @@ from attack.report import write_report
 from attack.rundir import read_curve
 from eval_callbacks import find_tasks, local_datasets
 
-TASKS_DIR = str(Path(__file__).resolve().parents[1] / "configs" / "tasks" / "deep_ignorance")
+TASKS_DIR = str(Path(__file__).resolve().parents[1] / "eval_callbacks" / "tasks" / "deep_ignorance")
 TOPICS = list(hub_copies.WMDP_TOPICS)
 MCQA_DESCRIPTION = "The following are multiple choice questions (with answers) about biology.\n\n"
 CLOZE_DESCRIPTION = "Complete the following biology questions with the correct answer.\n\n"

@@ -127,15 +127,14 @@ def test_dry_run_lists_cells_and_validates(tmp_path, world, two_models, capsys):
 
 @pytest.mark.slow
 def test_shipped_sweeps_pass_dry_run(capsys, tmp_path, monkeypatch):
-    """The Deep Ignorance sweep validates offline (hub models are not fetched in a dry run): every
-    model x learning rate x seed is a cell with the sweep's settings, and nothing is reported
-    on stderr. Its attack corpus is a local file: until it exists, the dry run says so."""
-    import shutil
+    """The Deep Ignorance sweep validates offline (hub models are not fetched in a dry run) from
+    any directory (its task set is found by name): every model x learning rate x seed is a cell
+    with the sweep's settings, and nothing is reported on stderr. Its attack corpus is a local
+    file: until it exists, the dry run says so."""
     from pathlib import Path
 
-    shutil.copytree(Path(__file__).parents[1] / "configs", tmp_path / "configs")
-    monkeypatch.chdir(tmp_path)
-    sweep = "configs/sweeps/deep_ignorance.yaml"
+    monkeypatch.chdir(tmp_path)  # not the checkout
+    sweep = str(Path(__file__).parents[1] / "configs" / "sweeps" / "deep_ignorance.yaml")
     assert main(["sweep", sweep, "--dry-run"]) == 2
     assert "attack data not found: data/bio_attack_corpus.jsonl" in capsys.readouterr().err
     (tmp_path / "data").mkdir()
@@ -220,3 +219,31 @@ def test_sweep_cells_show_progress(tmp_path, world, llama_dir, capsys):
     assert [p.split()[1] for p in points] == ["0/4", "2/4", "4/4"]
     assert "eta" in points[1] and any(line.startswith("done in ") for line in lines)
     assert "{'loss'" not in out and "'loss':" not in out
+
+
+def test_relative_paths_in_a_file_are_found_from_its_folder(tmp_path, world, llama_dir, monkeypatch, capsys):
+    """A config or sweep file names its inputs relative to its own folder and works from any
+    directory; a shipped task set is found by name, and an unknown one is one line."""
+    import shutil
+
+    from attack.__main__ import main
+
+    folder = tmp_path / "project"
+    shutil.copytree(world["tasks"], folder / "tasks")
+    shutil.copy(world["attack"], folder / "attack.jsonl")
+    (folder / "sweep.yaml").write_text(yaml.safe_dump({
+        "base": {"data": {"path": "attack.jsonl", "seq_len": 32},
+                 "eval": {"tasks": ["toy_target_seen"], "include_path": ["tasks"]}},
+        "models": [{"label": "m", "name": str(llama_dir)}]}))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    _, [cell] = load_sweep(folder / "sweep.yaml")
+    assert cell.config.data.path == str((folder / "attack.jsonl").resolve())
+    assert cell.config.eval.include_path == [str((folder / "tasks").resolve())]
+    assert main(["sweep", str(folder / "sweep.yaml"), "--dry-run"]) == 0
+    from eval_callbacks import UnknownTaskError, find_tasks
+
+    assert "wmdp_bio_robust" in find_tasks(["wmdp_bio_robust"], ["deep_ignorance"]).all_tasks
+    with pytest.raises(UnknownTaskError, match="shipped task set: deep_ignorance"):
+        find_tasks(["x"], ["no_such_set"])

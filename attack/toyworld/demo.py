@@ -181,7 +181,8 @@ def main(argv: list[str]) -> int:
     if outcome["failed"]:
         raise UserError(f"{outcome['failed']} demo cell(s) failed; see summary.json under {out}")
     runs = [out / c.id for c in cells]
-    report = write_report(runs, out / "report", utility_task=tasks[-1])  # the general domain
+    # the general domain bounds the worst case: a point that lost more than 0.10 of it broke the model
+    report = write_report(runs, out / "report", utility_task=tasks[-1], max_utility_drop=0.10)
 
     print("\n== After the attack (accuracy at step 0 -> the last step, mean over seeds) ==")
     print(_attack_table(runs, tasks, list(dict.fromkeys(c.model.label for c in cells))))
