@@ -4,12 +4,16 @@
   GPU memory (gradient accumulation fills the rest, so the optimizer step is the same);
 - gradient checkpointing: only when not even one row fits without it;
 - Liger's fused linear + cross-entropy, where installed on a GPU (never materialises the
-  full logits tensor; same loss up to float rounding).
+  full logits tensor; same loss up to float rounding), scoped to the attack's model: Liger
+  rewrites the architecture's modeling module (functions, classes, class methods), which every
+  model of that architecture built later in the process would run otherwise.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import sys
 
 import torch
 
@@ -19,6 +23,34 @@ from attack.errors import UserError
 
 def liger_available() -> bool:
     return torch.cuda.is_available() and importlib.util.find_spec("liger_kernel") is not None
+
+
+@contextlib.contextmanager
+def kernels_scoped_to(model):
+    """Whatever a kernel patch (Liger, applied by the Trainer) changes in the modeling module of
+    `model`'s architecture, and in that module's classes, is put back when the block ends: the
+    attacked model keeps its patched instance, and a model built later in the same process (a
+    reference, a judge, a CPU model) runs stock transformers."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    module = sys.modules[type(base).__module__]
+    saved = dict(vars(module))
+    classes = {name: dict(vars(obj)) for name, obj in saved.items()
+               if isinstance(obj, type) and obj.__module__ == module.__name__}
+    try:
+        yield
+    finally:
+        for name in set(vars(module)) - set(saved):
+            delattr(module, name)
+        for name, value in saved.items():
+            if vars(module).get(name) is not value:
+                setattr(module, name, value)
+        for name, attributes in classes.items():
+            cls = saved[name]
+            for key in set(vars(cls)) - set(attributes):
+                delattr(cls, key)
+            for key, value in attributes.items():
+                if vars(cls).get(key) is not value and key not in ("__dict__", "__weakref__"):
+                    setattr(cls, key, value)
 
 
 def _divisors_desc(n: int) -> list[int]:

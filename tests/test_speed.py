@@ -113,3 +113,34 @@ def test_micro_batch_choice_fills_memory_and_checkpoints_only_when_needed():
     # an explicit choice is respected
     assert choose_micro_batch(16, lambda rows, ckpt: rows <= (12 if ckpt else 3), True) == (8, True)
     assert choose_micro_batch(12, lambda rows, ckpt: True, None) == (12, False)
+
+
+def test_a_kernel_patch_ends_with_the_attack(make_config, llama_dir):
+    """What Liger does when the Trainer applies it (the architecture's modeling module: a
+    function, a class, a class method, a new name) lasts while the attack trains and is undone
+    after it: a Llama built later in the process runs stock transformers."""
+    from transformers import AutoModelForCausalLM, TrainerCallback
+    from transformers.models.llama import modeling_llama
+
+    from attack.recipes import run_attack
+
+    rope, norm, forward = modeling_llama.apply_rotary_pos_emb, modeling_llama.LlamaRMSNorm, modeling_llama.LlamaForCausalLM.forward
+    calls = []
+
+    class PatchLikeLiger(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kw):
+            def patched_forward(self, *a, **k):
+                calls.append(1)
+                return forward(self, *a, **k)
+
+            modeling_llama.apply_rotary_pos_emb = lambda *a, **k: rope(*a, **k)
+            modeling_llama.LlamaRMSNorm = type("FusedNorm", (norm,), {})
+            modeling_llama.LlamaForCausalLM.forward = patched_forward
+            modeling_llama.fused_loss = object()
+
+    run_attack(make_config(train={"max_steps": 2}), extra_callbacks=[PatchLikeLiger()], quiet=True)
+    assert calls, "the patch was not in force while the attack trained"
+    assert modeling_llama.apply_rotary_pos_emb is rope and modeling_llama.LlamaRMSNorm is norm
+    assert modeling_llama.LlamaForCausalLM.forward is forward and not hasattr(modeling_llama, "fused_loss")
+    later = AutoModelForCausalLM.from_pretrained(str(llama_dir))
+    assert type(later.model.norm) is norm

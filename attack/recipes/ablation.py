@@ -53,11 +53,13 @@ def run(cfg: AblationConfig, extra_callbacks: list | None = None, quiet: bool = 
     target = _texts(ab.target_path, ab.text_field, ab.fit_examples + (ab.dev_prompts if ab.mode == "refusal" else 0))
     contrast = _texts(ab.contrast_path, ab.text_field, ab.fit_examples + ab.kl_examples)
     rows = common.corpus(a) if ab.then_finetune else None
-    model = load_model(cfg.model, full_weights)
+    # Every step before the fine-tune (scores, candidates, selection, dose, edit) runs on the GPU
+    # when there is one; no Trainer moves the model here.
+    model = load_model(cfg.model, full_weights).to(common.device())
     reference = None
     if ab.reference_model and ab.mode == "knowledge" and ab.direction == "selected":
         reference = load_model(cfg.model.model_copy(update=dict(name=ab.reference_model, revision=None, gguf_file=None)),
-                               full_weights)
+                               full_weights).to(common.device())
     evaluator, task_info = common.evaluator(a, model)
     evaluated = evaluator.questions()
     dev = None
@@ -80,7 +82,7 @@ def run(cfg: AblationConfig, extra_callbacks: list | None = None, quiet: bool = 
         if resumed:
             a.say(f"resuming the fine-tune from {Path(checkpoint).name}, on the ablated model in {run.ablated}")
             model = load_model(cfg.model.model_copy(update=dict(name=str(run.ablated), revision=None, gguf_file=None)),
-                               full_weights)
+                               full_weights).to(common.device())
             chosen = json.loads(run.direction.read_text())
         elif a.main:
             # 3. Step 0: the unmodified model.
@@ -116,7 +118,7 @@ def run(cfg: AblationConfig, extra_callbacks: list | None = None, quiet: bool = 
         if not ab.then_finetune:
             return run.path
         chosen = json.loads(run.direction.read_text())
-        orthogonalize(model, torch.tensor(chosen["vector"]).to(model.dtype), ab.strength)
+        orthogonalize(model, torch.tensor(chosen["vector"]).to(model.device, model.dtype), ab.strength)
     elif not resumed:
         a.procs.wait_for_everyone()
     edit_s = time.perf_counter() - start
@@ -235,8 +237,9 @@ def _refusal_score(model, batches, refusal_ids: list[int]) -> float:
     """Mean log-odds of a refusal's first token at the first answer position (Arditi et al.)."""
     scores = []
     for batch in batches:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.double()
-        last = logits[torch.arange(logits.shape[0]), batch["attention_mask"].sum(1) - 1]
+        mask = batch["attention_mask"].to(model.device)
+        logits = model(input_ids=batch["input_ids"].to(model.device), attention_mask=mask).logits.double()
+        last = logits[torch.arange(logits.shape[0]), mask.sum(1) - 1]
         p = torch.softmax(last, -1)[:, refusal_ids].sum(-1).clamp(1e-12, 1 - 1e-12)
         scores += (p.log() - (1 - p).log()).tolist()
     return sum(scores) / len(scores)

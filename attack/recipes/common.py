@@ -44,7 +44,7 @@ from attack.evaluation import open_evaluator as _open_evaluator
 from attack.model import autocast_dtype, four_bit_config, load_tokenizer
 from attack.published import PublishedScoreCheck
 from attack.rundir import TRAINER_STATE, RunDir, Status, checkpoint_step, read_curve
-from attack.speed import liger_available, per_device_batch
+from attack.speed import kernels_scoped_to, liger_available, per_device_batch
 from attack.tracking import Bar, ProgressLines, check_tracker, close_progress_bar, finish_tracker, open_tracker
 from eval_callbacks import NonFiniteLossError, RecoveryCurveCallback
 
@@ -94,6 +94,11 @@ def setup(cfg: AttackConfig, extra_callbacks: list | None = None, quiet: bool = 
                   extra_callbacks=list(extra_callbacks or []))
 
 
+def device() -> torch.device:
+    """Where a recipe that runs without a Trainer puts its model: this process's GPU, else the CPU."""
+    return PartialState(cpu=not torch.cuda.is_available()).device
+
+
 def corpus(a: Attack):
     """The packed attack corpus; prepared once into its own cache, shared by every run and rank."""
     with a.procs.main_process_first():  # the main process prepares the corpus, the others map it
@@ -132,36 +137,37 @@ def fine_tune(a: Attack, model, rows, evaluator, task_info: dict, checkpoint: st
     every scheduled step; the attacked weights are saved and the run closed. `attribution`: the
     config section when gradients are collected (attack/attribution/)."""
     cfg, run = a.cfg, a.run
-    if attribution is not None:
-        from attack.attribution.collect import IndexedRows, collection_callbacks
-    trainer = Trainer(
-        model=model,
-        args=TrainingArguments(
-            **trainer_settings(a, micro, checkpointing),
-            include_num_input_tokens_seen="all",  # rows are fully packed: every token trains
-            label_names=["labels"],
-        ),
-        train_dataset=IndexedRows(rows) if attribution is not None else rows,  # each row carries its index
-        data_collator=default_data_collator,
-    )
-    trained = RowsTrained(rows, micro * (a.per_device // micro), checkpoint)
-    collection = collection_callbacks(trainer, run.attribution, rows.segments(), evaluator, a.schedule,
-                                      attribution.projection_dim) if attribution is not None else []
-    curve = watch(a, trainer, evaluator, task_info, extra=[trained, *collection])
-    train_s = fit(a, trainer, checkpoint)
+    with kernels_scoped_to(model):  # a kernel patch the Trainer applies ends with the attack
+        if attribution is not None:
+            from attack.attribution.collect import IndexedRows, collection_callbacks
+        trainer = Trainer(
+            model=model,
+            args=TrainingArguments(
+                **trainer_settings(a, micro, checkpointing),
+                include_num_input_tokens_seen="all",  # rows are fully packed: every token trains
+                label_names=["labels"],
+            ),
+            train_dataset=IndexedRows(rows) if attribution is not None else rows,  # each row carries its index
+            data_collator=default_data_collator,
+        )
+        trained = RowsTrained(rows, micro * (a.per_device // micro), checkpoint)
+        collection = collection_callbacks(trainer, run.attribution, rows.segments(), evaluator, a.schedule,
+                                          attribution.projection_dim) if attribution is not None else []
+        curve = watch(a, trainer, evaluator, task_info, extra=[trained, *collection])
+        train_s = fit(a, trainer, checkpoint)
 
-    trainer.save_model(str(run.final))
-    coverage = trained.coverage(trainer.state.global_step)  # on every process: it gathers
-    if not a.main:
-        return run.path
-    a.tokenizer.save_pretrained(str(run.final))
-    if attribution is not None:
-        from attack.attribution.attribute import attribute, describe_quality
+        trainer.save_model(str(run.final))
+        coverage = trained.coverage(trainer.state.global_step)  # on every process: it gathers
+        if not a.main:
+            return run.path
+        a.tokenizer.save_pretrained(str(run.final))
+        if attribution is not None:
+            from attack.attribution.attribute import attribute, describe_quality
 
-        a.say(f"attribution: {attribute(run.path)}")
-        a.say(describe_quality(json.loads(run.attribution_summary.read_text())["validation"]))
-    return finish(a, evaluator, trainer_summary(a, trainer, curve, train_s, micro, checkpointing),
-                  tokens_per_step=cfg.tokens_per_step(), train_rows=len(rows), **coverage)
+            a.say(f"attribution: {attribute(run.path)}")
+            a.say(describe_quality(json.loads(run.attribution_summary.read_text())["validation"]))
+        return finish(a, evaluator, trainer_summary(a, trainer, curve, train_s, micro, checkpointing),
+                      tokens_per_step=cfg.tokens_per_step(), train_rows=len(rows), **coverage)
 
 
 def trainer_summary(a: Attack, trainer, curve: RecoveryCurveCallback, train_s: float, micro: int,

@@ -29,6 +29,8 @@ def run(cfg: FinetuneConfig, extra_callbacks: list | None = None, quiet: bool = 
         require_bergson()
     rows = common.corpus(a)
     model = load_model(cfg.model, cfg.adapter)
+    if not cfg.model.load_in_4bit:  # (4-bit weights are placed on the GPU as they load)
+        model = model.to(common.device())  # before the micro-batch is measured on it
     model = apply_adapter(model, cfg.adapter, bool(cfg.train.gradient_checkpointing))
     micro, checkpointing = micro_batch(cfg.train, model, a.per_device, cfg.data.seq_len, len(a.tokenizer), a.amp)
     evaluator, task_info = common.evaluator(a, model)

@@ -31,6 +31,7 @@ from attack.model import apply_adapter, check_only_adapter_trains, load_model, l
 from attack.recipes import common
 from attack.rewards import load_reward_split, reward_function
 from attack.rundir import Status, read_rewards
+from attack.speed import kernels_scoped_to
 from eval_callbacks.callback import append_rows
 
 
@@ -72,33 +73,35 @@ def run(cfg: GrpoConfig, extra_callbacks: list | None = None, quiet: bool = Fals
     a.say(f"reward split: {len(prompts)} prompts")
     checkpoint = common.open_run(a, task_info)
 
-    # 3. Train. The Trainer is built here, not in setup: it creates its output folder.
-    try:
-        trainer = GRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=prompts,
-                              processing_class=a.tokenizer,
-                              peft_config=lora_config(cfg.adapter) if cfg.adapter.kind == "lora" else None)
-    except ValueError as e:  # PEFT: LoRA target modules that match nothing
-        a.run.end(Status.FAILED, str(e))
-        raise (no_lora_targets(model, cfg.adapter, e) if "target" in str(e) else UserError(first_line(e))) from None
-    if cfg.adapter.kind == "lora":
-        for p in trainer.model.parameters():  # TRL keeps QLoRA adapters in bf16; this tool trains fp32
-            if p.requires_grad:
-                p.data = p.data.float()
-        check_only_adapter_trains(trainer.model)
-    curve = common.watch(a, trainer, evaluator, task_info, extra=[RewardLog(a.run.rewards, a.main)])
-    train_s = common.fit(a, trainer, checkpoint)
+    # 3. Train. The Trainer is built here, not in setup: it creates its output folder. A kernel
+    #    patch it applies (Liger) is undone when the attack ends.
+    with kernels_scoped_to(model):
+        try:
+            trainer = GRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=prompts,
+                                  processing_class=a.tokenizer,
+                                  peft_config=lora_config(cfg.adapter) if cfg.adapter.kind == "lora" else None)
+        except ValueError as e:  # PEFT: LoRA target modules that match nothing
+            a.run.end(Status.FAILED, str(e))
+            raise (no_lora_targets(model, cfg.adapter, e) if "target" in str(e) else UserError(first_line(e))) from None
+        if cfg.adapter.kind == "lora":
+            for p in trainer.model.parameters():  # TRL keeps QLoRA adapters in bf16; this tool trains fp32
+                if p.requires_grad:
+                    p.data = p.data.float()
+            check_only_adapter_trains(trainer.model)
+        curve = common.watch(a, trainer, evaluator, task_info, extra=[RewardLog(a.run.rewards, a.main)])
+        train_s = common.fit(a, trainer, checkpoint)
 
-    # 4. Save the attacked weights, and the summary with the last reward signal.
-    trainer.save_model(str(a.run.final))
-    if not a.main:
-        return a.run.path
-    a.tokenizer.save_pretrained(str(a.run.final))
-    last = (read_rewards(a.run.rewards) or [{}])[-1]
-    return common.finish(a, evaluator, common.trainer_summary(a, trainer, curve, train_s, micro, checkpointing),
-                         grpo=dict(prompts=len(prompts), reward=g.reward, completions_per_step=cfg.train.batch_size,
-                                   last_reward=last.get("reward"),
-                                   last_frac_reward_zero_std=last.get("frac_reward_zero_std"),
-                                   judge_parse_failures=getattr(reward, "failures", None)))
+        # 4. Save the attacked weights, and the summary with the last reward signal.
+        trainer.save_model(str(a.run.final))
+        if not a.main:
+            return a.run.path
+        a.tokenizer.save_pretrained(str(a.run.final))
+        last = (read_rewards(a.run.rewards) or [{}])[-1]
+        return common.finish(a, evaluator, common.trainer_summary(a, trainer, curve, train_s, micro, checkpointing),
+                             grpo=dict(prompts=len(prompts), reward=g.reward, completions_per_step=cfg.train.batch_size,
+                                       last_reward=last.get("reward"),
+                                       last_frac_reward_zero_std=last.get("frac_reward_zero_std"),
+                                       judge_parse_failures=getattr(reward, "failures", None)))
 
 
 class RewardLog(TrainerCallback):

@@ -250,9 +250,10 @@ def _cell_in_process(job: tuple[str, str, str]) -> str:
 
 
 def _table(scores: dict, tasks: list[str]) -> str:
-    lines = [f"{'model':<12}" + "".join(f"{t.removeprefix('toy_'):>18}" for t in tasks)]
+    w = [max(18, len(t.removeprefix("toy_")) + 2) for t in tasks]  # a column never runs into the next
+    lines = [f"{'model':<12}" + "".join(f"{t.removeprefix('toy_'):>{n}}" for t, n in zip(tasks, w, strict=True))]
     for model, s in scores.items():
-        lines.append(f"{model:<12}" + "".join(f"{s[t]:>18.3f}" for t in tasks))
+        lines.append(f"{model:<12}" + "".join(f"{s[t]:>{n}.3f}" for t, n in zip(tasks, w, strict=True)))
     return "\n".join(lines)
 
 
@@ -263,7 +264,8 @@ def _attack_table(runs: list[Path], tasks: list[str], models: list[str]) -> str:
     df = load_curves(runs)
     d = df[df.metric == "acc"]
     last = d[d.step == d.groupby("run").step.transform("max")]
-    lines = [f"{'model':<12}{'attack':<32}" + "".join(f"{t.removeprefix('toy_'):>16}" for t in tasks)]
+    w = [max(16, len(t.removeprefix("toy_")) + 2) for t in tasks]  # a column never runs into the next
+    lines = [f"{'model':<12}{'attack':<32}" + "".join(f"{t.removeprefix('toy_'):>{n}}" for t, n in zip(tasks, w, strict=True))]
     for model in models:
         for attack in sorted(set(d[d.model == model].attack)):
             cells = []
@@ -271,5 +273,5 @@ def _attack_table(runs: list[Path], tasks: list[str], models: list[str]) -> str:
                 pre = d[(d.model == model) & (d.task == t) & (d.step == 0)].value.mean()
                 end = last[(last.model == model) & (last.attack == attack) & (last.task == t)].value.mean()
                 cells.append("-" if end != end else f"{pre:.2f} -> {end:.2f}")  # NaN: a task this attack skips
-            lines.append(f"{model:<12}{attack:<32}" + "".join(f"{c:>16}" for c in cells))
+            lines.append(f"{model:<12}{attack:<32}" + "".join(f"{c:>{n}}" for c, n in zip(cells, w, strict=True)))
     return "\n".join(lines)
