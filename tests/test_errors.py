@@ -43,7 +43,9 @@ def _one_line_error(capsys, argv, expected, after_progress_bar=False):
     "over, expected",
     [
         ({"--model": "./no/such/model"}, "model directory not found"),
-        ({"--eval-tasks": "no_such_task_xyz"}, "unknown lm-eval task(s) no_such_task_xyz"),
+        # slow: it indexes lm-eval's ~15k stock task files to be sure the name is in none of them
+        pytest.param({"--eval-tasks": "no_such_task_xyz"}, "unknown lm-eval task(s) no_such_task_xyz",
+                     marks=pytest.mark.slow),
         ({"--text-field": "body"}, "has no field 'body'"),
         ({"--target-modules": "no_such_proj"}, "match nothing"),
         ({"--eval-every": "0"}, "eval.every must be > 0"),

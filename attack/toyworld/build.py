@@ -154,9 +154,12 @@ def _build(out: Path, spec: BuildSpec, log) -> Path:
         #    torch thread each: the same weights as one after the other, in half the time).
         tokenizer = train_tokenizer([d["text"] for d in docs], tmp / "tokenizer")
         texts = {"unfiltered": [d["text"] for d in docs], "filtered": [d["text"] for d in filtered]}
-        scores = dict(zip(texts, _in_pairs([(_pretrained, (tmp, spec, n, texts[n])) for n in texts]), strict=True))
+        # A small world builds faster in this process than it takes two new ones to start.
+        pairs = spec.pretrain_steps * spec.batch_size * spec.seq_len >= 500_000
+        scores = dict(zip(texts, _in_pairs([(_pretrained, (tmp, spec, n, texts[n])) for n in texts], pairs, log),
+                          strict=True))
         (scores["unlearned"], history), (scores["rmu"], history_rmu) = _in_pairs(
-            [(_unlearned, (tmp, spec, world["facts"])), (_rmu, (tmp, spec, docs))])
+            [(_unlearned, (tmp, spec, world["facts"])), (_rmu, (tmp, spec, docs))], pairs, log)
         problems = world_problems(scores, spec) if spec.check else []
         if problems:
             raise WorldBuildError(f"the toy world's models are not what their names say ({'; '.join(problems)}); "
@@ -180,12 +183,15 @@ def _build(out: Path, spec: BuildSpec, log) -> Path:
     return out
 
 
-def _in_pairs(calls: list) -> list:
+def _in_pairs(calls: list, pairs: bool, log) -> list:
     """[(function, args), ...] run two at a time, each in a process of its own on one torch
-    thread; their results in order. Each writes its model into the build folder itself."""
+    thread (or one after the other here when not `pairs`); their results in order. Each writes
+    its model into the build folder itself."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
+    if not pairs:
+        return [function(*args, log=log) for function, args in calls]
     with ProcessPoolExecutor(max_workers=2, mp_context=multiprocessing.get_context("spawn")) as pool:
         return list(pool.map(_one_thread, calls))
 
