@@ -150,7 +150,7 @@ def main(argv: list[str]) -> int:
         spec = quick_spec() if args.quick else BuildSpec()
         spec = replace(spec, world=replace(spec.world, leak_fraction=args.leak_fraction))
         built = (world_dir(cache, spec) / "world.json").exists()
-        print(f"expected time on a 2-core machine: {_expected(args, built):.0f} s ({'world cached' if built else 'world build included'}; "
+        print(f"expected time on a 2-core machine, fresh runs: {_expected(args, built):.0f} s ({'world cached' if built else 'world build included'}; "
               f"{'the full comparison' if args.full else 'compact; the full comparison: make demo-full'})")
         world = build_world(cache, spec)
         sweep_spec = toy_sweep(world, full=args.full, quick=args.quick)
@@ -198,8 +198,9 @@ def main(argv: list[str]) -> int:
 
 # Seconds on this project's 2-core machine, one torch thread per process, measured by
 # bench/demo_cost.py: the world build (two processes), and one cell of each attack setting.
-COST_S = {"world": 240, "world-quick": 45,
-          "finetune": {20: 8, 60: 20, 200: 45}, "ablation": 12, "ablation-then": 50, "grpo": {20: 6, 60: 12, 200: 25}}
+# Measured 2026-11-29 (README, "What the demos cost").
+COST_S = {"world": 305, "world-quick": 35,
+          "finetune": {20: 10, 60: 34, 200: 69}, "ablation": 11, "ablation-then": 79, "grpo": {20: 8, 60: 19, 200: 45}}
 
 
 def _expected(args, built: bool) -> float:
