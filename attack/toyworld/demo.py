@@ -150,7 +150,8 @@ def main(argv: list[str]) -> int:
         spec = quick_spec() if args.quick else BuildSpec()
         spec = replace(spec, world=replace(spec.world, leak_fraction=args.leak_fraction))
         built = (world_dir(cache, spec) / "world.json").exists()
-        print(f"expected time on a 2-core machine, fresh runs: {_expected(args, built):.0f} s ({'world cached' if built else 'world build included'}; "
+        world_note = "world cached" if built else "world build included"
+        print(f"expected time on a 2-core machine, fresh runs: {_expected(args, built):.0f} s ({world_note}; "
               f"{'the full comparison' if args.full else 'compact; the full comparison: make demo-full'})")
         world = build_world(cache, spec)
         sweep_spec = toy_sweep(world, full=args.full, quick=args.quick)
