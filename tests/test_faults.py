@@ -72,6 +72,28 @@ def _empty_state(ckpt):
     (ckpt / "trainer_state.json").write_text("")
 
 
+def _zeroed_adapter(ckpt):
+    """The same size, other values: only the manifest's hash tells."""
+    f = ckpt / "adapter_model.safetensors"
+    tensors = {k: torch.zeros_like(v) for k, v in load_file(str(f)).items()}
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(f), metadata={"format": "pt"})
+
+
+def _without(name):
+    def damage(ckpt):
+        (ckpt / name).unlink()
+
+    damage.__name__ = f"without_{name}"
+    return damage
+
+
+def _unsealed(ckpt):
+    """Killed after every file was written but before the manifest."""
+    (ckpt / "manifest.json").unlink()
+
+
 @pytest.mark.parametrize("event, step, damage", [
     pytest.param("step_end", 3, None, marks=pytest.mark.slow),  # between checkpoints
     pytest.param("save", 4, None, marks=pytest.mark.slow),  # right after a checkpoint
@@ -79,6 +101,13 @@ def _empty_state(ckpt):
     pytest.param("train_end", 6, None, marks=pytest.mark.slow),  # training done, final weights not yet saved
     ("save", 6, _damage_adapter),  # the newest checkpoint truncated
     pytest.param("save", 6, _empty_state, marks=pytest.mark.slow),  # the newest checkpoint's state empty
+    # what resumed silently before checkpoints carried a manifest
+    pytest.param("save", 6, _zeroed_adapter, marks=pytest.mark.slow),
+    ("save", 6, _without("optimizer.pt")),
+    pytest.param("save", 6, _without("scheduler.pt"), marks=pytest.mark.slow),
+    pytest.param("save", 6, _without("rng_state.pth"), marks=pytest.mark.slow),
+    ("save", 6, _without("rows_trained.npy")),  # the kill while it was written
+    pytest.param("save", 6, _unsealed, marks=pytest.mark.slow),
 ])
 def test_killed_run_resumes_to_the_uninterrupted_result(make_config, tmp_path, capsys, event, step, damage):
     whole = run_attack(make_config(output={"dir": str(tmp_path / "a")}, **SECTIONS), quiet=True)
@@ -234,3 +263,21 @@ def test_sigterm_ends_as_interrupted_and_resumes(make_config, tmp_path):
     assert json.loads((tmp_path / "r" / "summary.json").read_text())["status"] == "interrupted"
     assert not (tmp_path / "r" / ".lock").exists()
     assert RunDir(tmp_path / "r").last_checkpoint() is not None
+
+
+def test_set_aside_checkpoints_are_pruned_and_strange_folders_left_alone(make_config, tmp_path, capsys):
+    """Set-aside checkpoints follow keep_checkpoints; a folder that is not a checkpoint (a copy a
+    user made) is neither resumed from nor deleted."""
+    cfg = make_config(output={"dir": str(tmp_path), "run_id": "r", "keep_checkpoints": 1}, **SECTIONS)
+    with pytest.raises(KeyboardInterrupt):
+        run_attack(cfg, extra_callbacks=[Kill("save", 4)], quiet=True)
+    run = RunDir(tmp_path / "r")
+    ckpts = run.checkpoints
+    shutil.copytree(ckpts / "checkpoint-4", ckpts / "checkpoint-4.bak")
+    for step in (1, 2, 3):  # older set-aside folders from earlier resumes
+        shutil.copytree(ckpts / "checkpoint-4", ckpts / f"damaged-checkpoint-{step}")
+    _without("optimizer.pt")(ckpts / "checkpoint-4")
+    capsys.readouterr()
+    assert run.last_checkpoint(keep=1, say=print) is None  # checkpoint-2 was rotated away (keep 1)
+    assert "checkpoint checkpoint-4 is damaged (optimizer.pt is missing)" in capsys.readouterr().out
+    assert sorted(p.name for p in ckpts.iterdir()) == ["checkpoint-4.bak", "damaged-checkpoint-4"]

@@ -43,7 +43,7 @@ from attack.evaluation import find_eval_tasks, score_table
 from attack.evaluation import open_evaluator as _open_evaluator
 from attack.model import autocast_dtype, four_bit_config, load_tokenizer
 from attack.published import PublishedScoreCheck
-from attack.rundir import TRAINER_STATE, RunDir, Status, checkpoint_step, read_curve
+from attack.rundir import TRAINER_STATE, RunDir, Status, checkpoint_step, read_curve, seal
 from attack.speed import kernels_scoped_to, liger_available, per_device_batch
 from attack.tracking import Bar, ProgressLines, check_tracker, close_progress_bar, finish_tracker, open_tracker
 from eval_callbacks import NonFiniteLossError, RecoveryCurveCallback
@@ -126,7 +126,7 @@ def open_run(a: Attack, task_info: dict) -> str | None:
         open_tracker(cfg, run.path)
     a.procs.wait_for_everyone()
     if not a.main:
-        checkpoint = run.last_checkpoint() if cfg.output.resume else None
+        checkpoint = run.last_checkpoint(cfg.output.keep_checkpoints) if cfg.output.resume else None
     return checkpoint
 
 
@@ -208,7 +208,8 @@ def watch(a: Attack, trainer, evaluator, task_info: dict, extra=()) -> RecoveryC
     published = [PublishedScoreCheck(cfg.eval.expect, run, task_info)] if cfg.eval.expect and a.main else []
     show = not a.quiet if a.progress is None else a.progress
     lines = [ProgressLines(curve, a.max_steps, task_info, show_loss=not a.quiet)] if show else []
-    for callback in [curve, *saves, *published, *lines, *extra, *a.extra_callbacks]:
+    # The seal after the recipe's own callbacks, which add files to a checkpoint (rows trained)
+    for callback in [curve, *saves, *published, *lines, *extra, SealCheckpoint(), *a.extra_callbacks]:
         trainer.add_callback(callback)
     return curve
 
@@ -291,6 +292,18 @@ def trainer_settings(a: Attack, micro: int, checkpointing: bool) -> dict:
         dataloader_drop_last=True,  # every step trains on exactly batch_size x seq_len tokens
         ddp_find_unused_parameters=False,
     )
+
+
+class SealCheckpoint(TrainerCallback):
+    """Each checkpoint gets its manifest (every file's size and SHA-256) once every process has
+    written its part: written last, atomically, so a resume can tell a complete checkpoint from
+    one a kill or a full disk cut short, or one changed since (rundir.checkpoint_damage)."""
+
+    def on_save(self, args, state, control, **kwargs):
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.barrier()
+        if state.is_world_process_zero:
+            seal(Path(args.output_dir) / f"checkpoint-{state.global_step}")
 
 
 class SaveAtEvalPoints(TrainerCallback):
