@@ -106,9 +106,10 @@ def attack_parser() -> argparse.ArgumentParser:
 def config_from_args(args: argparse.Namespace):
     from pathlib import Path
 
-    from attack.config import load_config, read_yaml, set_dotted, with_paths_from
+    from attack.config import load_config, read_yaml, refuse_file_trust, set_dotted, with_paths_from
 
     data = with_paths_from(read_yaml(args.config), Path(args.config).parent) if args.config else {}
+    refuse_file_trust(data, f"config file {args.config}", granted=getattr(args, "model.trust_remote_code") is True)
     if args.kind:
         data["kind"] = args.kind
     fields = config_fields()

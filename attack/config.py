@@ -649,6 +649,19 @@ def with_paths_from(data: dict, folder: Path) -> dict:
     return out
 
 
+def refuse_file_trust(cfg_or_data, where: str, granted: bool) -> None:
+    """Model code shipped with a checkpoint runs only when the command line says so: a config,
+    sweep or run directory that sets model.trust_remote_code is refused without the flag."""
+    if isinstance(cfg_or_data, dict):
+        model = cfg_or_data.get("model")
+        wants = isinstance(model, dict) and model.get("trust_remote_code") is True
+    else:
+        wants = cfg_or_data.model.trust_remote_code
+    if wants and not granted:
+        raise UserError(f"{where} sets model.trust_remote_code, but model code runs only when the command line "
+                        "says so: add --trust-remote-code if you trust the checkpoint's source")
+
+
 def parse_yaml(text: str):
     return yaml.load(text, Loader=_Loader)
 

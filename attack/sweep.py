@@ -32,6 +32,7 @@ from attack.config import (
     load_config,
     merge,
     read_yaml,
+    refuse_file_trust,
     updated,
     with_paths_from,
 )
@@ -84,8 +85,9 @@ class Cell:
                         revision=self.revision, attack=self.attack.label, kind=self.config.kind, seed=self.seed)
 
 
-def load_sweep(path: str | Path) -> tuple[dict, list[Cell]]:
-    """Read a sweep file and expand it into cells, in a fixed order."""
+def load_sweep(path: str | Path, trust_remote_code: bool = False) -> tuple[dict, list[Cell]]:
+    """Read a sweep file and expand it into cells, in a fixed order. A cell whose model asks to
+    run its own code is refused unless `trust_remote_code` (the command line's flag) grants it."""
     raw = read_yaml(path)
     allowed = {"name", "output", "base", "models", "attacks", "seeds"}
     unknown = set(raw) - allowed
@@ -117,6 +119,7 @@ def load_sweep(path: str | Path) -> tuple[dict, list[Cell]]:
                                         "eval": {"expect": m.expect}})
                     try:
                         cfg = load_config(data)
+                        refuse_file_trust(cfg, f"sweep {path}", trust_remote_code)
                     except UserError as e:
                         raise UserError(f"sweep cell {m.label}/{a.label}/seed {seed}: {e}") from None
                     label = m.label + (f"@{rev}" if rev else "")
@@ -217,12 +220,12 @@ def describe(cell: Cell) -> str:
 
 
 def run_sweep(path: str | Path, shard_spec: str | None = None, quiet: bool = False, log=print,
-              progress: bool = False) -> dict:
+              progress: bool = False, trust_remote_code: bool = False) -> dict:
     """Run this shard's cells; returns counts by outcome."""
-    sweep, cells = load_sweep(path)
+    sweep, cells = load_sweep(path, trust_remote_code)
     mine = shard(cells, shard_spec)
     check_offline(mine)
-    outcome = {"done": 0, "skipped": 0, "failed": 0}
+    outcome = {"done": 0, "skipped": 0, "busy": 0, "failed": 0}
     for k, cell in enumerate(mine, 1):
         result = run_cell(cell, sweep["name"], quiet=quiet, progress=progress,
                           log=lambda m, k=k, cell=cell: log(f"[{k}/{len(mine)}] {cell.id}: {m}"))
@@ -231,8 +234,9 @@ def run_sweep(path: str | Path, shard_spec: str | None = None, quiet: bool = Fal
 
 
 def run_cell(cell: Cell, sweep: str, quiet: bool = False, progress: bool = False, log=print) -> str:
-    """Run one cell (resumed when it was started before): "done", "skipped" (finished already,
-    or another process is on it) or "failed" (recorded in its summary.json; Ctrl-C still stops)."""
+    """Run one cell (resumed when it was started before): "done", "skipped" (finished already),
+    "busy" (another process holds its run directory: not finished here) or "failed" (recorded in
+    its summary.json; Ctrl-C still stops)."""
     from attack.recipes import run_attack
 
     state = status(cell)
@@ -246,8 +250,8 @@ def run_cell(cell: Cell, sweep: str, quiet: bool = False, progress: bool = False
         run_attack(cfg, quiet=quiet, cell=cell.meta(sweep), progress=progress or not quiet)
         return "done"
     except RunDirInUse as e:  # another shard or job is on this cell: leave it to that one
-        log(f"skipped, {e}")
-        return "skipped"
+        log(f"busy, not run here: {e}")
+        return "busy"
     except Exception as e:  # one failed cell must not stop the others (Ctrl-C still does)
         _record_failure(cell, e, sweep)
         log(f"FAILED: {first_line(e)}")
@@ -273,8 +277,10 @@ def main(argv: list[str]) -> int:
     p.add_argument("--shard", help="i/n: run the i-th of n disjoint shares of the cells (1-based)")
     p.add_argument("--dry-run", action="store_true", help="list the cells and validate offline; train nothing")
     p.add_argument("--quiet", action="store_true", help="no progress bars or tables; a line per evaluation point")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="let models whose cells set model.trust_remote_code run their own code (a file alone cannot)")
     args = p.parse_args(argv)
-    sweep, cells = load_sweep(args.sweep)
+    sweep, cells = load_sweep(args.sweep, args.trust_remote_code)
     mine = shard(cells, args.shard)
     if args.dry_run:
         for cell in mine:
@@ -282,7 +288,13 @@ def main(argv: list[str]) -> int:
         check_offline(mine)
         print(f"{len(mine)} of {len(cells)} cells in this shard; configs, tasks and local paths check out")
         return 0
-    outcome = run_sweep(args.sweep, args.shard, quiet=args.quiet, progress=True)
+    outcome = run_sweep(args.sweep, args.shard, quiet=args.quiet, progress=True, trust_remote_code=args.trust_remote_code)
     print(f"sweep {sweep['name']}: {outcome['done']} run, {outcome['skipped']} already done, "
-          f"{outcome['failed']} failed; runs under {sweep['output']}")
-    return 1 if outcome["failed"] else 0
+          f"{outcome['busy']} busy (held by another process, not finished here), {outcome['failed']} failed; "
+          f"runs under {sweep['output']}")
+    # a cell that did not finish must not read as success: 1 for a failure, BUSY for "try again
+    # later", so a job array requeues the task (examples/slurm/sweep_array.sh)
+    return 1 if outcome["failed"] else BUSY if outcome["busy"] else 0
+
+
+BUSY = 75  # sysexits' EX_TEMPFAIL

@@ -177,3 +177,27 @@ def test_a_finished_run_is_refused_before_anything_loads(capsys, world, llama_di
 
     monkeypatch.setattr(recipe, "load_tokenizer", no_loading)
     _one_line_error(capsys, [*argv, "--resume"], "already exists and is finished (status: done), nothing to resume")
+
+
+def test_model_code_runs_only_when_the_command_line_says_so(capsys, world, llama_dir, tmp_path):
+    """A config, sweep or run directory that sets model.trust_remote_code is refused in one
+    line unless --trust-remote-code is given; nothing is written."""
+    import yaml
+
+    cfg = {"model": {"name": str(llama_dir), "trust_remote_code": True},
+           "data": {"path": str(world["attack"]), "seq_len": 32}, "train": {"max_steps": 2, "batch_size": 2},
+           "eval": {"tasks": ["toy_target_seen"], "include_path": [str(world["tasks"])]},
+           "output": {"dir": str(tmp_path / "runs")}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    _one_line_error(capsys, ["--config", str(tmp_path / "c.yaml")], "model code runs only when the command line says so")
+    sweep = {"base": {k: v for k, v in cfg.items() if k != "output"}, "output": str(tmp_path / "runs"),
+             "models": [{"label": "m", "name": str(llama_dir)}]}
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(sweep))
+    _one_line_error(capsys, ["sweep", str(tmp_path / "s.yaml"), "--dry-run"], "add --trust-remote-code")
+    assert not (tmp_path / "runs").exists()
+    assert main(["sweep", str(tmp_path / "s.yaml"), "--dry-run", "--trust-remote-code"]) == 0
+
+
+def test_attribution_commands_refuse_counts_below_one(capsys, tmp_path):
+    _one_line_error(capsys, ["counterfactual", str(tmp_path), "--task", "t", "--k", "-5"], "--k and --draws must be")
+    _one_line_error(capsys, ["attribute", str(tmp_path), "--top-k", "-1"], "--top-k must be at least 1")

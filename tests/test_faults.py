@@ -175,7 +175,8 @@ def test_a_second_shard_on_the_same_cell_skips_it(tmp_path, world, llama_dir):
     busy = RunLock(cell.run_dir.path / ".lock")
     busy.acquire()
     try:
-        assert run_sweep(path, quiet=True, log=lambda _: None) == {"done": 0, "skipped": 1, "failed": 0}
+        assert run_sweep(path, quiet=True, log=lambda _: None) == {"done": 0, "skipped": 0, "busy": 1, "failed": 0}
+        assert main(["sweep", str(path)]) == 75  # not finished here: a job array requeues it
         assert not (cell.run_dir.path / "summary.json").exists()  # the other job's directory untouched
     finally:
         busy.release()

@@ -78,7 +78,7 @@ def test_interrupted_sweep_reruns_to_every_cell_done_once(tmp_path, world, two_m
 
     calls.clear()
     outcome = run_sweep(path, quiet=True, log=lambda _: None)
-    assert outcome == {"done": 6, "skipped": 2, "failed": 0}
+    assert outcome == {"done": 6, "skipped": 2, "busy": 0, "failed": 0}
     assert (interrupted, True) in calls  # resumed, not restarted
     _, cells = load_sweep(path)
     for c in cells:
@@ -89,7 +89,7 @@ def test_interrupted_sweep_reruns_to_every_cell_done_once(tmp_path, world, two_m
         assert json.loads((run / "cell.json").read_text())["cell_id"] == c.id
 
     calls.clear()
-    assert run_sweep(path, quiet=True, log=lambda _: None) == {"done": 0, "skipped": 8, "failed": 0}
+    assert run_sweep(path, quiet=True, log=lambda _: None) == {"done": 0, "skipped": 8, "busy": 0, "failed": 0}
     assert calls == []
 
 
@@ -100,7 +100,7 @@ def test_failed_cell_is_recorded_and_others_run(tmp_path, world, llama_dir):
     models = [{"label": "broken", "name": str(broken)}, {"label": "ok", "name": str(llama_dir)}]
     path = _sweep_file(tmp_path, world, models, attacks=[{"label": "a"}], seeds=[0])
     outcome = run_sweep(path, quiet=True, log=lambda _: None)
-    assert outcome == {"done": 1, "skipped": 0, "failed": 1}
+    assert outcome == {"done": 1, "skipped": 0, "busy": 0, "failed": 1}
     _, cells = load_sweep(path)
     summaries = {c.model.label: json.loads((tmp_path / "runs" / c.id / "summary.json").read_text()) for c in cells}
     assert summaries["broken"]["status"] == "failed" and "could not load" in summaries["broken"]["error"]

@@ -249,6 +249,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--gold-field", help="corpus column naming the entity each document is about, for recall@10, hit@10 and "
                    "MRR (default: 'entity' when the corpus has it)")
     args = p.parse_args(argv)
+    if args.top_k is not None and args.top_k < 1:
+        raise UserError(f"--top-k must be at least 1, got {args.top_k}")
     out = attribute(args.run, args.top_k, args.gold_field)
     print(f"attribution: {out}")
     print(describe_quality(json.loads(RunDir(Path(args.run)).attribution_summary.read_text())["validation"]))

@@ -53,8 +53,8 @@ def accuracy(run: RunDir, task: str, questions: list[int], step: int) -> float:
 
 
 def counterfactual(run_path: str | Path, task: str, k: int = 10, method: str = "gradient", step: int | None = None,
-                   draws: int = 1, seed: int = 0) -> dict:
-    from attack.config import load_config, read_yaml
+                   draws: int = 1, seed: int = 0, trust_remote_code: bool = False) -> dict:
+    from attack.config import load_config, read_yaml, refuse_file_trust
     from attack.data import load_corpus
     from attack.recipes import run_attack
 
@@ -62,6 +62,7 @@ def counterfactual(run_path: str | Path, task: str, k: int = 10, method: str = "
     if not run.attribution_rows.exists():
         raise UserError(f"{run.path} has no {run.attribution_rows.name}; run `python -m attack attribute {run.path}` first")
     cfg = load_config(read_yaml(run.config))
+    refuse_file_trust(cfg, f"the run's {run.config}", trust_remote_code)  # the reruns would run its code
     if not cfg.supervised:
         raise UserError(f"{run.path} is a {cfg.kind} run; the counterfactual reruns supervised fine-tuning attacks")
     steps = sorted({json.loads(line)["step"] for line in open(run.attribution_rows)})
@@ -118,8 +119,13 @@ def main(argv: list[str]) -> int:
                    help="whose ranking picks the documents (default gradient)")
     p.add_argument("--step", type=int, help="evaluation point (default: the last)")
     p.add_argument("--draws", type=int, default=1, help="random removals to average (default 1)")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="let a model whose run set model.trust_remote_code run its own code in the reruns")
     args = p.parse_args(argv)
-    r = counterfactual(args.run, args.task, args.k, args.method, args.step, args.draws)
+    if args.k < 1 or args.draws < 1:
+        raise UserError(f"--k and --draws must be at least 1, got --k {args.k} --draws {args.draws}")
+    r = counterfactual(args.run, args.task, args.k, args.method, args.step, args.draws,
+                       trust_remote_code=args.trust_remote_code)
     print(f"{r['task']}, {r['questions']} questions ({r['question_set']}), accuracy at step {r['step']}: "
           f"step 0 {r['pre']:.3f}, attack {r['original']:.3f}, without the top {r['k']} ({r['method']}) "
           f"{r['without_top']:.3f}, without {r['k']} random {r['without_random']:.3f}")

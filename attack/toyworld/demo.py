@@ -232,7 +232,7 @@ def _run_cells(sweep_file: Path, name: str, cells: list, workers: int) -> dict:
     print(f"running {len(cells)} cells, {workers} at a time")
     with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
         results = list(pool.map(_cell_in_process, [(str(sweep_file), name, c.id) for c in order]))
-    return {k: results.count(k) for k in ("done", "skipped", "failed")}
+    return {k: results.count(k) for k in ("done", "skipped", "busy", "failed")}
 
 
 def _cell_in_process(job: tuple[str, str, str]) -> str:

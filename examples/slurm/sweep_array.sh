@@ -9,7 +9,8 @@
 # Preemption and time limits: SLURM sends SIGTERM (5 min before the limit, via --signal, or at
 # preemption); the attack ends its cell as `interrupted` (exit 143) and this script requeues the
 # task, which resumes the cell from its last checkpoint. A second job on the same cell (an old
-# one still running) is refused by the run directory's lock, never doubled.
+# one still running) is refused by the run directory's lock, never doubled: the sweep then exits
+# 75 ("try again later": a cell it could not finish) and the task is requeued too.
 #SBATCH --job-name=finetune-attack
 #SBATCH --gpus-per-task=1
 #SBATCH --cpus-per-task=8
@@ -32,7 +33,7 @@ wait "$child" || status=$?
 if [ "$status" -gt 128 ]; then  # the trap interrupted wait: let the attack finish writing
     wait "$child" || status=$?
 fi
-if [ "$status" -eq 143 ]; then
+if [ "$status" -eq 143 ] || [ "$status" -eq 75 ]; then
     scontrol requeue "${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}"
 fi
 exit "$status"
