@@ -217,10 +217,11 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except OSError as e:
-        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+    except (OSError, RuntimeError) as e:
+        if not _disk_full(e):
             raise
-        print(f"error: disk full ({e.filename or 'while writing'}): free space, then run the same command "
+        where = getattr(e, "filename", None) or "while writing"
+        print(f"error: disk full ({where}): free space, then run the same command "
               "with --resume (sweeps resume by themselves)", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:
@@ -239,6 +240,21 @@ def _leave_process_group() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+def _disk_full(error: BaseException) -> bool:
+    """A full disk or quota, wherever it struck: an OSError, or torch's and safetensors' own
+    errors around one (torch.save says "file write failed", safetensors "StorageFull")."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        text = str(error)
+        if any(m in text for m in ("No space left on device", "StorageFull", "file write failed", "Disk quota exceeded")):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
 
 
 class Terminated(KeyboardInterrupt):
@@ -269,7 +285,13 @@ def _is_number(text: str) -> bool:
         return False
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The process entry point of `python -m attack` and the installed `finetune-attack`
+    command alike: SIGTERM (a scheduler's preemption) ends a run as Ctrl-C does."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     signal.signal(signal.SIGTERM, _on_sigterm)
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    cli()

@@ -64,8 +64,9 @@ class AdapterConfig(Section):
     """lora: train a PEFT LoRA adapter on a frozen base. full: train every weight."""
     rank: Positive = 16
     """LoRA rank r."""
-    alpha: float = 32.0
-    """LoRA alpha (the update is scaled by alpha / r)."""
+    alpha: Annotated[float, Field(gt=0, le=1e4)] = 32.0
+    """LoRA alpha (the update is scaled by alpha / r); 0 trains nothing, and beyond 1e4 the
+    scale makes every gradient infinite."""
     dropout: Annotated[float, Field(ge=0, lt=1)] = 0.05
     """Dropout on the LoRA input."""
     target_modules: list[str] = ["all-linear"]

@@ -218,7 +218,14 @@ def test_checkpoint_with_missing_weights_is_refused(llama_dir, make_config, tmp_
     assert not (tmp_path / "runs").exists()
 
 
-def test_full_disk_is_one_line_and_the_run_resumes(make_config, tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("error", [
+    lambda path: OSError(errno.ENOSPC, "No space left on device", path),
+    # torch.save's own words for the same thing, inside the optimizer's archive
+    pytest.param(lambda path: RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 4352 vs 4240: "
+                                           "PytorchStreamWriter failed writing file data/3: file write failed"),
+                 marks=pytest.mark.slow),
+])
+def test_full_disk_is_one_line_and_the_run_resumes(make_config, tmp_path, capsys, monkeypatch, error):
     import transformers
 
     cfg = make_config(output={"dir": str(tmp_path / "runs"), "run_id": "r"}, **SECTIONS)
@@ -229,7 +236,7 @@ def test_full_disk_is_one_line_and_the_run_resumes(make_config, tmp_path, capsys
 
     def full(self, *a, **kw):
         if self.state.global_step == 4:
-            raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "runs" / "r"))
+            raise error(str(tmp_path / "runs" / "r"))
         return real(self, *a, **kw)
 
     monkeypatch.setattr(transformers.Trainer, "_save_checkpoint", full)
@@ -245,11 +252,17 @@ def test_full_disk_is_one_line_and_the_run_resumes(make_config, tmp_path, capsys
 
 
 @pytest.mark.slow
-def test_sigterm_ends_as_interrupted_and_resumes(make_config, tmp_path):
+@pytest.mark.parametrize("command", ["python -m attack", "finetune-attack"])
+def test_sigterm_ends_as_interrupted_and_resumes(make_config, tmp_path, command):
     """Preemption: SIGTERM (what SLURM sends before requeueing) ends the run as interrupted with
-    the resume hint; the requeued command with --resume finishes it."""
+    the resume hint, under `python -m attack` and the installed command alike; the requeued
+    command with --resume finishes it."""
+    from pathlib import Path
+
     cfg = make_config()
-    argv = [sys.executable, "-m", "attack", "--model", cfg.model.name, "--data", cfg.data.path,
+    program = [sys.executable, "-m", "attack"] if command == "python -m attack" else [
+        str(Path(sys.executable).parent / "finetune-attack")]
+    argv = [*program, "--model", cfg.model.name, "--data", cfg.data.path,
             "--eval-tasks", "toy_target_seen", "--eval-include", cfg.eval.include_path[0], "--max-steps", "400",
             "--eval-every", "2", "--batch-size", "4", "--seq-len", "64", "--output", str(tmp_path), "--run-id", "r"]
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -282,3 +295,22 @@ def test_set_aside_checkpoints_are_pruned_and_strange_folders_left_alone(make_co
     assert run.last_checkpoint(keep=1, say=print) is None  # checkpoint-2 was rotated away (keep 1)
     assert "checkpoint checkpoint-4 is damaged (optimizer.pt is missing)" in capsys.readouterr().out
     assert sorted(p.name for p in ckpts.iterdir()) == ["checkpoint-4.bak", "damaged-checkpoint-4"]
+
+
+def test_an_attack_that_changed_nothing_fails(make_config, tmp_path):
+    """Every update zero (what a LoRA scale of 0 or an infinite gradient norm at every step
+    comes to): the run ends failed with one line, not done with a flat curve."""
+    from attack.errors import UserError
+
+    class NoUpdate(TrainerCallback):
+        def on_pre_optimizer_step(self, args, state, control, model=None, **kw):
+            for p in model.parameters():
+                if p.grad is not None:
+                    p.grad.zero_()
+
+    with pytest.raises(UserError, match="changed no trained weight"):
+        run_attack(make_config(train={"max_steps": 2}, adapter={"dropout": 0.0}), extra_callbacks=[NoUpdate()], quiet=True)
+    run = next((tmp_path / "runs").iterdir())
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "failed" and "changed no trained weight" in summary["error"]
+    assert not (run / ".lock").exists()

@@ -17,6 +17,7 @@ A recipe keeps only what is its own and reads top to bottom; it never imports an
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections.abc import Callable
@@ -153,21 +154,23 @@ def fine_tune(a: Attack, model, rows, evaluator, task_info: dict, checkpoint: st
         trained = RowsTrained(rows, micro * (a.per_device // micro), checkpoint)
         collection = collection_callbacks(trainer, run.attribution, rows.segments(), evaluator, a.schedule,
                                           attribution.projection_dim) if attribution is not None else []
-        curve = watch(a, trainer, evaluator, task_info, extra=[trained, *collection])
+        curve, moved = watch(a, trainer, evaluator, task_info, extra=[trained, *collection])
         train_s = fit(a, trainer, checkpoint)
+        check_moved(a, moved)
 
-        trainer.save_model(str(run.final))
-        coverage = trained.coverage(trainer.state.global_step)  # on every process: it gathers
-        if not a.main:
-            return run.path
-        a.tokenizer.save_pretrained(str(run.final))
-        if attribution is not None:
-            from attack.attribution.attribute import attribute, describe_quality
+        with closing(a):
+            trainer.save_model(str(run.final))
+            coverage = trained.coverage(trainer.state.global_step)  # on every process: it gathers
+            if not a.main:
+                return run.path
+            a.tokenizer.save_pretrained(str(run.final))
+            if attribution is not None:
+                from attack.attribution.attribute import attribute, describe_quality
 
-            a.say(f"attribution: {attribute(run.path)}")
-            a.say(describe_quality(json.loads(run.attribution_summary.read_text())["validation"]))
-        return finish(a, evaluator, trainer_summary(a, trainer, curve, train_s, micro, checkpointing),
-                      tokens_per_step=cfg.tokens_per_step(), train_rows=len(rows), **coverage)
+                a.say(f"attribution: {attribute(run.path)}")
+                a.say(describe_quality(json.loads(run.attribution_summary.read_text())["validation"]))
+            return finish(a, evaluator, trainer_summary(a, trainer, curve, train_s, micro, checkpointing),
+                          tokens_per_step=cfg.tokens_per_step(), train_rows=len(rows), **coverage)
 
 
 def trainer_summary(a: Attack, trainer, curve: RecoveryCurveCallback, train_s: float, micro: int,
@@ -190,11 +193,11 @@ def finish(a: Attack, evaluator, summary: dict, **more) -> Path:
     return a.run.path
 
 
-def watch(a: Attack, trainer, evaluator, task_info: dict, extra=()) -> RecoveryCurveCallback:
+def watch(a: Attack, trainer, evaluator, task_info: dict, extra=()) -> tuple[RecoveryCurveCallback, WeightsMoved]:
     """The callbacks every attack's Trainer carries: the recovery curve (training step 0 before
     the first update, then every scheduled step), the published-score check on the step-0
     points, a bar and a line per evaluation point in the terminal, the recipe's `extra` and the
-    caller's. Returns the curve callback."""
+    caller's. Returns the curve callback and the check that weights moved."""
     cfg, run = a.cfg, a.run
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
@@ -208,10 +211,11 @@ def watch(a: Attack, trainer, evaluator, task_info: dict, extra=()) -> RecoveryC
     published = [PublishedScoreCheck(cfg.eval.expect, run, task_info)] if cfg.eval.expect and a.main else []
     show = not a.quiet if a.progress is None else a.progress
     lines = [ProgressLines(curve, a.max_steps, task_info, show_loss=not a.quiet)] if show else []
+    moved = WeightsMoved()
     # The seal after the recipe's own callbacks, which add files to a checkpoint (rows trained)
-    for callback in [curve, *saves, *published, *lines, *extra, SealCheckpoint(), *a.extra_callbacks]:
+    for callback in [curve, moved, *saves, *published, *lines, *extra, SealCheckpoint(), *a.extra_callbacks]:
         trainer.add_callback(callback)
-    return curve
+    return curve, moved
 
 
 def fit(a: Attack, trainer, checkpoint: str | None) -> float:
@@ -236,6 +240,18 @@ def fit(a: Attack, trainer, checkpoint: str | None) -> float:
     finally:
         finish_tracker(a.cfg.logging)
     return time.perf_counter() - start
+
+
+@contextlib.contextmanager
+def closing(a: Attack):
+    """The save and summary after training: a signal or error there (SIGTERM during the final
+    save, a full disk) still marks the run interrupted or failed, never leaves it running."""
+    try:
+        yield
+    except BaseException as e:
+        if a.main and a.run.status == Status.RUNNING:
+            ended_early(a, e)
+        raise
 
 
 def ended_early(a: Attack, error: BaseException) -> None:
@@ -292,6 +308,39 @@ def trainer_settings(a: Attack, micro: int, checkpointing: bool) -> dict:
         dataloader_drop_last=True,  # every step trains on exactly batch_size x seq_len tokens
         ddp_find_unused_parameters=False,
     )
+
+
+class WeightsMoved(TrainerCallback):
+    """Whether training moved any trained weight: a fingerprint of each (float64 sum and norm)
+    when training begins, compared when it ends. An attack whose every update was zero
+    or not finite (a LoRA scale of 0, an infinite gradient norm at every step) leaves a flat
+    curve that would read as robustness."""
+
+    def __init__(self):
+        self.moved: bool | None = None  # None: no step was trained here (a resume after the last step)
+
+    @staticmethod
+    def _fingerprint(model) -> list[tuple[float, float]]:
+        with torch.no_grad():
+            return [(float(torch.sum(p, dtype=torch.float64)), float(torch.linalg.vector_norm(p, dtype=torch.float64)))
+                    for p in model.parameters() if p.requires_grad]
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.start_step, self.before = state.global_step, self._fingerprint(model)
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step > self.start_step:
+            self.moved = self._fingerprint(model) != self.before
+
+
+def check_moved(a: Attack, moved: WeightsMoved) -> None:
+    """A run that changed nothing ends failed, said in one line, never counted as robustness."""
+    if moved.moved is False:
+        message = ("the attack changed no trained weight: every update was zero or not finite (check adapter.alpha, "
+                   "train.lr and the data); a flat curve from it would read as robustness")
+        if a.main:
+            a.run.end(Status.FAILED, message)
+        raise UserError(message)
 
 
 class SealCheckpoint(TrainerCallback):

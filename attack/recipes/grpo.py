@@ -88,20 +88,22 @@ def run(cfg: GrpoConfig, extra_callbacks: list | None = None, quiet: bool = Fals
                 if p.requires_grad:
                     p.data = p.data.float()
             check_only_adapter_trains(trainer.model)
-        curve = common.watch(a, trainer, evaluator, task_info, extra=[RewardLog(a.run.rewards, a.main)])
+        curve, moved = common.watch(a, trainer, evaluator, task_info, extra=[RewardLog(a.run.rewards, a.main)])
         train_s = common.fit(a, trainer, checkpoint)
+        common.check_moved(a, moved)
 
         # 4. Save the attacked weights, and the summary with the last reward signal.
-        trainer.save_model(str(a.run.final))
-        if not a.main:
-            return a.run.path
-        a.tokenizer.save_pretrained(str(a.run.final))
-        last = (read_rewards(a.run.rewards) or [{}])[-1]
-        return common.finish(a, evaluator, common.trainer_summary(a, trainer, curve, train_s, micro, checkpointing),
-                             grpo=dict(prompts=len(prompts), reward=g.reward, completions_per_step=cfg.train.batch_size,
-                                       last_reward=last.get("reward"),
-                                       last_frac_reward_zero_std=last.get("frac_reward_zero_std"),
-                                       judge_parse_failures=getattr(reward, "failures", None)))
+        with common.closing(a):
+            trainer.save_model(str(a.run.final))
+            if not a.main:
+                return a.run.path
+            a.tokenizer.save_pretrained(str(a.run.final))
+            last = (read_rewards(a.run.rewards) or [{}])[-1]
+            return common.finish(a, evaluator, common.trainer_summary(a, trainer, curve, train_s, micro, checkpointing),
+                                 grpo=dict(prompts=len(prompts), reward=g.reward, completions_per_step=cfg.train.batch_size,
+                                           last_reward=last.get("reward"),
+                                           last_frac_reward_zero_std=last.get("frac_reward_zero_std"),
+                                           judge_parse_failures=getattr(reward, "failures", None)))
 
 
 class RewardLog(TrainerCallback):
