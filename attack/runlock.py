@@ -21,10 +21,13 @@ class RunDirInUse(UserError):
 
 
 class RunLock:
-    """One writer per run directory. The lock file names its holder (host, pid) and is touched
-    every minute while held. A second process refuses to start; a holder that died (its pid is
-    gone on this host, or, from another host, no touch for LEASE_S) is taken over, said in one
-    line. Works on shared file systems: it needs only atomic create and rename."""
+    """One writer per run directory. The lock file names its holder (host, pid and the pid's
+    start time) and is touched every minute while held; it is taken by an exclusive create. A
+    second process refuses to start. A holder that died (on this host: its pid is gone, or now
+    belongs to a process started at another time; from another host: no touch for LEASE_S) is
+    taken over, said in one line, by one process only: the taker must first create
+    `.lock.takeover` exclusively, and judges the holder again once it has. Works on shared file
+    systems: it needs only atomic create and rename."""
 
     LEASE_S = 600
 
@@ -35,12 +38,29 @@ class RunLock:
         self._stop = None
 
     def acquire(self) -> None:
-        me = {"host": platform.node(), "pid": os.getpid(), "since": time.time()}
+        me = {"host": platform.node(), "pid": os.getpid(), "start": _start_time(os.getpid()), "since": time.time()}
         try:
             fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
             with os.fdopen(fd, "w") as f:
                 json.dump(me, f)
         except FileExistsError:
+            self._take_over(me)
+        RunLock.held.add(self.path.resolve())
+        self._heartbeat()
+
+    def _take_over(self, me: dict) -> None:
+        """Replace a dead holder's lock; one taker at a time (an exclusive `.lock.takeover`),
+        which judges the holder again once it holds it, so two takers never both write."""
+        gate = self.path.with_name(self.path.name + ".takeover")
+        with contextlib.suppress(OSError):
+            if time.time() - gate.stat().st_mtime > 60:  # left by a taker that died mid-takeover
+                gate.unlink()
+        try:
+            os.close(os.open(gate, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            raise RunDirInUse(f"run directory {self.path.parent} is being taken over by another process; "
+                              "leave it to that one") from None
+        try:
             holder = read_json(self.path) or {}
             mine = holder.get("pid") == os.getpid() and holder.get("host") == platform.node()
             if mine and self.path.resolve() not in RunLock.held:
@@ -54,12 +74,15 @@ class RunLock:
                 print(f"taking over {self.path.parent}: its previous process (pid {holder.get('pid')} on "
                       f"{holder.get('host')}) is gone", file=sys.stderr)
             write_atomic(self.path, json.dumps(me))
-        RunLock.held.add(self.path.resolve())
-        self._heartbeat()
+        finally:
+            with contextlib.suppress(OSError):
+                gate.unlink()
 
     def _alive(self, holder: dict) -> bool:
         if holder.get("host") == platform.node():
-            return _pid_alive(holder.get("pid"))
+            pid, start = holder.get("pid"), holder.get("start")
+            # a pid reused by a process started later is not the holder
+            return _pid_alive(pid) and (start is None or _start_time(pid) in (None, start))
         try:
             age = time.time() - self.path.stat().st_mtime
         except OSError:
@@ -87,6 +110,15 @@ class RunLock:
         if holder.get("pid") == os.getpid() and holder.get("host") == platform.node():
             with contextlib.suppress(OSError):
                 self.path.unlink()
+
+
+def _start_time(pid: int) -> int | None:
+    """When process `pid` started (clock ticks since boot, from /proc); None where unknown."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return int(stat.rsplit(")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def _pid_alive(pid) -> bool:

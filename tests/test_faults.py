@@ -314,3 +314,27 @@ def test_an_attack_that_changed_nothing_fails(make_config, tmp_path):
     summary = json.loads((run / "summary.json").read_text())
     assert summary["status"] == "failed" and "changed no trained weight" in summary["error"]
     assert not (run / ".lock").exists()
+
+
+def test_lock_takeover_judges_the_holders_start_time_and_admits_one_taker(tmp_path):
+    """A pid that now belongs to another process (started at another time) does not hold the
+    run; a live holder does; while one process takes a dead holder's lock over, a second is
+    refused instead of writing too."""
+    from attack.runlock import RunDirInUse, _start_time
+
+    lock = RunLock(tmp_path / ".lock")
+    host = os.uname().nodename
+    (tmp_path / ".lock").write_text(json.dumps({"host": host, "pid": 1, "start": _start_time(1)}))
+    with pytest.raises(RunDirInUse, match="in use by pid 1"):
+        lock.acquire()
+    (tmp_path / ".lock").write_text(json.dumps({"host": host, "pid": 1, "start": -5}))  # pid 1 reused since
+    (tmp_path / ".lock.takeover").touch()  # another process is taking it over right now
+    with pytest.raises(RunDirInUse, match="being taken over"):
+        lock.acquire()
+    old = time.time() - 120  # a taker that died mid-takeover leaves a stale gate: cleared
+    os.utime(tmp_path / ".lock.takeover", (old, old))
+    lock.acquire()
+    assert json.loads((tmp_path / ".lock").read_text())["pid"] == os.getpid()
+    assert not (tmp_path / ".lock.takeover").exists()
+    lock.release()
+    assert not (tmp_path / ".lock").exists()
