@@ -113,7 +113,7 @@ class TrainConfig(Section):
     """Rows per forward pass per device; None: the whole batch (accumulation fills the rest)."""
     max_steps: Positive = 500
     """Optimizer steps of the attack."""
-    seed: Annotated[int, Field(ge=0)] = 0
+    seed: Annotated[int, Field(ge=0, lt=2**32)] = 0
     """Seed of the data order, dropout and LoRA init."""
     gradient_checkpointing: bool | None = None
     """Recompute activations in backward to save memory (slower). None: only on a GPU where
@@ -122,6 +122,15 @@ class TrainConfig(Section):
     """Log training loss and learning rate every N steps."""
     save_every: Positive | None = None
     """Save a resumable checkpoint every N steps; None: at every evaluation interval."""
+
+    @model_validator(mode="after")
+    def _known_scheduler(self):
+        from transformers import SchedulerType
+
+        names = [t.value for t in SchedulerType]
+        if self.lr_scheduler not in names:
+            raise ValueError(f"train.lr_scheduler must be one of {', '.join(names)}, got {self.lr_scheduler!r}")
+        return self
 
     @model_validator(mode="after")
     def _micro_divides_batch(self):
@@ -152,13 +161,13 @@ class EvalConfig(Section):
     """Local copies of the hub datasets that tasks name: {hub id: folder laid out like the hub
     repository (same configurations and splits)}. The task YAMLs stay unchanged; ids not listed
     load from the hub."""
-    expect: dict[str, float] = {}
+    expect: dict[str, Annotated[float, Field(ge=0, le=100)]] = {}
     """Published pre-attack scores to check the step-0 point against, {task: value} on the task's
     headline metric, as a fraction (0.4297) or in percent (42.97)."""
 
 
 class OutputConfig(Section):
-    dir: str = "runs"
+    dir: Annotated[str, Field(min_length=1)] = "runs"
     """Folder that holds run directories."""
     run_id: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._@+=-]*$")] | None = None
     """Run directory name, a plain name inside `dir` (letters, digits, . _ @ + = -); None: derived
@@ -504,7 +513,7 @@ def load_config(data: dict) -> AttackConfig:
     if not isinstance(data, dict):
         raise UserError(f"a config must be a mapping of sections, got {data!r}")
     kind = data.get("kind", "finetune")
-    if kind not in KINDS:
+    if not isinstance(kind, str) or kind not in KINDS:
         raise UserError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
     try:
         cfg = KINDS[kind].model_validate(data)
@@ -529,6 +538,9 @@ def explain(error: ValidationError, schema: type[BaseModel], prefix: str = "") -
         "greater_than": f"must be > {e.get('ctx', {}).get('gt')}",
         "greater_than_equal": f"must be >= {e.get('ctx', {}).get('ge')}",
         "less_than": f"must be < {e.get('ctx', {}).get('lt')}",
+        "less_than_equal": f"must be <= {e.get('ctx', {}).get('le')}",
+        "too_short": "must not be empty",
+        "string_too_short": "must not be empty",
         "literal_error": f"must be one of {e.get('ctx', {}).get('expected', '').replace(' or ', ', ')}",
         "finite_number": "must be a finite number",
         "bool_type": "must be true or false",
@@ -608,7 +620,16 @@ def set_dotted(d: dict, dotted: str, value) -> None:
 
 class _Loader(yaml.SafeLoader):
     """YAML 1.2 numbers: `lr: 2e-5` is a float and `token_budget: 3e8` an integer (PyYAML follows
-    YAML 1.1 and reads both as strings)."""
+    YAML 1.1 and reads both as strings). A key given twice in one mapping is refused (PyYAML
+    would keep the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        keys = [self.construct_object(k, deep=deep) for k, _ in node.value]
+        for i, key in enumerate(keys):
+            if isinstance(key, str | int | float | bool) and key in keys[:i]:
+                raise yaml.constructor.ConstructorError(None, None, f"key '{key}' is given twice",
+                                                        node.value[i][0].start_mark)
+        return super().construct_mapping(node, deep=deep)
 
 
 def _exponent_number(loader, node):

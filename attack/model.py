@@ -119,6 +119,15 @@ def _key(entry) -> str:
     return entry[0] if isinstance(entry, tuple) else str(entry)
 
 
+def check_vocabulary(model, tokenizer) -> None:
+    """Every token id the tokenizer makes has a row in the model's embedding (a mismatched
+    tokenizer would index past it and fail mid-evaluation)."""
+    rows = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > rows:
+        raise UserError(f"the tokenizer has {len(tokenizer)} tokens but the model's embedding only {rows} rows: "
+                        "the tokenizer is not this model's; use the checkpoint's own tokenizer")
+
+
 def four_bit_config():
     if not torch.cuda.is_available():
         raise UserError("--load-in-4bit needs a CUDA GPU (bitsandbytes nf4); drop it on this machine")

@@ -116,7 +116,9 @@ def read_curve(path: Path) -> list[CurveRow]:
             row = json.loads(line)
             if not isinstance(row, dict) or not {"step", "task", "metric", "value"} <= set(row):
                 raise ValueError("not a curve row")
-            int(row["step"]), float(row["value"] if row["value"] is not None else "nan")
+            if not isinstance(row["step"], int) or isinstance(row["step"], bool) or not isinstance(row["task"], str):
+                raise ValueError("step must be an integer and task a name")
+            float(row["value"] if row["value"] is not None else "nan")
         except (ValueError, TypeError):
             if i == len(lines):
                 continue

@@ -95,6 +95,10 @@ def load_sweep(path: str | Path, trust_remote_code: bool = False) -> tuple[dict,
         raise UserError(f"unknown sweep key(s) {', '.join(sorted(unknown))} in {path}; valid: {', '.join(sorted(allowed))}")
     if not raw.get("models"):
         raise UserError(f"sweep {path} lists no models")
+    for key, kind in (("base", dict), ("models", list), ("attacks", list), ("seeds", list)):
+        if raw.get(key) is not None and not isinstance(raw[key], kind):
+            raise UserError(f"sweep {path}: '{key}' must be a {'mapping of config sections' if kind is dict else 'list'}, "
+                            f"got {type(raw[key]).__name__}")
     here = Path(path).parent  # relative input paths in the file are found from its folder first
     base = with_paths_from(raw.get("base") or {}, here)
     models = [_model(with_paths_from({"model": m}, here)["model"] if isinstance(m, dict) else m, i)

@@ -201,3 +201,79 @@ def test_model_code_runs_only_when_the_command_line_says_so(capsys, world, llama
 def test_attribution_commands_refuse_counts_below_one(capsys, tmp_path):
     _one_line_error(capsys, ["counterfactual", str(tmp_path), "--task", "t", "--k", "-5"], "--k and --draws must be")
     _one_line_error(capsys, ["attribute", str(tmp_path), "--top-k", "-1"], "--top-k must be at least 1")
+
+
+def _runs_left_running(root) -> list:
+    from attack.rundir import RunDir, Status
+
+    return [p for p in root.rglob("summary.json") if RunDir(p.parent).status == Status.RUNNING] if root.exists() else []
+
+
+MALFORMED_FLAGS = [
+    (["--lr-scheduler", "foo"], "train.lr_scheduler must be one of"),
+    (["--seed", str(2**32)], "train.seed must be < 4294967296"),
+    (["--expect", "toy_target_seen=150"], "must be <= 100"),
+    (["--output="], "output.dir"),
+    (["--lora-alpha", "0"], "adapter.alpha must be > 0"),
+    (["--lora-alpha", "1e30"], "adapter.alpha must be <= 10000"),
+]
+
+
+@pytest.mark.parametrize("extra, expected", MALFORMED_FLAGS, ids=[e[0][0] for e in MALFORMED_FLAGS])
+def test_malformed_flags(capsys, world, llama_dir, tmp_path, extra, expected):
+    _one_line_error(capsys, [*_args(world, llama_dir, tmp_path), *extra], expected)
+    assert not (tmp_path / "runs").exists()
+
+
+MALFORMED_FILES = [
+    ("kind: [finetune, grpo]\n", "kind must be one of"),
+    ("train:\n  lr: 1.0e-3\n  lr: 2.0e-3\n", "key 'lr' is given twice"),
+    ("model:\n  name: a\nmodel:\n  name: b\n", "key 'model' is given twice"),
+    ("- just\n- a list\n", "must hold a mapping"),
+    ("train: 5\n", "'train' is not a section"),
+]
+
+
+@pytest.mark.parametrize("text, expected", MALFORMED_FILES, ids=[e[1][:20] for e in MALFORMED_FILES])
+def test_malformed_config_files(capsys, world, llama_dir, tmp_path, text, expected):
+    (tmp_path / "c.yaml").write_text(text)
+    _one_line_error(capsys, ["--config", str(tmp_path / "c.yaml"), *_args(world, llama_dir, tmp_path)], expected)
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("base: [a, b]\nmodels: [{label: m, name: x}]\n", "'base' must be a mapping"),
+    ("models: {label: m}\n", "'models' must be a list"),
+    ("models: [{label: m, name: x}]\nseeds: 3\n", "'seeds' must be a list"),
+    ("models: [{label: m, name: x}]\nmodels: []\n", "key 'models' is given twice"),
+])
+def test_malformed_sweep_files(capsys, tmp_path, text, expected):
+    (tmp_path / "s.yaml").write_text(text)
+    _one_line_error(capsys, ["sweep", str(tmp_path / "s.yaml"), "--dry-run"], expected)
+
+
+def test_malformed_run_directories_for_the_report(capsys, tmp_path):
+    """Curves with string steps, per-question records that are not gzip, a NaN utility bound:
+    one line each, exit 2."""
+    run = tmp_path / "runs" / "r"
+    run.mkdir(parents=True)
+    row = {"step": "5", "task": "t", "metric": "acc", "value": 0.5}
+    (run / "curve.jsonl").write_text(json.dumps({**row, "step": 0}) + "\n" + json.dumps(row) + "\n" + json.dumps(row) + "\n")
+    _one_line_error(capsys, ["report", str(tmp_path / "runs"), "--out", str(tmp_path / "rep")], "is not a curve row")
+    (run / "curve.jsonl").write_text(json.dumps({**row, "step": 0}) + "\n")
+    (run / "samples").mkdir()
+    (run / "samples" / "step-0000000.jsonl.gz").write_text("not gzip")
+    _one_line_error(capsys, ["report", str(tmp_path / "runs"), "--out", str(tmp_path / "rep")], "are unreadable")
+    _one_line_error(capsys, ["report", str(tmp_path / "runs"), "--max-utility-drop", "nan"], "--max-utility-drop must be")
+
+
+def test_a_tokenizer_that_is_not_the_models(capsys, world, llama_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    small = AutoModelForCausalLM.from_pretrained(str(llama_dir))
+    small.resize_token_embeddings(len(world["tokenizer"]) - 10)
+    small.save_pretrained(str(tmp_path / "small"))
+    world["tokenizer"].save_pretrained(str(tmp_path / "small"))
+    _one_line_error(capsys, _args(world, tmp_path / "small", tmp_path), "is not this model's")
+    assert not (tmp_path / "runs").exists()
+    assert not _runs_left_running(tmp_path)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -42,7 +43,7 @@ from attack.data import RowsTrained, load_attack_rows
 from attack.errors import UserError
 from attack.evaluation import find_eval_tasks, score_table
 from attack.evaluation import open_evaluator as _open_evaluator
-from attack.model import autocast_dtype, four_bit_config, load_tokenizer
+from attack.model import autocast_dtype, check_vocabulary, four_bit_config, load_tokenizer
 from attack.published import PublishedScoreCheck
 from attack.rundir import TRAINER_STATE, RunDir, Status, checkpoint_step, read_curve, seal
 from attack.speed import kernels_scoped_to, liger_available, per_device_batch
@@ -103,12 +104,18 @@ def device() -> torch.device:
 def corpus(a: Attack):
     """The packed attack corpus; prepared once into its own cache, shared by every run and rank."""
     with a.procs.main_process_first():  # the main process prepares the corpus, the others map it
-        return load_attack_rows(a.cfg.data, a.tokenizer, a.cfg.train.batch_size, log=a.say)
+        rows = load_attack_rows(a.cfg.data, a.tokenizer, a.cfg.train.batch_size, log=a.say)
+    passes = a.max_steps * a.cfg.train.batch_size / len(rows)
+    if passes > 1000 and a.main:  # said, not refused: memorising a small corpus can be the point
+        print(f"warning: {a.max_steps:,} steps of {a.cfg.train.batch_size} rows pass over the {len(rows):,} packed "
+              f"rows of the corpus {passes:,.0f} times; lower train.max_steps unless that is meant", file=sys.stderr)
+    return rows
 
 
 def evaluator(a: Attack, model, cfg_eval=None, tasks=None):
     """The evaluator on `model` (the live object: it scores whatever the attack makes of it) and
     tasks.json's content. `cfg_eval`/`tasks`: another task set (an ablation's dev tasks)."""
+    check_vocabulary(model, a.tokenizer)
     return _open_evaluator(cfg_eval or a.cfg.eval, model, a.tokenizer, a.amp, tasks or a.tasks)
 
 
@@ -333,14 +340,23 @@ class WeightsMoved(TrainerCallback):
             self.moved = self._fingerprint(model) != self.before
 
 
-def check_moved(a: Attack, moved: WeightsMoved) -> None:
-    """A run that changed nothing ends failed, said in one line, never counted as robustness."""
-    if moved.moved is False:
-        message = ("the attack changed no trained weight: every update was zero or not finite (check adapter.alpha, "
-                   "train.lr and the data); a flat curve from it would read as robustness")
+def check_moved(a: Attack, moved: WeightsMoved, why: str | None = None) -> None:
+    """A run that changed nothing ends failed, said in one line, never counted as robustness;
+    where that can be the finding itself (`why`: RL whose every group of completions scored
+    alike has no gradient), it finishes with a warning in summary.json that the report shows."""
+    if moved.moved is not False:
+        return
+    if why is not None:
         if a.main:
-            a.run.end(Status.FAILED, message)
-        raise UserError(message)
+            warning = f"the attack changed no trained weight: {why}"
+            a.say(f"warning: {warning}")
+            a.run.write_summary(warnings=[*((a.run.summary or {}).get("warnings") or []), warning])
+        return
+    message = ("the attack changed no trained weight: every update was zero or not finite (check adapter.alpha, "
+               "train.lr and the data); a flat curve from it would read as robustness")
+    if a.main:
+        a.run.end(Status.FAILED, message)
+    raise UserError(message)
 
 
 class SealCheckpoint(TrainerCallback):

@@ -90,7 +90,9 @@ def run(cfg: GrpoConfig, extra_callbacks: list | None = None, quiet: bool = Fals
             check_only_adapter_trains(trainer.model)
         curve, moved = common.watch(a, trainer, evaluator, task_info, extra=[RewardLog(a.run.rewards, a.main)])
         train_s = common.fit(a, trainer, checkpoint)
-        common.check_moved(a, moved)
+        common.check_moved(a, moved, why="every group of completions scored alike at every step "
+                                         "(rewards.jsonl: frac_reward_zero_std), so GRPO had no gradient: the model "
+                                         "never sampled a rewarded answer")
 
         # 4. Save the attacked weights, and the summary with the last reward signal.
         with common.closing(a):

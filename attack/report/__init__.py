@@ -100,6 +100,8 @@ def main(argv: list[str]) -> int:
         budgets = [int(b) for b in args.budgets.split(",")] if args.budgets else None
     except ValueError:
         raise UserError(f"--budgets expects comma-separated step counts, e.g. 100,500,1000; got {args.budgets!r}") from None
+    if args.max_utility_drop is not None and not 0 <= args.max_utility_drop < float("inf"):
+        raise UserError(f"--max-utility-drop must be a finite number >= 0, got {args.max_utility_drop}")
     if budgets and min(budgets) < 0:
         raise UserError(f"--budgets must be step counts >= 0, got {args.budgets!r}")
     out = write_report(args.runs, args.out, args.x, args.metric, budgets, args.utility_task, args.max_utility_drop)

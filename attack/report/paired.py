@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from attack.errors import UserError, first_line
 from attack.rundir import RunDir
 from eval_callbacks import read_samples
 
@@ -38,7 +39,12 @@ def load_records(runs: pd.DataFrame) -> pd.DataFrame:
     seed), with those columns added. Empty when no run has records."""
     frames = []
     for run in runs.itertuples(index=False):
-        records = read_samples(RunDir(Path(run.path)).samples)
+        folder = RunDir(Path(run.path)).samples
+        try:
+            records = read_samples(folder)
+        except (OSError, EOFError, ValueError) as e:  # a damaged or foreign file among the records
+            raise UserError(f"the per-question records in {folder} are unreadable ({first_line(e)}); "
+                            "remove the damaged file or leave that run out") from None
         if records:
             df = pd.DataFrame(records)
             df["model"], df["attack"], df["seed"] = run.model, run.attack, run.seed

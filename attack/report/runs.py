@@ -37,6 +37,9 @@ def load_curves(paths: list[str | Path] | str | Path) -> pd.DataFrame:
         meta = _run_meta(rundir)
         tasks = read_json(rundir.tasks_path) or {}
         df = pd.DataFrame(rows)
+        for optional in ("tokens_seen", "stderr", "n", "train_loss", "wall_s"):  # curves other tools wrote
+            if optional not in df:
+                df[optional] = float("nan")
         for k, v in meta.items():
             df[k] = v
         info = {t: i or {} for t, i in tasks.items()}
@@ -87,6 +90,8 @@ def _run_meta(run: RunDir) -> dict:
     if cell:
         meta = dict(model=cell["model"], role=cell["role"], attack=cell["attack"],
                     kind=cell.get("kind", "finetune"), seed=cell["seed"])
+    elif not run.config.exists():  # curves alone (written by other tools): named after the folder
+        meta = dict(model=run.path.name, role="other", attack="attack", kind="finetune", seed=0)
     else:  # a single run: describe it from its config
         cfg = _saved_config(run)
         meta = dict(model=Path(cfg.model.name.rstrip("/")).name or run.path.name, role="other", attack=cfg.label(),
@@ -99,7 +104,7 @@ def _saved_config(run: RunDir):
     from attack.config import load_config, parse_yaml
 
     try:
-        return load_config(parse_yaml(run.config.read_text()) if run.config.exists() else {})
+        return load_config(parse_yaml(run.config.read_text()))
     except Exception as e:  # unreadable YAML, or a config this version does not accept
         raise UserError(f"{run.config} is not a readable config ({first_line(e)}); repair it or leave that run "
                         "out") from None
