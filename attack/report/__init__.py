@@ -25,7 +25,7 @@ from pathlib import Path
 from attack.errors import ArgumentParser, UserError
 from attack.report import ablation, attribution, grpo, sections, verdict
 from attack.report.page import ReportData, markdown, page
-from attack.report.runs import failed_runs, load_curves, pick_metric, published_warnings
+from attack.report.runs import failed_runs, load_curves, pick_metric, run_warnings
 from attack.report.tables import references, summary_table, worst_case
 
 __all__ = ["load_curves", "main", "summary_table", "worst_case", "write_report"]
@@ -78,7 +78,7 @@ def write_report(paths: list[str | Path], out: str | Path, x: str = "steps", met
         summary_table(subtasks, metric, budgets).to_csv(out / "recovery_subtasks.csv", index=False)
     r = ReportData(df=df, picked=picked, refs=references(picked), table=table, worst=worst, out=out, x=x,
                    metric=metric, utility_task=utility_task, max_utility_drop=max_utility_drop, failed=failed,
-                   warnings=published_warnings(paths))
+                   warnings=run_warnings(paths))
     blocks = [block for section in SECTIONS for block in section(r)]
     (out / "recovery.md").write_text(markdown(blocks))
     (out / "index.html").write_text(page(blocks, out))

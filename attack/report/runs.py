@@ -148,8 +148,9 @@ def pick_metric(df: pd.DataFrame, metric: str | None = None) -> pd.DataFrame:
     return df[df.metric == metric] if metric else df[df.metric == df.headline_metric]
 
 
-def published_warnings(paths: list[str | Path]) -> list[str]:
-    """Step-0 mismatches with published scores that the runs recorded in summary.json."""
+def run_warnings(paths: list[str | Path]) -> list[str]:
+    """The warnings the runs recorded in summary.json: step-0 mismatches with published scores,
+    attacks that changed nothing."""
     out = []
     for run in find_runs(paths):
         for w in (RunDir(run).summary or {}).get("warnings") or []:

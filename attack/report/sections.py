@@ -28,8 +28,8 @@ def header(r: ReportData) -> list[Block]:
 def published(r: ReportData) -> list[Block]:
     if not r.warnings:
         return []
-    return [Block("WARNING: read these before the numbers (step-0 checks against published scores, runs that "
-                  "changed nothing)", items=r.warnings, alert=True, in_markdown=True)]
+    return [Block("WARNING: step 0 differs from the published score, or a run changed nothing (read before the "
+                  "numbers)", items=r.warnings, alert=True, in_markdown=True)]
 
 
 def failed(r: ReportData) -> list[Block]:
