@@ -281,6 +281,9 @@ class RunDir:
         """Refuses to touch a directory that already holds a run unless resuming, so nothing
         written is clobbered."""
         self.refuse_existing(resume)
+        for stale in self.path.glob(".*.tmp"):  # half-written files of a process killed mid-write
+            with contextlib.suppress(OSError):
+                stale.unlink()
         checkpoint = self.last_checkpoint(cfg.output.keep_checkpoints) if resume else None
         self.path.mkdir(parents=True, exist_ok=True)
         if resume and self.config.exists():

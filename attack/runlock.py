@@ -41,10 +41,16 @@ class RunLock:
         me = {"host": platform.node(), "pid": os.getpid(), "start": _start_time(os.getpid()), "since": time.time()}
         try:
             fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            with os.fdopen(fd, "w") as f:
-                json.dump(me, f)
         except FileExistsError:
             self._take_over(me)
+        else:
+            try:
+                with os.fdopen(fd, "w") as f:
+                    json.dump(me, f)
+            except BaseException:  # a full disk: leave no empty lock behind
+                with contextlib.suppress(OSError):
+                    self.path.unlink()
+                raise
         RunLock.held.add(self.path.resolve())
         self._heartbeat()
 

@@ -338,3 +338,24 @@ def test_lock_takeover_judges_the_holders_start_time_and_admits_one_taker(tmp_pa
     assert not (tmp_path / ".lock.takeover").exists()
     lock.release()
     assert not (tmp_path / ".lock").exists()
+
+
+def test_no_leftovers_from_a_kill_or_a_full_disk(make_config, tmp_path, monkeypatch):
+    """A temporary file a killed process left in the run directory is cleared on resume; a lock
+    whose holder could not write it (a full disk) is not left behind empty."""
+    cfg = make_config(output={"dir": str(tmp_path), "run_id": "r"}, **SECTIONS)
+    with pytest.raises(KeyboardInterrupt):
+        run_attack(cfg, extra_callbacks=[Kill("save", 4)], quiet=True)
+    _as_if_killed(tmp_path / "r")
+    (tmp_path / "r" / ".tasks.json.12345.tmp").write_text("{")
+    run_attack(make_config(output={"dir": str(tmp_path), "run_id": "r", "resume": True}, **SECTIONS), quiet=True)
+    assert not list((tmp_path / "r").glob(".*.tmp"))
+
+    def full(*a, **kw):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    lock = RunLock(tmp_path / "other.lock")
+    monkeypatch.setattr(json, "dump", full)
+    with pytest.raises(OSError):
+        lock.acquire()
+    assert not (tmp_path / "other.lock").exists()
