@@ -111,16 +111,15 @@ def run(cfg: AblationConfig, extra_callbacks: list | None = None, quiet: bool = 
         if a.main:
             common.ended_early(a, e)
         raise
-    if not resumed and not a.main:
+    if not resumed:
         # The other processes (a fine-tune under `accelerate launch`) wait for the main one's
         # choice, then make the very same edit on their copy.
         a.procs.wait_for_everyone()
-        if not ab.then_finetune:
-            return run.path
-        chosen = json.loads(run.direction.read_text())
-        orthogonalize(model, torch.tensor(chosen["vector"]).to(model.device, model.dtype), ab.strength)
-    elif not resumed:
-        a.procs.wait_for_everyone()
+        if not a.main:
+            if not ab.then_finetune:
+                return run.path
+            chosen = json.loads(run.direction.read_text())
+            orthogonalize(model, torch.tensor(chosen["vector"]).to(model.device, model.dtype), ab.strength)
     edit_s = time.perf_counter() - start
     summary = {k: v for k, v in chosen.items() if k != "vector"}
 
