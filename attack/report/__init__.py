@@ -22,9 +22,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pandas as pd
+
 from attack.errors import ArgumentParser, UserError
 from attack.report import ablation, attribution, grpo, sections, verdict
 from attack.report.page import ReportData, markdown, page
+from attack.report.paired import load_records, paired_curves
 from attack.report.runs import failed_runs, load_curves, pick_metric, run_warnings
 from attack.report.tables import references, summary_table, worst_case
 
@@ -76,7 +79,14 @@ def write_report(paths: list[str | Path], out: str | Path, x: str = "steps", met
     subtasks = df[~df.headline]
     if len(subtasks):
         summary_table(subtasks, metric, budgets).to_csv(out / "recovery_subtasks.csv", index=False)
+    # The per-question records and their paired curves, read and bootstrapped once for every
+    # section that reads them (the paired tables, the verdict)
+    records = load_records(df[["run", "path", "model", "attack", "seed"]].drop_duplicates())
+    if not records.empty:
+        records = records[records.task.isin(set(picked.task) - {utility_task})]
+    curves = paired_curves(records) if not records.empty else pd.DataFrame()
     r = ReportData(df=df, picked=picked, refs=references(picked), table=table, worst=worst, out=out, x=x,
+                   records=records, paired_curves=curves,
                    metric=metric, utility_task=utility_task, max_utility_drop=max_utility_drop, failed=failed,
                    warnings=run_warnings(paths))
     blocks = [block for section in SECTIONS for block in section(r)]

@@ -25,6 +25,8 @@ class ReportData:
     table: pd.DataFrame  # summary_table: one row per model x attack x task
     worst: pd.DataFrame  # worst_case over the attack settings, per model x task x budget
     out: Path  # the report folder (sections write their CSVs here)
+    records: pd.DataFrame = field(default_factory=pd.DataFrame)  # per-question records of the target tasks
+    paired_curves: pd.DataFrame = field(default_factory=pd.DataFrame)  # paired.paired_curves of those records
     x: str = "steps"
     metric: str | None = None
     utility_task: str | None = None

@@ -60,14 +60,12 @@ def files(r: ReportData) -> list[Block]:
 def paired(r: ReportData) -> list[Block]:
     """recovery_paired.csv (claims per model x attack x target task) and paired_curves.csv (every
     point with its interval and flipped questions), from the runs' per-question records."""
-    from attack.report.paired import load_records, paired_curves, paired_table
+    from attack.report.paired import paired_table
 
-    records = load_records(r.df[["run", "path", "model", "attack", "seed"]].drop_duplicates())
-    if records.empty:
+    if r.records.empty:
         return []
-    records = records[records.task.isin(set(r.picked.task) - {r.utility_task})]
-    paired_curves(records).to_csv(r.out / "paired_curves.csv", index=False)
-    table = paired_table(records, r.refs)
+    r.paired_curves.to_csv(r.out / "paired_curves.csv", index=False)
+    table = paired_table(r.records, r.refs)
     table.to_csv(r.out / "recovery_paired.csv", index=False)
     if "recovered_final" not in table.columns:
         return []

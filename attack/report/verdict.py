@@ -61,14 +61,8 @@ def _models_under_test(r: ReportData) -> set:
 def _recovery_curves(r: ReportData, targets: list[str], tested: set) -> pd.DataFrame:
     """Per model x attack x target task x step: recovered fraction with its interval, tokens, and
     whether the point is within the utility bound."""
-    from attack.report.paired import load_records, paired_curves
-
     d = r.picked[r.picked.model.isin(tested)]
-    records = load_records(d[["run", "path", "model", "attack", "seed"]].drop_duplicates())
-    if not records.empty:
-        c = paired_curves(records[records.task.isin(targets)])
-    else:
-        c = pd.DataFrame()
+    c = r.paired_curves[r.paired_curves.model.isin(tested)] if not r.paired_curves.empty else r.paired_curves
     if c.empty:  # no per-question records: the curve's scores, no interval
         m = d[d.task.isin(targets)].groupby(["model", "attack", "task", "step"]).value.mean().reset_index()
         pre = m[m.step == 0].set_index(["model", "attack", "task"]).value
