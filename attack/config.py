@@ -157,6 +157,10 @@ class EvalConfig(Section):
     the first and last points always use the full task."""
     batch_size: Positive = 32
     """lm-eval batch size."""
+    fast: bool = True
+    """Score log-likelihood tasks at the cost of their forward passes (requests built once, the
+    output head only where answers are scored; eval_callbacks/fastlm.py). The numbers equal stock
+    lm-eval's; false runs stock lm-eval's HFLM path at every point."""
     dataset_paths: dict[str, str] = {}
     """Local copies of the hub datasets that tasks name: {hub id: folder laid out like the hub
     repository (same configurations and splits)}. The task YAMLs stay unchanged; ids not listed

@@ -25,7 +25,7 @@ def open_evaluator(cfg: EvalConfig, model, tokenizer, autocast_dtype, task_manag
     try:
         evaluator = LiveEvaluator(model, tokenizer, cfg.tasks, batch_size=cfg.batch_size, limit=cfg.limit,
                                   autocast_dtype=autocast_dtype, task_manager=task_manager,
-                                  dataset_paths=cfg.dataset_paths)
+                                  dataset_paths=cfg.dataset_paths, fast=cfg.fast)
     except (UnknownTaskError, TaskDataError) as e:
         raise UserError(str(e)) from None
     task_info = evaluator.task_info()

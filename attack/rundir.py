@@ -95,6 +95,7 @@ class Summary(TypedDict, total=False):
     corpus: str
     eval_steps: list[int]
     eval_s: float
+    eval_point_s: list[float]  # each evaluation point's seconds (the first also builds the requests)
     train_s: float
     wall_s: float
     final_train_loss: float | None

@@ -100,6 +100,7 @@ class RecoveryCurveCallback(TrainerCallback):
         self.step_offset = step_offset
         self.train_loss = None
         self.eval_seconds = 0.0
+        self.point_seconds: list[float] = []  # each point's; the first also builds the requests
         self.last_rows: list[CurveRow] = []  # the latest point's rows, for progress displays
         self._start = None
 
@@ -150,7 +151,8 @@ class RecoveryCurveCallback(TrainerCallback):
             self._start = time.perf_counter()
         start = time.perf_counter()
         rows = self.evaluator.evaluate(subset=not full)
-        self.eval_seconds += time.perf_counter() - start
+        self.point_seconds.append(time.perf_counter() - start)
+        self.eval_seconds += self.point_seconds[-1]
         wall = self.wall_offset_s + (time.perf_counter() - self._start)
         for row in rows:
             row.update(step=step, tokens_seen=tokens_seen, train_loss=self.train_loss, wall_s=round(wall, 3))

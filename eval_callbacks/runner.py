@@ -185,6 +185,7 @@ class LiveEvaluator:
         subset_seed: int = 0,
         task_manager=None,
         dataset_paths: dict[str, str] | None = None,
+        fast: bool = True,
     ):
         # lm-eval logs every request batch at INFO; during an attack that is noise.
         logging.getLogger("lm_eval").setLevel(logging.WARNING)
@@ -206,6 +207,12 @@ class LiveEvaluator:
             ) from None
         self.requested = list(tasks)
         self.tasks = dict(self.task_dict["tasks"])  # leaf tasks, groups flattened
+        self.fast = fast  # eval_callbacks/fastlm.py: same numbers, each point at its forward passes' cost
+        if fast:
+            from eval_callbacks.fastlm import reuse_requests
+
+            for task in self.tasks.values():
+                reuse_requests(task)
         self.groups = dict(self.task_dict.get("groups") or {})
         self.sizes = {name: len(task.eval_docs) for name, task in self.tasks.items()}
         empty = [name for name, n in self.sizes.items() if n == 0]
@@ -260,12 +267,14 @@ class LiveEvaluator:
         if self._lm is None:
             from lm_eval.models.huggingface import HFLM
 
+            from eval_callbacks.fastlm import FastHFLM
+
             if self.tokenizer.pad_token is None:
                 self.tokenizer.pad_token = self.tokenizer.eos_token
             was_training = self.model.training
             # lm-eval warns that a pre-built model ignores model_args: expected here.
             logging.getLogger("lm_eval.models.huggingface").setLevel(logging.ERROR)
-            self._lm = HFLM(
+            self._lm = (FastHFLM if self.fast else HFLM)(
                 pretrained=self.model,
                 tokenizer=self.tokenizer,
                 batch_size=self.batch_size,

@@ -91,16 +91,29 @@ def test_data_parallel_two_processes_write_once(world, llama_dir, tmp_path):
 
 @pytest.mark.slow
 def test_benchmark_script_prints_its_measurements():
-    """bench/attack_speed.py runs (tiny settings) and prints one JSON line per recipe."""
-    cmd = [sys.executable, "bench/attack_speed.py", "--steps", "1", "--warmup", "1", "--seq-len", "64",
-           "--batch-size", "4", "--eval-questions", "16"]
+    """bench/attack_speed.py runs (tiny settings) and prints one JSON line per recipe: the
+    attack and full fine-tuning through run_attack with a model object, the baseline recipe."""
+    cmd = [sys.executable, "bench/attack_speed.py", "--recipes", "attack,baseline,full", "--steps", "1",
+           "--warmup", "1", "--seq-len", "64", "--batch-size", "4", "--eval-questions", "16"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = [json.loads(line) for line in proc.stdout.splitlines()]  # stdout is JSON lines only
-    assert [r["recipe"] for r in lines] == ["attack", "baseline"]
+    assert [r["recipe"] for r in lines] == ["attack", "baseline", "full"]
     for r in lines:
-        assert {"recipe", "model", "device", "tokens_per_s", "mfu", "peak_mem_gb", "eval_s", "eval_share"} <= set(r)
+        assert {"recipe", "model", "device", "tokens_per_s", "mfu", "peak_mem_gb", "eval_s", "eval_share",
+                "micro_batch", "checkpointing"} <= set(r)
         assert r["tokens_per_s"] > 0 and r["eval_s"] > 0 and 0 < r["eval_share"] < 1
+    assert lines[1]["checkpointing"] and lines[1]["micro_batch"] == 1  # the Deep Ignorance recipe's settings
+
+
+@pytest.mark.slow
+def test_evaluation_benchmark_compares_with_stock_lm_eval():
+    cmd = [sys.executable, "bench/eval_speed.py", "--questions", "24", "--points", "1", "--batch-size", "8"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    fast, stock = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert (fast["path"], stock["path"]) == ("fast", "stock")
+    assert fast["max_score_diff"] < 1e-6 and fast["speedup"] > 0 and stock["eval_s"] > 0
 
 
 def test_micro_batch_choice_fills_memory_and_checkpoints_only_when_needed():

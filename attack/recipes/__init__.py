@@ -17,9 +17,12 @@ from pathlib import Path
 
 
 def run_attack(cfg, extra_callbacks: list | None = None, quiet: bool = False, cell: dict | None = None,
-               progress: bool | None = None) -> Path:
+               progress: bool | None = None, model=None) -> Path:
     """Run the recipe of cfg.kind and return its run directory. `cell` (sweep metadata) goes to
     cell.json; `extra_callbacks` join the recipe's Trainer. `quiet`: no progress bar, no final
-    table; `progress`: a line per evaluation point (default: when not quiet)."""
+    table; `progress`: a line per evaluation point (default: when not quiet). `model`: the model
+    under test already built (finetune only; a benchmark's random init, made in seconds on the
+    GPU), instead of loading cfg.model.name, which still gives the tokenizer."""
     recipe = import_module(f"attack.recipes.{cfg.kind}")
-    return recipe.run(cfg, extra_callbacks=extra_callbacks, quiet=quiet, cell=cell, progress=progress)
+    built = {} if model is None else {"model": model}
+    return recipe.run(cfg, extra_callbacks=extra_callbacks, quiet=quiet, cell=cell, progress=progress, **built)

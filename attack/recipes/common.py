@@ -186,7 +186,8 @@ def trainer_summary(a: Attack, trainer, curve: RecoveryCurveCallback, train_s: f
     state = trainer.state
     return dict(steps=state.global_step, max_steps=a.max_steps, tokens_seen=int(state.num_input_tokens_seen),
                 processes=a.procs.num_processes, micro_batch_size=micro, gradient_checkpointing=checkpointing,
-                eval_steps=a.schedule, eval_s=round(curve.eval_seconds, 2), train_s=round(train_s, 2),
+                eval_steps=a.schedule, eval_s=round(curve.eval_seconds, 2),
+                eval_point_s=[round(s, 3) for s in curve.point_seconds], train_s=round(train_s, 2),
                 final_train_loss=curve.train_loss if curve.train_loss is not None else _last_loss(state))
 
 

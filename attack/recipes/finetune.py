@@ -19,7 +19,7 @@ from attack.speed import micro_batch
 
 
 def run(cfg: FinetuneConfig, extra_callbacks: list | None = None, quiet: bool = False,
-        cell: dict | None = None, progress: bool | None = None) -> Path:
+        cell: dict | None = None, progress: bool | None = None, model=None) -> Path:
     # 1. Setup. Every check of the user's input, cheapest first. The prepared corpus goes to its
     #    own cache (shared by every run); nothing is written to the run directory yet.
     a = common.setup(cfg, extra_callbacks, quiet, cell, progress)
@@ -28,7 +28,8 @@ def run(cfg: FinetuneConfig, extra_callbacks: list | None = None, quiet: bool = 
 
         require_bergson()
     rows = common.corpus(a)
-    model = load_model(cfg.model, cfg.adapter)
+    if model is None:  # (given: built by the caller in the precision the policy in model.py asks)
+        model = load_model(cfg.model, cfg.adapter)
     if not cfg.model.load_in_4bit:  # (4-bit weights are placed on the GPU as they load)
         model = model.to(common.device())  # before the micro-batch is measured on it
     model = apply_adapter(model, cfg.adapter, bool(cfg.train.gradient_checkpointing))

@@ -1,0 +1,104 @@
+"""The fast evaluation path (eval_callbacks/fastlm.py) against stock lm-eval (HFLM + evaluate) on
+the same live model: every score, stderr, per-question record and group aggregate, at the first
+point and at later points after the weights changed (requests are reused, responses are not)."""
+
+from pathlib import Path
+
+import hub_copies  # tests/hub_copies.py
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from eval_callbacks import LiveEvaluator, find_tasks
+from eval_callbacks.fastlm import FastHFLM
+
+DI_TASKS = str(Path(__file__).resolve().parents[1] / "eval_callbacks" / "tasks" / "deep_ignorance")
+TOY = ["toy_target_seen", "toy_target_cloze", "toy_general"]
+
+
+def _pair(model, tokenizer, tasks, include, copies=None, batch_size=8, limit=None):
+    manager = find_tasks(tasks, include)
+    return [LiveEvaluator(model, tokenizer, tasks, batch_size=batch_size, task_manager=manager, dataset_paths=copies,
+                          limit=limit, fast=fast) for fast in (True, False)]
+
+
+def _same(fast: LiveEvaluator, stock: LiveEvaluator, subset: bool = False) -> int:
+    """Both evaluators score the model now; returns how many rows were compared."""
+    ours, theirs = fast.evaluate(subset=subset), stock.evaluate(subset=subset)
+    key = lambda r: (r["task"], r["metric"])  # noqa: E731
+    ours, theirs = {key(r): r for r in ours}, {key(r): r for r in theirs}
+    assert ours.keys() == theirs.keys()
+    for k, row in theirs.items():
+        assert ours[k]["n"] == row["n"], k
+        assert ours[k]["value"] == pytest.approx(row["value"], abs=1e-6), k
+        if row["stderr"] is not None:
+            assert ours[k]["stderr"] == pytest.approx(row["stderr"], abs=1e-6), k
+    assert [(r["task"], r["question"], r["correct"]) for r in fast.last_records] == \
+        [(r["task"], r["question"], r["correct"]) for r in stock.last_records]
+    for a, b in zip(fast.last_records, stock.last_records, strict=True):
+        assert a["p_correct"] == pytest.approx(b["p_correct"], abs=2e-5)  # both rounded to 5 decimals
+    return len(theirs)
+
+
+def _perturb(model, seed: int) -> None:
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p) * p.std().clamp(min=1e-3))
+
+
+def _gpt2(tokenizer):
+    """Learned absolute positions: left padding scores right only with each row's own position ids."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_positions=256, n_embd=64, n_layer=2, n_head=2))
+
+
+@pytest.mark.parametrize("arch", ["llama_dir", "neox_dir", "gpt2"])
+def test_toy_tasks_equal_stock_at_every_point(world, arch, request):
+    model = _gpt2(world["tokenizer"]) if arch == "gpt2" else \
+        AutoModelForCausalLM.from_pretrained(str(request.getfixturevalue(arch)))
+    fast, stock = _pair(model, world["tokenizer"], TOY, [str(world["tasks"])], limit=5)
+    assert isinstance(fast._lm_wrapper(), FastHFLM) and fast._lm._fast
+    assert _same(fast, stock) >= 3 * 3
+    assert _same(fast, stock, subset=True) >= 3 * 3  # the fixed subset of intermediate points
+    for seed in (1, 2):  # the weights move between points, as during an attack
+        _perturb(model, seed)
+        _same(fast, stock)
+
+
+def test_deep_ignorance_groups_equal_stock(world, llama_dir, tmp_path):
+    root = tmp_path / "hub"
+    copies = {"EleutherAI/wmdp_bio_robust_mcqa": str(hub_copies.wmdp_bio_robust_mcqa(root / "mcqa")),
+              "EleutherAI/wmdp_bio_cloze": str(hub_copies.wmdp_bio_cloze(root / "cloze"))}
+    model = AutoModelForCausalLM.from_pretrained(str(llama_dir))
+    fast, stock = _pair(model, world["tokenizer"], ["wmdp_bio_robust", "wmdp_bio_cloze_verified"], [DI_TASKS],
+                        copies=copies, batch_size=5)
+    _same(fast, stock)
+    _perturb(model, 3)
+    _same(fast, stock)
+    groups = {r["task"] for r in fast.evaluate() if r["task"] in ("wmdp_bio_robust", "wmdp_bio_cloze_verified")}
+    assert groups == {"wmdp_bio_robust", "wmdp_bio_cloze_verified"}
+
+
+@pytest.mark.slow
+def test_mmlu_group_equals_stock(world, llama_dir, tmp_path):
+    subjects = ["anatomy", "astronomy", "virology", "college_biology", "high_school_physics"]
+    mmlu = hub_copies.mmlu(tmp_path / "mmlu", subjects)
+    tasks = [f"mmlu_{s}" for s in subjects]
+    model = AutoModelForCausalLM.from_pretrained(str(llama_dir))
+    fast, stock = _pair(model, world["tokenizer"], tasks, None, copies={"cais/mmlu": str(mmlu)})
+    _same(fast, stock)
+
+
+def test_generation_tasks_fall_back_to_stock(world, llama_dir, tmp_path):
+    (tmp_path / "gen.jsonl").write_text('{"q": "The first creature is", "a": "a"}\n{"q": "Its colour is", "a": "b"}\n')
+    (tmp_path / "toy_gen.yaml").write_text(
+        f"task: toy_gen\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {tmp_path / 'gen.jsonl'}\n"
+        "test_split: test\noutput_type: generate_until\ndoc_to_text: '{{q}}'\ndoc_to_target: '{{a}}'\n"
+        "generation_kwargs:\n  until: ['.']\n  max_gen_toks: 4\n  do_sample: false\n"
+        "metric_list:\n  - metric: exact_match\n    aggregation: mean\n    higher_is_better: true\nmetadata:\n  version: 1\n")
+    model = AutoModelForCausalLM.from_pretrained(str(llama_dir))
+    fast, stock = _pair(model, world["tokenizer"], ["toy_gen", "toy_general"], [str(tmp_path), str(world["tasks"])])
+    _same(fast, stock)
