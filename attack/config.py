@@ -96,6 +96,13 @@ class DataConfig(Section):
 
 
 class TrainConfig(Section):
+    optimizer: Literal["adamw", "adam", "sgd", "sgd_nesterov", "adagrad", "adadelta", "schedule_free_adamw",
+                       "muon"] = "adamw"
+    """The attack's optimizer (attack/optimizers.py): adamw, adam, sgd, sgd_nesterov, adagrad,
+    adadelta, schedule_free_adamw, or muon (Muon on every matrix, AdamW on the rest). Each
+    checkpoint records it in optimizer.json."""
+    momentum: Annotated[float, Field(ge=0, lt=1)] = 0.9
+    """Momentum of sgd, sgd_nesterov and muon."""
     lr: Annotated[float, Field(gt=0)] = 2e-5
     """Peak learning rate."""
     lr_scheduler: str = "constant_with_warmup"
@@ -104,7 +111,7 @@ class TrainConfig(Section):
     warmup_steps: Annotated[int, Field(ge=0)] = 0
     """Linear warm-up steps."""
     weight_decay: Annotated[float, Field(ge=0)] = 0.0
-    """AdamW weight decay."""
+    """Weight decay (decoupled for adamw and muon, an L2 term for the others)."""
     max_grad_norm: Annotated[float, Field(gt=0)] = 1.0
     """Gradient clipping norm."""
     batch_size: Positive = 16

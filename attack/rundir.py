@@ -94,6 +94,7 @@ class Summary(TypedDict, total=False):
     documents: int
     corpus: str
     eval_steps: list[int]
+    optimizer: dict  # train.optimizer, the class built and its settings
     eval_s: float
     eval_point_s: list[float]  # each evaluation point's seconds (the first also builds the requests)
     train_s: float

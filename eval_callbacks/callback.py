@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 import math
@@ -71,6 +72,21 @@ def read_samples(folder: Path) -> list[dict]:
     return out
 
 
+@contextlib.contextmanager
+def averaged_weights(optimizer):
+    """A schedule-free optimizer trains at one point and is meant to be evaluated at another (its
+    average): it swaps them in with eval() and back with train(). Other optimizers have no modes."""
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper
+    switch = callable(getattr(inner, "eval", None)) and callable(getattr(inner, "train", None))
+    if switch:
+        inner.eval()
+    try:
+        yield
+    finally:
+        if switch:
+            inner.train()
+
+
 class RecoveryCurveCallback(TrainerCallback):
     """Evaluates at the scheduled steps (0, every N, last) and appends curve rows.
 
@@ -104,14 +120,14 @@ class RecoveryCurveCallback(TrainerCallback):
         self.last_rows: list[CurveRow] = []  # the latest point's rows, for progress displays
         self._start = None
 
-    def on_train_begin(self, args, state, control, **kwargs):
+    def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
         self._start = time.perf_counter()
         if state.global_step == 0 and 0 in self.schedule:
-            self._evaluate(state)
+            self._evaluate(state, optimizer)
 
-    def on_step_end(self, args, state, control, **kwargs):
+    def on_step_end(self, args, state, control, optimizer=None, **kwargs):
         if state.global_step in self.schedule and state.global_step != 0:
-            self._evaluate(state)
+            self._evaluate(state, optimizer)
 
     def _check_weights_finite(self, step: int) -> None:
         """A diverged attack must not score: its points would be noise, ranked as recovery. The
@@ -134,13 +150,14 @@ class RecoveryCurveCallback(TrainerCallback):
             )
         self.train_loss = float(loss)
 
-    def _evaluate(self, state) -> None:
+    def _evaluate(self, state, optimizer=None) -> None:
         step = state.global_step
         if step != 0:
             self._check_weights_finite(step)
-        if state.is_world_process_zero:
-            full = step in (self.first, self.last) or self.evaluator.subset is None
-            self.record(self.step_offset + step, int(getattr(state, "num_input_tokens_seen", 0) or 0), full)
+        with averaged_weights(optimizer):
+            if state.is_world_process_zero:
+                full = step in (self.first, self.last) or self.evaluator.subset is None
+                self.record(self.step_offset + step, int(getattr(state, "num_input_tokens_seen", 0) or 0), full)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.barrier()
 

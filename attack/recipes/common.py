@@ -44,6 +44,7 @@ from attack.errors import UserError
 from attack.evaluation import find_eval_tasks, score_table
 from attack.evaluation import open_evaluator as _open_evaluator
 from attack.model import autocast_dtype, check_vocabulary, four_bit_config, load_tokenizer
+from attack.optimizers import RecordOptimizer, describe, trainer_optimizer
 from attack.published import PublishedScoreCheck
 from attack.rundir import TRAINER_STATE, RunDir, Status, checkpoint_step, read_curve, seal
 from attack.speed import kernels_scoped_to, liger_available, per_device_batch
@@ -155,6 +156,7 @@ def fine_tune(a: Attack, model, rows, evaluator, task_info: dict, checkpoint: st
                 include_num_input_tokens_seen="all",  # rows are fully packed: every token trains
                 label_names=["labels"],
             ),
+            **optimizer_kwargs(a),
             train_dataset=IndexedRows(rows) if attribution is not None else rows,  # each row carries its index
             data_collator=default_data_collator,
         )
@@ -184,7 +186,8 @@ def trainer_summary(a: Attack, trainer, curve: RecoveryCurveCallback, train_s: f
                     checkpointing: bool) -> dict:
     """summary.json's fields that every Trainer-based attack has."""
     state = trainer.state
-    return dict(steps=state.global_step, max_steps=a.max_steps, tokens_seen=int(state.num_input_tokens_seen),
+    return dict(steps=state.global_step, max_steps=a.max_steps,
+                optimizer={"name": a.cfg.train.optimizer, **describe(trainer.optimizer)}, tokens_seen=int(state.num_input_tokens_seen),
                 processes=a.procs.num_processes, micro_batch_size=micro, gradient_checkpointing=checkpointing,
                 eval_steps=a.schedule, eval_s=round(curve.eval_seconds, 2),
                 eval_point_s=[round(s, 3) for s in curve.point_seconds], train_s=round(train_s, 2),
@@ -221,7 +224,8 @@ def watch(a: Attack, trainer, evaluator, task_info: dict, extra=()) -> tuple[Rec
     lines = [ProgressLines(curve, a.max_steps, task_info, show_loss=not a.quiet)] if show else []
     moved = WeightsMoved()
     # The seal after the recipe's own callbacks, which add files to a checkpoint (rows trained)
-    for callback in [curve, moved, *saves, *published, *lines, *extra, SealCheckpoint(), *a.extra_callbacks]:
+    record = RecordOptimizer(cfg.train.optimizer)
+    for callback in [curve, moved, *saves, *published, *lines, *extra, record, SealCheckpoint(), *a.extra_callbacks]:
         trainer.add_callback(callback)
     return curve, moved
 
@@ -281,10 +285,16 @@ def _last_loss(state: TrainerState) -> float | None:
     return next((log["loss"] for log in reversed(state.log_history) if "loss" in log), None)
 
 
+def optimizer_kwargs(a: Attack) -> dict:
+    """The Trainer's keyword arguments that build train.optimizer (attack/optimizers.py)."""
+    return trainer_optimizer(a.cfg.train)[1]
+
+
 def trainer_settings(a: Attack, micro: int, checkpointing: bool) -> dict:
     """The Trainer arguments every attack shares (TrainingArguments, or TRL's configs that extend it)."""
     cfg = a.cfg
     return dict(
+        **trainer_optimizer(cfg.train)[0],
         output_dir=str(a.run.checkpoints),
         max_steps=a.max_steps,
         per_device_train_batch_size=micro,

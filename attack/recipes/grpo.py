@@ -78,6 +78,7 @@ def run(cfg: GrpoConfig, extra_callbacks: list | None = None, quiet: bool = Fals
     with kernels_scoped_to(model):
         try:
             trainer = GRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=prompts,
+                                  **common.optimizer_kwargs(a),
                                   processing_class=a.tokenizer,
                                   peft_config=lora_config(cfg.adapter) if cfg.adapter.kind == "lora" else None)
         except ValueError as e:  # PEFT: LoRA target modules that match nothing

@@ -1,0 +1,52 @@
+"""The adversary suite's knobs: the optimizer, which weights move, a perturbation before the
+attack, data mixtures, and the quantization kind."""
+
+import json
+
+import pytest
+import torch
+
+from attack.optimizers import RECORD
+from attack.recipes import run_attack
+from attack.rundir import read_curve
+
+# The state each optimizer keeps per parameter: what tells its optimizer.pt apart from another's
+STATE = {"adamw": "exp_avg", "adam": "exp_avg", "sgd": "momentum_buffer", "sgd_nesterov": "momentum_buffer",
+         "adagrad": "sum", "adadelta": "acc_delta", "schedule_free_adamw": "z", "muon": "momentum_buffer"}
+CLASS = {"adamw": "AdamW", "adam": "Adam", "sgd": "SGD", "sgd_nesterov": "SGD", "adagrad": "Adagrad",
+         "adadelta": "Adadelta", "schedule_free_adamw": "AdamWScheduleFree", "muon": "MuonWithAdamW"}
+
+
+def _checkpoint(run):
+    [ckpt] = sorted((run / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))[-1:]
+    return ckpt
+
+
+def _state_keys(state_dict) -> set[str]:
+    if "state" not in state_dict:  # Muon with AdamW: one state per inner optimizer
+        return set().union(*(_state_keys(s) for s in state_dict.values()))
+    return {k for s in state_dict["state"].values() for k in s}
+
+
+@pytest.mark.parametrize("name", list(STATE))
+def test_each_optimizer_trains_and_its_state_is_in_the_checkpoint(make_config, name):
+    cfg = make_config(train={"optimizer": name, "max_steps": 2, "lr": 1e-2}, eval={"every": 2},
+                      output={"run_id": name})
+    run = run_attack(cfg, quiet=True)
+    ckpt = _checkpoint(run)
+    record = json.loads((ckpt / RECORD).read_text())
+    assert record["optimizer"] == name and record["class"].endswith(CLASS[name]), record
+    assert STATE[name] in _state_keys(torch.load(ckpt / "optimizer.pt", weights_only=False))
+    if name == "sgd_nesterov":
+        assert record["defaults"]["nesterov"] is True and record["defaults"]["momentum"] == 0.9
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["optimizer"]["name"] == name and summary["status"] == "done"
+    assert "optimizer: " + name in (run / "config.yaml").read_text()
+    assert {r["step"] for r in read_curve(run / "curve.jsonl")} == {0, 2}
+
+
+def test_an_unknown_optimizer_is_refused(make_config):
+    from attack.errors import UserError
+
+    with pytest.raises(UserError, match="train.optimizer"):
+        make_config(train={"optimizer": "lion"})
