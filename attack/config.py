@@ -70,7 +70,11 @@ class AdapterConfig(Section):
     dropout: Annotated[float, Field(ge=0, lt=1)] = 0.05
     """Dropout on the LoRA input."""
     target_modules: list[str] = ["all-linear"]
-    """Module names to adapt; all-linear adapts every linear layer except the output head."""
+    """Module names to adapt; all-linear adapts every linear layer except the output head. With
+    kind full, names other than all-linear train only those modules' weights."""
+    layers: list[Annotated[int, Field(ge=0)]] | None = None
+    """Decoder layer indices to train (LoRA: adapters only there; full: only their weights, the
+    embeddings, final norm and head stay frozen); None: every layer."""
 
 
 class DataConfig(Section):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import re
 import sys
 from pathlib import Path
 
@@ -146,9 +147,13 @@ def four_bit_config():
 
 def apply_adapter(model, cfg: AdapterConfig, gradient_checkpointing: bool = False):
     """LoRA through PEFT (only adapter weights train), or full fine-tuning (all weights train)."""
+    check_layers(model, cfg.layers)
     if cfg.kind == "full":
-        for p in model.parameters():
-            p.requires_grad_(True)
+        for name, p in model.named_parameters():
+            p.requires_grad_(full_trains(name, cfg))
+        if not any(p.requires_grad for p in model.parameters()):
+            raise UserError(f"adapter.target_modules {cfg.target_modules} match no weight of this model; "
+                            f"its linear layers are named: {', '.join(linear_names(model))}")
         if gradient_checkpointing:
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         return model
@@ -161,30 +166,66 @@ def apply_adapter(model, cfg: AdapterConfig, gradient_checkpointing: bool = Fals
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     try:
         # autocast_adapter_dtype (PEFT default) keeps the adapter weights in fp32.
-        model = get_peft_model(model, lora_config(cfg), autocast_adapter_dtype=True)
+        model = get_peft_model(model, lora_config(cfg, model), autocast_adapter_dtype=True)
     except ValueError as e:
         raise no_lora_targets(model, cfg, e) from None
     check_only_adapter_trains(model)
     return model
 
 
-def lora_config(cfg: AdapterConfig):
+def lora_config(cfg: AdapterConfig, model):
     from peft import LoraConfig
 
-    targets = cfg.target_modules
+    targets = "all-linear" if cfg.target_modules == ["all-linear"] else list(cfg.target_modules)
+    if targets == "all-linear" and cfg.layers is not None:  # PEFT takes layers only with named modules
+        targets = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                          if isinstance(m, torch.nn.Linear) and layer_of(n + ".") is not None})
     return LoraConfig(
         r=cfg.rank,
         lora_alpha=cfg.alpha,
         lora_dropout=cfg.dropout,
-        target_modules="all-linear" if targets == ["all-linear"] else list(targets),
+        target_modules=targets,
+        layers_to_transform=list(cfg.layers) if cfg.layers is not None else None,
         task_type="CAUSAL_LM",
     )
 
 
+LAYER = re.compile(r"\.(?:layers|h|blocks|layer)\.(\d+)\.")  # a decoder layer's index in a weight's name
+
+
+def layer_of(name: str) -> int | None:
+    match = LAYER.search(name)
+    return int(match.group(1)) if match else None
+
+
+def check_layers(model, layers: list[int] | None) -> None:
+    """adapter.layers names layers this model has."""
+    if layers is None:
+        return
+    count = getattr(model.config, "num_hidden_layers", None)
+    if not layers or (count is not None and max(layers) >= count):
+        raise UserError(f"adapter.layers {layers} must name decoder layers of this model: 0 to {count - 1}"
+                        if count else "adapter.layers must name at least one decoder layer")
+
+
+def full_trains(name: str, cfg: AdapterConfig) -> bool:
+    """Whether full fine-tuning trains the weight `name`: in a chosen layer (adapter.layers) and,
+    unless all-linear, of a chosen module (adapter.target_modules)."""
+    if cfg.layers is not None and layer_of(name) not in cfg.layers:
+        return False
+    if cfg.target_modules != ["all-linear"]:
+        module = name.rsplit(".", 2)[-2] if name.count(".") >= 1 else name
+        return module in cfg.target_modules
+    return True
+
+
+def linear_names(model) -> list[str]:
+    return sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+
+
 def no_lora_targets(model, cfg: AdapterConfig, error: Exception) -> UserError:
-    names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
     return UserError(f"LoRA target modules {cfg.target_modules} match nothing in this model ({first_line(error)}); "
-                     f"its linear layers are named: {', '.join(names)}")
+                     f"its linear layers are named: {', '.join(linear_names(model))}")
 
 
 def check_only_adapter_trains(model) -> None:

@@ -50,3 +50,49 @@ def test_an_unknown_optimizer_is_refused(make_config):
 
     with pytest.raises(UserError, match="train.optimizer"):
         make_config(train={"optimizer": "lion"})
+
+
+def _final_full(run):
+    from transformers import AutoModelForCausalLM
+
+    return dict(AutoModelForCausalLM.from_pretrained(str(run / "final")).named_parameters())
+
+
+@pytest.mark.parametrize("kind", ["full", "lora"])
+def test_a_layer_subset_leaves_every_other_layer_bit_identical(make_config, llama_dir, kind):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from attack.model import layer_of
+
+    cfg = make_config(adapter={"kind": kind, "layers": [1]}, train={"max_steps": 2, "lr": 1e-2}, eval={"every": 2},
+                      output={"run_id": f"layers-{kind}"})
+    run = run_attack(cfg, quiet=True)
+    base = dict(AutoModelForCausalLM.from_pretrained(str(llama_dir)).named_parameters())
+    if kind == "full":
+        after = _final_full(run)
+    else:
+        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(llama_dir)), str(run / "final"))
+        adapted = {layer_of(n) for n, _ in model.named_parameters() if "lora_" in n}
+        assert adapted == {1}
+        after = dict(model.merge_and_unload().named_parameters())
+    changed = {layer_of(n) for n, p in base.items() if not torch.equal(p, after[n])}
+    assert changed == {1}  # layer 1 moved; embeddings, head and every other layer did not
+
+
+def test_full_fine_tuning_of_chosen_modules_only(make_config, llama_dir):
+    from transformers import AutoModelForCausalLM
+
+    cfg = make_config(adapter={"kind": "full", "target_modules": ["down_proj"]}, train={"max_steps": 2, "lr": 1e-2},
+                      eval={"every": 2}, output={"run_id": "modules"})
+    after = _final_full(run_attack(cfg, quiet=True))
+    base = dict(AutoModelForCausalLM.from_pretrained(str(llama_dir)).named_parameters())
+    changed = {n.rsplit(".", 2)[-2] for n, p in base.items() if not torch.equal(p, after[n])}
+    assert changed == {"down_proj"}
+
+
+def test_layers_the_model_lacks_are_refused(make_config):
+    from attack.errors import UserError
+
+    with pytest.raises(UserError, match="adapter.layers"):
+        run_attack(make_config(adapter={"layers": [99]}), quiet=True)

@@ -80,7 +80,7 @@ def run(cfg: GrpoConfig, extra_callbacks: list | None = None, quiet: bool = Fals
             trainer = GRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=prompts,
                                   **common.optimizer_kwargs(a),
                                   processing_class=a.tokenizer,
-                                  peft_config=lora_config(cfg.adapter) if cfg.adapter.kind == "lora" else None)
+                                  peft_config=lora_config(cfg.adapter, model) if cfg.adapter.kind == "lora" else None)
         except ValueError as e:  # PEFT: LoRA target modules that match nothing
             a.run.end(Status.FAILED, str(e))
             raise (no_lora_targets(model, cfg.adapter, e) if "target" in str(e) else UserError(first_line(e))) from None
