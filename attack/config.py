@@ -240,6 +240,16 @@ class AttackKind(Section):
         """Reads an attack corpus (data section)."""
         return False
 
+    @property
+    def trains(self) -> bool:
+        """Has a train section (optimizer, batch, seed); a quantization draws and trains nothing."""
+        return "train" in type(self).model_fields
+
+    @property
+    def seed(self) -> int:
+        """The seed of the data order, dropout and initialisation; 0 where nothing is drawn."""
+        return self.train.seed if self.trains else 0
+
     def training_steps(self) -> int:
         """Optimizer steps of the attack (0 for a one-shot edit): from the token budget when one is set."""
         if self.uses_data and self.data.token_budget is not None:
@@ -515,9 +525,43 @@ class GrpoConfig(AttackKind):
         return self
 
 
+class QuantizeSection(Section):
+    method: Literal["nf4", "int8", "fp16", "bf16"] = "nf4"
+    """nf4: 4-bit NormalFloat in blocks of 64 (QLoRA's storage); int8: row-wise absmax 8-bit
+    (LLM.int8()'s weights); both round to nearest, every linear weight but the output head.
+    fp16, bf16: the whole model cast to that precision (attack/quantization.py)."""
+
+
+class QuantizeConfig(AttackKind):
+    """Quantization: the model under test scored after its weights are stored in a lower
+    precision. No training: step 1 of the curve is the quantized model, as an ablation's."""
+
+    kind: Literal["quantize"] = "quantize"
+    """The attack family; it decides which sections the config may have."""
+    quantize: QuantizeSection = QuantizeSection()
+
+    curve_offset: ClassVar[int] = 1
+
+    def training_steps(self) -> int:
+        return 0
+
+    def label(self) -> str:
+        return f"quantize-{self.quantize.method}"
+
+    def describe(self) -> str:
+        return f"{self.quantize.method} quantization of the weights (round to nearest), no training"
+
+    @model_validator(mode="after")
+    def _full_weights(self):
+        if self.model.load_in_4bit:
+            raise ValueError("the quantize kind quantizes full-precision weights itself; drop model.load_in_4bit")
+        return self
+
+
 # One config class per attack kind; the recipe of the same name runs it.
-KINDS: dict[str, type[AttackKind]] = {"finetune": FinetuneConfig, "ablation": AblationConfig, "grpo": GrpoConfig}
-AttackConfig = FinetuneConfig | AblationConfig | GrpoConfig
+KINDS: dict[str, type[AttackKind]] = {"finetune": FinetuneConfig, "ablation": AblationConfig, "grpo": GrpoConfig,
+                                      "quantize": QuantizeConfig}
+AttackConfig = FinetuneConfig | AblationConfig | GrpoConfig | QuantizeConfig
 
 
 # --- loading ---------------------------------------------------------------------------

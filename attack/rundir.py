@@ -102,6 +102,7 @@ class Summary(TypedDict, total=False):
     final_train_loss: float | None
     published_checks: list[dict]
     ablation: dict  # the direction an ablation chose: layer, position, dev score, KL, strength
+    quantize: dict  # the method, who quantized (bitsandbytes or the simulation), the relative weight change
     grpo: dict  # the reward split's size, the reward, its last logged mean, judge parse failures
     warnings: list[str]
 

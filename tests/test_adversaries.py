@@ -96,3 +96,53 @@ def test_layers_the_model_lacks_are_refused(make_config):
 
     with pytest.raises(UserError, match="adapter.layers"):
         run_attack(make_config(adapter={"layers": [99]}), quiet=True)
+
+
+def test_the_simulated_quantization_equals_bitsandbytes_where_both_run():
+    bnb = pytest.importorskip("bitsandbytes.functional")
+    from attack.quantization import NF4, int8_round_trip, nf4_round_trip
+
+    assert torch.equal(torch.tensor(NF4), bnb.get_4bit_type("nf4", device="cpu"))
+    torch.manual_seed(0)
+    for shape in [(64, 128), (33, 70), (5, 3)]:  # whole blocks, a short last block, one short block
+        w = torch.randn(shape) * 0.02
+        packed, state = bnb.quantize_4bit(w, blocksize=64, quant_type="nf4")
+        assert torch.equal(nf4_round_trip(w), bnb.dequantize_4bit(packed, state))
+        q, stats, _ = bnb.int8_vectorwise_quant(w.clone())
+        assert torch.equal(int8_round_trip(w), bnb.int8_vectorwise_dequant(q, stats))
+
+
+def test_nf4_and_int8_by_hand():
+    """Round to nearest, by hand: one block of NF4 and one row of int8."""
+    from attack.quantization import NF4, int8_round_trip, nf4_round_trip
+
+    w = torch.tensor([[0.5, -0.2, 0.05, 0.0, -1.0, 0.3, 0.7, -0.6]])
+    absmax = 1.0
+    expected = torch.tensor([[min(NF4, key=lambda c: abs(c - x / absmax)) * absmax for x in w[0].tolist()]])
+    assert torch.equal(nf4_round_trip(w), expected)
+    row = torch.tensor([[0.5, -0.25, 0.1, 0.0]])
+    assert torch.allclose(int8_round_trip(row), torch.round(row * 127 / 0.5) * 0.5 / 127, atol=1e-7)
+
+
+@pytest.mark.parametrize("method", ["nf4", "int8", "bf16"])
+def test_the_quantize_kind_scores_the_model_before_and_after(make_config, world, llama_dir, method):
+    from attack.config import load_config
+    from attack.quantization import quantized_linears, round_trip
+
+    cfg = load_config({"kind": "quantize", "quantize": {"method": method}, "model": {"name": str(llama_dir)},
+                       "eval": {"tasks": ["toy_target_seen"], "include_path": [str(world["tasks"])]},
+                       "output": {"dir": str(make_config().output.dir), "run_id": f"q-{method}"}})
+    assert cfg.curve_steps() == [0, 1] and cfg.label() == f"quantize-{method}"
+    run = run_attack(cfg, quiet=True)
+    summary = json.loads((run / "summary.json").read_text())
+    done = summary["quantize"]
+    assert summary["status"] == "done" and done["method"] == method and 0 < done["relative_change"] < 0.5
+    assert {r["step"] for r in read_curve(run / "curve.jsonl")} == {0, 1}
+    if method != "bf16":
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(str(llama_dir))
+        assert done["weights"] == len(quantized_linears(model))  # every linear weight but the head
+        w = quantized_linears(model)[0][1].weight
+        step = (round_trip(w, method, False) - w).abs().max()
+        assert 0 < step < w.abs().max() / (4 if method == "nf4" else 100)  # the rounding is at the method's scale

@@ -84,13 +84,13 @@ def setup(cfg: AttackConfig, extra_callbacks: list | None = None, quiet: bool = 
     # Under `accelerate launch` / torchrun this joins the process group; alone it is one process.
     procs = PartialState(cpu=not torch.cuda.is_available())
     run.check_writable(cfg.output.resume)
-    per_device = per_device_batch(cfg.train, procs.num_processes)
+    per_device = per_device_batch(cfg.train, procs.num_processes) if cfg.trains else 1
     if cfg.model.load_in_4bit:
         four_bit_config()  # says clearly when this machine cannot
     check_tracker(cfg.logging)
     tokenizer = load_tokenizer(cfg.model)  # also says when the model is not where it was said to be
     tasks = find_eval_tasks(cfg.eval)
-    set_seed(cfg.train.seed)
+    set_seed(cfg.seed)
     return Attack(cfg=cfg, run=run, procs=procs, say=(lambda _: None) if quiet else print, tokenizer=tokenizer,
                   tasks=tasks, amp=autocast_dtype(cfg.model.precision), max_steps=cfg.training_steps(),
                   schedule=cfg.eval_schedule(), per_device=per_device, quiet=quiet, progress=progress, cell=cell,

@@ -95,7 +95,7 @@ def _run_meta(run: RunDir) -> dict:
     else:  # a single run: describe it from its config
         cfg = _saved_config(run)
         meta = dict(model=Path(cfg.model.name.rstrip("/")).name or run.path.name, role="other", attack=cfg.label(),
-                    kind=cfg.kind, seed=cfg.train.seed)
+                    kind=cfg.kind, seed=cfg.seed)
     meta.update(run=run.path.name, path=str(run.path), status=str(run.status), config_id=config_id(run))
     return meta
 
