@@ -274,7 +274,13 @@ class AttackKind(Section):
     def curve_steps(self) -> list[int]:
         """Every step the recovery curve will have: step 0, the unmodified model, then the
         scheduled points on the curve's axis."""
-        return sorted({0, *(s + self.curve_offset for s in self.eval_schedule())})
+        return sorted({0, *(s + self.training_offset for s in self.eval_schedule())})
+
+    @property
+    def training_offset(self) -> int:
+        """Curve step of training step 0 in this config: the kind's curve_offset, or 1 where a
+        one-shot change of the model (a perturbation) comes before the training."""
+        return self.curve_offset
 
     def adapter_label(self) -> str:
         return "full" if self.adapter.kind == "full" else f"lora-r{self.adapter.rank}"
@@ -298,6 +304,20 @@ class AttackKind(Section):
             raise UserError("no attack data given: pass --data <file, folder or hub id> or set data.path")
 
 
+class PerturbSection(Section):
+    shrink: Annotated[float, Field(gt=0, le=1)] = 1.0
+    """Shrink-and-perturb before the attack (Ash & Adams 2020; UNDO): every weight of the model
+    under test is scaled by this factor (1: unchanged) ..."""
+    noise: Annotated[float, Field(ge=0, le=10)] = 0.0
+    """... and Gaussian noise added, with this standard deviation relative to each weight
+    tensor's own (0: none), drawn from train.seed. Curve step 1 is the perturbed model; the
+    fine-tune counts on from it."""
+
+    @property
+    def active(self) -> bool:
+        return self.shrink != 1.0 or self.noise > 0
+
+
 class FinetuneConfig(AttackKind):
     """Supervised fine-tuning of the model under test on an attack corpus (LoRA or full)."""
 
@@ -306,16 +326,27 @@ class FinetuneConfig(AttackKind):
     adapter: AdapterConfig = AdapterConfig()
     data: DataConfig = DataConfig()
     train: TrainConfig = TrainConfig()
+    perturb: PerturbSection = PerturbSection()
     attribution: AttributionSection = AttributionSection()
 
     supervised: ClassVar[bool] = True
 
     @property
+    def training_offset(self) -> int:
+        return 1 if self.perturb.active else 0
+
+    @property
     def uses_data(self) -> bool:
         return True
 
+    def label(self) -> str:
+        p = self.perturb
+        return super().label() + (f"-shrink{p.shrink:g}-noise{p.noise:g}" if p.active else "")
+
     def describe(self) -> str:
-        return (f"{super().describe()}, {self.training_steps()} steps of {self.train.batch_size} x "
+        p = self.perturb
+        first = f"shrink {p.shrink:g} and perturb {p.noise:g}, then " if p.active else ""
+        return (f"{first}{super().describe()}, {self.training_steps()} steps of {self.train.batch_size} x "
                 f"{self.data.seq_len} tokens")
 
     @model_validator(mode="after")
@@ -323,6 +354,8 @@ class FinetuneConfig(AttackKind):
         _check_four_bit_lora(self)
         if self.attribution.enabled and self.adapter.kind != "lora":
             raise ValueError("attribution collects LoRA gradients: use adapter.kind lora with --attribution")
+        if self.perturb.active and self.model.load_in_4bit:
+            raise ValueError("perturb changes full-precision weights; drop model.load_in_4bit or the perturbation")
         if self.attribution.enabled and self.output.resume:
             raise ValueError("attribution is collected in one uninterrupted run: drop --resume, or --attribution")
         return self

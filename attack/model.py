@@ -145,6 +145,25 @@ def four_bit_config():
     )
 
 
+@torch.no_grad()
+def shrink_perturb(model, shrink: float, noise: float, seed: int) -> float:
+    """w <- shrink * w + noise * std(w) * e, e ~ N(0, 1), on every floating weight of the model,
+    drawn from `seed` on the CPU (the same perturbation on any device). Returns the change's
+    norm relative to the weights' norm."""
+    generator = torch.Generator().manual_seed(seed)
+    change = norm = 0.0
+    for p in model.parameters():
+        if not p.is_floating_point():
+            continue
+        spread = float(p.float().std()) if p.numel() > 1 else 0.0
+        e = torch.randn(p.shape, generator=generator).to(p.device, torch.float32)
+        new = shrink * p.float() + noise * spread * e
+        change += float((new - p.float()).pow(2).sum())
+        norm += float(p.float().pow(2).sum())
+        p.copy_(new.to(p.dtype))
+    return (change / norm) ** 0.5 if norm else 0.0
+
+
 def apply_adapter(model, cfg: AdapterConfig, gradient_checkpointing: bool = False):
     """LoRA through PEFT (only adapter weights train), or full fine-tuning (all weights train)."""
     check_layers(model, cfg.layers)

@@ -102,6 +102,7 @@ class Summary(TypedDict, total=False):
     final_train_loss: float | None
     published_checks: list[dict]
     ablation: dict  # the direction an ablation chose: layer, position, dev score, KL, strength
+    perturb: dict  # shrink-and-perturb before the fine-tune: shrink, noise, seed, relative weight change
     quantize: dict  # the method, who quantized (bitsandbytes or the simulation), the relative weight change
     grpo: dict  # the reward split's size, the reward, its last logged mean, judge parse failures
     warnings: list[str]
@@ -300,7 +301,7 @@ class RunDir:
         write_atomic(self.env, json.dumps(environment(), indent=2))
         # The resumed trajectory restarts at the checkpoint: points recorded after it
         # (before the interruption) are dropped, so the curve has each step exactly once.
-        keep_until = checkpoint_step(checkpoint) + cfg.curve_offset if checkpoint else -1
+        keep_until = checkpoint_step(checkpoint) + cfg.training_offset if checkpoint else -1
         rows = [r for r in read_curve(self.curve) if r["step"] <= keep_until]
         write_atomic(self.curve, "".join(json.dumps(r) + "\n" for r in rows))
         if self.rewards.exists():

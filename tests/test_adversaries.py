@@ -146,3 +146,35 @@ def test_the_quantize_kind_scores_the_model_before_and_after(make_config, world,
         w = quantized_linears(model)[0][1].weight
         step = (round_trip(w, method, False) - w).abs().max()
         assert 0 < step < w.abs().max() / (4 if method == "nf4" else 100)  # the rounding is at the method's scale
+
+
+def test_shrink_and_perturb_is_curve_step_1_and_the_fine_tune_counts_on(make_config):
+    cfg = make_config(perturb={"shrink": 0.5, "noise": 0.5}, train={"max_steps": 2}, eval={"every": 2},
+                      output={"run_id": "perturbed"})
+    assert cfg.curve_steps() == [0, 1, 3] and "shrink0.5" in cfg.label()
+    run = run_attack(cfg, quiet=True)
+    rows = read_curve(run / "curve.jsonl")
+    assert sorted({r["step"] for r in rows}) == [0, 1, 3]
+    at = {(r["step"], r["task"], r["metric"]): r["value"] for r in rows}
+    # halving every weight and adding noise of half their spread changes what the model says
+    assert abs(at[(1, "toy_general", "correct_prob")] - at[(0, "toy_general", "correct_prob")]) > 1e-3
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["perturb"]["shrink"] == 0.5 and summary["perturb"]["relative_change"] > 0.3
+    assert summary["status"] == "done"
+    plain = make_config(perturb={"shrink": 1.0, "noise": 0.0})
+    assert plain.curve_steps()[:2] == [0, 3] and plain.training_offset == 0
+
+
+def test_the_same_seed_perturbs_the_same_way(llama_dir):
+    from transformers import AutoModelForCausalLM
+
+    from attack.model import shrink_perturb
+
+    a, b = (AutoModelForCausalLM.from_pretrained(str(llama_dir)) for _ in range(2))
+    base = dict(AutoModelForCausalLM.from_pretrained(str(llama_dir)).named_parameters())
+    ra, rb = shrink_perturb(a, 0.8, 0.1, seed=3), shrink_perturb(b, 0.8, 0.1, seed=3)
+    assert ra == rb and all(torch.equal(p, dict(b.named_parameters())[n]) for n, p in a.named_parameters())
+    w = dict(a.named_parameters())["model.layers.0.mlp.down_proj.weight"]
+    w0 = base["model.layers.0.mlp.down_proj.weight"]
+    residual = (w - 0.8 * w0).detach() / w0.std()  # the noise, in units of the weight's spread
+    assert abs(float(residual.std()) - 0.1) < 0.01 and abs(float(residual.mean())) < 0.01

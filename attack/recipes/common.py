@@ -142,7 +142,7 @@ def open_run(a: Attack, task_info: dict) -> str | None:
 def fine_tune(a: Attack, model, rows, evaluator, task_info: dict, checkpoint: str | None, *, micro: int,
               checkpointing: bool, attribution=None) -> Path:
     """Supervised training on the packed corpus with the HF Trainer, on an opened run directory:
-    the curve scores training step 0 before the first update (curve step cfg.curve_offset), then
+    the curve scores training step 0 before the first update (curve step cfg.training_offset), then
     every scheduled step; the attacked weights are saved and the run closed. `attribution`: the
     config section when gradients are collected (attack/attribution/)."""
     cfg, run = a.cfg, a.run
@@ -217,7 +217,7 @@ def watch(a: Attack, trainer, evaluator, task_info: dict, extra=()) -> tuple[Rec
     tracking = cfg.logging.report_to != "none"
     curve = RecoveryCurveCallback(evaluator, a.schedule, run.curve, wall_offset_s=run.wall_so_far(),
                                   log=trainer.log if tracking else None, samples_dir=run.samples,
-                                  step_offset=cfg.curve_offset)
+                                  step_offset=cfg.training_offset)
     saves = [] if cfg.train.save_every else [SaveAtEvalPoints(a.schedule)]
     published = [PublishedScoreCheck(cfg.eval.expect, run, task_info)] if cfg.eval.expect and a.main else []
     show = not a.quiet if a.progress is None else a.progress
