@@ -77,6 +77,19 @@ class AdapterConfig(Section):
     embeddings, final norm and head stay frozen); None: every layer."""
 
 
+class MixSource(Section):
+    path: str
+    """Another corpus (file, folder or hub id, read like data.path), e.g. general text to retain."""
+    share: Annotated[float, Field(gt=0, lt=1)]
+    """Its share of the training tokens; the attack corpus takes what the mix leaves."""
+    text_field: str = "text"
+    """Column holding the document text."""
+    name: str | None = None
+    """Hub dataset configuration name."""
+    split: str = "train"
+    """Dataset split."""
+
+
 class DataConfig(Section):
     path: str = ""
     """Attack corpus: a local jsonl/json/parquet/csv/txt file or folder, or a hub dataset id."""
@@ -97,6 +110,23 @@ class DataConfig(Section):
     seq_len; every later cell and rank reuses them. Put it on shared storage for clusters."""
     num_proc: Positive | None = None
     """Tokenizer worker processes for corpus preparation; None: up to 8, as cores allow."""
+    mix: list[MixSource] = []
+    """Other corpora mixed into the attack corpus by token share, e.g. [{path: retain.jsonl,
+    share: 0.3}] trains 30% of the tokens on retain.jsonl and 70% on data.path; summary.json
+    counts the tokens trained per source (tokens_by_source)."""
+    mix_order: Literal["interleaved", "phases"] = "interleaved"
+    """interleaved: every stretch of steps holds each source at its share. phases: the mix
+    sources one after another in their order, then the attack corpus (retain first, then forget)."""
+
+    @model_validator(mode="after")
+    def _mix_leaves_a_share(self):
+        total = sum(m.share for m in self.mix)
+        if total >= 1:
+            raise ValueError(f"data.mix shares sum to {total:g}; they must leave the attack corpus a share (< 1)")
+        paths = [self.path, *(m.path for m in self.mix)]
+        if len(set(paths)) != len(paths):
+            raise ValueError("data.mix names a corpus twice (or data.path itself); each source once")
+        return self
 
 
 class TrainConfig(Section):
@@ -354,6 +384,8 @@ class FinetuneConfig(AttackKind):
         _check_four_bit_lora(self)
         if self.attribution.enabled and self.adapter.kind != "lora":
             raise ValueError("attribution collects LoRA gradients: use adapter.kind lora with --attribution")
+        if self.attribution.enabled and self.data.mix:
+            raise ValueError("attribution ranks the attack corpus's documents; drop data.mix or --attribution")
         if self.perturb.active and self.model.load_in_4bit:
             raise ValueError("perturb changes full-precision weights; drop model.load_in_4bit or the perturbation")
         if self.attribution.enabled and self.output.resume:
@@ -760,6 +792,10 @@ def with_paths_from(data: dict, folder: Path) -> dict:
         v = values[name]
         values[name] = ([fix(x) for x in v] if isinstance(v, list) else
                         {k: fix(x) for k, x in v.items()} if isinstance(v, dict) else fix(v))
+    mix = out.get("data", {}).get("mix") if isinstance(out, dict) and isinstance(out.get("data"), dict) else None
+    for source in mix if isinstance(mix, list) else []:
+        if isinstance(source, dict) and "path" in source:
+            source["path"] = fix(source["path"])
     return out
 
 

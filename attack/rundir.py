@@ -91,6 +91,7 @@ class Summary(TypedDict, total=False):
     distinct_rows_trained: int
     distinct_tokens_trained: int
     documents_seen: int
+    tokens_by_source: dict  # data.mix: training tokens per corpus (its path), attack corpus included
     documents: int
     corpus: str
     eval_steps: list[int]

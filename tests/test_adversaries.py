@@ -178,3 +178,58 @@ def test_the_same_seed_perturbs_the_same_way(llama_dir):
     w0 = base["model.layers.0.mlp.down_proj.weight"]
     residual = (w - 0.8 * w0).detach() / w0.std()  # the noise, in units of the weight's spread
     assert abs(float(residual.std()) - 0.1) < 0.01 and abs(float(residual.mean())) < 0.01
+
+
+def _corpora(world, tmp_path):
+    from attack.toyworld.world import write_jsonl
+
+    general = [d for d in world["docs"] if d["domain"] == "general"]
+    write_jsonl(general[::2], tmp_path / "retain_a.jsonl")
+    write_jsonl(general[1::2], tmp_path / "retain_b.jsonl")
+    return str(tmp_path / "retain_a.jsonl"), str(tmp_path / "retain_b.jsonl")
+
+
+def test_a_three_source_mixture_trains_each_source_at_its_token_share(make_config, world, tmp_path):
+    a, b = _corpora(world, tmp_path)
+    cfg = make_config(data={"mix": [{"path": a, "share": 0.3}, {"path": b, "share": 0.2}]},
+                      train={"max_steps": 25, "batch_size": 4}, eval={"every": 25}, output={"run_id": "mix"})
+    run = run_attack(cfg, quiet=True)
+    summary = json.loads((run / "summary.json").read_text())
+    tokens = summary["tokens_by_source"]
+    total = sum(tokens.values())
+    assert total == 25 * 4 * 64 == summary["tokens_seen"]
+    for path, share in ((a, 0.3), (b, 0.2), (str(world["attack"]), 0.5)):
+        assert abs(tokens[path] / total - share) <= 0.01, (path, tokens)
+    assert 0 < summary["distinct_rows_trained"] <= summary["rows_trained"] * 0.5 + 1  # attack rows only
+    import numpy as np
+
+    read = np.load(_checkpoint(run) / "rows_trained.npy")
+    assert list(read) == list(range(100))  # the plan is read in its order: it is the data order
+
+
+def test_mixture_plans_interleave_or_run_in_phases(world, tmp_path):
+    from attack.data import MixedRows
+
+    class Rows:  # a packed corpus of n rows, as MixedRows reads it
+        def __init__(self, n):
+            self.n, self.meta, self.folder = n, {"seq_len": 8, "documents": n}, tmp_path
+
+        def __len__(self):
+            return self.n
+
+    attack, retain = Rows(10), Rows(7)
+    mixed = MixedRows(attack, [("retain", retain, 0.25)], "attack", total_rows=40, order="interleaved", seed=0)
+    assert all(list(mixed.source[i:i + 4]).count(0) == 1 for i in range(0, 40, 4))  # every step of 4: one retain row
+    phases = MixedRows(attack, [("retain", retain, 0.25)], "attack", total_rows=40, order="phases", seed=0)
+    assert list(phases.source) == [0] * 10 + [1] * 30  # retain first, then the attack corpus
+    rows = phases.row[phases.source == 0]
+    assert sorted(rows[:7]) == list(range(7)) and set(rows) <= set(range(7))  # each pass a permutation
+    assert phases.tokens_by_source(range(40)) == {"retain": 80, "attack": 240}
+
+
+def test_mixture_shares_must_leave_the_attack_corpus_a_share(make_config, world, tmp_path):
+    from attack.errors import UserError
+
+    a, b = _corpora(world, tmp_path)
+    with pytest.raises(UserError, match="data.mix"):
+        make_config(data={"mix": [{"path": a, "share": 0.6}, {"path": b, "share": 0.4}]})

@@ -39,7 +39,7 @@ from transformers import (
 )
 
 from attack.config import AttackConfig, default_run_id
-from attack.data import RowsTrained, load_attack_rows
+from attack.data import MixedRows, RowsTrained, load_attack_rows, load_mixed_rows
 from attack.errors import UserError
 from attack.evaluation import find_eval_tasks, score_table
 from attack.evaluation import open_evaluator as _open_evaluator
@@ -106,6 +106,9 @@ def corpus(a: Attack):
     """The packed attack corpus; prepared once into its own cache, shared by every run and rank."""
     with a.procs.main_process_first():  # the main process prepares the corpus, the others map it
         rows = load_attack_rows(a.cfg.data, a.tokenizer, a.cfg.train.batch_size, log=a.say)
+        if a.cfg.data.mix:  # the run's whole data order, every source at its share
+            rows = load_mixed_rows(a.cfg.data, a.tokenizer, rows, a.max_steps * a.cfg.train.batch_size,
+                                   a.cfg.train.seed, log=a.say)
     passes = a.max_steps * a.cfg.train.batch_size / len(rows)
     if passes > 1000 and a.main:  # said, not refused: memorising a small corpus can be the point
         print(f"warning: {a.max_steps:,} steps of {a.cfg.train.batch_size} rows pass over the {len(rows):,} packed "
@@ -155,6 +158,8 @@ def fine_tune(a: Attack, model, rows, evaluator, task_info: dict, checkpoint: st
                 **trainer_settings(a, micro, checkpointing),
                 include_num_input_tokens_seen="all",  # rows are fully packed: every token trains
                 label_names=["labels"],
+                # a mixture's plan is its data order (and already shuffled within each source)
+                **({"train_sampling_strategy": "sequential"} if isinstance(rows, MixedRows) else {}),
             ),
             **optimizer_kwargs(a),
             train_dataset=IndexedRows(rows) if attribution is not None else rows,  # each row carries its index
