@@ -105,9 +105,27 @@ def test_report_opens_with_the_verdict_and_embeds_every_figure(runs, tmp_path):
     assert (row.worst_attack, row.at_step, row.tokens, row.broke_utility) == ("B", 20, 20000, 1)
     assert row.recovered == pytest.approx((0.60 - 0.25) / 0.65)
     assert row["to_25%"] == "step 20 (20,000 tokens)" and row["to_75%"] == "not reached"
+    # B recovered 54% of the gap within the bound; A is not counted, it broke the bound
+    assert (row["reached_25%"], row["reached_50%"], row["reached_75%"], row.broke_utility_by) == (1, 1, 0, "A")
     # recovery.md keeps the verdict and links to the tables, not the tables themselves
     md = (out / "recovery.md").read_text()
     assert "Verdict" in md and "[recovery.csv](recovery.csv)" in md and "Recovery table" not in md
+
+
+def test_the_verdict_per_attack_kind(runs, tmp_path):
+    import pandas as pd
+
+    q = _run(runs, "fQ0", "filtered", "filtered", "Q", 0, {0: 0.25, 1: 0.45}, util={0: 0.6, 1: 0.6})
+    cell = json.loads((q / "cell.json").read_text())
+    (q / "cell.json").write_text(json.dumps({**cell, "kind": "quantize"}))
+    out = write_report([runs], tmp_path / "report", utility_task="general", max_utility_drop=0.05)
+    by_kind = pd.read_csv(out / "verdict_by_kind.csv").set_index("kind")
+    assert sorted(by_kind.index) == ["finetune", "quantize"]
+    assert by_kind.loc["quantize", "worst_attack"] == "Q" and by_kind.loc["quantize", "at_step"] == 1
+    assert by_kind.loc["finetune", "worst_attack"] == "B" and by_kind.loc["finetune", "attacks"] == 2
+    overall = pd.read_csv(out / "verdict.csv").iloc[0]
+    assert overall.worst_attack == "B" and overall.attacks == 3  # 54% (B) beats Q's 31%
+    assert "worst case within each attack kind" in (out / "recovery.md").read_text()
 
 
 def test_figure_legends_lie_outside_the_axes(runs):

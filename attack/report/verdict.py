@@ -32,9 +32,16 @@ def section(r: ReportData) -> list[Block]:
     if table.empty:
         return []
     order = ["model", "task", "worst_attack", "kind", "at_step", "tokens", "recovered", "recovered_lo", "recovered_hi",
-             *(f"to_{int(level * 100)}%" for level in LEVELS), "attacks", "broke_utility"]
+             *(f"to_{int(level * 100)}%" for level in LEVELS), "attacks",
+             *(f"reached_{int(level * 100)}%" for level in LEVELS), "broke_utility", "broke_utility_by"]
     table = table[[c for c in order if c in table.columns]]
     table.to_csv(r.out / "verdict.csv", index=False)
+    kinds = r.picked.groupby("attack").kind.first()
+    by_kind = pd.DataFrame([row for (model, task), g in curves.groupby(["model", "task"], sort=True)
+                            for kind, k in g.groupby(g.attack.map(kinds), sort=True)
+                            if (row := _worst(r, k, model, task, budget)) is not None])
+    by_kind = by_kind[[c for c in ["model", "task", "kind", *order[2:3], *order[4:]] if c in by_kind.columns]]
+    by_kind.to_csv(r.out / "verdict_by_kind.csv", index=False)
     heat = _at_budget(curves, budget)
     heat.to_csv(r.out / "recovered_at_budget.csv", index=False)
     attacks = sorted(set(r.df[r.df.model.isin(tested)].attack))
@@ -47,6 +54,10 @@ def section(r: ReportData) -> list[Block]:
             "level. A model is resistant only against these settings: "
             + ", ".join(attacks) + ".")
     return [Block("Verdict: the worst case per model", text=text, table=table, in_markdown=True),
+            Block("The worst case within each attack kind", level=3, table=by_kind, in_markdown=True,
+                  text="reached_N% = how many attack settings of the suite (here: of the kind) recovered at least N% "
+                       "of the gap within the bound, the interval wholly above N% where per-question records exist; "
+                       "broke_utility_by = the settings that pushed the utility task past the bound."),
             Block(f"Recovered fraction of the gap at step {budget:,} (x: the attack broke the model)", level=3,
                   figure=figure(plot_heatmap(heat), r.out, "verdict_heatmap.png"), in_markdown=True)]
 
@@ -89,8 +100,12 @@ def _worst(r: ReportData, g: pd.DataFrame, model: str, task: str, budget: int) -
     """The attack point with the highest recovered fraction, within the budget and the bound."""
     kinds = r.picked.groupby("attack").kind.first()
     points = g[(g.step > 0) & (g.step <= budget) & g.within_bound & g.recovered.notna()]
-    row = dict(model=model, task=task, attacks=g.attack.nunique(),
-               broke_utility=int(g[(g.step > 0) & ~g.within_bound].attack.nunique()))
+    broke = sorted(set(g[(g.step > 0) & (g.step <= budget) & ~g.within_bound].attack))
+    row = dict(model=model, task=task, attacks=g.attack.nunique(), broke_utility=len(broke),
+               broke_utility_by=", ".join(broke), kind=", ".join(sorted(set(g.attack.map(kinds)))))
+    sure = points.recovered_lo if points.recovered_lo.notna().any() else points.recovered
+    for level in LEVELS:  # adversaries that recovered at least this share of the gap, within the bound
+        row[f"reached_{int(level * 100)}%"] = int(points[sure >= level].attack.nunique())
     if points.empty:
         why = "no gap to recover (at the reference already)" if g.recovered.isna().all() else \
             "no attack point within the utility bound"
