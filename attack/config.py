@@ -317,12 +317,15 @@ class AttackKind(Section):
 
     def label(self) -> str:
         """A short name of the attack setting, for runs outside a sweep (a sweep names its own)."""
-        return f"{self.adapter_label()}-lr{self.train.lr:g}"
+        optimizer = "" if self.train.optimizer == "adamw" else f"-{self.train.optimizer}"
+        return f"{self.adapter_label()}{optimizer}-lr{self.train.lr:g}"
 
     def describe(self) -> str:
         """One line on what the attack does, for the terminal and a sweep's dry run."""
-        adapter = "full" if self.adapter.kind == "full" else f"LoRA r={self.adapter.rank}"
-        return f"{adapter}, lr {self.train.lr:g}"
+        a = self.adapter
+        adapter = "full" if a.kind == "full" else f"LoRA r={a.rank}"
+        layers = f" on layers {','.join(map(str, a.layers))}" if a.layers is not None else ""
+        return f"{adapter}{layers}, {self.train.optimizer} lr {self.train.lr:g}"
 
     def input_files(self) -> dict[str, str]:
         """Local files the attack reads besides its model and corpus, {key: path}, checked before it runs."""
@@ -374,10 +377,13 @@ class FinetuneConfig(AttackKind):
         return super().label() + (f"-shrink{p.shrink:g}-noise{p.noise:g}" if p.active else "")
 
     def describe(self) -> str:
-        p = self.perturb
+        p, d = self.perturb, self.data
         first = f"shrink {p.shrink:g} and perturb {p.noise:g}, then " if p.active else ""
+        mix = (f", {1 - sum(m.share for m in d.mix):.0%} attack corpus mixed with "
+               + " and ".join(f"{m.share:.0%} {Path(m.path).name}" for m in d.mix)
+               + (" (in phases)" if d.mix_order == "phases" else "")) if d.mix else ""
         return (f"{first}{super().describe()}, {self.training_steps()} steps of {self.train.batch_size} x "
-                f"{self.data.seq_len} tokens")
+                f"{self.data.seq_len} tokens{mix}")
 
     @model_validator(mode="after")
     def _four_bit_needs_lora(self):
@@ -614,7 +620,10 @@ class QuantizeConfig(AttackKind):
         return f"quantize-{self.quantize.method}"
 
     def describe(self) -> str:
-        return f"{self.quantize.method} quantization of the weights (round to nearest), no training"
+        m = self.quantize.method
+        if m in ("fp16", "bf16"):
+            return f"the whole model cast to {m}, no training"
+        return f"{m} quantization of the linear weights (round to nearest), no training"
 
     @model_validator(mode="after")
     def _full_weights(self):

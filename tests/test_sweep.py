@@ -1,6 +1,7 @@
 """Sweeps: cell expansion, stable ids, shards, skip/resume on re-run, failures recorded."""
 
 import json
+from pathlib import Path
 
 import pytest
 import yaml
@@ -148,8 +149,34 @@ def test_shipped_sweeps_pass_dry_run(capsys, tmp_path, monkeypatch):
     assert len(cells) == 54 and len({line.split()[0] for line in cells}) == 54
     strong = [line for line in cells if "model=EleutherAI/deep-ignorance-e2e-strong-filter " in line]
     assert len(strong) == 6 and all("role=filtered" in line for line in strong)
-    assert {line.split(", lr ")[1].split(",")[0] for line in strong} == {"2e-05", "5e-05", "0.0001"}
+    assert {line.split(" lr ")[1].split(",")[0] for line in strong} == {"2e-05", "5e-05", "0.0001"}
     assert captured.err == ""
+
+
+@pytest.mark.slow
+def test_the_adversary_suite_lists_every_adversary(capsys, tmp_path, monkeypatch):
+    """configs/sweeps/adversary_suite.yaml: every adversary against every model, one cell per
+    model for the deterministic ones, every kind and every optimizer present."""
+    import yaml
+
+    monkeypatch.chdir(tmp_path)
+    sweep = Path(__file__).parents[1] / "configs" / "sweeps" / "adversary_suite.yaml"
+    (tmp_path / "data").mkdir()
+    for name in ("bio_attack_corpus", "general_retain_corpus", "bio_dev_texts"):
+        (tmp_path / "data" / f"{name}.jsonl").write_text('{"text": "a document"}\n')
+    (tmp_path / "data" / "bio_reward_prompts.jsonl").write_text('{"prompt": "Q?", "answer": "A"}\n')
+    assert main(["sweep", str(sweep), "--dry-run"]) == 0
+    cells = capsys.readouterr().out.strip().splitlines()[:-1]
+    spec = yaml.safe_load(sweep.read_text())
+    labels = [a["label"] for a in spec["attacks"]]
+    assert len(labels) >= 20 and len(cells) == len(spec["models"]) * len(labels)
+    for label in labels:
+        assert sum(f"attack={label} " in line for line in cells) == len(spec["models"]), label
+    kinds = {a.get("kind", "finetune") for a in spec["attacks"]}
+    assert kinds == {"finetune", "quantize", "ablation", "grpo"}
+    optimizers = {a.get("train", {}).get("optimizer", "adamw") for a in spec["attacks"] if a.get("kind", "finetune") == "finetune"}
+    assert optimizers == {"adamw", "adam", "sgd", "sgd_nesterov", "adagrad", "adadelta", "schedule_free_adamw", "muon"}
+    assert any("mix" in a.get("data", {}) for a in spec["attacks"]) and any("perturb" in a for a in spec["attacks"])
 
 
 def test_revisions_are_separate_cells(tmp_path, world, llama_dir, capsys):
@@ -172,11 +199,12 @@ def test_a_sweep_mixes_attack_kinds(tmp_path, world, llama_dir):
     own = {"ablation": {"ablation": texts},
            "grpo": {"grpo": {"prompts_path": str(world["attack"]), "prompt_field": "text", "num_generations": 2}}}
     attacks = [{"label": f"{kind}-a", "kind": kind, **own.get(kind, {})} for kind in KINDS]
-    attacks[-1]["seeds"] = [7]  # an attack's own seeds replace the sweep's
+    attacks[list(KINDS).index("grpo")]["seeds"] = [7]  # an attack's own seeds replace the sweep's
+    attacks[list(KINDS).index("quantize")]["seeds"] = [1, 2]  # a quantization draws nothing: one cell
     path = _sweep_file(tmp_path, world, [{"label": "m", "name": str(llama_dir)}], attacks=attacks, seeds=[0])
     _, cells = load_sweep(path)
     assert [c.config.kind for c in cells] == list(KINDS)
-    assert [c.seed for c in cells] == [0] * (len(KINDS) - 1) + [7]
+    assert {c.config.kind: c.seed for c in cells} == {"finetune": 0, "ablation": 0, "grpo": 7, "quantize": 0}
     assert all(json.dumps(c.meta("t")) and c.meta("t")["kind"] == c.config.kind for c in cells)
 
     doc = yaml.safe_load(path.read_text())

@@ -70,6 +70,47 @@ def toy_sweep(world: Path, full: bool = False, quick: bool = False) -> dict:
     }
 
 
+def toy_suite(world: Path) -> dict:
+    """The toy world's adversary suite (`demo --suite`), the counterpart of
+    configs/sweeps/adversary_suite.yaml: 19 adversaries of every kind at a 30-step budget against
+    the unlearned model (the unfiltered one is the reference): LoRA under eight optimizers, full
+    fine-tuning, a retain/forget mixture interleaved and in phases, a layer subset,
+    shrink-and-perturb then LoRA, NF4/int8/fp16 quantization, directional ablation and GRPO."""
+    compact = toy_sweep(world)
+    by_label = {a["label"]: a for a in compact["attacks"]}
+    lora = {"kind": "finetune", "adapter": {"kind": "lora", "rank": 16, "alpha": 32, "dropout": 0.05}}
+    retain = str(world / "corpus" / "general.jsonl")
+
+    def tuned(label: str, lr: float, **more) -> dict:
+        return {"label": label, **_merged(lora, {"train": {"lr": lr}, **more})}
+
+    attacks = [
+        tuned("lora-adamw-3e-3", 3e-3),
+        tuned("lora-adam-3e-3", 3e-3, train={"optimizer": "adam"}),
+        tuned("lora-sgd-1e-1", 1e-1, train={"optimizer": "sgd"}),
+        tuned("lora-sgd-nesterov-1e-1", 1e-1, train={"optimizer": "sgd_nesterov"}),
+        tuned("lora-adagrad-1e-2", 1e-2, train={"optimizer": "adagrad"}),
+        tuned("lora-adadelta-1", 1.0, train={"optimizer": "adadelta"}),
+        tuned("lora-schedule-free-3e-3", 3e-3, train={"optimizer": "schedule_free_adamw"}),
+        tuned("lora-muon-3e-3", 3e-3, train={"optimizer": "muon"}),
+        tuned("lora-adamw-1e-3", 1e-3),
+        {"label": "full-adamw-1e-3", "kind": "finetune", "adapter": {"kind": "full"}, "train": {"lr": 1e-3}},
+        tuned("lora-mix-retain-50%", 3e-3, data={"mix": [{"path": retain, "share": 0.5}]}),
+        tuned("lora-retain-then-forget", 3e-3, data={"mix": [{"path": retain, "share": 0.5}], "mix_order": "phases"}),
+        tuned("lora-layers-0-1", 3e-3, adapter={"layers": [0, 1]}),
+        tuned("shrink-perturb-then-lora", 3e-3, perturb={"shrink": 0.9, "noise": 0.05}),
+        {"label": "quantize-nf4", "kind": "quantize", "quantize": {"method": "nf4"}},
+        {"label": "quantize-int8", "kind": "quantize", "quantize": {"method": "int8"}},
+        {"label": "quantize-fp16", "kind": "quantize", "quantize": {"method": "fp16"}},
+        by_label["ablation"],
+        {**by_label["grpo-correct-lora-r16-lr1e-3"], "label": "grpo-correct-1e-3"},
+    ]
+    base = compact["base"]
+    return {"name": "toy-suite", "base": _merged(base, {"train": {"max_steps": 30}, "eval": {"log_points": 7}}),
+            "models": [m for m in compact["models"] if m["label"] in ("unfiltered", "unlearned")],
+            "attacks": attacks, "seeds": [0]}
+
+
 def _merged(a: dict, b: dict) -> dict:
     from attack.config import merge
 
@@ -116,6 +157,9 @@ def main(argv: list[str]) -> int:
     p.add_argument("--full", action="store_true",
                    help="the full comparison: every kind (ablation then LoRA too), the RMU model, two seeds, "
                         "200-step attacks (make demo-full)")
+    p.add_argument("--suite", action="store_true",
+                   help="the adversary suite (19 adversaries of every kind, 30 steps) against the unlearned model: "
+                        "the toy counterpart of configs/sweeps/adversary_suite.yaml")
     p.add_argument("--workers", type=int, default=min(os.cpu_count() or 1, 4),
                    help="cells run at once, each in its own process on one torch thread (default: the cores, "
                         "at most 4)")
@@ -154,13 +198,14 @@ def main(argv: list[str]) -> int:
         print(f"expected time on a 2-core machine, fresh runs: {_expected(args, built):.0f} s ({world_note}; "
               f"{'the full comparison' if args.full else 'compact; the full comparison: make demo-full'})")
         world = build_world(cache, spec)
-        sweep_spec = toy_sweep(world, full=args.full, quick=args.quick)
+        sweep_spec = toy_suite(world) if args.suite else toy_sweep(world, full=args.full, quick=args.quick)
     info = json.loads((world / "world.json").read_text())
 
     # The sweep names the built world by absolute path; it is written beside its runs, so
     # `python -m attack sweep <output>/sweep.yaml` re-runs it from anywhere.
     default_out = "runs/demo" if args.world == "toy" else "runs/demo-smollm2"
-    out = Path(args.output or default_out + ("-full" if args.full else "") + ("-quick" if args.quick else "")).absolute()
+    out = Path(args.output or default_out + ("-suite" if args.suite else "") + ("-full" if args.full else "")
+               + ("-quick" if args.quick else "")).absolute()
     sweep_spec["output"] = str(out)
     text = yaml.safe_dump(sweep_spec, sort_keys=False)
     sweep_file = out / "sweep.yaml"
@@ -191,7 +236,7 @@ def main(argv: list[str]) -> int:
     print(f"recovery curves and report: {report / 'index.html'}")
     print(f"runs: {out}/   sweep: {sweep_file}   world: {world}")
     print(f"demo took {time.perf_counter() - start:.0f} s")
-    if args.world == "toy" and not args.full:
+    if args.world == "toy" and not args.full and not args.suite:
         print("the full comparison (every kind, the RMU model, two seeds, 200 steps): make demo-full "
               "(python -m attack demo --full)")
     return 0
@@ -200,13 +245,16 @@ def main(argv: list[str]) -> int:
 # Seconds on this project's 2-core machine, one torch thread per process, measured by
 # bench/demo_cost.py: the world build (two processes), and one cell of each attack setting.
 # Measured 2026-11-29 (README, "What the demos cost").
-COST_S = {"world": 305, "world-quick": 35,
-          "finetune": {20: 10, 60: 34, 200: 69}, "ablation": 11, "ablation-then": 79, "grpo": {20: 8, 60: 19, 200: 45}}
+COST_S = {"world": 305, "world-quick": 35, "finetune": {20: 10, 30: 20, 60: 34, 200: 69}, "ablation": 11,
+          "ablation-then": 79, "grpo": {20: 8, 30: 11, 60: 19, 200: 45}, "quantize": 6}
 
 
 def _expected(args, built: bool) -> float:
     """What the demo should take, from COST_S: the world (unless cached) and its cells shared
     among the workers."""
+    if args.suite:  # 2 models x (14 fine-tunes of 30 steps, 3 quantizations, an ablation, a GRPO run)
+        cells = 2 * (14 * COST_S["finetune"][30] + 3 * COST_S["quantize"] + COST_S["ablation"] + COST_S["grpo"][30])
+        return (0 if built else COST_S["world"]) + cells / min(args.workers, 2) + 10
     steps = 20 if args.quick else 200 if args.full else 60
     models = 4 if args.full else 3
     seeds = 2 if args.full and not args.quick else 1
