@@ -32,6 +32,7 @@ from transformers import TrainerCallback
 
 from attack.config import DataConfig
 from attack.errors import UserError, first_line
+from attack.files import save_array_atomic
 from attack.rundir import checkpoint_step
 
 FORMAT = 1  # bump when the prepared layout or the packing changes
@@ -426,7 +427,7 @@ class RowsTrained(TrainerCallback):
     def on_save(self, args, state, control, **kwargs):
         rows = self.trained(state.global_step)
         if state.is_world_process_zero:
-            np.save(Path(args.output_dir) / f"checkpoint-{state.global_step}" / self.FILE, rows)
+            save_array_atomic(Path(args.output_dir) / f"checkpoint-{state.global_step}" / self.FILE, rows)
 
     def coverage(self, step: int) -> dict:
         """summary.json's coverage fields: rows and documents of the attack corpus trained on, of

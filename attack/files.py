@@ -11,10 +11,21 @@ from pathlib import Path
 def write_atomic(path: Path, text: str) -> None:
     """Write via a temporary file (named for this process) and rename, so readers never see a
     half-written file and a failed write (a full disk) leaves nothing behind."""
+    _atomic(Path(path), lambda f: f.write(text.encode()))
+
+
+def save_array_atomic(path: Path, array) -> None:
+    """np.save, written whole or not at all (as write_atomic)."""
+    import numpy as np
+
+    _atomic(Path(path), lambda f: np.save(f, array))
+
+
+def _atomic(path: Path, write) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        with open(tmp, "w") as f:
-            f.write(text)
+        with open(tmp, "wb") as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
+from attack.files import write_atomic
+
 OPTIMIZERS = ("adamw", "adam", "sgd", "sgd_nesterov", "adagrad", "adadelta", "schedule_free_adamw", "muon")
 RECORD = "optimizer.json"  # in each checkpoint: which optimizer its optimizer.pt belongs to
 
@@ -102,4 +104,4 @@ class RecordOptimizer(TrainerCallback):
     def on_save(self, args, state, control, optimizer=None, **kwargs):
         if state.is_world_process_zero and optimizer is not None:
             path = Path(args.output_dir) / f"checkpoint-{state.global_step}" / RECORD
-            path.write_text(json.dumps({"optimizer": self.name, **describe(optimizer)}, indent=1, default=str) + "\n")
+            write_atomic(path, json.dumps({"optimizer": self.name, **describe(optimizer)}, indent=1, default=str) + "\n")

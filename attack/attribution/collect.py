@@ -27,6 +27,7 @@ import torch
 from transformers import TrainerCallback
 
 from attack.errors import UserError
+from attack.files import save_array_atomic, write_atomic
 from attack.model import continuation_logprobs
 from attack.rundir import AttributionFiles
 from eval_callbacks.runner import preserved_training_state
@@ -114,7 +115,7 @@ def _document_gradients_class():
             super().on_train_begin(args, state, control, model=model, **kwargs)
             if state.is_world_process_zero:
                 self.path.mkdir(parents=True, exist_ok=True)
-                np.save(self.files.pieces, self.pieces)  # the row-to-document map, kept with the run
+                save_array_atomic(self.files.pieces, self.pieces)  # the row-to-document map, kept with the run
             rows = self.collector
             rows.__exit__(None, None, None)
             self.collector = piece_collector(model=rows.model, processor=rows.processor,
@@ -187,7 +188,7 @@ class QueryGradients(TrainerCallback):
         self.epochs: dict[int, int] = {}
         if state.is_world_process_zero:
             self.files.path.mkdir(parents=True, exist_ok=True)
-            self.files.questions.write_text(json.dumps(self.examples))
+            write_atomic(self.files.questions, json.dumps(self.examples))
 
     def on_step_begin(self, args, state, control, **kwargs):
         # The epoch folder this step's rows go to. Bergson's order.hf reads the epoch after the
@@ -197,12 +198,12 @@ class QueryGradients(TrainerCallback):
     def on_train_end(self, args, state, control, **kwargs):
         self.collector.train_grad_buffer.flush()  # Bergson flushes at epoch ends; the last one may be cut short
         if state.is_world_process_zero:
-            self.files.step_epochs.write_text(json.dumps(self.epochs))
+            write_atomic(self.files.step_epochs, json.dumps(self.epochs))
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if state.global_step in self.schedule and state.is_world_process_zero:
             self.files.queries.mkdir(parents=True, exist_ok=True)
-            np.save(self.files.query(state.global_step), self.gradients(model))
+            save_array_atomic(self.files.query(state.global_step), self.gradients(model))
 
     def gradients(self, model) -> np.ndarray:
         from bergson.collector.gradient_collectors import TraceCollector

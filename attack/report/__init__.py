@@ -25,6 +25,7 @@ from pathlib import Path
 import pandas as pd
 
 from attack.errors import ArgumentParser, UserError
+from attack.files import write_atomic
 from attack.report import ablation, attribution, grpo, sections, verdict
 from attack.report.page import ReportData, markdown, page
 from attack.report.paired import load_records, paired_curves
@@ -90,8 +91,8 @@ def write_report(paths: list[str | Path], out: str | Path, x: str = "steps", met
                    metric=metric, utility_task=utility_task, max_utility_drop=max_utility_drop, failed=failed,
                    warnings=run_warnings(paths))
     blocks = [block for section in SECTIONS for block in section(r)]
-    (out / "recovery.md").write_text(markdown(blocks))
-    (out / "index.html").write_text(page(blocks, out))
+    write_atomic(out / "recovery.md", markdown(blocks))
+    write_atomic(out / "index.html", page(blocks, out))
     return out
 
 

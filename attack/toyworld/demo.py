@@ -82,7 +82,7 @@ def toy_suite(world: Path) -> dict:
     retain = str(world / "corpus" / "general.jsonl")
 
     def tuned(label: str, lr: float, **more) -> dict:
-        return {"label": label, **_merged(lora, {"train": {"lr": lr}, **more})}
+        return {"label": label, **_merged(_merged(lora, {"train": {"lr": lr}}), more)}
 
     attacks = [
         tuned("lora-adamw-3e-3", 3e-3),
