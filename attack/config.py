@@ -601,6 +601,9 @@ class QuantizeSection(Section):
     """nf4: 4-bit NormalFloat in blocks of 64 (QLoRA's storage); int8: row-wise absmax 8-bit
     (LLM.int8()'s weights); both round to nearest, every linear weight but the output head.
     fp16, bf16: the whole model cast to that precision (attack/quantization.py)."""
+    save_weights: bool = True
+    """Save the quantized model to final/ (dequantized weights, fp32 for nf4 and int8: a 7B
+    model takes 28 GB), so it can be inspected or attacked further; false keeps the scores only."""
 
 
 class QuantizeConfig(AttackKind):

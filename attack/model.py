@@ -101,6 +101,19 @@ def _no_gguf_bar():
         gguf_utils.tqdm = original
 
 
+def save_model(model, tokenizer, folder: Path) -> None:
+    """An ordinary model directory, written under a temporary name and renamed: a reader finds a
+    whole model or none."""
+    import shutil
+
+    tmp = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(str(tmp))
+    tokenizer.save_pretrained(str(tmp))
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
+
+
 def check_weights_complete(name: str, loading: dict) -> None:
     """Refuse a checkpoint whose weights do not cover its config: transformers fills the gaps with
     random values, and a measurement of a partly random model means nothing."""

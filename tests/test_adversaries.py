@@ -138,14 +138,37 @@ def test_the_quantize_kind_scores_the_model_before_and_after(make_config, world,
     done = summary["quantize"]
     assert summary["status"] == "done" and done["method"] == method and 0 < done["relative_change"] < 0.5
     assert {r["step"] for r in read_curve(run / "curve.jsonl")} == {0, 1}
-    if method != "bf16":
-        from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(str(llama_dir))
-        assert done["weights"] == len(quantized_linears(model))  # every linear weight but the head
-        w = quantized_linears(model)[0][1].weight
-        step = (round_trip(w, method, False) - w).abs().max()
-        assert 0 < step < w.abs().max() / (4 if method == "nf4" else 100)  # the rounding is at the method's scale
+    base = AutoModelForCausalLM.from_pretrained(str(llama_dir))
+    saved = dict(AutoModelForCausalLM.from_pretrained(str(run / "final"), dtype="auto").named_parameters())
+    if method == "bf16":
+        assert all(p.dtype == torch.bfloat16 for p in saved.values())
+        return
+    layers = quantized_linears(base)
+    assert done["weights"] == len(layers)  # every linear weight but the head
+    for name, module in layers:
+        w = module.weight.detach()
+        assert torch.equal(saved[name + ".weight"], _by_hand(w, method)), name
+    head = base.get_output_embeddings().weight
+    assert torch.equal(saved["lm_head.weight"], head.detach())  # the head stays as it was
+
+
+def _by_hand(w: torch.Tensor, method: str) -> torch.Tensor:
+    """Round to nearest, written out: NF4 per block of 64 consecutive weights, int8 per row."""
+    from attack.quantization import NF4
+
+    if method == "int8":
+        scale = w.abs().max(dim=1, keepdim=True).values
+        return torch.round(w * (127.0 / scale)).to(torch.int8) * scale * (1 / 127)
+    flat, out = w.reshape(-1), torch.empty(w.numel())
+    levels = torch.tensor(NF4)
+    for start in range(0, flat.numel(), 64):
+        block = flat[start:start + 64]
+        scale = block.abs().max()
+        nearest = (block[:, None] * (1.0 / scale) - levels[None, :]).abs().argmin(dim=1)
+        out[start:start + 64] = levels[nearest] * scale
+    return out.reshape(w.shape)
 
 
 def test_shrink_and_perturb_is_curve_step_1_and_the_fine_tune_counts_on(make_config):

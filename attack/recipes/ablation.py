@@ -22,7 +22,6 @@ refusal mode (Arditi et al. 2024): harmful against harmless instructions in the 
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from pathlib import Path
 
@@ -34,7 +33,7 @@ from attack.directions import ablated, decoder_layers, mean_activations, next_to
 from attack.errors import UserError
 from attack.evaluation import check_disjoint, check_texts_disjoint, find_eval_tasks
 from attack.files import write_atomic
-from attack.model import apply_adapter, load_model
+from attack.model import apply_adapter, load_model, save_model
 from attack.recipes import common
 from attack.rundir import RunDir
 from attack.speed import micro_batch
@@ -106,7 +105,7 @@ def run(cfg: AblationConfig, extra_callbacks: list | None = None, quiet: bool = 
             orthogonalize(model, r.to(model.dtype), ab.strength)
             chosen.update(strength=ab.strength, mode=ab.mode, kind=ab.direction)
             write_atomic(run.direction, json.dumps({**chosen, "vector": r.tolist()}))
-            _save(model, a.tokenizer, run.ablated if ab.then_finetune else run.final)
+            save_model(model, a.tokenizer, run.ablated if ab.then_finetune else run.final)
     except BaseException as e:
         if a.main:
             common.ended_early(a, e)
@@ -251,16 +250,6 @@ def _dose(evaluator: LiveEvaluator, model, r: torch.Tensor, doses: list[float], 
             for row in evaluator.evaluate():
                 rows.append(dict(strength=strength, **row))
     write_atomic(path, "".join(json.dumps(row) + "\n" for row in rows))
-
-
-def _save(model, tokenizer, folder: Path) -> None:
-    """An ordinary model directory, written under a temporary name and renamed."""
-    tmp = folder.with_name(folder.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(str(tmp))
-    tokenizer.save_pretrained(str(tmp))
-    shutil.rmtree(folder, ignore_errors=True)
-    tmp.rename(folder)
 
 
 def _f(value) -> str:

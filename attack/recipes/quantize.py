@@ -6,10 +6,10 @@ precision (4-bit NF4, 8-bit, fp16 or bf16; attack/quantization.py), score it aga
     3. step 0    the unmodified model
     4. quantize  every linear weight but the head rounded to its nearest level (nf4, int8), or
                  the whole model cast (fp16, bf16)
-    5. step 1    the quantized model -> summary.json (method, backend, relative weight change)
+    5. step 1    the quantized model -> summary.json (method, backend, relative weight change),
+                 and its weights in final/ (unless quantize.save_weights is false)
 
-Nothing trains, so the curve has the two points of an ablation, on the same step axis; nothing
-is saved but the scores: the quantized weights follow from the model and the method.
+Nothing trains, so the curve has the two points of an ablation, on the same step axis.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from attack.config import AdapterConfig, QuantizeConfig
-from attack.model import load_model
+from attack.model import load_model, save_model
 from attack.quantization import quantize_model
 from attack.recipes import common
 from attack.tracking import finish_tracker
@@ -48,6 +48,8 @@ def run(cfg: QuantizeConfig, extra_callbacks: list | None = None, quiet: bool = 
         a.say(f"{done['method']}: {done['weights']} weight tensors, relative change {done['relative_change']} "
               f"({done['backend']})")
         curve.record(1, 0)
+        if cfg.quantize.save_weights:  # the weights the scores belong to, as an ordinary model folder
+            save_model(model, a.tokenizer, a.run.final)
     except BaseException as e:
         common.ended_early(a, e)
         raise
