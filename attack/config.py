@@ -62,17 +62,17 @@ class ModelConfig(Section):
 class AdapterConfig(Section):
     kind: Literal["lora", "full"] = "lora"
     """lora: train a PEFT LoRA adapter on a frozen base. full: train every weight."""
-    rank: Positive = 16
+    rank: Annotated[int, Field(gt=0, le=65536)] = 16
     """LoRA rank r."""
     alpha: Annotated[float, Field(gt=0, le=1e4)] = 32.0
     """LoRA alpha (the update is scaled by alpha / r); 0 trains nothing, and beyond 1e4 the
     scale makes every gradient infinite."""
     dropout: Annotated[float, Field(ge=0, lt=1)] = 0.05
     """Dropout on the LoRA input."""
-    target_modules: list[str] = ["all-linear"]
+    target_modules: Annotated[list[str], Field(min_length=1)] = ["all-linear"]
     """Module names to adapt; all-linear adapts every linear layer except the output head. With
     kind full, names other than all-linear train only those modules' weights."""
-    layers: list[Annotated[int, Field(ge=0)]] | None = None
+    layers: Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)] | None = None
     """Decoder layer indices to train (LoRA: adapters only there; full: only their weights, the
     embeddings, final norm and head stay frozen); None: every layer."""
 
@@ -101,7 +101,7 @@ class DataConfig(Section):
     """Column holding the document text (ignored when `template` is set)."""
     template: str | None = None
     """Python format string over several columns, e.g. "{question}\\n{answer}"."""
-    seq_len: Positive = 2048
+    seq_len: Annotated[int, Field(gt=0, le=2**20)] = 2048
     """Length of each packed training row, in tokens."""
     token_budget: Positive | None = None
     """Stop after this many training tokens (overrides train.max_steps)."""
@@ -137,18 +137,18 @@ class TrainConfig(Section):
     checkpoint records it in optimizer.json."""
     momentum: Annotated[float, Field(ge=0, lt=1)] = 0.9
     """Momentum of sgd, sgd_nesterov and muon."""
-    lr: Annotated[float, Field(gt=0)] = 2e-5
+    lr: Annotated[float, Field(gt=0, le=10)] = 2e-5
     """Peak learning rate."""
     lr_scheduler: str = "constant_with_warmup"
     """transformers scheduler name. Constant keeps every prefix of the recovery curve a valid
     shorter attack; a decaying schedule ties the curve's shape to max_steps."""
     warmup_steps: Annotated[int, Field(ge=0)] = 0
     """Linear warm-up steps."""
-    weight_decay: Annotated[float, Field(ge=0)] = 0.0
+    weight_decay: Annotated[float, Field(ge=0, le=10)] = 0.0
     """Weight decay (decoupled for adamw and muon, an L2 term for the others)."""
     max_grad_norm: Annotated[float, Field(gt=0)] = 1.0
     """Gradient clipping norm."""
-    batch_size: Positive = 16
+    batch_size: Annotated[int, Field(gt=0, le=2**20)] = 16
     """Rows (of seq_len tokens) per optimizer step, across all devices."""
     micro_batch_size: Positive | None = None
     """Rows per forward pass per device; None: the whole batch (accumulation fills the rest)."""

@@ -146,7 +146,7 @@ def _model(m, i) -> SweepModel:
 
 def _base_for(base: dict, kind: str) -> dict:
     """The base sections that an attack of this kind has (the others belong to other kinds)."""
-    schema = KINDS.get(kind)
+    schema = KINDS.get(kind) if isinstance(kind, str) else None
     if schema is None:
         raise UserError(f"sweep attack kind must be one of {', '.join(KINDS)}, got {kind!r}")
     return {k: v for k, v in base.items() if k in schema.model_fields}
