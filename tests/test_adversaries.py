@@ -127,7 +127,7 @@ def test_nf4_and_int8_by_hand():
 @pytest.mark.parametrize("method", ["nf4", "int8", "bf16"])
 def test_the_quantize_kind_scores_the_model_before_and_after(make_config, world, llama_dir, method):
     from attack.config import load_config
-    from attack.quantization import quantized_linears, round_trip
+    from attack.quantization import quantized_linears
 
     cfg = load_config({"kind": "quantize", "quantize": {"method": method}, "model": {"name": str(llama_dir)},
                        "eval": {"tasks": ["toy_target_seen"], "include_path": [str(world["tasks"])]},
