@@ -35,6 +35,8 @@ def main() -> None:
     p.add_argument("--questions", type=int, default=1273)
     p.add_argument("--points", type=int, default=2, help="timed evaluation points per path (median taken)")
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--format", choices=["letter", "cloze"], default="letter",
+                   help="letter: scored on ' A'..' D' (one forward per question); cloze: on the answer texts")
     p.add_argument("--vocab", type=int, default=None, help="tiny only: the output head's size (e.g. 128256, "
                                                            "Llama-3's; the tokenizer uses its first 1,024 rows)")
     args = p.parse_args()
@@ -49,7 +51,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         tok = tokenizer(work / "tok")
-        task = write_mcqa_task(work, args.questions, random.Random(0))
+        task = write_mcqa_task(work, args.questions, random.Random(0), cloze=args.format == "cloze")
         config = architecture(args.model, tok, 2048)
         if args.vocab and args.model == "tiny":
             config.vocab_size = args.vocab
@@ -71,7 +73,7 @@ def main() -> None:
                 times.append(time.perf_counter() - start)
             results[path] = (float(np.median(times)), {(r["task"], r["metric"]): r["value"] for r in rows})
         for path, (seconds, scores) in results.items():
-            line = dict(path=path, model=args.model, vocab=model.config.vocab_size, device=device_name(),
+            line = dict(path=path, model=args.model, format=args.format, vocab=model.config.vocab_size, device=device_name(),
                         eval_s=round(seconds, 3),
                         questions=args.questions, batch_size=args.batch_size)
             if path == "fast":

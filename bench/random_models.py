@@ -105,20 +105,29 @@ def synthetic_documents(n: int, seq_len: int, rng: random.Random) -> list[str]:
     return docs
 
 
-def write_mcqa_task(folder: Path, questions: int, rng: random.Random, name: str = "bench_mcqa") -> str:
-    """A letter-answer MCQA task in the Deep Ignorance form: a description, the question, four
-    lettered choices and "Answer:", scored on " A".." D"."""
+def write_mcqa_task(folder: Path, questions: int, rng: random.Random, name: str = "bench_mcqa",
+                    cloze: bool = False) -> str:
+    """A 4-choice task in the Deep Ignorance forms: letter MCQA (a description, the question, four
+    lettered choices and "Answer:", scored on " A".." D"), or cloze (the question and "Answer:",
+    scored on each choice's text, 1-12 words)."""
     rows = []
     for _ in range(questions):
         q = " ".join(rng.choice(WORDS) for _ in range(rng.randint(20, 120)))
         choices = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 12))) for _ in range(4)]
         rows.append(dict(question=q, choices=choices, answer=rng.randrange(4)))
     write_jsonl(rows, folder / f"{name}.jsonl")
-    text = "{{question.strip()}}\\n" + "".join(f"{x}. {{{{choices[{i}]}}}}\\n" for i, x in enumerate("ABCD")) + "Answer:"
+    description = "The following are multiple choice questions (with answers) about biology."
+    if cloze:
+        text, choice = "Question: {{question.strip()}}\\nAnswer:", "'{{choices}}'"
+        description = "Complete the following biology questions with the correct answer."
+    else:
+        text = "{{question.strip()}}\\n" + "".join(f"{x}. {{{{choices[{i}]}}}}\\n" for i, x in enumerate("ABCD")) + "Answer:"
+        choice = '["A", "B", "C", "D"]'
     (folder / f"{name}.yaml").write_text(
         f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {folder / f'{name}.jsonl'}\n"
         "test_split: test\noutput_type: multiple_choice\n"
-        "description: \"The following are multiple choice questions (with answers) about biology.\\n\\n\"\n"
-        f"doc_to_text: \"{text}\"\ndoc_to_choice: [\"A\", \"B\", \"C\", \"D\"]\ndoc_to_target: answer\n"
-        "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\nmetadata:\n  version: 1.0\n")
+        f"description: \"{description}\\n\\n\"\n"
+        f"doc_to_text: \"{text}\"\ndoc_to_choice: {choice}\ndoc_to_target: answer\n"
+        "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
+        "  - metric: acc_norm\n    aggregation: mean\n    higher_is_better: true\nmetadata:\n  version: 1.0\n")
     return name

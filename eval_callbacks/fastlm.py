@@ -6,11 +6,12 @@ and stderr are what the curve records. Three costs that repeat at every point of
 - requests: each task's requests are built once per run (`reuse_requests`), not re-rendered from
   the templates at every point; only their responses are reset;
 - tokenization: each (context, continuation) pair is encoded once per run;
-- the output head: HFLM computes the log-softmax over the whole vocabulary at every position of
-  every row and keeps the continuation's few. `FastHFLM` runs each distinct input row once (the
-  choices of a letter-answer question share one row, as lm-eval's one-token cache does), left-pads
-  rows of a batch and applies the head only at the last K positions (transformers'
-  `logits_to_keep`), where every row's continuation is scored.
+- the forward passes: HFLM runs one row per choice (context and choice) and computes the
+  log-softmax over the whole vocabulary at every position. `FastHFLM` runs each context once,
+  with the head at its last position only (transformers' `logits_to_keep`): that scores every
+  choice's first token, so a letter-answer question costs one short forward. Choices longer
+  than a token (cloze answers) then run after it on its cached keys and values, so the context
+  is never recomputed. Rows of a batch are left-padded with their own position ids.
 
 The log-likelihoods equal HFLM's up to float rounding (the same forward, other batch shapes);
 tests/test_fast_eval.py holds every score and per-question record to stock lm-eval's.
@@ -50,46 +51,96 @@ class FastHFLM(HFLM):
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs: int | None = None):
         if not self._fast or self.batch_size == "auto":
             return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
-        # lm-eval's input row of a request: context + continuation without its last token, cut
-        # from the left to the model's length; the continuation is scored at the row's last positions.
-        rows: dict[tuple[int, ...], list[int]] = {}
-        for i, (_, context, continuation) in enumerate(requests):
-            row = tuple((context + continuation)[-(self.max_length + 1):][:-1])
-            rows.setdefault(row, []).append(i)
-        order = sorted(rows, key=len, reverse=True)  # similar lengths share a batch: little padding
         results: list[tuple[float, bool] | None] = [None] * len(requests)
         size = int(override_bs or self.batch_size)
-        for start in range(0, len(order), size):
-            batch = order[start:start + size]
-            keep = max(len(requests[i][2]) for row in batch for i in rows[row])
-            logprobs = self._scored_logprobs(batch, keep)  # [batch, keep, vocab]
-            for row, scores in zip(batch, logprobs, strict=True):
-                for i in rows[row]:
-                    (strings, _, continuation) = requests[i]
-                    tokens = torch.tensor(continuation, device=scores.device)
-                    scored = scores[keep - len(continuation):]
-                    answer = (float(scored.gather(1, tokens[:, None]).sum()),
-                              bool((scored.argmax(-1) == tokens).all()))
-                    results[i] = answer
-                    if strings is not None:
-                        self.cache_hook.add_partial("loglikelihood", strings, answer)
+        # Requests that fit the model share their context: it runs once, its choices after it.
+        # Longer ones are cut from the left as lm-eval cuts them, each its own row.
+        contexts: dict[tuple[int, ...], list[int]] = {}
+        long = []
+        for i, (_, context, continuation) in enumerate(requests):
+            if len(context) + len(continuation) <= self.max_length + 1:
+                contexts.setdefault(tuple(context), []).append(i)
+            else:
+                long.append(i)
+        batch, cost = [], 0
+        for context in sorted(contexts, key=len, reverse=True):  # similar lengths share a batch
+            batch.append(context)
+            cost += 1 + sum(len(requests[i][2]) > 1 for i in contexts[context])  # rows this context adds
+            if cost >= size:
+                self._score_contexts(batch, contexts, requests, results)
+                batch, cost = [], 0
+        if batch:
+            self._score_contexts(batch, contexts, requests, results)
+        self._score_rows(long, requests, results, size)
+        for (strings, _, _), answer in zip(requests, results, strict=True):
+            if strings is not None:
+                self.cache_hook.add_partial("loglikelihood", strings, answer)
         return results
 
-    def _scored_logprobs(self, batch: list[tuple[int, ...]], keep: int) -> torch.Tensor:
-        """Log-probabilities at the last `keep` positions of each row of a left-padded batch."""
-        width = len(batch[0])
-        ids = torch.full((len(batch), width), self.tokenizer.pad_token_id or 0, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for r, row in enumerate(batch):
-            ids[r, width - len(row):] = torch.tensor(row)
-            mask[r, width - len(row):] = 1
-        positions = (mask.cumsum(1) - 1).clamp(min=0)  # each row counts from 0 at its first token
+    def _forward(self, **inputs):
         with (torch.no_grad(),
               torch.autocast(device_type=self.device.type, dtype=self.mixed_precision_dtype,
                              enabled=self.mixed_precision_dtype is not None)):
-            logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
-                                position_ids=positions.to(self.device), logits_to_keep=keep).logits
-        return F.log_softmax(logits[:, -keep:], dim=-1, dtype=self.softmax_dtype)
+            return self.model(**{k: v.to(self.device) if torch.is_tensor(v) else v for k, v in inputs.items()})
+
+    def _left_padded(self, rows: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """ids, attention mask and per-row position ids (0 at each row's first token)."""
+        width = max(map(len, rows))
+        ids = torch.full((len(rows), width), self.tokenizer.pad_token_id or 0, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for r, row in enumerate(rows):
+            ids[r, width - len(row):] = torch.tensor(row)
+            mask[r, width - len(row):] = 1
+        return ids, mask, (mask.cumsum(1) - 1).clamp(min=0)
+
+    def _score_contexts(self, batch: list[tuple[int, ...]], contexts: dict, requests, results: list) -> None:
+        """Each context once (the head at its last position: every choice's first token), then
+        every choice longer than one token after it, on the context's cached keys and values."""
+        ids, mask, positions = self._left_padded(batch)
+        later = [(b, i) for b, context in enumerate(batch) for i in contexts[context] if len(requests[i][2]) > 1]
+        out = self._forward(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=1,
+                            use_cache=bool(later))
+        first = F.log_softmax(out.logits[:, -1], dim=-1, dtype=self.softmax_dtype)  # [contexts, vocab]
+        rest = None
+        if later:
+            rows = torch.tensor([b for b, _ in later])
+            cache = out.past_key_values
+            cache.reorder_cache(rows.to(self.device))  # one copy of its context's cache per choice
+            tails = [requests[i][2][:-1] for _, i in later]
+            width = max(map(len, tails))
+            tail_ids = torch.tensor([t + [0] * (width - len(t)) for t in tails])
+            tail_mask = torch.tensor([[1] * len(t) + [0] * (width - len(t)) for t in tails])
+            lengths = mask.sum(1)[rows]
+            out = self._forward(input_ids=tail_ids, attention_mask=torch.cat([mask[rows], tail_mask], dim=1),
+                                position_ids=lengths[:, None] + torch.arange(width)[None, :],
+                                past_key_values=cache, use_cache=True)
+            rest = F.log_softmax(out.logits, dim=-1, dtype=self.softmax_dtype)  # [choices, width, vocab]
+        row_of = {i: j for j, (_, i) in enumerate(later)}
+        for b, context in enumerate(batch):
+            for i in contexts[context]:
+                continuation = requests[i][2]
+                scores = first[b][None] if len(continuation) == 1 else \
+                    torch.cat([first[b][None], rest[row_of[i], : len(continuation) - 1]])
+                results[i] = self._answer(scores, continuation)
+
+    def _score_rows(self, indices: list[int], requests, results: list, size: int) -> None:
+        """Requests longer than the model: lm-eval's row, the context cut from the left, the head
+        at the continuation's positions."""
+        for start in range(0, len(indices), size):
+            chunk = indices[start:start + size]
+            rows = [(requests[i][1] + requests[i][2])[-(self.max_length + 1):][:-1] for i in chunk]
+            keep = max(len(requests[i][2]) for i in chunk)
+            ids, mask, positions = self._left_padded(rows)
+            logits = self._forward(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=keep).logits
+            scores = F.log_softmax(logits[:, -keep:], dim=-1, dtype=self.softmax_dtype)
+            for i, row_scores in zip(chunk, scores, strict=True):
+                results[i] = self._answer(row_scores[keep - len(requests[i][2]):], requests[i][2])
+
+    @staticmethod
+    def _answer(scores: torch.Tensor, continuation: list[int]) -> tuple[float, bool]:
+        """(log-likelihood, greedy) of the continuation from its positions' log-probabilities."""
+        tokens = torch.tensor(continuation, device=scores.device)
+        return float(scores.gather(1, tokens[:, None]).sum()), bool((scores.argmax(-1) == tokens).all())
 
 
 def reuse_requests(task) -> None:

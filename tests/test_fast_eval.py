@@ -102,3 +102,25 @@ def test_generation_tasks_fall_back_to_stock(world, llama_dir, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(str(llama_dir))
     fast, stock = _pair(model, world["tokenizer"], ["toy_gen", "toy_general"], [str(tmp_path), str(world["tasks"])])
     _same(fast, stock)
+
+
+def test_questions_longer_than_the_model_are_cut_as_stock_cuts_them(world, tmp_path):
+    """A context longer than the model's positions: both paths keep its last tokens."""
+    import json as _json
+    import random as _random
+
+    rng = _random.Random(0)
+    words = " ".join(d["text"] for d in world["docs"][:40]).split()
+    rows = [{"question": " ".join(rng.choice(words) for _ in range(n)), "choices": ["red cat", "blue dog", "a", "b"],
+             "answer": i % 4} for i, n in enumerate([20, 300, 400, 500])]
+    (tmp_path / "long.jsonl").write_text("".join(_json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "toy_long.yaml").write_text(
+        f"task: toy_long\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {tmp_path / 'long.jsonl'}\n"
+        "test_split: test\noutput_type: multiple_choice\ndoc_to_text: '{{question}}'\ndoc_to_choice: '{{choices}}'\n"
+        "doc_to_target: answer\nmetric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
+        "metadata:\n  version: 1\n")
+    model = _gpt2(world["tokenizer"])  # 256 positions
+    fast, stock = _pair(model, world["tokenizer"], ["toy_long"], [str(tmp_path)])
+    lengths = [len(world["tokenizer"](r["question"])["input_ids"]) for r in rows]
+    assert max(lengths) > 256 > min(lengths)  # both paths of the fast evaluator run
+    _same(fast, stock)
