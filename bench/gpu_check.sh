@@ -9,7 +9,7 @@
 # the others' figures; the exit status is the number of steps that failed.
 #
 # On the GPU machine, with the wheels the image lacks carried in .whl (../shared/tools/gpu-wheels.sh,
-# plus pytest-xdist and execnet), the script installs them into /tmp/site first.
+# plus pytest-xdist, execnet and schedulefree), the script installs them into /tmp/site first.
 set -u
 out=${1:?usage: bench/gpu_check.sh OUT [--model tiny]}
 mode=${3:-gpu}
@@ -46,9 +46,11 @@ if [ "$mode" = gpu ]; then
     --steps 4 --warmup 2
   step tests 150 $PY -m pytest -p no:cacheprovider -q -n 8 -m "not slow" tests -o addopts=""
   step eval-1b 60 $PY bench/eval_speed.py --model llama-3.2-1b --points 1
-  # flex_attention on packed rows (its first call compiles the kernel): last, as it may take longest
+  # flex_attention on packed rows (its first call compiles the kernel), then the cloze form of
+  # evaluation: last, as they matter least
   step llama-flex 90 $PY bench/attack_speed.py --model llama-3.2-1b --recipes attack --attn flex_attention \
     --steps 4 --warmup 2
+  step eval-1b-cloze 60 $PY bench/eval_speed.py --model llama-3.2-1b --points 1 --format cloze
 else
   step tiny-attack 300 $PY bench/attack_speed.py --model tiny --recipes attack,baseline,full --steps 1 --warmup 1 \
     --seq-len 64 --batch-size 4 --eval-questions 16

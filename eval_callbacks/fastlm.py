@@ -8,10 +8,10 @@ and stderr are what the curve records. Three costs that repeat at every point of
 - tokenization: each (context, continuation) pair is encoded once per run;
 - the forward passes: HFLM runs one row per choice (context and choice) and computes the
   log-softmax over the whole vocabulary at every position. `FastHFLM` runs each context once,
-  with the head at its last position only (transformers' `logits_to_keep`): that scores every
-  choice's first token, so a letter-answer question costs one short forward. Choices longer
-  than a token (cloze answers) then run after it on its cached keys and values, so the context
-  is never recomputed. Rows of a batch are left-padded with their own position ids.
+  with the tokens all its choices begin with, and the head only at the positions after them
+  (transformers' `logits_to_keep`): a letter-answer question costs one forward. Choices that go
+  on further (cloze answers) then run after it on its cached keys and values, so the context is
+  never recomputed. Rows of a batch are left-padded with their own position ids.
 
 The log-likelihoods equal HFLM's up to float rounding (the same forward, other batch shapes);
 tests/test_fast_eval.py holds every score and per-question record to stock lm-eval's.
@@ -65,7 +65,7 @@ class FastHFLM(HFLM):
         batch, cost = [], 0
         for context in sorted(contexts, key=len, reverse=True):  # similar lengths share a batch
             batch.append(context)
-            cost += 1 + sum(len(requests[i][2]) > 1 for i in contexts[context])  # rows this context adds
+            cost += len({tuple(requests[i][2][:-1]) for i in contexts[context]})  # about the rows it adds
             if cost >= size:
                 self._score_contexts(batch, contexts, requests, results)
                 batch, cost = [], 0
@@ -94,19 +94,23 @@ class FastHFLM(HFLM):
         return ids, mask, (mask.cumsum(1) - 1).clamp(min=0)
 
     def _score_contexts(self, batch: list[tuple[int, ...]], contexts: dict, requests, results: list) -> None:
-        """Each context once (the head at its last position: every choice's first token), then
-        every choice longer than one token after it, on the context's cached keys and values."""
-        ids, mask, positions = self._left_padded(batch)
-        later = [(b, i) for b, context in enumerate(batch) for i in contexts[context] if len(requests[i][2]) > 1]
-        out = self._forward(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=1,
+        """Each context once, with the tokens all its choices begin with (a letter answer's space):
+        the head at the positions after them scores every choice's shared start and next token.
+        Choices that go on further (cloze answers) run after it on its cached keys and values."""
+        shared = [_common_prefix([requests[i][2][:-1] for i in contexts[context]]) for context in batch]
+        ids, mask, positions = self._left_padded([list(context) + p for context, p in zip(batch, shared, strict=True)])
+        keep = max(map(len, shared)) + 1
+        later = [(b, i) for b, context in enumerate(batch) for i in contexts[context]
+                 if len(requests[i][2]) > len(shared[b]) + 1]
+        out = self._forward(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=keep,
                             use_cache=bool(later))
-        first = F.log_softmax(out.logits[:, -1], dim=-1, dtype=self.softmax_dtype)  # [contexts, vocab]
+        head = F.log_softmax(out.logits[:, -keep:], dim=-1, dtype=self.softmax_dtype)  # [contexts, keep, vocab]
         rest = None
         if later:
             rows = torch.tensor([b for b, _ in later])
             cache = out.past_key_values
             cache.reorder_cache(rows.to(self.device))  # one copy of its context's cache per choice
-            tails = [requests[i][2][:-1] for _, i in later]
+            tails = [requests[i][2][len(shared[b]):-1] for b, i in later]
             width = max(map(len, tails))
             tail_ids = torch.tensor([t + [0] * (width - len(t)) for t in tails])
             tail_mask = torch.tensor([[1] * len(t) + [0] * (width - len(t)) for t in tails])
@@ -117,10 +121,13 @@ class FastHFLM(HFLM):
             rest = F.log_softmax(out.logits, dim=-1, dtype=self.softmax_dtype)  # [choices, width, vocab]
         row_of = {i: j for j, (_, i) in enumerate(later)}
         for b, context in enumerate(batch):
+            start = keep - 1 - len(shared[b])  # this row's first scored position among the kept ones
             for i in contexts[context]:
                 continuation = requests[i][2]
-                scores = first[b][None] if len(continuation) == 1 else \
-                    torch.cat([first[b][None], rest[row_of[i], : len(continuation) - 1]])
+                first = min(len(continuation), len(shared[b]) + 1)
+                scores = head[b, start:start + first]
+                if len(continuation) > first:
+                    scores = torch.cat([scores, rest[row_of[i], : len(continuation) - first]])
                 results[i] = self._answer(scores, continuation)
 
     def _score_rows(self, indices: list[int], requests, results: list, size: int) -> None:
@@ -141,6 +148,14 @@ class FastHFLM(HFLM):
         """(log-likelihood, greedy) of the continuation from its positions' log-probabilities."""
         tokens = torch.tensor(continuation, device=scores.device)
         return float(scores.gather(1, tokens[:, None]).sum()), bool((scores.argmax(-1) == tokens).all())
+
+
+def _common_prefix(sequences: list[list[int]]) -> list[int]:
+    first = sequences[0]
+    n = 0
+    while n < len(first) and all(len(s) > n and s[n] == first[n] for s in sequences):
+        n += 1
+    return first[:n]
 
 
 def reuse_requests(task) -> None:

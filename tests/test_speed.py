@@ -157,3 +157,18 @@ def test_a_kernel_patch_ends_with_the_attack(make_config, llama_dir):
     assert modeling_llama.LlamaForCausalLM.forward is forward and not hasattr(modeling_llama, "fused_loss")
     later = AutoModelForCausalLM.from_pretrained(str(llama_dir))
     assert type(later.model.norm) is norm
+
+
+@pytest.mark.slow
+def test_the_gpu_check_script_runs_its_steps_at_toy_size(tmp_path):
+    """bench/gpu_check.sh --model tiny: every step runs and leaves its JSON lines and log."""
+    proc = subprocess.run(["bash", "bench/gpu_check.sh", str(tmp_path), "--model", "tiny"], capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    lines = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    steps = {r["step"]: r for r in lines if "rc" in r}
+    assert set(steps) == {"tiny-attack", "eval-tiny", "tests"} and all(r["rc"] == 0 for r in steps.values())
+    assert {r["recipe"] for r in lines if "recipe" in r} == {"attack", "baseline", "full"}
+    assert {r["path"] for r in lines if "path" in r} == {"fast", "stock"}
+    assert lines[-1] == {"step": "all", "failed": 0, "s": lines[-1]["s"]}
+    assert all((tmp_path / f"{name}.log").exists() for name in steps)
