@@ -6,7 +6,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo demo-full demo-smollm2 test test-fast lint clean
+.PHONY: demo demo-full demo-suite demo-smollm2 test test-fast lint clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -25,6 +25,9 @@ demo: $(BIN)/python
 
 demo-full: $(BIN)/python
 	$(BIN)/python -m attack demo --full
+
+demo-suite: $(BIN)/python
+	$(BIN)/python -m attack demo --suite
 
 demo-smollm2: $(BIN)/python
 	$(BIN)/python -m attack demo --world smollm2
