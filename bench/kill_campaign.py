@@ -105,13 +105,13 @@ def main() -> None:
             proc.wait()
             newest = _newest_checkpoint(run) if run.exists() else None
             rc, resumes, said = 0, 0, ""
-            if not finished_first:
-                for resumes in range(1, 4):
-                    done = subprocess.run(_attack(config, root / "runs", run_id, args.steps, resume=True), env=env,
-                                          capture_output=True, text=True)
-                    rc, said = done.returncode, (done.stderr.strip().splitlines() or [""])[-1][:160]
-                    if rc == 0 or "is finished" in said:  # killed after it had finished: nothing to resume
-                        break
+            while not finished_first and resumes < 3:
+                resumes += 1
+                done = subprocess.run(_attack(config, root / "runs", run_id, args.steps, resume=True), env=env,
+                                      capture_output=True, text=True)
+                rc, said = done.returncode, (done.stderr.strip().splitlines() or [""])[-1][:160]
+                if rc == 0 or "is finished" in said:  # killed after it had finished: nothing to resume
+                    break
             got = _result(run) if (run / "summary.json").exists() else dict(curve=None, summary=None, weights=None)
             line = dict(kill=k, after_s=round(after, 2), killed=not finished_first, newest_checkpoint=newest,
                         resume_rc=rc, resumes=resumes, resume_said=said if rc else "", curve_equal=got["curve"] == whole["curve"],
