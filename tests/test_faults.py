@@ -189,7 +189,7 @@ def test_diverged_run_fails_before_scoring_and_is_not_ranked(make_config, tmp_pa
                                 train={"max_steps": 4}, eval={"every": 2}), quiet=True)
     argv = ["--model", make_config().model.name, "--data", make_config().data.path, "--eval-tasks",
             "toy_target_seen,toy_general", "--eval-include", make_config().eval.include_path[0],
-            "--max-steps", "4", "--eval-every", "2", "--batch-size", "4", "--seq-len", "64", "--lr", "1e30",
+            "--max-steps", "4", "--eval-every", "2", "--batch-size", "4", "--seq-len", "64", "--lr", "10", "--lora-alpha", "10000",
             "--log-every", "10", "--output", str(tmp_path / "runs"), "--run-id", "diverged"]
     assert main(argv) == 2
     assert "became NaN or infinite by step 2" in capsys.readouterr().err
@@ -198,7 +198,7 @@ def test_diverged_run_fails_before_scoring_and_is_not_ranked(make_config, tmp_pa
     assert {r["step"] for r in read_curve(bad / "curve.jsonl")} == {0}  # the pre-attack point only
     out = write_report([tmp_path / "runs"], tmp_path / "report")
     tables = (out / "recovery.csv").read_text() + (out / "worst_case.csv").read_text()
-    assert "lr0.001" in tables and "lr1e+30" not in tables  # the single runs' attack labels
+    assert "lr0.001" in tables and "lr10" not in tables  # the single runs' attack labels
     assert "## Failed runs" in (out / "recovery.md").read_text() and "diverged:" in (out / "recovery.md").read_text()
 
 
