@@ -105,10 +105,12 @@ class FastHFLM(HFLM):
         out = self._forward(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=keep,
                             use_cache=bool(later))
         head = F.log_softmax(out.logits[:, -keep:], dim=-1, dtype=self.softmax_dtype)  # [contexts, keep, vocab]
-        rest = None
+        rest, cache = None, out.past_key_values if later else None
+        if later and cache is None:  # a forward that returns no cache (custom or patched code): a row per choice
+            self._score_rows([i for _, i in later], requests, results, len(later))
+            later = []
         if later:
             rows = torch.tensor([b for b, _ in later])
-            cache = out.past_key_values
             cache.reorder_cache(rows.to(self.device))  # one copy of its context's cache per choice
             tails = [requests[i][2][len(shared[b]):-1] for b, i in later]
             width = max(map(len, tails))
@@ -122,7 +124,7 @@ class FastHFLM(HFLM):
         row_of = {i: j for j, (_, i) in enumerate(later)}
         for b, context in enumerate(batch):
             start = keep - 1 - len(shared[b])  # this row's first scored position among the kept ones
-            for i in contexts[context]:
+            for i in (i for i in contexts[context] if results[i] is None):  # (not scored as rows above)
                 continuation = requests[i][2]
                 first = min(len(continuation), len(shared[b]) + 1)
                 scores = head[b, start:start + first]

@@ -124,3 +124,21 @@ def test_questions_longer_than_the_model_are_cut_as_stock_cuts_them(world, tmp_p
     lengths = [len(world["tokenizer"](r["question"])["input_ids"]) for r in rows]
     assert max(lengths) > 256 > min(lengths)  # both paths of the fast evaluator run
     _same(fast, stock)
+
+
+def test_a_model_that_returns_no_cache_is_scored_row_by_row(world, llama_dir, monkeypatch, tmp_path):
+    """Custom or patched model code may return no past_key_values: the choices after a context
+    (cloze answers of several tokens) are then scored as lm-eval's rows, with the same numbers."""
+    copies = {"EleutherAI/wmdp_bio_cloze": str(hub_copies.wmdp_bio_cloze(tmp_path / "cloze"))}
+    model = AutoModelForCausalLM.from_pretrained(str(llama_dir))
+    fast, stock = _pair(model, world["tokenizer"], ["wmdp_bio_cloze_verified"], [DI_TASKS], copies=copies)
+    assert fast._lm_wrapper()._fast  # decided on the model's own forward, before it loses its cache
+    forward = type(model).forward
+
+    def without_cache(self, *args, **kwargs):
+        out = forward(self, *args, **kwargs)
+        out.past_key_values = None
+        return out
+
+    monkeypatch.setattr(type(model), "forward", without_cache)
+    _same(fast, stock)
