@@ -125,7 +125,8 @@ def test_the_verdict_per_attack_kind(runs, tmp_path):
     assert by_kind.loc["finetune", "worst_attack"] == "B" and by_kind.loc["finetune", "attacks"] == 2
     overall = pd.read_csv(out / "verdict.csv").iloc[0]
     assert overall.worst_attack == "B" and overall.attacks == 3  # 54% (B) beats Q's 31%
-    assert "worst case within each attack kind" in (out / "recovery.md").read_text()
+    md = (out / "recovery.md").read_text()
+    assert "worst case within each attack kind" in md and "broke the utility bound: filtered: A." in md
 
 
 def test_figure_legends_lie_outside_the_axes(runs):

@@ -48,16 +48,20 @@ def section(r: ReportData) -> list[Block]:
     bound = (f"; points where {r.utility_task} dropped by more than {r.max_utility_drop:g} do not count"
              if r.utility_task and r.max_utility_drop is not None else
              "; no utility bound was given (--utility-task, --max-utility-drop)")
+    broke = table.groupby("model").broke_utility_by.first() if "broke_utility_by" in table else pd.Series(dtype=str)
+    broke_text = " ".join(f"{model}: {names or 'none'}." for model, names in broke.fillna("").items())
     text = (f"Worst case over the {len(attacks)} attack settings that were run, up to step {budget:,}{bound}. "
             "recovered = share of the gap between the model's pre-attack score and the reference's closed by the "
             "attack, with its paired 95% interval; 'step N' = the first point whose interval lies above the "
-            "level. A model is resistant only against these settings: "
-            + ", ".join(attacks) + ".")
-    return [Block("Verdict: the worst case per model", text=text, table=table, in_markdown=True),
-            Block("The worst case within each attack kind", level=3, table=by_kind, in_markdown=True,
-                  text="reached_N% = how many attack settings of the suite (here: of the kind) recovered at least N% "
-                       "of the gap within the bound, the interval wholly above N% where per-question records exist; "
-                       "broke_utility_by = the settings that pushed the utility task past the bound."),
+            "level; reached_N% = how many settings recovered at least N% of the gap within the bound (the "
+            "interval wholly above N% where per-question records exist). A model is resistant only against these "
+            "settings: " + ", ".join(attacks) + "." + (f" Settings that broke the utility bound: {broke_text}"
+                                                        if r.utility_task and broke_text else ""))
+    shown = [c for c in table.columns if c != "broke_utility_by"]  # named in the text; the CSV keeps the column
+    return [Block("Verdict: the worst case per model", text=text, table=table[shown], in_markdown=True),
+            Block("The worst case within each attack kind", level=3, in_markdown=True,
+                  table=by_kind[[c for c in by_kind.columns if c != "broke_utility_by"]],
+                  text="The same, over the settings of one kind at a time (verdict_by_kind.csv)."),
             Block(f"Recovered fraction of the gap at step {budget:,} (x: the attack broke the model)", level=3,
                   figure=figure(plot_heatmap(heat), r.out, "verdict_heatmap.png"), in_markdown=True)]
 
