@@ -270,15 +270,15 @@ class AttackKind(Section):
         """Reads an attack corpus (data section)."""
         return False
 
-    @property
-    def trains(self) -> bool:
+    @classmethod
+    def trains(cls) -> bool:
         """Has a train section (optimizer, batch, seed); a quantization draws and trains nothing."""
-        return "train" in type(self).model_fields
+        return "train" in cls.model_fields
 
     @property
     def seed(self) -> int:
         """The seed of the data order, dropout and initialisation; 0 where nothing is drawn."""
-        return self.train.seed if self.trains else 0
+        return self.train.seed if self.trains() else 0
 
     def training_steps(self) -> int:
         """Optimizer steps of the attack (0 for a one-shot edit): from the token budget when one is set."""

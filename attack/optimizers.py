@@ -18,7 +18,6 @@ from transformers import TrainerCallback
 
 from attack.files import write_atomic
 
-OPTIMIZERS = ("adamw", "adam", "sgd", "sgd_nesterov", "adagrad", "adadelta", "schedule_free_adamw", "muon")
 RECORD = "optimizer.json"  # in each checkpoint: which optimizer its optimizer.pt belongs to
 
 
@@ -29,32 +28,30 @@ class MuonWithAdamW(torch.optim.Optimizer):
 
     def __init__(self, params, lr: float, momentum: float = 0.95, **adamw):
         groups = [g if isinstance(g, dict) else {"params": [g]} for g in params]
-        matrices = [{**g, "params": [p for p in g["params"] if p.ndim == 2]} for g in groups]
-        rest = [{**g, "params": [p for p in g["params"] if p.ndim != 2]} for g in groups]
-        self.muon = torch.optim.Muon([g for g in matrices if g["params"]], lr=lr, momentum=momentum,
-                                     adjust_lr_fn="match_rms_adamw") if any(g["params"] for g in matrices) else None
-        self.adamw = torch.optim.AdamW([g for g in rest if g["params"]], lr=lr, **adamw) \
-            if any(g["params"] for g in rest) else None
-        inner = [o for o in (self.muon, self.adamw) if o is not None]
-        super().__init__([p for o in inner for g in o.param_groups for p in g["params"]], {"lr": lr})
+        matrices = [g for g in ({**g, "params": [p for p in g["params"] if p.ndim == 2]} for g in groups) if g["params"]]
+        rest = [g for g in ({**g, "params": [p for p in g["params"] if p.ndim != 2]} for g in groups) if g["params"]]
+        self.parts = {}  # the inner optimizers, by name; either may be absent
+        if matrices:
+            self.parts["muon"] = torch.optim.Muon(matrices, lr=lr, momentum=momentum, adjust_lr_fn="match_rms_adamw")
+        if rest:
+            self.parts["adamw"] = torch.optim.AdamW(rest, lr=lr, **adamw)
+        super().__init__([p for o in self.parts.values() for g in o.param_groups for p in g["params"]], {"lr": lr})
         # The scheduler sets lr on these groups: the inner optimizers' own
-        self.param_groups = [g for o in inner for g in o.param_groups]
+        self.param_groups = [g for o in self.parts.values() for g in o.param_groups]
 
     @torch.no_grad()
     def step(self, closure=None):
         loss = closure() if closure is not None else None
-        for inner in (self.muon, self.adamw):
-            if inner is not None:
-                inner.step()
+        for inner in self.parts.values():
+            inner.step()
         return loss
 
     def state_dict(self):
-        return {name: o.state_dict() for name, o in (("muon", self.muon), ("adamw", self.adamw)) if o is not None}
+        return {name: inner.state_dict() for name, inner in self.parts.items()}
 
     def load_state_dict(self, state_dict):
-        for name, inner in (("muon", self.muon), ("adamw", self.adamw)):
-            if inner is not None:
-                inner.load_state_dict(state_dict[name])
+        for name, inner in self.parts.items():
+            inner.load_state_dict(state_dict[name])
 
 
 def trainer_optimizer(train) -> tuple[dict, dict]:
@@ -81,17 +78,16 @@ def describe(optimizer) -> dict:
     """What was built: the class (schedulefree's, torch's or this module's) and its settings."""
     inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps it
     cls = type(inner)
-    defaults = {k: v for k, v in getattr(inner, "defaults", {}).items()
-                if isinstance(v, (int, float, bool, str, tuple)) and k not in ("params",)}
     if isinstance(inner, MuonWithAdamW):
-        defaults = {"muon": _plain(inner.muon), "adamw": _plain(inner.adamw)}
+        defaults = {name: _settings(part) for name, part in inner.parts.items()}
+    else:
+        defaults = _settings(inner)
     return {"class": f"{cls.__module__}.{cls.__qualname__}", "defaults": defaults}
 
 
-def _plain(optimizer) -> dict | None:
-    if optimizer is None:
-        return None
-    return {k: v for k, v in optimizer.defaults.items() if isinstance(v, (int, float, bool, str, tuple))}
+def _settings(optimizer) -> dict:
+    """An optimizer's plain-valued defaults (lr, betas, momentum, ...)."""
+    return {k: v for k, v in getattr(optimizer, "defaults", {}).items() if isinstance(v, (int, float, bool, str, tuple))}
 
 
 class RecordOptimizer(TrainerCallback):

@@ -117,9 +117,10 @@ def load_sweep(path: str | Path, trust_remote_code: bool = False) -> tuple[dict,
         for rev in m.revisions or [None]:
             for a in attacks:
                 kind = a.overrides.get("kind", "finetune")
-                draws = "train" in KINDS[kind].model_fields if isinstance(kind, str) and kind in KINDS else True
+                kind_base = _base_for(base, kind)  # (refuses an unknown kind)
+                draws = KINDS[kind].trains()
                 for seed in (a.seeds or seeds) if draws else [0]:  # a quantization is the same at every seed
-                    data = merge(_base_for(base, kind), a.overrides)
+                    data = merge(kind_base, a.overrides)
                     data = merge(data, {"model": {"name": m.name, "revision": rev, "gguf_file": m.gguf_file},
                                         **({"train": {"seed": seed}} if draws else {}), "output": {"dir": str(output)},
                                         "eval": {"expect": m.expect}})

@@ -35,7 +35,7 @@ def keeps_logits(model) -> bool:
 
 
 class FastHFLM(HFLM):
-    """HFLM whose loglikelihood runs each distinct input once, with the head at the scored positions only."""
+    """HFLM whose loglikelihood runs each context once, with the head at the scored positions only."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)

@@ -84,7 +84,7 @@ def setup(cfg: AttackConfig, extra_callbacks: list | None = None, quiet: bool = 
     # Under `accelerate launch` / torchrun this joins the process group; alone it is one process.
     procs = PartialState(cpu=not torch.cuda.is_available())
     run.check_writable(cfg.output.resume)
-    per_device = per_device_batch(cfg.train, procs.num_processes) if cfg.trains else 1
+    per_device = per_device_batch(cfg.train, procs.num_processes) if cfg.trains() else 1
     if cfg.model.load_in_4bit:
         four_bit_config()  # says clearly when this machine cannot
     check_tracker(cfg.logging)

@@ -27,19 +27,15 @@ def section(r: ReportData) -> list[Block]:
     if curves.empty:
         return []
     budget = int(r.picked.step.max())
-    rows = [_worst(r, g, model, task, budget) for (model, task), g in curves.groupby(["model", "task"], sort=True)]
-    table = pd.DataFrame([row for row in rows if row])
-    if table.empty:
-        return []
+    curves = curves.assign(kind=curves.attack.map(r.picked.groupby("attack").kind.first()))
+    table = pd.DataFrame([_worst(g, model, task, budget) for (model, task), g in curves.groupby(["model", "task"], sort=True)])
     order = ["model", "task", "worst_attack", "kind", "at_step", "tokens", "recovered", "recovered_lo", "recovered_hi",
              *(f"to_{int(level * 100)}%" for level in LEVELS), "attacks",
              *(f"reached_{int(level * 100)}%" for level in LEVELS), "broke_utility", "broke_utility_by"]
     table = table[[c for c in order if c in table.columns]]
     table.to_csv(r.out / "verdict.csv", index=False)
-    kinds = r.picked.groupby("attack").kind.first()
-    by_kind = pd.DataFrame([row for (model, task), g in curves.groupby(["model", "task"], sort=True)
-                            for kind, k in g.groupby(g.attack.map(kinds), sort=True)
-                            if (row := _worst(r, k, model, task, budget)) is not None])
+    by_kind = pd.DataFrame([_worst(k, model, task, budget) for (model, task, _), k
+                            in curves.groupby(["model", "task", "kind"], sort=True)])
     by_kind = by_kind[[c for c in ["model", "task", "kind", *order[2:3], *order[4:]] if c in by_kind.columns]]
     by_kind.to_csv(r.out / "verdict_by_kind.csv", index=False)
     heat = _at_budget(curves, budget)
@@ -100,13 +96,12 @@ def _recovery_curves(r: ReportData, targets: list[str], tested: set) -> pd.DataF
     return c
 
 
-def _worst(r: ReportData, g: pd.DataFrame, model: str, task: str, budget: int) -> dict | None:
+def _worst(g: pd.DataFrame, model: str, task: str, budget: int) -> dict:
     """The attack point with the highest recovered fraction, within the budget and the bound."""
-    kinds = r.picked.groupby("attack").kind.first()
     points = g[(g.step > 0) & (g.step <= budget) & g.within_bound & g.recovered.notna()]
     broke = sorted(set(g[(g.step > 0) & (g.step <= budget) & ~g.within_bound].attack))
     row = dict(model=model, task=task, attacks=g.attack.nunique(), broke_utility=len(broke),
-               broke_utility_by=", ".join(broke), kind=", ".join(sorted(set(g.attack.map(kinds)))))
+               broke_utility_by=", ".join(broke), kind=", ".join(sorted(set(g.kind))))
     sure = points.recovered_lo if points.recovered_lo.notna().any() else points.recovered
     for level in LEVELS:  # adversaries that recovered at least this share of the gap, within the bound
         row[f"reached_{int(level * 100)}%"] = int(points[sure >= level].attack.nunique())
@@ -116,7 +111,7 @@ def _worst(r: ReportData, g: pd.DataFrame, model: str, task: str, budget: int) -
         return {**row, "worst_attack": why}
     best = points.loc[points.recovered.idxmax()]
     curve = g[(g.attack == best.attack) & (g.step <= budget) & g.within_bound].sort_values("step")
-    row.update(worst_attack=best.attack, kind=kinds.get(best.attack), at_step=int(best.step), tokens=best.tokens,
+    row.update(worst_attack=best.attack, kind=best.kind, at_step=int(best.step), tokens=best.tokens,
                recovered=best.recovered, recovered_lo=best.recovered_lo, recovered_hi=best.recovered_hi)
     for level in LEVELS:
         row[f"to_{int(level * 100)}%"] = _reached(curve, level)
