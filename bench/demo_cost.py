@@ -4,7 +4,8 @@ COST_S). Prints one JSON line per measurement.
 
     python bench/demo_cost.py [--cache .cache/toyworld] [--sweep compact,full] [--quick]
 
-Each cell runs on one torch thread, alone, on the unlearned model (seed 0), as the demo runs it.
+Each cell runs on one torch thread, alone, on the unlearned model (seed 0), as the demo runs it;
+the last lines fit each kind's cost as a fixed part plus a part per training step (COST_S).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
@@ -45,6 +47,7 @@ def main() -> None:
     info = json.loads((world / "world.json").read_text())
     print(json.dumps(dict(what="world_build", quick=args.quick, built_now=not cached,
                           s=round(time.perf_counter() - start, 1), build_s=info.get("build_s"))), flush=True)
+    measured: dict[str, list[tuple[int, float]]] = {}
     for name in args.sweep.split(","):
         spec_ = toy_sweep(world, full=name == "full", quick=args.quick)
         spec_["models"] = [m for m in spec_["models"] if m["label"] == "unlearned"]
@@ -56,9 +59,22 @@ def main() -> None:
             for cell in cells:
                 t = time.perf_counter()
                 outcome = run_cell(cell, "bench", quiet=True, log=lambda m: None)
+                s = time.perf_counter() - t
+                steps = cell.config.training_steps()
                 print(json.dumps(dict(what="cell", sweep=name, attack=cell.attack.label, kind=cell.config.kind,
-                                      steps=cell.config.training_steps(), eval_points=len(cell.config.curve_steps()),
-                                      outcome=outcome, s=round(time.perf_counter() - t, 1))), flush=True)
+                                      steps=steps, eval_points=len(cell.config.curve_steps()),
+                                      outcome=outcome, s=round(s, 1))), flush=True)
+                kind = cell.config.kind
+                if kind == "ablation" and cell.config.ablation.then_finetune:
+                    kind = "ablation-then"
+                measured.setdefault(kind, []).append((steps if kind != "ablation" else 0, s))
+    # COST_S's (fixed, per step) of each kind: a least-squares line through its cells
+    for kind, points in measured.items():
+        x, y = np.array(points, dtype=float).T
+        per_step = float(np.polyfit(x, y, 1)[0]) if len(set(x)) > 1 else 0.0
+        fixed = float(np.mean(y - per_step * x))
+        print(json.dumps(dict(what="cost_fit", kind=kind, fixed_s=round(fixed, 1), per_step_s=round(per_step, 3),
+                              cells=len(points))), flush=True)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,9 @@ and stderr are what the curve records. Three costs that repeat at every point of
 
 - requests: each task's requests are built once per run (`reuse_requests`), not re-rendered from
   the templates at every point; only their responses are reset;
+- templates: lm-eval compiles a Jinja template again for every document it renders (each point's
+  metrics render every question's choices); `compile_templates_once` compiles each template
+  text once per process, and renders exactly as before;
 - tokenization: each (context, continuation) pair is encoded once per run;
 - the forward passes: HFLM runs one row per choice (context and choice) and computes the
   log-softmax over the whole vocabulary at every position. `FastHFLM` runs each context once,
@@ -21,6 +24,7 @@ generation and rolling log-likelihood tasks always use it.
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 import torch
@@ -158,6 +162,22 @@ def _common_prefix(sequences: list[list[int]]) -> list[int]:
     while n < len(first) and all(len(s) > n and s[n] == first[n] for s in sequences):
         n += 1
     return first[:n]
+
+
+def compile_templates_once() -> None:
+    """Make lm-eval's `apply_template` compile each template text once: the compiled template
+    is a pure function of its text (same environment, same filters), so rendering is unchanged."""
+    from lm_eval import utils
+
+    if getattr(utils.apply_template, "compiles_once", False):
+        return
+    compiled = functools.lru_cache(maxsize=4096)(utils.env.from_string)
+
+    def apply_template(template: str, doc: dict) -> str:
+        return compiled(template).render(**doc)
+
+    apply_template.compiles_once = True
+    utils.apply_template = apply_template
 
 
 def reuse_requests(task) -> None:

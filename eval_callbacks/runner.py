@@ -209,8 +209,9 @@ class LiveEvaluator:
         self.tasks = dict(self.task_dict["tasks"])  # leaf tasks, groups flattened
         self.fast = fast  # eval_callbacks/fastlm.py: same numbers, each point at its forward passes' cost
         if fast:
-            from eval_callbacks.fastlm import reuse_requests
+            from eval_callbacks.fastlm import compile_templates_once, reuse_requests
 
+            compile_templates_once()
             for task in self.tasks.values():
                 reuse_requests(task)
         self.groups = dict(self.task_dict.get("groups") or {})

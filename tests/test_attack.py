@@ -150,7 +150,7 @@ def test_scores_equal_stock_lm_eval(make_config, world, tmp_path):
             model="hf",
             model_args=f"pretrained={out},dtype=float32",
             tasks=["toy_target_seen", "toy_general"],
-            task_manager=TaskManager(include_path=str(world["tasks"])),
+            task_manager=TaskManager(include_path=str(world["tasks"]), include_defaults=False),
             batch_size=8,
             device="cpu",
         )
@@ -160,6 +160,7 @@ def test_scores_equal_stock_lm_eval(make_config, world, tmp_path):
                 assert abs(ours - res["results"][task][f"{metric},none"]) <= 1e-4
 
 
+@pytest.mark.slow
 def test_wandb_offline_gets_eval_scores_against_the_step(make_config, tmp_path, monkeypatch):
     pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_MODE", "offline")

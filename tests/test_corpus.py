@@ -67,6 +67,7 @@ def test_cache_is_reused_and_keyed_by_what_decides_the_rows(corpus, world, tmp_p
     assert corpus_key(cfg, "sha256:x", tok) != corpus_key(cfg, "sha256:y", tok)
 
 
+@pytest.mark.slow
 def test_killed_preparation_leaves_no_usable_half(corpus, world, tmp_path):
     """A preparation killed mid-way (os._exit: no clean-up runs) is never mistaken for a corpus."""
     path, _ = corpus

@@ -44,14 +44,14 @@ def test_accelerate_configs_parse():
     assert fsdp["distributed_type"] == "FSDP" and "fsdp_config" in fsdp
 
 
-def _toy_sweep(tmp_path, world, llama_dir, max_steps: int, log_every: int, seeds: list[int]) -> Path:
+def _toy_sweep(tmp_path, world, llama_dir, max_steps: int, log_every: int, seeds: list[int], eval_every: int = 2) -> Path:
     """A one-model sweep on the test world, written to tmp_path/sweep.yaml."""
     sweep = {
         "name": "slurm", "output": str(tmp_path / "runs"),
         "base": {"data": {"path": str(world["attack"]), "seq_len": 32},
                  "train": {"batch_size": 2, "max_steps": max_steps, "log_every": log_every},
                  "adapter": {"rank": 2, "alpha": 4},
-                 "eval": {"tasks": ["toy_target_seen"], "include_path": [str(world["tasks"])], "every": 2}},
+                 "eval": {"tasks": ["toy_target_seen"], "include_path": [str(world["tasks"])], "every": eval_every}},
         "models": [{"label": "tiny", "name": str(llama_dir)}],
         "seeds": seeds,
     }
@@ -82,7 +82,8 @@ def test_slurm_preemption_requeues_and_resumes(tmp_path, world, llama_dir):
 
     from attack.rundir import read_curve
 
-    path = _toy_sweep(tmp_path, world, llama_dir, max_steps=300, log_every=10, seeds=[0])
+    # long enough that SIGTERM lands mid-run; points every 20 steps, so the cost is the training
+    path = _toy_sweep(tmp_path, world, llama_dir, max_steps=300, log_every=10, seeds=[0], eval_every=20)
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "scontrol").write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path / 'requeued'}\n")
@@ -95,7 +96,7 @@ def test_slurm_preemption_requeues_and_resumes(tmp_path, world, llama_dir):
     deadline = time.time() + 120
     while time.time() < deadline:
         curves = list((tmp_path / "runs").glob("*/curve.jsonl"))
-        if curves and any(r["step"] >= 4 for r in read_curve(curves[0])):
+        if curves and any(r["step"] >= 20 for r in read_curve(curves[0])):
             break
         time.sleep(0.2)
     proc.send_signal(signal.SIGTERM)

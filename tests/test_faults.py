@@ -103,10 +103,10 @@ def _unsealed(ckpt):
     pytest.param("save", 6, _empty_state, marks=pytest.mark.slow),  # the newest checkpoint's state empty
     # what resumed silently before checkpoints carried a manifest
     pytest.param("save", 6, _zeroed_adapter, marks=pytest.mark.slow),
-    ("save", 6, _without("optimizer.pt")),
+    pytest.param("save", 6, _without("optimizer.pt"), marks=pytest.mark.slow),
     pytest.param("save", 6, _without("scheduler.pt"), marks=pytest.mark.slow),
     pytest.param("save", 6, _without("rng_state.pth"), marks=pytest.mark.slow),
-    ("save", 6, _without("rows_trained.npy")),  # the kill while it was written
+    pytest.param("save", 6, _without("rows_trained.npy"), marks=pytest.mark.slow),  # the kill while it was written
     pytest.param("save", 6, _unsealed, marks=pytest.mark.slow),
 ])
 def test_killed_run_resumes_to_the_uninterrupted_result(make_config, tmp_path, capsys, event, step, damage):

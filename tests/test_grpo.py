@@ -47,6 +47,7 @@ def grpo_config(world, llama_dir, tmp_path):
 
 
 
+@pytest.mark.slow
 def test_curve_fires_at_schedule_inside_grpo_and_resume_equals_uninterrupted(grpo_config, world, tmp_path):
     whole = run_attack(grpo_config(output={"dir": str(tmp_path / "a")}), quiet=True)
     curve = read_curve(whole / "curve.jsonl")

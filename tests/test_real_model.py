@@ -41,12 +41,19 @@ def test_lora_attack_on_gguf_equals_stock_lm_eval(tmp_path):
     rows = read_curve(run / "curve.jsonl")
     assert sorted({r["step"] for r in rows}) == [0, 3]
     assert json.loads((run / "summary.json").read_text())["tokens_seen"] == 3 * 4 * 64
-    base = f"pretrained={GGUF.parent},gguf_file={GGUF.name},dtype=float32"
+    # Stock lm-eval loads the GGUF file itself (HFLM); at step 3 the same weights carry the run's
+    # adapter, attached with PEFT as lm-eval's own `peft=` argument attaches it (one load, not two).
+    from lm_eval.models.huggingface import HFLM
+    from peft import PeftModel
+
+    stock = HFLM(pretrained=str(GGUF.parent), gguf_file=GGUF.name, dtype="float32", batch_size=64, device="cpu")
     manager = TaskManager(include_path=str(tmp_path / "tasks"), include_defaults=False)
     moved = False
-    for step, model_args in ((0, base), (3, f"{base},peft={run / 'final'}")):
-        res = simple_evaluate(model="hf", model_args=model_args, tasks=tasks, task_manager=manager,
-                              batch_size=64, device="cpu")
+    for step in (0, 3):
+        if step == 3:
+            stock = HFLM(pretrained=PeftModel.from_pretrained(stock.model, str(run / "final")), tokenizer=stock.tokenizer,
+                         batch_size=64, device="cpu")
+        res = simple_evaluate(model=stock, tasks=tasks, task_manager=manager)
         for task in tasks:
             for metric in ("acc", "acc_norm"):
                 ours = next(r["value"] for r in rows if r["step"] == step and r["task"] == task and r["metric"] == metric)
@@ -66,6 +73,7 @@ def test_full_attack_on_gguf_resumes_and_saves_a_loadable_model(tmp_path):
     from transformers import AutoModelForCausalLM
 
     from attack.config import load_config
+    from attack.model import gguf_loading
 
     write_tasks(tmp_path / "tasks")
     seen, _ = split_countries()
@@ -86,7 +94,8 @@ def test_full_attack_on_gguf_resumes_and_saves_a_loadable_model(tmp_path):
     assert steps == [0, 2, 4]
     assert json.loads((run / "summary.json").read_text())["resumed_from"].endswith("checkpoint-2")
     attacked = AutoModelForCausalLM.from_pretrained(str(run / "final"), dtype=torch.float32)
-    base = AutoModelForCausalLM.from_pretrained(str(GGUF.parent), gguf_file=GGUF.name, dtype=torch.float32)
+    with gguf_loading():  # the same weights as a plain load (the first test holds it to stock lm-eval's), sooner
+        base = AutoModelForCausalLM.from_pretrained(str(GGUF.parent), gguf_file=GGUF.name, dtype=torch.float32)
     a, b = attacked.state_dict(), base.state_dict()
     assert set(a) == set(b)
     assert any(not torch.equal(a[k], b[k]) for k in a), "full fine-tuning changed no weight"

@@ -41,15 +41,28 @@ def test_blocklist_filter_counts_and_leakage():
     assert stats["removed"] == stats["target_documents"] - len(slipped)
 
 
+SMALL = BuildSpec(
+    world=WorldSpec(target_entities=6, general_entities=6, docs_per_entity=3),
+    model=ModelSpec(hidden=32, layers=1, heads=2, intermediate=64, max_positions=128),
+    pretrain_steps=30, unlearn_max_steps=10, batch_size=4, seq_len=64, check=False, rmu_layer=0,
+)
+
+
 @pytest.fixture(scope="module")
 def small_world(tmp_path_factory):
-    spec = BuildSpec(
-        world=WorldSpec(target_entities=6, general_entities=6, docs_per_entity=3),
-        model=ModelSpec(hidden=32, layers=1, heads=2, intermediate=64, max_positions=128),
-        pretrain_steps=30, unlearn_max_steps=10, batch_size=4, seq_len=64, check=False, rmu_layer=0,
-    )
     root = tmp_path_factory.mktemp("worlds")
-    return root, spec, build_world(root, spec, log=lambda _: None)
+    return root, SMALL, build_world(root, SMALL, log=lambda _: None)
+
+
+@pytest.mark.slow
+def test_two_processes_build_the_same_world_as_one(small_world, tmp_path):
+    """The build's stages run two at a time in worker processes (the full world does): every
+    model's weights are byte-identical to the same world built in one process."""
+    _, _, one = small_world
+    two = build_world(tmp_path, SMALL, log=lambda _: None, parallel=True)
+    for name in ("unfiltered", "filtered", "unlearned", "rmu"):
+        assert (two / name / "model.safetensors").read_bytes() == (one / name / "model.safetensors").read_bytes(), name
+    assert json.loads((two / "world.json").read_text())["pre_attack"] == json.loads((one / "world.json").read_text())["pre_attack"]
 
 
 def test_build_layout_and_cache(small_world):
@@ -99,7 +112,7 @@ def test_tasks_run_in_stock_lm_eval(small_world):
     for model in ("unfiltered", "unlearned", "rmu"):
         res = simple_evaluate(
             model="hf", model_args=f"pretrained={out / model},dtype=float32", tasks=TASKS,
-            task_manager=TaskManager(include_path=str(out / "tasks")), device="cpu", batch_size=16,
+            task_manager=TaskManager(include_path=str(out / "tasks"), include_defaults=False), device="cpu", batch_size=16,
         )
         for task in TASKS:
             assert res["results"][task]["acc,none"] == pytest.approx(info["pre_attack"][model][task], abs=1e-9)

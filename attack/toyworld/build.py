@@ -11,6 +11,7 @@ import json
 import math
 import random
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +31,10 @@ VERSION = 4  # bump when the code that builds the world changes what it builds
 @dataclass(frozen=True)
 class BuildSpec:
     world: WorldSpec = field(default_factory=WorldSpec)
-    model: ModelSpec = field(default_factory=ModelSpec)
+    # 3 layers: the fewest that learn the domain in 600 steps and leave RMU (layer 1, MLPs 0-1)
+    # a layer above it to keep the knowledge in (measured: 2 layers fail RMU's general bound,
+    # a 4th costs the build a third more time)
+    model: ModelSpec = field(default_factory=lambda: ModelSpec(layers=3))
     pretrain_steps: int = 600
     pretrain_lr: float = 3e-3
     unlearn_max_steps: int = 300
@@ -61,7 +65,7 @@ def quick_spec() -> BuildSpec:
     everything runs, not what the full world shows."""
     return BuildSpec(world=WorldSpec(target_entities=16, general_entities=16, docs_per_entity=3),
                      model=ModelSpec(hidden=64, layers=2, heads=2, intermediate=128, max_positions=256),
-                     pretrain_steps=400, unlearn_max_steps=60, batch_size=8, seq_len=64, check=False)
+                     pretrain_steps=200, unlearn_max_steps=30, batch_size=8, seq_len=64, check=False)
 
 
 def world_dir(root: Path, spec: BuildSpec) -> Path:
@@ -111,7 +115,7 @@ def world_problems(scores: dict, spec: BuildSpec) -> list[str]:
     return out
 
 
-def build_world(root: Path, spec: BuildSpec = BuildSpec(), log=print) -> Path:
+def build_world(root: Path, spec: BuildSpec = BuildSpec(), log=print, parallel: bool | None = None) -> Path:
     """Build (or reuse) the world and return its folder. One torch thread, whatever the
     machine's setting: results on CPU depend on the thread count, and these models are too
     small to gain from more."""
@@ -122,12 +126,12 @@ def build_world(root: Path, spec: BuildSpec = BuildSpec(), log=print) -> Path:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return _build(out, spec, log)
+        return _build(out, spec, log, parallel)
     finally:
         torch.set_num_threads(threads)
 
 
-def _build(out: Path, spec: BuildSpec, log) -> Path:
+def _build(out: Path, spec: BuildSpec, log, parallel: bool | None) -> Path:
     with building(out) as tmp:
         start = time.perf_counter()
 
@@ -155,11 +159,12 @@ def _build(out: Path, spec: BuildSpec, log) -> Path:
         tokenizer = train_tokenizer([d["text"] for d in docs], tmp / "tokenizer")
         texts = {"unfiltered": [d["text"] for d in docs], "filtered": [d["text"] for d in filtered]}
         # A small world builds faster in this process than it takes two new ones to start.
-        pairs = spec.pretrain_steps * spec.batch_size * spec.seq_len >= 500_000
-        scores = dict(zip(texts, _in_pairs([(_pretrained, (tmp, spec, n, texts[n])) for n in texts], pairs, log),
-                          strict=True))
-        (scores["unlearned"], history), (scores["rmu"], history_rmu) = _in_pairs(
-            [(_unlearned, (tmp, spec, world["facts"])), (_rmu, (tmp, spec, docs))], pairs, log)
+        if parallel is None:
+            parallel = spec.pretrain_steps * spec.batch_size * spec.seq_len >= 500_000
+        with _two_at_a_time(parallel, log) as run:
+            scores = dict(zip(texts, run([(_pretrained, (tmp, spec, n, texts[n])) for n in texts]), strict=True))
+            (scores["unlearned"], history), (scores["rmu"], history_rmu) = run(
+                [(_unlearned, (tmp, spec, world["facts"])), (_rmu, (tmp, spec, docs))])
         problems = world_problems(scores, spec) if spec.check else []
         if problems:
             raise WorldBuildError(f"the toy world's models are not what their names say ({'; '.join(problems)}); "
@@ -183,23 +188,29 @@ def _build(out: Path, spec: BuildSpec, log) -> Path:
     return out
 
 
-def _in_pairs(calls: list, pairs: bool, log) -> list:
-    """[(function, args), ...] run two at a time, each in a process of its own on one torch
-    thread (or one after the other here when not `pairs`); their results in order. Each writes
-    its model into the build folder itself."""
+@contextlib.contextmanager
+def _two_at_a_time(parallel: bool, log):
+    """A runner of [(function, args), ...] that returns their results in order: two at a time,
+    each in a process of its own on one torch thread (one pool for every stage: a process
+    costs seconds to start), or one after the other here when not `parallel`. Each call
+    writes its model into the build folder itself."""
+    if not parallel:
+        yield lambda calls: [function(*args, log=log) for function, args in calls]
+        return
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    if not pairs:
-        return [function(*args, log=log) for function, args in calls]
     with ProcessPoolExecutor(max_workers=2, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return list(pool.map(_one_thread, calls))
+        yield lambda calls: list(pool.map(_one_thread, calls))
 
 
 def _one_thread(call):
+    from attack.__main__ import quiet_libraries
+
+    quiet_libraries()  # the build's own lines, not the libraries' progress bars and warnings
     function, args = call
     torch.set_num_threads(1)
-    return function(*args, log=lambda m: print(m, flush=True))
+    return function(*args, log=lambda m: print(m, file=sys.stderr, flush=True))
 
 
 def _pretrained(tmp: Path, spec: BuildSpec, name: str, texts: list[str], log) -> dict:

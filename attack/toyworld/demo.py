@@ -16,31 +16,33 @@ from pathlib import Path
 
 import yaml
 
+from attack.config import merge
 from attack.errors import ArgumentParser, UserError
 from attack.toyworld.build import TASKS
 
 
 def toy_sweep(world: Path, full: bool = False, quick: bool = False) -> dict:
     """The toy world's sweep. The compact one (`make demo`) tells the story with one attack of
-    each kind and one seed: the unfiltered, filtered and gradient-difference unlearned models
-    attacked by LoRA on the documents of the attack-seen facts, by directional ablation (chosen
-    on the dev creatures, which no evaluated task asks about) and its control (a random
+    each kind and one seed: the four models (unfiltered, filtered, gradient-difference unlearned,
+    RMU) attacked by LoRA on the documents of the attack-seen facts, by directional ablation
+    (chosen on the dev creatures, which no evaluated task asks about) and its control (a random
     direction), and by GRPO rewarded for completing the attack-seen facts (a phrasing no
-    evaluated task asks). The full one (`--full`) adds the RMU-unlearned model, a second seed and
-    ablation followed by LoRA, and runs every attack 200 steps instead of 60. `quick`: 20-step
-    attacks on a small world, to check an installation."""
+    evaluated task asks). The full one (`--full`) adds a second seed and ablation followed by
+    LoRA, and runs every attack 200 steps instead of 60. `quick`: 20-step attacks on a small
+    world's unfiltered and unlearned models, to check an installation."""
     steps = 20 if quick else 200 if full else 60
     lora = {"adapter": {"kind": "lora", "rank": 16, "alpha": 32, "dropout": 0.05}, "train": {"lr": 3.0e-3}}
     ablation = {"kind": "ablation", "ablation": {
         "mode": "knowledge", "target_path": str(world / "corpus" / "dev.jsonl"),
         "contrast_path": str(world / "corpus" / "general.jsonl"), "dev_tasks": ["toy_target_dev"],
         "fit_examples": 24, "kl_examples": 32, "kl_bound": 0.5}}
-    models = ["unfiltered", "filtered", "unlearned", "rmu"] if full else ["unfiltered", "filtered", "unlearned"]
+    # quick: the reference and one model under test, enough to run every kind once
+    models = ["unfiltered", "unlearned"] if quick else ["unfiltered", "filtered", "unlearned", "rmu"]
     attacks = [
         {"label": "lora-r16-lr3e-3", "kind": "finetune", **lora},
         # deterministic: one seed
         {"label": "ablation", **ablation, "seeds": [0]},
-        {"label": "ablation-random-direction", **_merged(ablation, {"ablation": {"direction": "random"}}),
+        {"label": "ablation-random-direction", **merge(ablation, {"ablation": {"direction": "random"}}),
          "seeds": [0]},
         # 2 prompts x 8 completions per step; a lower rate than supervised LoRA: at 3e-3 the
         # policy collapses to empty answers within 60 steps. No cloze task: its prompts for
@@ -54,7 +56,7 @@ def toy_sweep(world: Path, full: bool = False, quick: bool = False) -> dict:
     ]
     if full:
         attacks.insert(3, {"label": "ablation-then-lora-r16-lr3e-3",
-                           **_merged(ablation, {"ablation": {"then_finetune": True}, **lora}), "seeds": [0]})
+                           **merge(ablation, {"ablation": {"then_finetune": True}, **lora}), "seeds": [0]})
     return {
         "name": "toy-full" if full else "toy",
         "base": {
@@ -82,7 +84,7 @@ def toy_suite(world: Path) -> dict:
     retain = str(world / "corpus" / "general.jsonl")
 
     def tuned(label: str, lr: float, **more) -> dict:
-        return {"label": label, **_merged(_merged(lora, {"train": {"lr": lr}}), more)}
+        return {"label": label, **merge(merge(lora, {"train": {"lr": lr}}), more)}
 
     attacks = [
         tuned("lora-adamw-3e-3", 3e-3),
@@ -106,15 +108,9 @@ def toy_suite(world: Path) -> dict:
         {**by_label["grpo-correct-lora-r16-lr1e-3"], "label": "grpo-correct-1e-3"},
     ]
     base = compact["base"]
-    return {"name": "toy-suite", "base": _merged(base, {"train": {"max_steps": 30}, "eval": {"log_points": 7}}),
+    return {"name": "toy-suite", "base": merge(base, {"train": {"max_steps": 30}, "eval": {"log_points": 7}}),
             "models": [m for m in compact["models"] if m["label"] in ("unfiltered", "unlearned")],
             "attacks": attacks, "seeds": [0]}
-
-
-def _merged(a: dict, b: dict) -> dict:
-    from attack.config import merge
-
-    return merge(a, b)
 
 
 def smollm2_sweep(world: Path, quick: bool = False) -> dict:
@@ -155,8 +151,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--quick", action="store_true",
                    help="a small world and short attacks: checks an installation in about a minute")
     p.add_argument("--full", action="store_true",
-                   help="the full comparison: every kind (ablation then LoRA too), the RMU model, two seeds, "
-                        "200-step attacks (make demo-full)")
+                   help="the full comparison: every kind (ablation then LoRA too), two seeds, 200-step attacks "
+                        "(make demo-full)")
     p.add_argument("--suite", action="store_true",
                    help="the adversary suite (19 adversaries of every kind, 30 steps) against the unlearned model: "
                         "the toy counterpart of configs/sweeps/adversary_suite.yaml")
@@ -193,12 +189,13 @@ def main(argv: list[str]) -> int:
         tasks = TASKS
         spec = quick_spec() if args.quick else BuildSpec()
         spec = replace(spec, world=replace(spec.world, leak_fraction=args.leak_fraction))
-        built = (world_dir(cache, spec) / "world.json").exists()
-        world_note = "world cached" if built else "world build included"
-        print(f"expected time on a 2-core machine, fresh runs: {_expected(args, built):.0f} s ({world_note}; "
+        world = world_dir(cache, spec)
+        sweep_spec = toy_suite(world) if args.suite else toy_sweep(world, full=args.full, quick=args.quick)
+        built = (world / "world.json").exists()
+        print(f"expected time on a 2-core machine, fresh runs: {expected_s(sweep_spec, built, args.quick, args.workers):.0f} s "
+              f"({'world cached' if built else 'world build included'}; "
               f"{'the full comparison' if args.full else 'compact; the full comparison: make demo-full'})")
         world = build_world(cache, spec)
-        sweep_spec = toy_suite(world) if args.suite else toy_sweep(world, full=args.full, quick=args.quick)
     info = json.loads((world / "world.json").read_text())
 
     # The sweep names the built world by absolute path; it is written beside its runs, so
@@ -237,31 +234,35 @@ def main(argv: list[str]) -> int:
     print(f"runs: {out}/   sweep: {sweep_file}   world: {world}")
     print(f"demo took {time.perf_counter() - start:.0f} s")
     if args.world == "toy" and not args.full and not args.suite:
-        print("the full comparison (every kind, the RMU model, two seeds, 200 steps): make demo-full "
+        print("the full comparison (ablation then LoRA too, two seeds, 200 steps), expected "
+              f"{expected_s(toy_sweep(world, full=True), True, False, args.workers):.0f} s: make demo-full "
               "(python -m attack demo --full)")
     return 0
 
 
 # Seconds on this project's 2-core machine, one torch thread per process, measured by
-# bench/demo_cost.py: the world build (two processes), and one cell of each attack setting.
-# Measured 2026-11-29 (README, "What the demos cost").
-COST_S = {"world": 305, "world-quick": 35, "finetune": {20: 10, 30: 20, 60: 34, 200: 69}, "ablation": 11,
-          "ablation-then": 79, "grpo": {20: 8, 30: 11, 60: 19, 200: 45}, "quantize": 6}
+# bench/demo_cost.py (README, "What the demos cost"): the world build (its two stages two
+# processes at a time), and per cell (alone, on the unlearned model) a fixed part plus a part per
+# training step, fitted to cells of 60 and 200 steps.
+# Measured 2026-11-30 (world build version 4, 3 layers); quantize from the suite's cells.
+COST_S = {"world": 140, "world-quick": 35, "report": 8, "finetune": (5.4, 0.133), "grpo": (4.5, 0.078),
+          "ablation": (2.4, 0.0), "ablation-then": (6.0, 0.13), "quantize": (2.0, 0.0)}
 
 
-def _expected(args, built: bool) -> float:
-    """What the demo should take, from COST_S: the world (unless cached) and its cells shared
-    among the workers."""
-    if args.suite:  # 2 models x (14 fine-tunes of 30 steps, 3 quantizations, an ablation, a GRPO run)
-        cells = 2 * (14 * COST_S["finetune"][30] + 3 * COST_S["quantize"] + COST_S["ablation"] + COST_S["grpo"][30])
-        return (0 if built else COST_S["world"]) + cells / min(args.workers, 2) + 10
-    steps = 20 if args.quick else 200 if args.full else 60
-    models = 4 if args.full else 3
-    seeds = 2 if args.full and not args.quick else 1
-    cells = models * (seeds * COST_S["finetune"][steps] + 2 * COST_S["ablation"] + COST_S["grpo"][steps]
-                      + (COST_S["ablation-then"] if args.full else 0))
-    world = 0 if built else COST_S["world-quick" if args.quick else "world"]
-    return world + cells / min(args.workers, 2) + 10  # the report
+def expected_s(sweep: dict, built: bool, quick: bool, workers: int) -> float:
+    """What a demo sweep should take on the project's machine, from COST_S: the world (unless
+    cached), then every cell's cost shared among the workers (at most the 2 cores), the report."""
+    total = 0.0
+    for attack in sweep["attacks"]:
+        kind = attack.get("kind", "finetune")
+        if kind == "ablation" and attack["ablation"].get("then_finetune"):
+            kind = "ablation-then"
+        fixed, per_step = COST_S[kind]
+        steps = merge(sweep["base"], attack).get("train", {}).get("max_steps", 0)
+        seeds = len(attack.get("seeds", sweep["seeds"]))
+        total += len(sweep["models"]) * seeds * (fixed + per_step * steps)
+    world = 0 if built else COST_S["world-quick" if quick else "world"]
+    return world + total / min(workers, 2) + COST_S["report"]
 
 
 def _run_cells(sweep_file: Path, name: str, cells: list, workers: int) -> dict:
