@@ -192,9 +192,10 @@ def main(argv: list[str]) -> int:
         world = world_dir(cache, spec)
         sweep_spec = toy_suite(world) if args.suite else toy_sweep(world, full=args.full, quick=args.quick)
         built = (world / "world.json").exists()
+        which = ("the adversary suite" if args.suite else "the full comparison" if args.full
+                 else "compact; the full comparison: make demo-full")
         print(f"expected time on a 2-core machine, fresh runs: {expected_s(sweep_spec, built, args.quick, args.workers):.0f} s "
-              f"({'world cached' if built else 'world build included'}; "
-              f"{'the full comparison' if args.full else 'compact; the full comparison: make demo-full'})")
+              f"({'world cached' if built else 'world build included'}; {which})")
         world = build_world(cache, spec)
     info = json.loads((world / "world.json").read_text())
 
@@ -243,16 +244,19 @@ def main(argv: list[str]) -> int:
 # Seconds on this project's 2-core machine, one torch thread per process, measured by
 # bench/demo_cost.py (README, "What the demos cost"): the world build (its two stages two
 # processes at a time), and per cell (alone, on the unlearned model) a fixed part plus a part per
-# training step, fitted to cells of 60 and 200 steps.
-# Measured 2026-11-30 (world build version 4, 3 layers); quantize from the suite's cells.
-COST_S = {"world": 140, "world-quick": 35, "report": 8, "finetune": (5.4, 0.133), "grpo": (4.5, 0.078),
-          "ablation": (2.4, 0.0), "ablation-then": (6.0, 0.13), "quantize": (2.0, 0.0)}
+# training step, fitted to cells of 60 and 200 steps. Two cells at once each run 1.27x slower
+# than alone (the compact demo's 16 cells: 110 s one by one, 2 x 70 s two at a time), and the
+# cell workers take 8 s to start; `make`'s install from a fresh clone takes 74 s. Measured
+# 2026-11-30 (world build version 4, 3 layers).
+COST_S = {"install": 74, "world": 150, "world-quick": 12, "workers": 8, "report": 8, "two_at_a_time": 1.27,
+          "finetune": (5.4, 0.133), "grpo": (4.5, 0.078), "ablation": (2.4, 0.0), "ablation-then": (6.0, 0.13),
+          "quantize": (2.0, 0.0)}
 
 
 def expected_s(sweep: dict, built: bool, quick: bool, workers: int) -> float:
     """What a demo sweep should take on the project's machine, from COST_S: the world (unless
     cached), then every cell's cost shared among the workers (at most the 2 cores), the report."""
-    total = 0.0
+    cells = 0.0
     for attack in sweep["attacks"]:
         kind = attack.get("kind", "finetune")
         if kind == "ablation" and attack["ablation"].get("then_finetune"):
@@ -260,9 +264,12 @@ def expected_s(sweep: dict, built: bool, quick: bool, workers: int) -> float:
         fixed, per_step = COST_S[kind]
         steps = merge(sweep["base"], attack).get("train", {}).get("max_steps", 0)
         seeds = len(attack.get("seeds", sweep["seeds"]))
-        total += len(sweep["models"]) * seeds * (fixed + per_step * steps)
+        cells += len(sweep["models"]) * seeds * (fixed + per_step * steps)
     world = 0 if built else COST_S["world-quick" if quick else "world"]
-    return world + total / min(workers, 2) + COST_S["report"]
+    parallel = min(workers, 2)
+    if parallel > 1:
+        cells *= COST_S["two_at_a_time"] / parallel
+    return world + COST_S["workers"] + cells + COST_S["report"]
 
 
 def _run_cells(sweep_file: Path, name: str, cells: list, workers: int) -> dict:
