@@ -82,7 +82,8 @@ def test_slurm_preemption_requeues_and_resumes(tmp_path, world, llama_dir):
 
     from attack.rundir import read_curve
 
-    # long enough that SIGTERM lands mid-run; points every 20 steps, so the cost is the training
+    # long enough that SIGTERM lands mid-run, once the first checkpoint is sealed; points every 20
+    # steps, so the cost is the training
     path = _toy_sweep(tmp_path, world, llama_dir, max_steps=300, log_every=10, seeds=[0], eval_every=20)
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
@@ -95,8 +96,7 @@ def test_slurm_preemption_requeues_and_resumes(tmp_path, world, llama_dir):
     proc = subprocess.Popen(script, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
     deadline = time.time() + 120
     while time.time() < deadline:
-        curves = list((tmp_path / "runs").glob("*/curve.jsonl"))
-        if curves and any(r["step"] >= 20 for r in read_curve(curves[0])):
+        if list((tmp_path / "runs").glob("*/checkpoints/checkpoint-*/manifest.json")):  # a sealed checkpoint to resume from
             break
         time.sleep(0.2)
     proc.send_signal(signal.SIGTERM)
