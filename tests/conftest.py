@@ -24,13 +24,6 @@ from attack.toyworld.world import WorldSpec, generate, write_jsonl, write_tasks 
 torch.set_num_threads(1)
 
 
-def pytest_collection_modifyitems(items):
-    """Slow tests first (stable order otherwise, the same on every worker): the workers start on
-    the long ones and finish together on short ones, instead of one long test running alone at
-    the end."""
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
-
-
 class CrashAt(TrainerCallback):
     """Simulates a job killed mid-run: Ctrl-C at the end of optimizer step `step`."""
 

@@ -89,33 +89,6 @@ def test_data_parallel_two_processes_write_once(world, llama_dir, tmp_path):
     assert len(keys) == len(set(keys)) == 3 * 3  # steps 0, 2, 4 x acc, acc_norm, correct_prob
 
 
-@pytest.mark.slow
-def test_benchmark_script_prints_its_measurements():
-    """bench/attack_speed.py runs (tiny settings) and prints one JSON line per recipe: the
-    attack and full fine-tuning through run_attack with a model object, the baseline recipe."""
-    cmd = [sys.executable, "bench/attack_speed.py", "--recipes", "attack,baseline,full", "--steps", "1",
-           "--warmup", "1", "--seq-len", "64", "--batch-size", "4", "--eval-questions", "16"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    lines = [json.loads(line) for line in proc.stdout.splitlines()]  # stdout is JSON lines only
-    assert [r["recipe"] for r in lines] == ["attack", "baseline", "full"]
-    for r in lines:
-        assert {"recipe", "model", "device", "tokens_per_s", "mfu", "peak_mem_gb", "eval_s", "eval_share",
-                "micro_batch", "checkpointing"} <= set(r)
-        assert r["tokens_per_s"] > 0 and r["eval_s"] > 0 and 0 < r["eval_share"] < 1
-    assert lines[1]["checkpointing"] and lines[1]["micro_batch"] == 1  # the Deep Ignorance recipe's settings
-
-
-@pytest.mark.slow
-def test_evaluation_benchmark_compares_with_stock_lm_eval():
-    cmd = [sys.executable, "bench/eval_speed.py", "--questions", "24", "--points", "1", "--batch-size", "8"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    fast, stock = [json.loads(line) for line in proc.stdout.splitlines()]
-    assert (fast["path"], stock["path"]) == ("fast", "stock")
-    assert fast["max_score_diff"] < 1e-6 and fast["speedup"] > 0 and stock["eval_s"] > 0
-
-
 def test_micro_batch_choice_fills_memory_and_checkpoints_only_when_needed():
     from attack.speed import choose_micro_batch
 
@@ -161,14 +134,28 @@ def test_a_kernel_patch_ends_with_the_attack(make_config, llama_dir):
 
 @pytest.mark.slow
 def test_the_gpu_check_script_runs_its_steps_at_toy_size(tmp_path):
-    """bench/gpu_check.sh --model tiny: every step runs and leaves its JSON lines and log."""
+    """bench/gpu_check.sh --model tiny: every step runs and leaves its JSON lines and log. Its
+    steps are the two benchmarks at tiny settings, so their output is checked here too (one run):
+    bench/attack_speed.py prints a line per recipe (the attack and full fine-tuning through
+    run_attack with a model object, the baseline recipe) and bench/eval_speed.py the fast path
+    against stock lm-eval."""
     proc = subprocess.run(["bash", "bench/gpu_check.sh", str(tmp_path), "--model", "tiny"], capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    lines = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    lines = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]  # JSON lines only
     steps = {r["step"]: r for r in lines if "rc" in r}
     assert set(steps) == {"tiny-attack", "eval-tiny", "tests"} and all(r["rc"] == 0 for r in steps.values())
-    assert {r["recipe"] for r in lines if "recipe" in r} == {"attack", "baseline", "full"}
-    assert {r["path"] for r in lines if "path" in r} == {"fast", "stock"}
     assert lines[-1] == {"step": "all", "failed": 0, "s": lines[-1]["s"]}
     assert all((tmp_path / f"{name}.log").exists() for name in steps)
+
+    recipes = [r for r in lines if "recipe" in r]
+    assert [r["recipe"] for r in recipes] == ["attack", "baseline", "full"]
+    for r in recipes:
+        assert {"recipe", "model", "device", "tokens_per_s", "mfu", "peak_mem_gb", "eval_s", "eval_share",
+                "micro_batch", "checkpointing"} <= set(r)
+        assert r["tokens_per_s"] > 0 and r["eval_s"] > 0 and 0 < r["eval_share"] < 1
+    assert recipes[1]["checkpointing"] and recipes[1]["micro_batch"] == 1  # the Deep Ignorance recipe's settings
+
+    fast, stock = [r for r in lines if "path" in r]
+    assert (fast["path"], stock["path"]) == ("fast", "stock")
+    assert fast["max_score_diff"] < 1e-6 and fast["speedup"] > 0 and stock["eval_s"] > 0
