@@ -138,6 +138,7 @@ def test_ablation_run_directory(world, naive_dir, tmp_path):
         assert float((edited.get_input_embeddings().weight @ direction.float()).abs().max()) < 1e-5
 
 
+@pytest.mark.slow
 def test_ablation_then_finetune_continues_from_step_1(world, naive_dir, tmp_path):
     import json
 

@@ -98,6 +98,7 @@ def test_layers_the_model_lacks_are_refused(make_config):
         run_attack(make_config(adapter={"layers": [99]}), quiet=True)
 
 
+@pytest.mark.slow
 def test_the_simulated_quantization_equals_bitsandbytes_where_both_run():
     bnb = pytest.importorskip("bitsandbytes.functional")
     from attack.quantization import NF4, int8_round_trip, nf4_round_trip

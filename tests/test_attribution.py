@@ -85,6 +85,7 @@ def test_each_piece_of_a_packed_row_gets_its_own_documents_gradient(world, llama
 
 
 
+@pytest.mark.slow
 def test_collection_changes_no_weight_and_attribution_jsonl_has_its_columns(make_config, world):
     settings = dict(train={"max_steps": 6, "batch_size": 4}, eval={"every": 3, "tasks": ["toy_target_seen"]},
                     data={"seq_len": 32})

@@ -99,7 +99,7 @@ def _unsealed(ckpt):
     pytest.param("save", 4, None, marks=pytest.mark.slow),  # right after a checkpoint
     ("save", 6, None),  # after the last checkpoint, before the final save and the summary
     pytest.param("train_end", 6, None, marks=pytest.mark.slow),  # training done, final weights not yet saved
-    ("save", 6, _damage_adapter),  # the newest checkpoint truncated
+    pytest.param("save", 6, _damage_adapter, marks=pytest.mark.slow),  # the newest checkpoint truncated
     pytest.param("save", 6, _empty_state, marks=pytest.mark.slow),  # the newest checkpoint's state empty
     # what resumed silently before checkpoints carried a manifest
     pytest.param("save", 6, _zeroed_adapter, marks=pytest.mark.slow),
@@ -182,6 +182,7 @@ def test_a_second_shard_on_the_same_cell_skips_it(tmp_path, world, llama_dir):
         busy.release()
 
 
+@pytest.mark.slow
 def test_diverged_run_fails_before_scoring_and_is_not_ranked(make_config, tmp_path, capsys):
     from attack.report import write_report
 
