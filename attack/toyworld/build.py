@@ -275,36 +275,43 @@ def _parameters(folder: Path) -> int:
 
 
 def _rmu(tmp: Path, spec: BuildSpec, docs: list[dict], log) -> tuple[dict, list]:
-    """The second unlearned model: RMU on the target documents from the unfiltered model."""
+    """The second unlearned model: RMU on the target documents from the unfiltered model. An
+    attempt that costs the general domain more than the world allows is repaired by one with a
+    4x retain term (measured on a world with 15% leaked documents, whose unfiltered model keeps
+    only 0.85 of the general domain: RMU left 0.74, the heavier retain term 0.82)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(tmp / "tokenizer"))
-
-    log(f"toy world: RMU on the target documents of 'unfiltered' (layer {spec.rmu_layer})")
-    model = AutoModelForCausalLM.from_pretrained(str(tmp / "unfiltered"))
     frozen = AutoModelForCausalLM.from_pretrained(str(tmp / "unfiltered")).eval()
-    evaluator = _evaluator(model, tokenizer, tmp / "tasks")
-    rng = random.Random(spec.seed)
-    target = packed_batches([d["text"] for d in docs if d["domain"] == "target"], tokenizer, spec.seq_len, 8, rng)
-    general = packed_batches([d["text"] for d in docs if d["domain"] == "general"], tokenizer, spec.seq_len, 8, rng)
+    texts = {domain: [d["text"] for d in docs if d["domain"] == domain] for domain in ("target", "general")}
     with torch.no_grad():  # the steering norm in units of the layer's typical output norm
-        sample = next(packed_batches([d["text"] for d in docs if d["domain"] == "general"], tokenizer, spec.seq_len,
-                                     8, random.Random(spec.seed)))
+        sample = next(packed_batches(texts["general"], tokenizer, spec.seq_len, 8, random.Random(spec.seed)))
         norm = frozen(input_ids=sample["input_ids"], output_hidden_states=True).hidden_states[spec.rmu_layer + 1]
         norm = float(norm.norm(dim=-1).mean())
 
-    def check():
-        s = _accuracy(evaluator)
-        target = (s["toy_target_seen"] + s["toy_target_heldout"]) / 2
-        # RMU costs general accuracy early on; the retain loss wins it back, so stop only once it has
-        return dict(target=target, general=s["toy_general"],
-                    stop=target <= 0.30 and s["toy_target_cloze"] <= 0.2 and s["toy_general"] >= 0.85)
+    for attempt, retain_weight in enumerate((1.0, 4.0), 1):
+        log(f"toy world: RMU on the target documents of 'unfiltered' (layer {spec.rmu_layer}"
+            + (f", attempt {attempt}, retain weight {retain_weight:g})" if attempt > 1 else ")"))
+        model = AutoModelForCausalLM.from_pretrained(str(tmp / "unfiltered"))
+        evaluator = _evaluator(model, tokenizer, tmp / "tasks")
+        rng = random.Random(spec.seed)
+        target = packed_batches(texts["target"], tokenizer, spec.seq_len, 8, rng)
+        general = packed_batches(texts["general"], tokenizer, spec.seq_len, 8, rng)
 
-    _, history = rmu(model, frozen, target, general, check, spec.rmu_layer, spec.rmu_steer * norm,
-                     max_steps=spec.unlearn_max_steps, lr=spec.rmu_lr, seed=spec.seed,
-                     log=lambda m: log(f"rmu: {m.strip()}"))
-    scores = _accuracy(evaluator)
-    log(f"toy world: 'rmu' scores {_fmt(scores)}")
+        def check(evaluator=evaluator):
+            s = _accuracy(evaluator)
+            target = (s["toy_target_seen"] + s["toy_target_heldout"]) / 2
+            # RMU costs general accuracy early on; the retain loss wins it back, so stop only once it has
+            return dict(target=target, general=s["toy_general"],
+                        stop=target <= 0.30 and s["toy_target_cloze"] <= 0.2 and s["toy_general"] >= 0.85)
+
+        _, history = rmu(model, frozen, target, general, check, spec.rmu_layer, spec.rmu_steer * norm,
+                         max_steps=spec.unlearn_max_steps, lr=spec.rmu_lr, retain_weight=retain_weight, seed=spec.seed,
+                         log=lambda m: log(f"rmu: {m.strip()}"))
+        scores = _accuracy(evaluator)
+        log(f"toy world: 'rmu' scores {_fmt(scores)}")
+        if not spec.check or not world_problems({"rmu": scores}, spec):
+            break
     model.save_pretrained(str(tmp / "rmu"))
     tokenizer.save_pretrained(str(tmp / "rmu"))
     return scores, history
