@@ -44,7 +44,7 @@ def looks_local(name: str) -> bool:
 def load_tokenizer(cfg: ModelConfig):
     source, gguf = model_source(cfg)
     try:
-        with gguf_loading():
+        with gguf_loading() if gguf else contextlib.nullcontext():
             tok = AutoTokenizer.from_pretrained(
                 source, revision=_revision(cfg), trust_remote_code=cfg.trust_remote_code, **gguf
             )
@@ -73,7 +73,7 @@ def load_model(cfg: ModelConfig, adapter: AdapterConfig):
     else:
         kwargs["dtype"] = torch.float32  # full fine-tuning: fp32 master weights
     try:
-        with gguf_loading():
+        with gguf_loading() if gguf else contextlib.nullcontext():
             model, loading = AutoModelForCausalLM.from_pretrained(source, output_loading_info=True, **kwargs)
     except Exception as e:
         raise UserError(f"could not load model '{cfg.name}': {first_line(e)}") from None

@@ -29,7 +29,7 @@ import yaml  # noqa: E402
 from attack.__main__ import quiet_libraries  # noqa: E402
 from attack.sweep import load_sweep, run_cell  # noqa: E402
 from attack.toyworld.build import BuildSpec, build_world, quick_spec, world_dir  # noqa: E402
-from attack.toyworld.demo import toy_sweep  # noqa: E402
+from attack.toyworld.demo import cost_kind, toy_sweep  # noqa: E402
 
 
 def main() -> None:
@@ -64,9 +64,7 @@ def main() -> None:
                 print(json.dumps(dict(what="cell", sweep=name, attack=cell.attack.label, kind=cell.config.kind,
                                       steps=steps, eval_points=len(cell.config.curve_steps()),
                                       outcome=outcome, s=round(s, 1))), flush=True)
-                kind = cell.config.kind
-                if kind == "ablation" and cell.config.ablation.then_finetune:
-                    kind = "ablation-then"
+                kind = cost_kind(cell.config.kind, cell.config.kind == "ablation" and cell.config.ablation.then_finetune)
                 measured.setdefault(kind, []).append((steps if kind != "ablation" else 0, s))
     # COST_S's (fixed, per step) of each kind: a least-squares line through its cells
     for kind, points in measured.items():

@@ -253,15 +253,18 @@ COST_S = {"install": 74, "world": 150, "world-quick": 12, "workers": 8, "report"
           "quantize": (2.0, 0.0)}
 
 
+def cost_kind(kind: str, then_finetune: bool) -> str:
+    """COST_S's key of a cell: its kind, with ablation followed by fine-tuning apart."""
+    return "ablation-then" if kind == "ablation" and then_finetune else kind
+
+
 def expected_s(sweep: dict, built: bool, quick: bool, workers: int) -> float:
     """What a demo sweep should take on the project's machine, from COST_S: the world (unless
     cached), then every cell's cost shared among the workers (at most the 2 cores), the report."""
     cells = 0.0
     for attack in sweep["attacks"]:
         kind = attack.get("kind", "finetune")
-        if kind == "ablation" and attack["ablation"].get("then_finetune"):
-            kind = "ablation-then"
-        fixed, per_step = COST_S[kind]
+        fixed, per_step = COST_S[cost_kind(kind, kind == "ablation" and attack["ablation"].get("then_finetune", False))]
         steps = merge(sweep["base"], attack).get("train", {}).get("max_steps", 0)
         seeds = len(attack.get("seeds", sweep["seeds"]))
         cells += len(sweep["models"]) * seeds * (fixed + per_step * steps)
