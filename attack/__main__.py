@@ -29,7 +29,7 @@ SUBCOMMANDS = {
     "sweep": ("attack.sweep", "run a sweep of attack cells (models x attacks x seeds)"),
     "report": ("attack.report", "recovery curves, tables and the worst case from run directories"),
     "attribute": ("attack.attribution.attribute", "which attack documents drove the recovery (--attribution runs)"),
-    "counterfactual": ("attack.attribution.counterfactual", "rerun without the top-k attributed documents vs k random"),
+    "counterfactual": ("attack.counterfactual", "rerun without the top-k attributed documents vs k random"),
     "demo": ("attack.toyworld.demo", "the built-in toy world, end to end"),
 }
 

@@ -28,12 +28,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate.utils import gather_object
-from transformers import TrainerCallback
 
+from attack.checkpoints import checkpoint_step
 from attack.config import DataConfig
 from attack.errors import UserError, first_line
 from attack.files import save_array_atomic
-from attack.rundir import checkpoint_step
 
 FORMAT = 1  # bump when the prepared layout or the packing changes
 
@@ -405,10 +404,10 @@ def load_mixed_rows(cfg: DataConfig, tokenizer, attack: PackedCorpus, total_rows
     return MixedRows(attack, sources, cfg.path, total_rows, cfg.mix_order, seed)
 
 
-class RowsTrained(TrainerCallback):
+class RowsTrained:
     """Which packed rows, and so which source documents, the attack trained on within its budget.
-    The list (all processes together) is saved with every checkpoint, so a resumed run counts
-    what it trained on before the interruption."""
+    The list (all processes together) is a part of every checkpoint (attack/checkpoints.py), so a
+    resumed run counts what it trained on before the interruption."""
 
     FILE = "rows_trained.npy"
 
@@ -424,10 +423,10 @@ class RowsTrained(TrainerCallback):
         gathered = gather_object([mine])  # one list per process; every process must call this
         return np.concatenate([self.prior, np.asarray([r for rows in gathered for r in rows], dtype=np.int64)])
 
-    def on_save(self, args, state, control, **kwargs):
+    def save(self, ckpt: Path, state, optimizer=None) -> None:
         rows = self.trained(state.global_step)
         if state.is_world_process_zero:
-            save_array_atomic(Path(args.output_dir) / f"checkpoint-{state.global_step}" / self.FILE, rows)
+            save_array_atomic(ckpt / self.FILE, rows)
 
     def coverage(self, step: int) -> dict:
         """summary.json's coverage fields: rows and documents of the attack corpus trained on, of

@@ -6,7 +6,7 @@ from __future__ import annotations
 from attack.config import EvalConfig, check_dataset_copies
 from attack.errors import UserError
 from attack.published import as_fraction
-from eval_callbacks import LiveEvaluator, TaskDataError, UnknownTaskError, find_tasks, linear_schedule, log_schedule
+from eval_callbacks import LiveEvaluator, TaskDataError, UnknownTaskError, find_tasks
 
 
 def find_eval_tasks(cfg: EvalConfig):
@@ -35,12 +35,6 @@ def open_evaluator(cfg: EvalConfig, model, tokenizer, autocast_dtype, task_manag
                             f"evaluated: {', '.join(sorted(task_info))}")
         task_info[task]["published"] = as_fraction(value)
     return evaluator, task_info
-
-
-def eval_schedule(cfg: EvalConfig, max_steps: int) -> list[int]:
-    if cfg.schedule == "log":
-        return log_schedule(max_steps, cfg.log_points)
-    return linear_schedule(max_steps, cfg.every)
 
 
 def score_table(rows: list[dict], tasks: list[str] | None = None) -> str:

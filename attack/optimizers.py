@@ -14,7 +14,6 @@ import json
 from pathlib import Path
 
 import torch
-from transformers import TrainerCallback
 
 from attack.files import write_atomic
 
@@ -90,14 +89,15 @@ def _settings(optimizer) -> dict:
     return {k: v for k, v in getattr(optimizer, "defaults", {}).items() if isinstance(v, (int, float, bool, str, tuple))}
 
 
-class RecordOptimizer(TrainerCallback):
-    """Each checkpoint says which optimizer its optimizer.pt is the state of (train.optimizer,
-    its class and settings), before the checkpoint is sealed."""
+class RecordOptimizer:
+    """A part of every checkpoint (attack/checkpoints.py): which optimizer its optimizer.pt is the
+    state of (train.optimizer, its class and settings)."""
+
+    FILE = RECORD
 
     def __init__(self, name: str):
         self.name = name
 
-    def on_save(self, args, state, control, optimizer=None, **kwargs):
+    def save(self, ckpt: Path, state, optimizer=None) -> None:
         if state.is_world_process_zero and optimizer is not None:
-            path = Path(args.output_dir) / f"checkpoint-{state.global_step}" / RECORD
-            write_atomic(path, json.dumps({"optimizer": self.name, **describe(optimizer)}, indent=1, default=str) + "\n")
+            write_atomic(ckpt / RECORD, json.dumps({"optimizer": self.name, **describe(optimizer)}, indent=1, default=str) + "\n")

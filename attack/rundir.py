@@ -4,7 +4,8 @@ once, as a `RunDir` attribute:
 
     runs/<run-id>/config.yaml  env.json  tasks.json  cell.json  summary.json  .lock
                   curve.jsonl  samples/step-NNNNNNN.jsonl.gz   the recovery curve, per-question records
-                  checkpoints/  final/                         resumable trainer state, attacked weights
+                  checkpoints/  final/                         resumable trainer state (attack/checkpoints.py),
+                                                               attacked weights
                   rewards.jsonl                                (grpo) reward mean and spread per logged step
                   candidates.jsonl  direction.json  dose.jsonl  ablated/
                                                                (ablation) every candidate, the chosen
@@ -25,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import platform
 import subprocess
 import sys
@@ -36,14 +36,18 @@ from typing import TypedDict
 
 import torch
 
-from attack.config import AttackConfig, dump_yaml
-from attack.errors import UserError, first_line
+from attack.checkpoints import checkpoint_step, newest_valid
+from attack.config import AttackConfig, config_hash, default_run_id, dump_yaml
+from attack.errors import UserError
 from attack.files import read_json, write_atomic
 from attack.runlock import RunDirInUse, RunLock
-from eval_callbacks.callback import CurveRow
+from eval_callbacks.callback import CurveRow, samples_file
 
 __all__ = ["CellMeta", "CurveRow", "RunDir", "RunDirInUse", "Status", "Summary", "read_curve", "read_json",
            "write_atomic"]
+
+
+COUNTERFACTUAL_RESULT = "counterfactual.json"  # in each counterfactual_dir
 
 
 class Status(StrEnum):
@@ -202,13 +206,19 @@ class RunDir:
         self.counterfactual = self.path / "counterfactual"
         self.lock = RunLock(self.path / ".lock")
 
+    @classmethod
+    def for_config(cls, cfg: AttackConfig) -> RunDir:
+        """The run directory of a config: output.dir / (output.run_id, or the id derived from the config)."""
+        return cls(Path(cfg.output.dir) / (cfg.output.run_id or default_run_id(cfg)))
+
     @property
     def summary(self) -> Summary | None:
-        return read_json(self.summary_path)
+        """summary.json, or None when it is missing or not a JSON object (damage, or another tool's file)."""
+        return _mapping(read_json(self.summary_path))
 
     @property
     def cell(self) -> CellMeta | None:
-        return read_json(self.cell_path)
+        return _mapping(read_json(self.cell_path))
 
     @property
     def status(self) -> Status:
@@ -219,16 +229,18 @@ class RunDir:
         except ValueError:  # a summary.json from elsewhere; treat like one never finished
             return Status.PARTIAL
 
-    def open(self, cfg: AttackConfig, tasks: dict, cell: CellMeta | None = None) -> str | None:
+    def open(self, cfg: AttackConfig, tasks: dict, cell: CellMeta | None = None,
+             required: tuple[str, ...] = ()) -> str | None:
         """Create the run directory (or, with output.resume, reopen it) and write what the run
         is: config, environment, tasks, sweep cell. Recipes call this only after every check of
         the user's input passed, so a refused start leaves nothing behind.
 
-        Returns the checkpoint to resume from, or None for a fresh start."""
+        Returns the checkpoint to resume from, or None for a fresh start. `required`: the files
+        the recipe adds to each checkpoint, without which it cannot resume."""
         self.path.mkdir(parents=True, exist_ok=True)
         self.lock.acquire()
         try:
-            checkpoint = self._prepare(cfg, cfg.output.resume)
+            checkpoint = self._prepare(cfg, cfg.output.resume, required)
             write_atomic(self.tasks_path, json.dumps(tasks, indent=2))
             if cell is not None:
                 self.write_cell(cell)
@@ -282,14 +294,14 @@ class RunDir:
     def write_cell(self, cell: CellMeta) -> None:
         write_atomic(self.cell_path, json.dumps(cell, indent=2))
 
-    def _prepare(self, cfg: AttackConfig, resume: bool) -> str | None:
+    def _prepare(self, cfg: AttackConfig, resume: bool, required: tuple[str, ...] = ()) -> str | None:
         """Refuses to touch a directory that already holds a run unless resuming, so nothing
         written is clobbered."""
         self.refuse_existing(resume)
         for stale in self.path.glob(".*.tmp"):  # half-written files of a process killed mid-write
             with contextlib.suppress(OSError):
                 stale.unlink()
-        checkpoint = self.last_checkpoint(cfg.output.keep_checkpoints) if resume else None
+        checkpoint = self.last_checkpoint(cfg, required) if resume else None
         self.path.mkdir(parents=True, exist_ok=True)
         if resume and self.config.exists():
             saved = self.config.read_text()
@@ -314,33 +326,24 @@ class RunDir:
         self.write_summary(status=Status.RUNNING, kind=cfg.kind, resumed_from=checkpoint)
         return checkpoint
 
-    def last_checkpoint(self, keep: int = 2, say=lambda m: print(m, file=sys.stderr)) -> str | None:
-        """The newest checkpoint whose manifest verifies. Any newer one (a kill or a full disk
-        while it was written, or a file changed since) is set aside as damaged-checkpoint-N, said
-        in one line, and the next older one is used; of the set-aside folders the newest `keep`
-        are kept (output.keep_checkpoints), the rest deleted."""
-        import shutil
+    def last_checkpoint(self, cfg: AttackConfig, required: tuple[str, ...] = (),
+                        say=lambda m: print(m, file=sys.stderr)) -> str | None:
+        """The newest checkpoint of this run that proves itself whole (attack/checkpoints.py) and
+        whose earlier curve points are all still recorded (a resume re-measures none of them)."""
+        return newest_valid(self.checkpoints, cfg.output.keep_checkpoints, self.identity(cfg), required,
+                            usable=lambda step: self.points_recorded(cfg, step), say=say)
 
-        if not self.checkpoints.is_dir():
-            return None
-        found = None
-        for ckpt in sorted(self.checkpoints.iterdir(), key=lambda p: checkpoint_step(p) if _is_checkpoint(p) else -1,
-                           reverse=True):
-            if not _is_checkpoint(ckpt):
-                continue
-            problem = checkpoint_damage(ckpt)
-            if problem is None:
-                found = str(ckpt)
-                break
-            aside = ckpt.with_name(f"damaged-{ckpt.name}")
-            shutil.rmtree(aside, ignore_errors=True)
-            os.replace(ckpt, aside)
-            say(f"checkpoint {ckpt.name} is damaged ({problem}); set aside as {aside.name}, resuming from an older one")
-        damaged = sorted((p for p in self.checkpoints.iterdir() if _is_checkpoint(p, "damaged-")),
-                         key=checkpoint_step, reverse=True)
-        for old in damaged[keep:]:
-            shutil.rmtree(old, ignore_errors=True)
-        return found
+    def identity(self, cfg: AttackConfig) -> dict:
+        """What a checkpoint records of the run that wrote it: the run directory's name and the
+        hash of the config's result-deciding part."""
+        return {"run_id": self.path.name, "config": config_hash(cfg)}
+
+    def points_recorded(self, cfg: AttackConfig, step: int) -> bool:
+        """Every curve point up to training step `step` is in curve.jsonl with its per-question records."""
+        until = step + cfg.training_offset
+        wanted = {s for s in cfg.curve_steps() if s <= until}
+        have = {r["step"] for r in read_curve(self.curve)}
+        return wanted <= have and all(samples_file(self.samples, s).exists() for s in wanted)
 
     def write_summary(self, **fields) -> None:
         """Update summary.json with fields of `Summary` (anything else is a bug, not data)."""
@@ -351,85 +354,17 @@ class RunDir:
         summary.update(fields)
         write_atomic(self.summary_path, json.dumps(summary, indent=2))
 
+    def counterfactual_dir(self, task: str, method: str, k: int, step: int) -> Path:
+        """One counterfactual's folder: its reruns (runs/) and its result (COUNTERFACTUAL_RESULT)."""
+        return self.counterfactual / f"{task}-{method}-k{k}-step{step}"
+
     def wall_so_far(self) -> float:
         rows = read_curve(self.curve)
         return max((r.get("wall_s") or 0.0 for r in rows), default=0.0)
 
 
-TRAINER_STATE = "trainer_state.json"  # transformers' file inside each checkpoint
-MANIFEST = "manifest.json"  # every other file of a checkpoint: size and SHA-256, written last
-
-
-def _sha256(path: Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def seal(ckpt: Path) -> None:
-    """Write the checkpoint's manifest, last and atomically: a checkpoint is complete only if
-    its manifest exists and every file it names has that size and hash. Hashing reads the
-    checkpoint once (seconds for an adapter; for a full 7B model with its optimizer, about a
-    minute per checkpoint at disk speed)."""
-    ckpt = Path(ckpt)
-    files = sorted(p for p in ckpt.rglob("*") if p.is_file() and p.name != MANIFEST and not p.name.startswith("."))
-    manifest = {str(p.relative_to(ckpt)): dict(size=p.stat().st_size, sha256=_sha256(p)) for p in files}
-    write_atomic(ckpt / MANIFEST, json.dumps(manifest, indent=1))
-
-
-def _is_checkpoint(path: Path, prefix: str = "") -> bool:
-    """A trainer checkpoint folder, checkpoint-<step> (with `prefix`: one set aside, e.g.
-    damaged-checkpoint-<step>); anything else there (a checkpoint-3.bak a user made) is left alone."""
-    import re
-
-    return path.is_dir() and re.fullmatch(re.escape(prefix) + r"checkpoint-\d+", path.name) is not None
-
-
-def checkpoint_step(path) -> int:
-    """The step of a trainer checkpoint folder, checkpoint-<step>."""
-    return int(str(path).rsplit("-", 1)[-1])
-
-
-def checkpoint_damage(ckpt: Path) -> str | None:
-    """What makes a trainer checkpoint unusable, or None when it proves itself whole: its
-    manifest (written last, by `seal`) exists and every file it names is there with its size and
-    SHA-256, its state parses, and every weight, optimizer and RNG file is complete."""
-    import zipfile
-
-    from safetensors import safe_open
-
-    manifest = read_json(ckpt / MANIFEST)
-    if not isinstance(manifest, dict) or not manifest:
-        return f"no {MANIFEST}: the save did not finish"
-    for name, want in manifest.items():
-        f = ckpt / name
-        if not f.is_file():
-            return f"{name} is missing"
-        if f.stat().st_size != want.get("size") or _sha256(f) != want.get("sha256"):
-            return f"{name} is not the file that was saved (size or SHA-256 differs)"
-    state = read_json(ckpt / TRAINER_STATE)
-    if not state or state.get("global_step") != checkpoint_step(ckpt):
-        return f"{TRAINER_STATE} is missing or unreadable"
-    weights = list(ckpt.glob("*.safetensors")) + list(ckpt.glob("*.bin"))
-    if not weights:
-        return "no weight files"
-    for f in weights:
-        if f.suffix == ".safetensors":
-            try:
-                with safe_open(str(f), "pt") as st:  # checks the header covers the whole file
-                    st.keys()
-            except Exception as e:  # safetensors raises its own error types
-                return f"{f.name} is unreadable: {first_line(e)}"
-        elif not zipfile.is_zipfile(f):
-            return f"{f.name} is truncated"
-    for f in ("optimizer.pt", "scheduler.pt", "rng_state.pth"):
-        if (ckpt / f).exists() and not zipfile.is_zipfile(ckpt / f):
-            return f"{f} is truncated"
-    return None
+def _mapping(value) -> dict | None:
+    return value if isinstance(value, dict) else None
 
 
 def _identity_changed(saved_yaml: str, cfg: AttackConfig) -> bool:

@@ -78,7 +78,7 @@ class Cell:
 
     @property
     def run_dir(self) -> RunDir:
-        return RunDir(Path(self.config.output.dir) / self.id)
+        return RunDir.for_config(self.config)
 
     def meta(self, sweep: str) -> CellMeta:
         return CellMeta(cell_id=self.id, sweep=sweep, model=self.model.label, role=self.model.role,

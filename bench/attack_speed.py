@@ -65,6 +65,7 @@ from random_models import (  # noqa: E402
 from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments  # noqa: E402
 
 from attack.config import load_config  # noqa: E402
+from attack.rundir import RunDir  # noqa: E402
 from attack.toyworld.world import write_jsonl  # noqa: E402
 
 
@@ -120,7 +121,7 @@ def run_tool(args, work: Path, recipe: str, attn: str, task: str, config, tok) -
     timer = StepTimer(args.warmup)
     reset_peak()
     run = run_attack(cfg, extra_callbacks=[timer], quiet=True, model=model)
-    summary = json.loads((run / "summary.json").read_text())
+    summary = RunDir(run).summary
     # The last point: its requests and tokens were built at step 0, as for every later point of a run
     return dict(recipe=recipe, attn=attn, step_s=float(np.median(timer.times)),
                 tokens_per_step=args.batch_size * args.seq_len, eval_s=summary["eval_point_s"][-1],

@@ -59,6 +59,7 @@ def write_people(out: Path, seed: int = 0) -> None:
 def main() -> None:
     from attack.config import load_config
     from attack.recipes import run_attack
+    from attack.rundir import RunDir
     from attack.toyworld.capitals import smollm2_gguf
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -87,7 +88,7 @@ def main() -> None:
         walls[attributed] = time.perf_counter() - start
     print(json.dumps(dict(what="wall", model=Path(args.model).name, steps=args.steps, without_s=round(walls[False], 1),
                           with_s=round(walls[True], 1), overhead=round(walls[True] / walls[False] - 1, 3))))
-    summary = json.loads((run / "attribution_summary.json").read_text())
+    summary = json.loads(RunDir(run).attribution_summary.read_text())
     for method, subsets in summary["validation"].items():
         print(json.dumps(dict(what="quality", method=method, step=summary["steps"][-1], **subsets["all"])))
 

@@ -58,11 +58,12 @@ def _attack(config: Path, out: Path, run_id: str, steps: int, resume: bool = Fal
 def _result(run: Path) -> dict:
     from safetensors.torch import load_file
 
-    from attack.rundir import read_curve
+    from attack.rundir import RunDir, read_curve
 
-    summary = json.loads((run / "summary.json").read_text())
-    adapter = run / "final" / "adapter_model.safetensors"
-    return dict(curve=[(r["step"], r["tokens_seen"], r["task"], r["metric"], r["value"]) for r in read_curve(run / "curve.jsonl")],
+    rd = RunDir(run)
+    summary = rd.summary or {}
+    adapter = rd.final / "adapter_model.safetensors"
+    return dict(curve=[(r["step"], r["tokens_seen"], r["task"], r["metric"], r["value"]) for r in read_curve(rd.curve)],
                 summary=(summary.get("status"), summary.get("steps"), summary.get("tokens_seen"), summary.get("rows_trained")),
                 weights=load_file(str(adapter)) if adapter.exists() else None)
 
@@ -74,7 +75,11 @@ def _same_weights(a, b) -> bool:
 
 
 def _newest_checkpoint(run: Path) -> int | None:
-    steps = [int(p.name.split("-")[1]) for p in (run / "checkpoints").glob("checkpoint-*") if p.name.split("-")[1].isdigit()]
+    from attack.checkpoints import checkpoint_step, is_checkpoint
+    from attack.rundir import RunDir
+
+    folder = RunDir(run).checkpoints
+    steps = [checkpoint_step(p) for p in folder.iterdir() if is_checkpoint(p)] if folder.is_dir() else []
     return max(steps) if steps else None
 
 
@@ -91,6 +96,8 @@ def main() -> None:
         start = time.perf_counter()
         subprocess.run(_attack(config, root / "runs", "whole", args.steps), env=env, check=True, capture_output=True)
         wall = time.perf_counter() - start
+        from attack.rundir import RunDir
+
         whole = _result(root / "runs" / "whole")
         exact = 0
         for k in range(args.kills):
@@ -112,7 +119,7 @@ def main() -> None:
                 rc, said = done.returncode, (done.stderr.strip().splitlines() or [""])[-1][:160]
                 if rc == 0 or "is finished" in said:  # killed after it had finished: nothing to resume
                     break
-            got = _result(run) if (run / "summary.json").exists() else dict(curve=None, summary=None, weights=None)
+            got = _result(run) if RunDir(run).summary_path.exists() else dict(curve=None, summary=None, weights=None)
             line = dict(kill=k, after_s=round(after, 2), killed=not finished_first, newest_checkpoint=newest,
                         resume_rc=rc, resumes=resumes, resume_said=said if rc else "", curve_equal=got["curve"] == whole["curve"],
                         weights_equal=_same_weights(got["weights"], whole["weights"]),

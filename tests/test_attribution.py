@@ -111,7 +111,7 @@ def test_collection_changes_no_weight_and_attribution_jsonl_has_its_columns(make
     assert summary["gold_field"] == "entity" and set(summary["validation"]) == {"gradient", "tracin", "bm25", "random"}
 
     # the counterfactual reruns the attack to the last point without the chosen documents
-    from attack.attribution.counterfactual import counterfactual
+    from attack.counterfactual import counterfactual
 
     result = counterfactual(run, "toy_target_seen", k=2)
     texts = [json.loads(line)["text"] for line in open(world["attack"])]
@@ -136,7 +136,7 @@ def _group(rows, values="rank"):
 
 
 def test_counterfactual_removes_the_documents_ranked_best_over_the_question_set(tmp_path):
-    from attack.attribution.counterfactual import top_documents
+    from attack.counterfactual import top_documents
     from attack.rundir import RunDir
 
     run = RunDir(tmp_path)

@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 from transformers import TrainerCallback
 
 from attack.__main__ import main
+from attack.config import load_config, read_yaml
 from attack.recipes import run_attack
 from attack.rundir import RunDir, RunLock, read_curve
 from eval_callbacks import read_samples
@@ -277,7 +278,8 @@ def test_sigterm_ends_as_interrupted_and_resumes(make_config, tmp_path, command)
     assert err.strip().splitlines()[-1].startswith("terminated (SIGTERM): continue with the same command plus --resume")
     assert json.loads((tmp_path / "r" / "summary.json").read_text())["status"] == "interrupted"
     assert not (tmp_path / "r" / ".lock").exists()
-    assert RunDir(tmp_path / "r").last_checkpoint() is not None
+    run = RunDir(tmp_path / "r")
+    assert run.last_checkpoint(load_config(read_yaml(run.config)), ("optimizer.json", "rows_trained.npy")) is not None
 
 
 def test_set_aside_checkpoints_are_pruned_and_strange_folders_left_alone(make_config, tmp_path, capsys):
@@ -293,7 +295,7 @@ def test_set_aside_checkpoints_are_pruned_and_strange_folders_left_alone(make_co
         shutil.copytree(ckpts / "checkpoint-4", ckpts / f"damaged-checkpoint-{step}")
     _without("optimizer.pt")(ckpts / "checkpoint-4")
     capsys.readouterr()
-    assert run.last_checkpoint(keep=1, say=print) is None  # checkpoint-2 was rotated away (keep 1)
+    assert run.last_checkpoint(cfg, say=print) is None  # checkpoint-2 was rotated away (keep 1)
     assert "checkpoint checkpoint-4 is damaged (optimizer.pt is missing)" in capsys.readouterr().out
     assert sorted(p.name for p in ckpts.iterdir()) == ["checkpoint-4.bak", "damaged-checkpoint-4"]
 

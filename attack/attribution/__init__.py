@@ -4,8 +4,7 @@
                        evaluated question's gradient at each evaluation point
     attribute.py       `python -m attack attribute RUN_DIR`: rankings per question and point
                        (gradient, TracIn, BM25, random) -> attribution.jsonl, attribution_summary.json
-    counterfactual.py  `python -m attack counterfactual RUN_DIR --task T --k 10`: the attack rerun
-                       without the top-k documents and without k random ones
 
-The report's section on it is attack/report/attribution.py.
+Its test, the attack rerun without the top-k documents and without k random ones, is a driver
+beside the sweep (attack/counterfactual.py); the report's section is attack/report/attribution.py.
 """

@@ -3,17 +3,26 @@
     finetune.py   supervised fine-tuning on an attack corpus (LoRA or full)
     ablation.py   directional ablation of one residual-stream direction, optionally then fine-tuning
     grpo.py       reinforcement learning (GRPO) with a reward on a split kept apart from the evaluation
+    quantize.py   the weights rounded to a lower precision, no training
     common.py     what they share: the setup before the attack, the Trainer pieces, the closing
 
 Every recipe takes a validated config of its kind and writes the same run directory
 (attack/rundir.py), so the report compares attacks of every kind on one step axis. A new kind
-is a config class in attack/config.py and a recipe file here named after it, with `run(cfg, ...)`.
+is a config module in attack/config/ and a recipe file here with `run(cfg, ...)`, named in RECIPES.
 """
 
 from __future__ import annotations
 
 from importlib import import_module
 from pathlib import Path
+
+# kind -> the module that runs it (an explicit table, as lm-eval keeps one: readers and tools follow it)
+RECIPES: dict[str, str] = {
+    "finetune": "attack.recipes.finetune",
+    "ablation": "attack.recipes.ablation",
+    "grpo": "attack.recipes.grpo",
+    "quantize": "attack.recipes.quantize",
+}
 
 
 def run_attack(cfg, extra_callbacks: list | None = None, quiet: bool = False, cell: dict | None = None,
@@ -23,6 +32,6 @@ def run_attack(cfg, extra_callbacks: list | None = None, quiet: bool = False, ce
     table; `progress`: a line per evaluation point (default: when not quiet). `model`: the model
     under test already built (finetune only; a benchmark's random init, made in seconds on the
     GPU), instead of loading cfg.model.name, which still gives the tokenizer."""
-    recipe = import_module(f"attack.recipes.{cfg.kind}")
+    recipe = import_module(RECIPES[cfg.kind])  # imported on use: a kind's libraries (TRL, bitsandbytes) load only for it
     built = {} if model is None else {"model": model}
     return recipe.run(cfg, extra_callbacks=extra_callbacks, quiet=quiet, cell=cell, progress=progress, **built)

@@ -38,7 +38,8 @@ from transformers import (
     set_seed,
 )
 
-from attack.config import AttackConfig, default_run_id
+from attack.checkpoints import TRAINER_STATE, Checkpointing, checkpoint_step
+from attack.config import AttackConfig
 from attack.data import MixedRows, RowsTrained, load_attack_rows, load_mixed_rows
 from attack.errors import UserError
 from attack.evaluation import find_eval_tasks, score_table
@@ -46,7 +47,7 @@ from attack.evaluation import open_evaluator as _open_evaluator
 from attack.model import autocast_dtype, check_vocabulary, four_bit_config, load_tokenizer
 from attack.optimizers import RecordOptimizer, describe, trainer_optimizer
 from attack.published import PublishedScoreCheck
-from attack.rundir import TRAINER_STATE, RunDir, Status, checkpoint_step, read_curve, seal
+from attack.rundir import RunDir, Status, read_curve
 from attack.speed import kernels_scoped_to, liger_available, per_device_batch
 from attack.tracking import Bar, ProgressLines, check_tracker, close_progress_bar, finish_tracker, open_tracker
 from eval_callbacks import NonFiniteLossError, RecoveryCurveCallback
@@ -80,7 +81,7 @@ class Attack:
 def setup(cfg: AttackConfig, extra_callbacks: list | None = None, quiet: bool = False, cell: dict | None = None,
           progress: bool | None = None) -> Attack:
     """Every check that needs no model, cheapest first; nothing is written to the run directory."""
-    run = RunDir(Path(cfg.output.dir) / (cfg.output.run_id or default_run_id(cfg)))
+    run = RunDir.for_config(cfg)
     # Under `accelerate launch` / torchrun this joins the process group; alone it is one process.
     procs = PartialState(cpu=not torch.cuda.is_available())
     run.check_writable(cfg.output.resume)
@@ -129,7 +130,7 @@ def open_run(a: Attack, task_info: dict) -> str | None:
     cfg, run = a.cfg, a.run
     checkpoint = None
     if a.main:
-        checkpoint = run.open(cfg, task_info, a.cell)
+        checkpoint = run.open(cfg, task_info, a.cell, checkpoint_parts(cfg))
         if cfg.output.resume and checkpoint is None:
             a.say(f"no checkpoint in {run.checkpoints}; starting {run.path.name} from step 0")
         a.say(f"{cfg.model.name}: {cfg.describe()}, evaluated at {len(cfg.curve_steps())} points"
@@ -138,8 +139,14 @@ def open_run(a: Attack, task_info: dict) -> str | None:
         open_tracker(cfg, run.path)
     a.procs.wait_for_everyone()
     if not a.main:
-        checkpoint = run.last_checkpoint(cfg.output.keep_checkpoints) if cfg.output.resume else None
+        checkpoint = run.last_checkpoint(cfg, checkpoint_parts(cfg)) if cfg.output.resume else None
     return checkpoint
+
+
+def checkpoint_parts(cfg: AttackConfig) -> tuple[str, ...]:
+    """The files the recipes add to every checkpoint (`watch`, `fine_tune`), without which a resume
+    would not be the same attack: the optimizer's record, and the rows trained where a corpus is read."""
+    return (RecordOptimizer.FILE, *((RowsTrained.FILE,) if cfg.uses_data else ()))
 
 
 def fine_tune(a: Attack, model, rows, evaluator, task_info: dict, checkpoint: str | None, *, micro: int,
@@ -168,7 +175,7 @@ def fine_tune(a: Attack, model, rows, evaluator, task_info: dict, checkpoint: st
         trained = RowsTrained(rows, micro * (a.per_device // micro), checkpoint)
         collection = collection_callbacks(trainer, run.attribution, rows.segments(), evaluator, a.schedule,
                                           attribution.projection_dim) if attribution is not None else []
-        curve, moved = watch(a, trainer, evaluator, task_info, extra=[trained, *collection])
+        curve, moved = watch(a, trainer, evaluator, task_info, extra=collection, parts=[trained])
         train_s = fit(a, trainer, checkpoint)
         check_moved(a, moved)
 
@@ -209,11 +216,12 @@ def finish(a: Attack, evaluator, summary: dict, **more) -> Path:
     return a.run.path
 
 
-def watch(a: Attack, trainer, evaluator, task_info: dict, extra=()) -> tuple[RecoveryCurveCallback, WeightsMoved]:
+def watch(a: Attack, trainer, evaluator, task_info: dict, extra=(), parts=()) -> tuple[RecoveryCurveCallback, WeightsMoved]:
     """The callbacks every attack's Trainer carries: the recovery curve (training step 0 before
-    the first update, then every scheduled step), the published-score check on the step-0
-    points, a bar and a line per evaluation point in the terminal, the recipe's `extra` and the
-    caller's. Returns the curve callback and the check that weights moved."""
+    the first update, then every scheduled step), checkpoints with the optimizer's record and the
+    recipe's `parts` in them, sealed, the published-score check on the step-0 points, a bar and a
+    line per evaluation point in the terminal, the recipe's `extra` and the caller's. Returns the
+    curve callback and the check that weights moved."""
     cfg, run = a.cfg, a.run
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
@@ -223,14 +231,13 @@ def watch(a: Attack, trainer, evaluator, task_info: dict, extra=()) -> tuple[Rec
     curve = RecoveryCurveCallback(evaluator, a.schedule, run.curve, wall_offset_s=run.wall_so_far(),
                                   log=trainer.log if tracking else None, samples_dir=run.samples,
                                   step_offset=cfg.training_offset)
-    saves = [] if cfg.train.save_every else [SaveAtEvalPoints(a.schedule)]
+    saves = Checkpointing(None if cfg.train.save_every else a.schedule, run.identity(cfg),
+                          parts=[RecordOptimizer(cfg.train.optimizer), *parts])
     published = [PublishedScoreCheck(cfg.eval.expect, run, task_info)] if cfg.eval.expect and a.main else []
     show = not a.quiet if a.progress is None else a.progress
     lines = [ProgressLines(curve, a.max_steps, task_info, show_loss=not a.quiet)] if show else []
     moved = WeightsMoved()
-    # The seal after the recipe's own callbacks, which add files to a checkpoint (rows trained)
-    record = RecordOptimizer(cfg.train.optimizer)
-    for callback in [curve, moved, *saves, *published, *lines, *extra, record, SealCheckpoint(), *a.extra_callbacks]:
+    for callback in [curve, moved, saves, *published, *lines, *extra, *a.extra_callbacks]:
         trainer.add_callback(callback)
     return curve, moved
 
@@ -316,7 +323,7 @@ def trainer_settings(a: Attack, micro: int, checkpointing: bool) -> dict:
         logging_steps=cfg.train.log_every,
         logging_nan_inf_filter=False,  # a NaN loss must surface, not be averaged away
         save_strategy="steps",
-        # save_every, or only the last step here: SaveAtEvalPoints adds every evaluation point
+        # save_every, or only the last step here: Checkpointing adds every evaluation point
         save_steps=cfg.train.save_every or max(1, a.max_steps),
         save_total_limit=cfg.output.keep_checkpoints,
         report_to=[] if cfg.logging.report_to == "none" else [cfg.logging.report_to],
@@ -373,28 +380,3 @@ def check_moved(a: Attack, moved: WeightsMoved, why: str | None = None) -> None:
     if a.main:
         a.run.end(Status.FAILED, message)
     raise UserError(message)
-
-
-class SealCheckpoint(TrainerCallback):
-    """Each checkpoint gets its manifest (every file's size and SHA-256) once every process has
-    written its part: written last, atomically, so a resume can tell a complete checkpoint from
-    one a kill or a full disk cut short, or one changed since (rundir.checkpoint_damage)."""
-
-    def on_save(self, args, state, control, **kwargs):
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.barrier()
-        if state.is_world_process_zero:
-            seal(Path(args.output_dir) / f"checkpoint-{state.global_step}")
-
-
-class SaveAtEvalPoints(TrainerCallback):
-    """A resumable checkpoint at every evaluation point, of a linear or a log schedule alike, so
-    a resume starts from the newest point and re-measures none twice (unless train.save_every
-    sets an interval of its own)."""
-
-    def __init__(self, schedule: list[int]):
-        self.points = set(schedule)
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step in self.points:
-            control.should_save = True

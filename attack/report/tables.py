@@ -119,7 +119,8 @@ def summary_table(df: pd.DataFrame, metric: str | None = None, budgets: list[int
             row["change"] = row["final"] - row["pre"]
             rows.append(row)
             continue
-        row["final_stderr"] = float(np.nanmean([s["final_stderr"] for s in per_seed]))
+        stderrs = [s["final_stderr"] for s in per_seed if np.isfinite(s["final_stderr"])]
+        row["final_stderr"] = float(np.mean(stderrs)) if stderrs else float("nan")
         for b in budgets:
             m, lo, hi = interval([s["rec"][b] for s in per_seed])
             row[f"recovered@{b}"], row[f"recovered@{b}_lo"], row[f"recovered@{b}_hi"] = m, lo, hi

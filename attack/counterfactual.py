@@ -1,5 +1,5 @@
 """`python -m attack counterfactual RUN_DIR --task T --k 10`: does removing the attributed
-documents undo the recovery?
+documents undo the recovery? A driver, like sweep.py: it reruns attacks through the recipes.
 
 The question set is T's questions recovered at step N (wrong at step 0, right at N; all of T's
 questions when none recovered). Its top-k documents fuse the method's per-question rankings of
@@ -21,9 +21,7 @@ import numpy as np
 from attack.attribution.attribute import correctness
 from attack.errors import ArgumentParser, UserError
 from attack.files import write_atomic
-from attack.rundir import RunDir, Status
-
-RESULT = "counterfactual.json"  # in each counterfactual/<task>-<method>-k<k>-step<N>/ folder
+from attack.rundir import COUNTERFACTUAL_RESULT, RunDir, Status
 
 
 def question_set(run: RunDir, task: str, step: int) -> tuple[list[int], str]:
@@ -80,24 +78,22 @@ def counterfactual(run_path: str | Path, task: str, k: int = 10, method: str = "
     for d in range(draws):
         variants[f"without-random{k}-draw{d}"] = sorted(int(i) for i in rng.choice(rest, size=k, replace=False))
 
-    out = run.counterfactual / f"{task}-{method}-k{k}-step{step}"
+    out = run.counterfactual_dir(task, method, k, step)
     out.mkdir(parents=True, exist_ok=True)
     result = dict(task=task, step=step, k=k, method=method, question_set=which, questions=len(questions),
                   pre=accuracy(run, task, questions, 0), original=accuracy(run, task, questions, step), runs={})
     for name, drop in variants.items():
         data = out / f"{name}.jsonl"
-        done = RunDir(out / "runs" / name)
-        if done.status == Status.DONE:
-            result["runs"][name] = dict(removed=[int(d) for d in drop], accuracy=accuracy(done, task, questions, step),
-                                        run=str(done.path))
-            continue  # rerun earlier with these very documents removed
-        corpus.select(np.setdiff1d(np.arange(len(corpus)), drop)).to_json(str(data), lines=True, force_ascii=False)
         settings = cfg.model_dump(mode="python")
         settings["data"].update(path=str(data), name=None, split="train")
         settings["train"]["max_steps"] = step
         settings["attribution"]["enabled"] = False
         settings["output"].update(dir=str(out / "runs"), run_id=name, resume=False)
-        rerun = RunDir(run_attack(load_config(settings), quiet=True))
+        rerun_cfg = load_config(settings)
+        rerun = RunDir.for_config(rerun_cfg)
+        if rerun.status != Status.DONE:  # else: rerun earlier with these very documents removed
+            corpus.select(np.setdiff1d(np.arange(len(corpus)), drop)).to_json(str(data), lines=True, force_ascii=False)
+            run_attack(rerun_cfg, quiet=True)
         result["runs"][name] = dict(removed=[int(d) for d in drop], accuracy=accuracy(rerun, task, questions, step),
                                     run=str(rerun.path))
     top = result["runs"][f"without-top{k}-{method}"]["accuracy"]
@@ -105,8 +101,8 @@ def counterfactual(run_path: str | Path, task: str, k: int = 10, method: str = "
     result.update(without_top=top, without_random=rand,
                   recovery=dict(original=result["original"] - result["pre"], without_top=top - result["pre"],
                                 without_random=rand - result["pre"]))
-    write_atomic(out / RESULT, json.dumps(result, indent=1))
-    return dict(result, file=str(out / RESULT))
+    write_atomic(out / COUNTERFACTUAL_RESULT, json.dumps(result, indent=1))
+    return dict(result, file=str(out / COUNTERFACTUAL_RESULT))
 
 
 def main(argv: list[str]) -> int:

@@ -1,0 +1,99 @@
+"""Config files: YAML as we read it (1.2 numbers, no key given twice), relative input paths
+found from the file's folder, and the refusal of model code that only a file asks to run."""
+
+from __future__ import annotations
+
+import copy
+import re
+from pathlib import Path
+
+import yaml
+
+from attack.errors import UserError
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.2 numbers: `lr: 2e-5` is a float and `token_budget: 3e8` an integer (PyYAML follows
+    YAML 1.1 and reads both as strings). A key given twice in one mapping is refused (PyYAML
+    would keep the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        keys = [self.construct_object(k, deep=deep) for k, _ in node.value]
+        for i, key in enumerate(keys):
+            if isinstance(key, str | int | float | bool) and key in keys[:i]:
+                raise yaml.constructor.ConstructorError(None, None, f"key '{key}' is given twice",
+                                                        node.value[i][0].start_mark)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _exponent_number(loader, node):
+    text = loader.construct_scalar(node)
+    value = float(text)
+    return int(value) if "." not in text and value.is_integer() else value
+
+
+_Loader.add_implicit_resolver("!exponent", re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$"),
+                              list("-+0123456789."))
+_Loader.add_constructor("!exponent", _exponent_number)
+
+
+# Config keys that name something the attack reads (a local path, or a hub id that is left alone).
+INPUT_PATHS = ("model.name", "data.path", "eval.include_path", "eval.dataset_paths", "ablation.target_path",
+               "ablation.contrast_path", "ablation.reference_model", "grpo.prompts_path", "grpo.judge_model")
+
+
+def with_paths_from(data: dict, folder: Path) -> dict:
+    """A config read from a file in `folder`, its relative input paths found from that folder
+    first: where `folder / path` exists it replaces the path, so a config or sweep file works
+    from any directory. Anything else (hub ids, files still to be made) stays as written, taken
+    from the current directory. Outputs (output.dir, caches) stay relative to the current directory."""
+
+    def fix(value):
+        if isinstance(value, str) and value and not Path(value).is_absolute() and (folder / value).exists():
+            return str((folder / value).resolve())
+        return value
+
+    out = copy.deepcopy(data)
+    for key in INPUT_PATHS:
+        section, name = key.split(".")
+        values = out.get(section) if isinstance(out, dict) else None
+        if not isinstance(values, dict) or name not in values:
+            continue
+        v = values[name]
+        values[name] = ([fix(x) for x in v] if isinstance(v, list) else
+                        {k: fix(x) for k, x in v.items()} if isinstance(v, dict) else fix(v))
+    mix = out.get("data", {}).get("mix") if isinstance(out, dict) and isinstance(out.get("data"), dict) else None
+    for source in mix if isinstance(mix, list) else []:
+        if isinstance(source, dict) and "path" in source:
+            source["path"] = fix(source["path"])
+    return out
+
+
+def refuse_file_trust(cfg_or_data, where: str, granted: bool) -> None:
+    """Model code shipped with a checkpoint runs only when the command line says so: a config,
+    sweep or run directory that sets model.trust_remote_code is refused without the flag."""
+    if isinstance(cfg_or_data, dict):
+        model = cfg_or_data.get("model")
+        wants = isinstance(model, dict) and model.get("trust_remote_code") is True
+    else:
+        wants = cfg_or_data.model.trust_remote_code
+    if wants and not granted:
+        raise UserError(f"{where} sets model.trust_remote_code, but model code runs only when the command line "
+                        "says so: add --trust-remote-code if you trust the checkpoint's source")
+
+
+def parse_yaml(text: str):
+    return yaml.load(text, Loader=_Loader)
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file not found: {path}")
+    try:
+        data = parse_yaml(path.read_text()) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise UserError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"config file {path} must hold a mapping at the top level")
+    return data
