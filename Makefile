@@ -6,7 +6,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo demo-full demo-suite demo-smollm2 test test-fast lint clean
+.PHONY: demo demo-full demo-suite demo-search demo-smollm2 test test-fast lint clean
 
 # The environment, complete once the stamp exists (an install cut short is redone, not half kept):
 # - torch first, pinned: the CPU wheel; an unpinned request pulls gigabytes of CUDA packages;
@@ -39,6 +39,9 @@ demo-full: $(INSTALLED)
 
 demo-suite: $(INSTALLED)
 	$(BIN)/python -m attack demo --suite
+
+demo-search: $(INSTALLED)
+	$(BIN)/python -m attack demo --search
 
 demo-smollm2: $(INSTALLED)
 	$(BIN)/python -m attack demo --world smollm2

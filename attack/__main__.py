@@ -3,6 +3,7 @@
     python -m attack --model M --data D --eval-tasks T ...   one attack
     python -m attack --config configs/attack/lora.yaml --lr 5e-5
     python -m attack sweep configs/sweeps/toy.yaml [--shard i/n] [--dry-run]
+    python -m attack search configs/sweeps/search.yaml [--storage URL] [--dry-run]
     python -m attack report runs/ [--out report/] [--x steps|tokens]
     python -m attack attribute RUN_DIR                       documents behind the recovery (--attribution runs)
     python -m attack counterfactual RUN_DIR --task T --k 10  rerun without the top-k documents vs k random
@@ -27,6 +28,7 @@ from attack.errors import ArgumentParser, UserError
 # python -m attack <subcommand>: the module whose main(argv) runs it, and what it does.
 SUBCOMMANDS = {
     "sweep": ("attack.sweep", "run a sweep of attack cells (models x attacks x seeds)"),
+    "search": ("attack.search", "search the attack space per model (Optuna), chosen on selection tasks"),
     "report": ("attack.report", "recovery curves, tables and the worst case from run directories"),
     "attribute": ("attack.attribution.attribute", "which attack documents drove the recovery (--attribution runs)"),
     "counterfactual": ("attack.counterfactual", "rerun without the top-k attributed documents vs k random"),

@@ -32,7 +32,7 @@ import sys
 from enum import StrEnum
 from importlib import metadata
 from pathlib import Path
-from typing import TypedDict
+from typing import NotRequired, TypedDict
 
 import torch
 
@@ -59,6 +59,7 @@ class Status(StrEnum):
     DONE = "done"
     FAILED = "failed"
     INTERRUPTED = "interrupted"  # Ctrl-C or SIGTERM; resumable
+    PRUNED = "pruned"  # a search trial stopped early at an evaluation point: its curve up to there
 
 
 class CellMeta(TypedDict):
@@ -72,6 +73,10 @@ class CellMeta(TypedDict):
     attack: str  # the attack setting's label
     kind: str  # the attack family: finetune, ...
     seed: int
+    trial: NotRequired[int]  # a search trial: its number in the study (attack/search.py)
+    study: NotRequired[str]  # ... and the study's name
+    selection_tasks: NotRequired[list[str]]  # ... the tasks that chose it, never reported
+    params: NotRequired[dict]  # ... and its settings, {config key: value}
 
 
 class Summary(TypedDict, total=False):
@@ -111,6 +116,7 @@ class Summary(TypedDict, total=False):
     quantize: dict  # the method, who quantized (bitsandbytes or the simulation), the relative weight change
     grpo: dict  # the reward split's size, the reward, its last logged mean, judge parse failures
     warnings: list[str]
+    search: dict  # a search trial: its objective on the selection tasks, the point it was read at, feasibility
 
 
 def read_curve(path: Path) -> list[CurveRow]:

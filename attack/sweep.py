@@ -101,7 +101,7 @@ def load_sweep(path: str | Path, trust_remote_code: bool = False) -> tuple[dict,
                             f"got {type(raw[key]).__name__}")
     here = Path(path).parent  # relative input paths in the file are found from its folder first
     base = with_paths_from(raw.get("base") or {}, here)
-    models = [_model(with_paths_from({"model": m}, here)["model"] if isinstance(m, dict) else m, i)
+    models = [parse_model(with_paths_from({"model": m}, here)["model"] if isinstance(m, dict) else m, i)
               for i, m in enumerate(raw["models"])]
     attacks = [_attack(with_paths_from(a, here) if isinstance(a, dict) else a, i)
                for i, a in enumerate(raw.get("attacks") or [{"label": "default"}])]
@@ -117,7 +117,7 @@ def load_sweep(path: str | Path, trust_remote_code: bool = False) -> tuple[dict,
         for rev in m.revisions or [None]:
             for a in attacks:
                 kind = a.overrides.get("kind", "finetune")
-                kind_base = _base_for(base, kind)  # (refuses an unknown kind)
+                kind_base = base_for(base, kind)  # (refuses an unknown kind)
                 draws = KINDS[kind].trains()
                 for seed in (a.seeds or seeds) if draws else [0]:  # a quantization is the same at every seed
                     data = merge(kind_base, a.overrides)
@@ -130,13 +130,13 @@ def load_sweep(path: str | Path, trust_remote_code: bool = False) -> tuple[dict,
                     except UserError as e:
                         raise UserError(f"sweep cell {m.label}/{a.label}/seed {seed}: {e}") from None
                     label = m.label + (f"@{rev}" if rev else "")
-                    cell_id = f"{_safe(label)}--{_safe(a.label)}--s{seed}--{config_hash(cfg)}"
+                    cell_id = f"{safe_name(label)}--{safe_name(a.label)}--s{seed}--{config_hash(cfg)}"
                     cfg = updated(cfg, {"output.run_id": cell_id})
                     cells.append(Cell(cell_id, m, rev, a, seed, cfg))
     return dict(name=raw.get("name") or Path(path).stem, output=str(output)), cells
 
 
-def _model(m, i) -> SweepModel:
+def parse_model(m, i) -> SweepModel:
     if not isinstance(m, dict):
         raise UserError(f"sweep models[{i}] must be a mapping with label and name")
     try:
@@ -145,7 +145,7 @@ def _model(m, i) -> SweepModel:
         raise UserError(explain(e, SweepModel, prefix=f"models[{i}]")) from None
 
 
-def _base_for(base: dict, kind: str) -> dict:
+def base_for(base: dict, kind: str) -> dict:
     """The base sections that an attack of this kind has (the others belong to other kinds)."""
     schema = KINDS.get(kind) if isinstance(kind, str) else None
     if schema is None:
@@ -163,7 +163,7 @@ def _attack(a, i) -> SweepAttack:
     return SweepAttack(label=str(a["label"]), overrides=overrides, seeds=seeds)
 
 
-def _safe(text: str) -> str:
+def safe_name(text: str) -> str:
     return "".join(c if c.isalnum() or c in "-_.@" else "-" for c in str(text))
 
 
@@ -260,7 +260,7 @@ def run_cell(cell: Cell, sweep: str, quiet: bool = False, progress: bool = False
         log(f"busy, not run here: {e}")
         return "busy"
     except Exception as e:  # one failed cell must not stop the others (Ctrl-C still does)
-        _record_failure(cell, e, sweep)
+        record_failure(cell.run_dir, cell.meta(sweep), e)
         log(f"FAILED: {first_line(e)}")
         return "failed"
     finally:
@@ -269,11 +269,11 @@ def run_cell(cell: Cell, sweep: str, quiet: bool = False, progress: bool = False
             torch.cuda.empty_cache()
 
 
-def _record_failure(cell: Cell, error: Exception, sweep: str) -> None:
-    run = cell.run_dir
+def record_failure(run: RunDir, meta: CellMeta, error: Exception) -> None:
+    """A cell that failed says so in its summary.json, with its cell.json, for the report."""
     run.path.mkdir(parents=True, exist_ok=True)
     if run.cell is None:
-        run.write_cell(cell.meta(sweep))
+        run.write_cell(meta)
     detail = "" if isinstance(error, UserError) else traceback.format_exc(limit=5)
     run.write_summary(status=Status.FAILED, error=first_line(error), traceback=detail)
 

@@ -8,7 +8,7 @@ Usable with any transformers Trainer, without the `attack` package:
 """
 
 from eval_callbacks.callback import CurveRow, NonFiniteLossError, RecoveryCurveCallback, read_samples, samples_file
-from eval_callbacks.runner import LiveEvaluator, TaskDataError, UnknownTaskError, find_tasks, local_datasets
+from eval_callbacks.runner import LiveEvaluator, TaskDataError, UnknownTaskError, find_tasks, local_datasets, task_questions
 from eval_callbacks.schedule import linear_schedule, log_schedule
 
 __all__ = [
@@ -24,4 +24,5 @@ __all__ = [
     "local_datasets",
     "linear_schedule",
     "log_schedule",
+    "task_questions",
 ]

@@ -167,6 +167,14 @@ def local_datasets(paths: dict[str, str] | None):
         datasets.load_dataset = original
 
 
+def task_questions(tasks: list[str], task_manager, dataset_paths: dict[str, str] | None = None) -> dict[str, list[str]]:
+    """Each leaf task's questions as a model reads them (doc_to_text), without a model: for
+    checking, before anything runs, that another split shares none of them."""
+    with local_datasets(dataset_paths):
+        leaves = dict(task_manager.load(list(tasks))["tasks"])
+    return {name: [str(task.doc_to_text(doc)) for doc in task.eval_docs] for name, task in leaves.items()}
+
+
 class LiveEvaluator:
     """Evaluates lm-eval tasks on a model object that may be training.
 

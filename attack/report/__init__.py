@@ -26,7 +26,7 @@ import pandas as pd
 
 from attack.errors import ArgumentParser, UserError
 from attack.files import write_atomic
-from attack.report import ablation, attribution, grpo, sections, verdict
+from attack.report import ablation, attribution, grpo, search, sections, verdict
 from attack.report.page import ReportData, markdown, page
 from attack.report.paired import load_records, paired_curves
 from attack.report.runs import failed_runs, load_curves, pick_metric, run_warnings
@@ -39,6 +39,7 @@ __all__ = ["load_curves", "main", "summary_table", "worst_case", "write_report"]
 SECTIONS = [
     sections.header,
     verdict.section,
+    search.section,
     sections.published,
     sections.failed,
     sections.curves,
@@ -64,6 +65,15 @@ def write_report(paths: list[str | Path], out: str | Path, x: str = "steps", met
         raise UserError(f"metric '{metric}' not in the curves; they hold: {', '.join(sorted(set(df.metric)))}")
     if utility_task and utility_task not in set(df.task):
         raise UserError(f"utility task '{utility_task}' not in the curves; they hold: {', '.join(sorted(set(df.task)))}")
+    # Search trials: only the trial each study selected on its selection tasks stands for the
+    # search below, and the selection tasks themselves are reported nowhere (report/search.py).
+    trials = search.trials(df)
+    if not trials.empty:
+        chosen = search.selected(trials)
+        df = df[~df.run.isin(set(trials.run) - set(chosen.run)) & ~df.task.isin(search.selection_tasks(trials))]
+        if df.empty:
+            raise UserError("no search trial has finished within the utility bound yet, and no other run is here; "
+                            "run more trials, then report again")
     # A run that failed (diverged, refused its model) keeps its points, but they rank nowhere.
     failed = failed_runs(df)
     df = df[~df.run.isin(failed)]
@@ -86,7 +96,12 @@ def write_report(paths: list[str | Path], out: str | Path, x: str = "steps", met
     if not records.empty:
         records = records[records.task.isin(set(picked.task) - {utility_task})]
     curves = paired_curves(records) if not records.empty else pd.DataFrame()
-    r = ReportData(df=df, picked=picked, refs=references(picked), table=table, worst=worst, out=out, x=x,
+    if not trials.empty:
+        metrics = picked.drop_duplicates("task").set_index("task").headline_metric.to_dict()
+        trials = search.heldout(trials, references(picked), sorted(set(picked.task) - {utility_task}), metrics)
+        search.write_csv(trials, out)
+    r = ReportData(df=df, search=trials if not trials.empty else None,
+                   picked=picked, refs=references(picked), table=table, worst=worst, out=out, x=x,
                    records=records, paired_curves=curves,
                    metric=metric, utility_task=utility_task, max_utility_drop=max_utility_drop, failed=failed,
                    warnings=run_warnings(paths))

@@ -33,6 +33,7 @@ class ReportData:
     max_utility_drop: float | None = None
     failed: dict = field(default_factory=dict)  # {run: error} of the runs left out
     warnings: list = field(default_factory=list)  # step-0 mismatches with published scores
+    search: pd.DataFrame | None = None  # search trials (report/search.py), None without a search
 
 
 @dataclass

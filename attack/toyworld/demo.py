@@ -113,6 +113,25 @@ def toy_suite(world: Path) -> dict:
             "attacks": attacks, "seeds": [0]}
 
 
+def toy_search(world: Path) -> dict:
+    """The toy world's adversary search (`demo --search`): per model under test (filtered,
+    unlearned, RMU), a study of 6 trials over the learning rate, the optimizer and the LoRA rank,
+    each a 60-step attack as in the compact demo, chosen on the dev creatures (toy_target_dev,
+    which no reported task asks about) within the general domain's bound, pruned at the median."""
+    compact = toy_sweep(world)
+    lora = {"adapter": {"kind": "lora", "rank": 16, "alpha": 32, "dropout": 0.05}}
+    return {
+        "name": "toy-search",
+        "base": merge(compact["base"], {"kind": "finetune", **lora}),
+        "models": [m for m in compact["models"] if m["label"] != "unfiltered"],
+        "search": {"space": {"train.lr": {"low": 3.0e-4, "high": 3.0e-2, "log": True},
+                             "train.optimizer": ["adamw", "sgd", "adagrad"],
+                             "adapter.rank": [4, 16]},
+                   "trials": 6, "selection_tasks": ["toy_target_dev"], "utility_task": "toy_general",
+                   "max_utility_drop": 0.10, "pruner": "median", "startup_trials": 2, "seed": 0},
+    }
+
+
 def smollm2_sweep(world: Path, quick: bool = False) -> dict:
     """SmolLM2-135M-Instruct from its GGUF file, before and after unlearning every world capital,
     attacked with LoRA on statements of half of the capitals; recovery is read on the other half
@@ -156,6 +175,9 @@ def main(argv: list[str]) -> int:
     p.add_argument("--suite", action="store_true",
                    help="the adversary suite (19 adversaries of every kind, 30 steps) against the unlearned model: "
                         "the toy counterpart of configs/sweeps/adversary_suite.yaml")
+    p.add_argument("--search", action="store_true",
+                   help="an adversary search (Optuna, pruned at the median) per model under test, against the compact "
+                        "demo's fixed LoRA setting (make demo-search)")
     p.add_argument("--workers", type=int, default=min(os.cpu_count() or 1, 4),
                    help="cells run at once, each in its own process on one torch thread (default: the cores, "
                         "at most 4)")
@@ -190,9 +212,10 @@ def main(argv: list[str]) -> int:
         spec = quick_spec() if args.quick else BuildSpec()
         spec = replace(spec, world=replace(spec.world, leak_fraction=args.leak_fraction))
         world = world_dir(cache, spec)
-        sweep_spec = toy_suite(world) if args.suite else toy_sweep(world, full=args.full, quick=args.quick)
+        sweep_spec = (toy_suite(world) if args.suite else _fixed_lora(world) if args.search
+                      else toy_sweep(world, full=args.full, quick=args.quick))
         built = (world / "world.json").exists()
-        which = ("the adversary suite" if args.suite else "the full comparison" if args.full
+        which = ("the adversary suite" if args.suite else "the adversary search" if args.search else "the full comparison" if args.full
                  else "compact; the full comparison: make demo-full")
         print(f"expected time on a 2-core machine, fresh runs: {expected_s(sweep_spec, built, args.quick, args.workers):.0f} s "
               f"({'world cached' if built else 'world build included'}; {which})")
@@ -202,7 +225,8 @@ def main(argv: list[str]) -> int:
     # The sweep names the built world by absolute path; it is written beside its runs, so
     # `python -m attack sweep <output>/sweep.yaml` re-runs it from anywhere.
     default_out = "runs/demo" if args.world == "toy" else "runs/demo-smollm2"
-    out = Path(args.output or default_out + ("-suite" if args.suite else "") + ("-full" if args.full else "")
+    out = Path(args.output or default_out + ("-suite" if args.suite else "") + ("-search" if args.search else "")
+               + ("-full" if args.full else "")
                + ("-quick" if args.quick else "")).absolute()
     sweep_spec["output"] = str(out)
     text = yaml.safe_dump(sweep_spec, sort_keys=False)
@@ -225,16 +249,21 @@ def main(argv: list[str]) -> int:
     if outcome["failed"]:
         raise UserError(f"{outcome['failed']} demo cell(s) failed; see summary.json under {out}")
     runs = [out / c.id for c in cells]
+    if args.search:
+        runs = [out]
+        _run_search_workers(world, out, args.workers)
     # the general domain bounds the worst case: a point that lost more than 0.10 of it broke the model
     report = write_report(runs, out / "report", utility_task=tasks[-1], max_utility_drop=0.10)
 
     print("\n== After the attack (accuracy at step 0 -> the last step, mean over seeds) ==")
     print(_attack_table(runs, tasks, list(dict.fromkeys(c.model.label for c in cells))))
     print(f"\nrecovery table: {report / 'recovery.md'}")
+    if args.search:
+        print("\n" + _search_against_fixed(report))
     print(f"recovery curves and report: {report / 'index.html'}")
     print(f"runs: {out}/   sweep: {sweep_file}   world: {world}")
     print(f"demo took {time.perf_counter() - start:.0f} s")
-    if args.world == "toy" and not args.full and not args.suite:
+    if args.world == "toy" and not args.full and not args.suite and not args.search:
         print("the full comparison (ablation then LoRA too, two seeds, 200 steps), expected "
               f"{expected_s(toy_sweep(world, full=True), True, False, args.workers):.0f} s: make demo-full "
               "(python -m attack demo --full)")
@@ -292,6 +321,56 @@ def _run_cells(sweep_file: Path, name: str, cells: list, workers: int) -> dict:
     with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
         results = list(pool.map(_cell_in_process, [(str(sweep_file), name, c.id) for c in order]))
     return {k: results.count(k) for k in ("done", "skipped", "busy", "failed")}
+
+
+def _fixed_lora(world: Path) -> dict:
+    """The compact demo's LoRA setting on the four models: the fixed adversary the search is set against."""
+    compact = toy_sweep(world)
+    return {**compact, "name": "toy-fixed", "attacks": [a for a in compact["attacks"] if a["kind"] == "finetune"]}
+
+
+def _run_search_workers(world: Path, out: Path, workers: int) -> None:
+    """The search file beside the runs, and `workers` processes on its one study per model."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    search_file = out / "search.yaml"
+    search_file.write_text(yaml.safe_dump({**toy_search(world), "output": str(out)}, sort_keys=False))
+    print(f"searching: {search_file}, {workers} worker(s) on one study per model (storage {out / 'study.db'})")
+    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        list(pool.map(_search_in_process, [str(search_file)] * workers))
+
+
+def _search_in_process(search_file: str) -> dict:
+    import torch
+
+    from attack.__main__ import quiet_libraries
+    from attack.search import load_search, run_search
+
+    torch.set_num_threads(1)
+    quiet_libraries()
+    return run_search(load_search(search_file), log=lambda m: print(m, flush=True))
+
+
+def _search_against_fixed(report: Path) -> str:
+    """Per model under test: the fixed LoRA setting's held-out change beside the searched adversary's."""
+    import pandas as pd
+
+    t = pd.read_csv(report / "search.csv")
+    table = pd.read_csv(report / "recovery.csv")
+    lines = ["== The searched adversary against the fixed setting (held-out creatures, accuracy change over step 0) =="]
+    from attack.report.search import selected
+
+    chosen = selected(t)
+    for model, g in t.groupby("model"):
+        fixed = table[(table.model == model) & (table.attack == "lora-r16-lr3e-3") & (table.task == "toy_target_heldout")]
+        fixed_change = float(fixed.final.iloc[0] - fixed.pre.iloc[0]) if len(fixed) else float("nan")
+        pick = chosen[chosen.model == model]
+        found = (f"trial {int(pick.trial.iloc[0])} ({pick.attack.iloc[0].split(' ', 1)[1]}) "
+                 f"{pick['heldout_gain:toy_target_heldout'].iloc[0]:+.3f}" if len(pick) else "none finished within the bound")
+        states = ", ".join(f"{n} {s}" for s, n in g.state.value_counts().items())
+        lines.append(f"{model:<10} fixed lora-r16-lr3e-3 {fixed_change:+.3f} | search ({states}): {found}")
+    return "\n".join(lines)
 
 
 def _cell_in_process(job: tuple[str, str, str]) -> str:

@@ -1,0 +1,187 @@
+"""Adversary search (attack/search.py): trials are run directories, the selection tasks never
+reach the verdict, an infeasible trial is never selected, pruning stops a trial at a point,
+workers share one study, and a killed worker's trial is taken over, not run twice."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from attack.__main__ import main
+from attack.report.search import selected
+from attack.rundir import RunDir, Status, read_curve
+from attack.search import load_search, objective, run_search
+
+
+def _search_file(world, llama_dir, tmp_path, trials=3, pruner="none", space=None, steps=6, **more) -> Path:
+    spec = {
+        "name": "s",
+        "output": str(tmp_path / "out"),
+        "base": {"adapter": {"rank": 4, "alpha": 8, "dropout": 0.0},
+                 "data": {"path": str(world["attack"]), "seq_len": 64},
+                 "train": {"batch_size": 4, "max_steps": steps, "log_every": 1},
+                 "eval": {"tasks": ["toy_target_seen", "toy_general"], "include_path": [str(world["tasks"])], "every": 2}},
+        "models": [{"label": "m", "name": str(llama_dir), "role": "unlearned"}],
+        "search": {"space": space or {"train.lr": {"low": 1e-3, "high": 1e-2, "log": True},
+                                      "train.optimizer": ["adamw", "sgd"]},
+                   "trials": trials, "selection_tasks": ["toy_target_dev"], "pruner": pruner, **more},
+    }
+    path = tmp_path / "search.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def _study(out: Path, name="s--m"):
+    import optuna
+
+    return optuna.load_study(study_name=name, storage=f"sqlite:///{out / 'study.db'}")
+
+
+def _trial_runs(out: Path) -> list[RunDir]:
+    return [RunDir(p) for p in sorted(out.iterdir()) if (p / "cell.json").exists()]
+
+
+def test_selection_tasks_that_are_reported_are_refused(world, llama_dir, tmp_path, capsys):
+    path = _search_file(world, llama_dir, tmp_path)
+    spec = yaml.safe_load(path.read_text())
+    spec["search"]["selection_tasks"] = ["toy_target_seen"]
+    path.write_text(yaml.safe_dump(spec))
+    assert main(["search", str(path), "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "must not be the ones the verdict reports" in err[0]
+
+
+def test_a_space_key_the_config_does_not_have_is_one_line(world, llama_dir, tmp_path, capsys):
+    path = _search_file(world, llama_dir, tmp_path, space={"train.learning_rate": [1e-3]})
+    assert main(["search", str(path), "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "unknown config key 'train.learning_rate'" in err[0]
+
+
+def test_objective_is_the_best_point_within_the_utility_bound(tmp_path):
+    """A point that gains most on the selection task but breaks the utility bound does not count;
+    a trial whose every point breaks it is infeasible."""
+    run = RunDir(tmp_path / "r")
+    run.path.mkdir()
+    run.tasks_path.write_text(json.dumps({"sel": {"metric": "acc"}, "util": {"metric": "acc"}}))
+    points = {0: (0.25, 0.80), 2: (0.30, 0.78), 4: (0.60, 0.50), 6: (0.35, 0.79)}
+    run.curve.write_text("".join(json.dumps(dict(step=s, task=t, metric="acc", value=v)) + "\n"
+                                 for s, (sel, util) in points.items() for t, v in (("sel", sel), ("util", util))))
+    search = load_search.__globals__["SearchSection"](space={"train.lr": [1e-3]}, selection_tasks=["sel"],
+                                                      utility_task="util", max_utility_drop=0.1)
+    got = objective(run, search)
+    assert got["step"] == 6 and abs(got["value"] - 0.10) < 1e-9 and got["feasible"]
+    run.curve.write_text("".join(json.dumps(dict(step=s, task=t, metric="acc", value=v)) + "\n"
+                                 for s, (sel, util) in {0: (0.25, 0.8), 4: (0.6, 0.5)}.items()
+                                 for t, v in (("sel", sel), ("util", util))))
+    got = objective(run, search)
+    assert not got["feasible"] and got["value"] == 0.0 and got["constraint"] > 0
+
+
+def test_an_infeasible_or_pruned_trial_is_never_selected():
+    t = pd.DataFrame([dict(study="a", trial=0, state="done", feasible=True, selection_objective=0.1),
+                      dict(study="a", trial=1, state="infeasible", feasible=False, selection_objective=0.9),
+                      dict(study="a", trial=2, state="pruned", feasible=True, selection_objective=0.8),
+                      dict(study="a", trial=3, state="done", feasible=True, selection_objective=0.2)])
+    assert list(selected(t).trial) == [3]
+
+
+@pytest.mark.slow
+def test_a_search_runs_trials_as_run_directories_and_reports_only_the_selected_one(world, llama_dir, tmp_path, capsys):
+    path = _search_file(world, llama_dir, tmp_path, trials=3)
+    out = tmp_path / "out"
+    assert main(["search", str(path)]) == 0
+    runs = _trial_runs(out)
+    assert sorted(r.cell["trial"] for r in runs) == [0, 1, 2]
+    for r in runs:
+        assert r.status == Status.DONE
+        assert {"toy_target_dev", "toy_target_seen"} <= {row["task"] for row in read_curve(r.curve)}
+        params = r.cell["params"]
+        cfg = yaml.safe_load(r.config.read_text())
+        assert cfg["train"]["lr"] == params["train.lr"] and cfg["train"]["optimizer"] == params["train.optimizer"]
+    study = _study(out)
+    assert len(study.trials) == 3 and all(t.state.name == "COMPLETE" for t in study.trials)
+    # restarting the command continues the study: the budget is spent, nothing more runs
+    assert main(["search", str(path)]) == 0 and len(_study(out).trials) == 3
+    assert main(["report", str(out), "--out", str(tmp_path / "rep")]) == 0
+    rep = tmp_path / "rep"
+    trials = pd.read_csv(rep / "search.csv")
+    assert len(trials) == 3 and {"param:train.lr", "param:train.optimizer", "selection_objective",
+                                 "heldout_gain:toy_target_seen"} <= set(trials.columns)
+    table = pd.read_csv(rep / "recovery.csv")
+    assert "toy_target_dev" not in set(table.task)  # the selection task enters no table
+    assert table.attack.nunique() == 1  # the selected trial alone stands for the search
+    best = trials.sort_values(["selection_objective", "trial"], ascending=[False, True]).iloc[0]
+    assert table.attack.iloc[0].startswith(f"trial{int(best.trial):03d}")
+    assert "Adversary search" in (rep / "recovery.md").read_text()
+
+
+@pytest.mark.slow
+def test_pruning_stops_a_trial_at_an_evaluation_point(world, llama_dir, tmp_path, monkeypatch):
+    """With a pruner that stops every trial at its first point after step 0: the run directory
+    says pruned with its curve up to that point, the study counts the trial as pruned, and the
+    report ranks it nowhere."""
+    import optuna
+
+    class Always(optuna.pruners.BasePruner):
+        def prune(self, study, trial):
+            return True
+
+    monkeypatch.setattr(optuna.pruners, "MedianPruner", lambda **kw: Always())
+    path = _search_file(world, llama_dir, tmp_path, trials=1, pruner="median", steps=8)
+    run_search(load_search(path))
+    [trial] = _study(tmp_path / "out").trials
+    assert trial.state == optuna.trial.TrialState.PRUNED and trial.intermediate_values == {2: trial.intermediate_values[2]}
+    [run] = _trial_runs(tmp_path / "out")
+    assert run.status == Status.PRUNED and run.summary["search"]["pruned"]
+    assert max(row["step"] for row in read_curve(run.curve)) == 2  # stopped at its first point, of 0..8
+    assert main(["report", str(tmp_path / "out"), "--out", str(tmp_path / "rep")]) == 2  # nothing finished to rank
+
+
+def _worker(path: Path) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "attack", "search", str(path)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+@pytest.mark.slow
+def test_two_workers_share_one_study_and_run_each_trial_once(world, llama_dir, tmp_path):
+    path = _search_file(world, llama_dir, tmp_path, trials=4)
+    workers = [_worker(path), _worker(path)]
+    outs = [w.communicate(timeout=600)[0] for w in workers]
+    assert all(w.returncode == 0 for w in workers), outs
+    study = _study(tmp_path / "out")
+    assert sorted(t.number for t in study.trials) == [0, 1, 2, 3]
+    assert all(t.state.name == "COMPLETE" for t in study.trials)
+    runs = _trial_runs(tmp_path / "out")
+    assert sorted(r.cell["trial"] for r in runs) == [0, 1, 2, 3]  # one run directory per trial
+    assert all("trial" in o for o in outs)  # both workers took trials
+
+
+@pytest.mark.slow
+def test_a_killed_worker_s_trial_is_taken_over_and_counted_once(world, llama_dir, tmp_path):
+    path = _search_file(world, llama_dir, tmp_path, trials=2, steps=40)
+    first = _worker(path)
+    out = tmp_path / "out"
+    deadline = time.time() + 300
+    while time.time() < deadline and not list(out.glob("*/checkpoints/checkpoint-*/manifest.json")):
+        time.sleep(0.2)
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    study = _study(out)
+    assert [t.state.name for t in study.trials] == ["RUNNING"]
+    second = _worker(path)
+    said = second.communicate(timeout=600)[0]
+    assert second.returncode == 0, said
+    assert "resuming" in said
+    study = _study(out)
+    assert sorted(t.number for t in study.trials) == [0, 1]
+    assert all(t.state.name == "COMPLETE" for t in study.trials)
+    assert sorted(r.cell["trial"] for r in _trial_runs(out)) == [0, 1]
