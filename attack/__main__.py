@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import errno
 import os
-import signal
 import sys
 import typing
 from importlib import import_module
@@ -23,7 +22,9 @@ from importlib import import_module
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
+from attack import signals
 from attack.errors import ArgumentParser, UserError
+from attack.signals import Terminated
 
 # python -m attack <subcommand>: the module whose main(argv) runs it, and what it does.
 SUBCOMMANDS = {
@@ -208,18 +209,21 @@ def main(argv: list[str] | None = None) -> int:
         quiet_libraries()
         if argv and argv[0] in SUBCOMMANDS:
             module, _ = SUBCOMMANDS[argv[0]]
-            return import_module(module).main(argv[1:])
+            code = import_module(module).main(argv[1:])
+            signals.raise_pending()  # a signal swallowed on the way must not end as success
+            return code
         args = attack_parser().parse_args(_negative_numbers_attached(argv))
         cfg = config_from_args(args)
         from attack.recipes import run_attack
 
         run_attack(cfg)
+        signals.raise_pending()
         _leave_process_group()
         return 0
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except (OSError, RuntimeError) as e:
+    except Exception as e:  # a full disk shows up as OSError, torch's RuntimeError, safetensors' own error, ...
         if not _disk_full(e):
             raise
         where = getattr(e, "filename", None) or "while writing"
@@ -259,15 +263,6 @@ def _disk_full(error: BaseException) -> bool:
     return False
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, as a scheduler sends before preempting a job: handled like Ctrl-C, so the run is
-    marked interrupted and resumes from its last checkpoint."""
-
-
-def _on_sigterm(signum, frame):
-    raise Terminated()
-
-
 def _negative_numbers_attached(argv: list[str]) -> list[str]:
     """`--lr -1e-3` as `--lr=-1e-3`: argparse would read the value as an unknown flag."""
     out = []
@@ -289,9 +284,10 @@ def _is_number(text: str) -> bool:
 
 def cli() -> None:
     """The process entry point of `python -m attack` and the installed `finetune-attack`
-    command alike: SIGTERM (a scheduler's preemption) ends a run as Ctrl-C does."""
+    command alike: SIGTERM (a scheduler's preemption) ends a run as Ctrl-C does, and neither can be
+    lost inside a finalizer (attack/signals.py)."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    signal.signal(signal.SIGTERM, _on_sigterm)
+    signals.install()
     sys.exit(main())
 
 

@@ -22,6 +22,7 @@ import sys
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import torch
 from transformers import TrainerCallback
 
@@ -132,6 +133,11 @@ def _states_damage(ckpt: Path) -> str | None:
                      if isinstance(s, dict) and isinstance(s.get("step"), torch.Tensor | int | float)}
             if steps and steps != {checkpoint_step(ckpt)}:
                 return f"optimizer.pt holds the state of step {sorted(steps)[0]}, not {checkpoint_step(ckpt)}"
+    for f in sorted(ckpt.glob("*.npy")):
+        try:
+            np.load(f, allow_pickle=False)
+        except (ValueError, OSError) as e:
+            return f"{f.name} does not load as a plain array ({first_line(e)})"
     return None
 
 

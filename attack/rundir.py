@@ -124,6 +124,8 @@ def read_curve(path: Path) -> list[CurveRow]:
     curve row is damage the user must see."""
     if not Path(path).exists():
         return []
+    if not Path(path).is_file():
+        raise UserError(f"{path} is not a file of curve rows; remove it or leave that run out")
     lines = Path(path).read_text(errors="replace").splitlines()
     rows = []
     for i, line in enumerate(lines, 1):
@@ -133,7 +135,8 @@ def read_curve(path: Path) -> list[CurveRow]:
                 raise ValueError("not a curve row")
             if not isinstance(row["step"], int) or isinstance(row["step"], bool) or not isinstance(row["task"], str):
                 raise ValueError("step must be an integer and task a name")
-            float(row["value"] if row["value"] is not None else "nan")
+            if isinstance(row["value"], bool) or not isinstance(row["value"], int | float | None):
+                raise ValueError("value must be a number")
         except (ValueError, TypeError):
             if i == len(lines):
                 continue

@@ -84,6 +84,15 @@ class RunLock:
             with contextlib.suppress(OSError):
                 gate.unlink()
 
+    def holder_alive(self) -> bool:
+        """Another live process holds this lock now (not this process)."""
+        holder = read_json(self.path)
+        if not isinstance(holder, dict) or not self.path.exists():
+            return False
+        if holder.get("pid") == os.getpid() and holder.get("host") == platform.node():
+            return False
+        return self._alive(holder)
+
     def _alive(self, holder: dict) -> bool:
         if holder.get("host") == platform.node():
             pid, start = holder.get("pid"), holder.get("start")

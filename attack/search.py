@@ -44,6 +44,7 @@ from typing import Annotated, Literal
 from pydantic import Field, ValidationError, model_validator
 from transformers import TrainerCallback
 
+from attack import signals
 from attack.config import (
     KINDS,
     Section,
@@ -420,6 +421,7 @@ def run_search(s: Search, storage_url: str | None = None, log=print) -> dict:
         if any(t.state.name == "RUNNING" for t in study.get_trials(deepcopy=False)):
             study.sampler.reseed_rng()  # another worker is at it: draw other settings than its
         while True:
+            signals.raise_pending()  # a signal a finalizer swallowed ends the search here
             trial, lock = next_trial(s, model, study, started)
             if trial is None:
                 break

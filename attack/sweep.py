@@ -22,6 +22,7 @@ from typing import Literal
 import torch
 from pydantic import ValidationError
 
+from attack import signals
 from attack.config import (
     KINDS,
     AttackConfig,
@@ -234,9 +235,11 @@ def run_sweep(path: str | Path, shard_spec: str | None = None, quiet: bool = Fal
     check_offline(mine)
     outcome = {"done": 0, "skipped": 0, "busy": 0, "failed": 0}
     for k, cell in enumerate(mine, 1):
+        signals.raise_pending()  # a signal a finalizer swallowed ends the sweep here
         result = run_cell(cell, sweep["name"], quiet=quiet, progress=progress,
                           log=lambda m, k=k, cell=cell: log(f"[{k}/{len(mine)}] {cell.id}: {m}"))
         outcome[result] += 1
+    signals.raise_pending()
     return outcome
 
 
@@ -260,7 +263,15 @@ def run_cell(cell: Cell, sweep: str, quiet: bool = False, progress: bool = False
         log(f"busy, not run here: {e}")
         return "busy"
     except Exception as e:  # one failed cell must not stop the others (Ctrl-C still does)
-        record_failure(cell.run_dir, cell.meta(sweep), e)
+        signals.raise_pending()  # the exception of a swallowed signal: stop, do not record a failure
+        run = cell.run_dir
+        if run.status == Status.DONE:  # another process finished it meanwhile (two sweeps on one file)
+            log("finished by another process meanwhile, skipped")
+            return "skipped"
+        if run.lock.holder_alive():  # another process started it meanwhile: its run, not a failure here
+            log(f"busy, not run here: {first_line(e)}")
+            return "busy"
+        record_failure(run, cell.meta(sweep), e)
         log(f"FAILED: {first_line(e)}")
         return "failed"
     finally:

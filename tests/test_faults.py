@@ -90,6 +90,43 @@ def _without(name):
     return damage
 
 
+def _resealed(ckpt):
+    """The manifest rewritten over whatever the checkpoint holds now (a copy or an edit that
+    kept the manifest consistent): the checkpoint must prove itself by more than its own list."""
+    from attack.checkpoints import MANIFEST, seal
+
+    seal(ckpt, json.loads((ckpt / MANIFEST).read_text())["run"])
+
+
+def _unlisted(name):
+    def damage(ckpt):
+        (ckpt / name).unlink()
+        _resealed(ckpt)
+
+    damage.__name__ = f"unlisted_{name}"
+    return damage
+
+
+def _stale_optimizer(ckpt):
+    """checkpoint-6 holding the optimizer state of step 4, its manifest rewritten to match."""
+    shutil.copy(ckpt.with_name("checkpoint-4") / "optimizer.pt", ckpt / "optimizer.pt")
+    _resealed(ckpt)
+
+
+def _linked_from_elsewhere(ckpt):
+    """The checkpoint folder a link to a copy kept elsewhere (another run's, say)."""
+    elsewhere = ckpt.parent.parent.parent / "elsewhere"
+    shutil.move(str(ckpt), str(elsewhere))
+    ckpt.symlink_to(elsewhere, target_is_directory=True)
+
+
+def _object_rows(ckpt):
+    import numpy as np
+
+    np.save(ckpt / "rows_trained.npy", np.array([{"row": 1}], dtype=object), allow_pickle=True)
+    _resealed(ckpt)
+
+
 def _unsealed(ckpt):
     """Killed after every file was written but before the manifest."""
     (ckpt / "manifest.json").unlink()
@@ -109,6 +146,12 @@ def _unsealed(ckpt):
     pytest.param("save", 6, _without("rng_state.pth"), marks=pytest.mark.slow),
     pytest.param("save", 6, _without("rows_trained.npy"), marks=pytest.mark.slow),  # the kill while it was written
     pytest.param("save", 6, _unsealed, marks=pytest.mark.slow),
+    # what resumed silently, or crashed every resume, while the manifest's own list was trusted
+    *(pytest.param("save", 6, _unlisted(f), marks=pytest.mark.slow)
+      for f in ("optimizer.pt", "scheduler.pt", "rng_state.pth", "rows_trained.npy")),
+    pytest.param("save", 6, _stale_optimizer, marks=pytest.mark.slow),
+    pytest.param("save", 6, _linked_from_elsewhere, marks=pytest.mark.slow),
+    pytest.param("save", 6, _object_rows, marks=pytest.mark.slow),
 ])
 def test_killed_run_resumes_to_the_uninterrupted_result(make_config, tmp_path, capsys, event, step, damage):
     whole = run_attack(make_config(output={"dir": str(tmp_path / "a")}, **SECTIONS), quiet=True)
@@ -128,7 +171,7 @@ def test_killed_run_resumes_to_the_uninterrupted_result(make_config, tmp_path, c
     assert "taking over" in err and "is gone" in err
     if damage:
         assert f"checkpoint checkpoint-{step} is damaged" in err
-        assert (run / "checkpoints" / f"damaged-checkpoint-{step}").is_dir()
+        assert (run / "checkpoints" / f"damaged-checkpoint-{step}").exists()
     assert not (resumed / ".lock").exists()
 
 
@@ -362,3 +405,67 @@ def test_no_leftovers_from_a_kill_or_a_full_disk(make_config, tmp_path, monkeypa
     with pytest.raises(OSError):
         lock.acquire()
     assert not (tmp_path / "other.lock").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("lose", ["curve", "samples"])
+def test_a_resume_never_lacks_the_points_before_its_checkpoint(make_config, tmp_path, lose):
+    """curve.jsonl or the per-question records deleted after the kill: the checkpoints are whole,
+    but a resume from them would lack the early points; the run starts again from step 0."""
+    whole = run_attack(make_config(output={"dir": str(tmp_path / "a")}, **SECTIONS), quiet=True)
+    with pytest.raises(KeyboardInterrupt):
+        run_attack(make_config(output={"dir": str(tmp_path / "b")}, **SECTIONS), extra_callbacks=[Kill("save", 4)],
+                   quiet=True)
+    run = next((tmp_path / "b").iterdir())
+    _as_if_killed(run)
+    if lose == "curve":
+        (run / "curve.jsonl").unlink()
+    else:
+        shutil.rmtree(run / "samples")
+    resumed = run_attack(make_config(output={"dir": str(tmp_path / "b"), "resume": True}, **SECTIONS), quiet=True)
+    assert _result(resumed) == _result(whole)
+    assert json.loads((resumed / "summary.json").read_text())["resumed_from"] is None
+
+
+def _one_cell_sweep(cfg, tmp_path):
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(json.dumps({"output": str(tmp_path / "out"), "models": [{"label": "m", "name": cfg.model.name}],
+                                 "base": {"data": {"path": cfg.data.path, "seq_len": 64},
+                                          "eval": {"tasks": ["toy_general"], "include_path": cfg.eval.include_path}}}))
+    return sweep
+
+
+def test_a_signal_swallowed_by_a_finalizer_still_stops_the_sweep(monkeypatch, make_config, tmp_path):
+    """SIGTERM raised inside a __del__ is only printed by Python; the sweep still stops at its next cell."""
+    from attack import signals
+    from attack.sweep import run_sweep
+
+    monkeypatch.setattr(signals, "_pending", None)
+
+    class Finalizer:
+        def __del__(self):
+            signals._handler(signal.SIGTERM, None)
+
+    Finalizer()  # "Exception ignored in: ... Terminated": swallowed
+    with pytest.raises(signals.Terminated):
+        run_sweep(_one_cell_sweep(make_config(), tmp_path))
+    assert not (tmp_path / "out").exists()  # stopped before its cell
+
+
+def test_a_cell_another_sweep_finished_meanwhile_is_never_marked_failed(make_config, tmp_path, monkeypatch):
+    """Two sweeps on one file: the one that loses the race is refused; the winner's summary stays done."""
+    import attack.recipes
+    from attack.errors import UserError
+    from attack.sweep import load_sweep, run_cell
+
+    _, [cell] = load_sweep(_one_cell_sweep(make_config(), tmp_path))
+
+    def finished_by_another(cfg, **kw):
+        run = cell.run_dir
+        run.path.mkdir(parents=True)
+        run.write_summary(status="done", steps=500)
+        raise UserError(f"run directory {run.path} already exists and is finished (status: done)")
+
+    monkeypatch.setattr(attack.recipes, "run_attack", finished_by_another)
+    assert run_cell(cell, "s", quiet=True, log=lambda m: None) == "skipped"
+    assert cell.run_dir.summary == {"status": "done", "steps": 500}

@@ -38,6 +38,7 @@ from transformers import (
     set_seed,
 )
 
+from attack import signals
 from attack.checkpoints import TRAINER_STATE, Checkpointing, checkpoint_step
 from attack.config import AttackConfig
 from attack.data import MixedRows, RowsTrained, load_attack_rows, load_mixed_rows
@@ -51,6 +52,7 @@ from attack.rundir import RunDir, Status, read_curve
 from attack.speed import kernels_scoped_to, liger_available, per_device_batch
 from attack.tracking import Bar, ProgressLines, check_tracker, close_progress_bar, finish_tracker, open_tracker
 from eval_callbacks import NonFiniteLossError, RecoveryCurveCallback
+from eval_callbacks.callback import averaged_weights
 
 
 @dataclass
@@ -180,7 +182,8 @@ def fine_tune(a: Attack, model, rows, evaluator, task_info: dict, checkpoint: st
         check_moved(a, moved)
 
         with closing(a):
-            trainer.save_model(str(run.final))
+            with averaged_weights(trainer.optimizer):  # schedule-free: final/ is the model the last point scored
+                trainer.save_model(str(run.final))
             coverage = trained.coverage(trainer.state.global_step)  # on every process: it gathers
             if not a.main:
                 return run.path
@@ -237,7 +240,7 @@ def watch(a: Attack, trainer, evaluator, task_info: dict, extra=(), parts=()) ->
     show = not a.quiet if a.progress is None else a.progress
     lines = [ProgressLines(curve, a.max_steps, task_info, show_loss=not a.quiet)] if show else []
     moved = WeightsMoved()
-    for callback in [curve, moved, saves, *published, *lines, *extra, *a.extra_callbacks]:
+    for callback in [StopOnSignal(), curve, moved, saves, *published, *lines, *extra, *a.extra_callbacks]:
         trainer.add_callback(callback)
     return curve, moved
 
@@ -380,3 +383,13 @@ def check_moved(a: Attack, moved: WeightsMoved, why: str | None = None) -> None:
     if a.main:
         a.run.end(Status.FAILED, message)
     raise UserError(message)
+
+
+class StopOnSignal(TrainerCallback):
+    """A SIGTERM or Ctrl-C whose exception a finalizer swallowed still stops the attack, at the
+    next optimizer step (attack/signals.py)."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        signals.raise_pending()
+
+    on_substep_end = on_step_end

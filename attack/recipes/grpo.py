@@ -32,7 +32,7 @@ from attack.recipes import common
 from attack.rewards import load_reward_split, reward_function
 from attack.rundir import Status, read_rewards
 from attack.speed import kernels_scoped_to
-from eval_callbacks.callback import append_rows
+from eval_callbacks.callback import append_rows, averaged_weights
 
 
 def run(cfg: GrpoConfig, extra_callbacks: list | None = None, quiet: bool = False,
@@ -97,7 +97,8 @@ def run(cfg: GrpoConfig, extra_callbacks: list | None = None, quiet: bool = Fals
 
         # 4. Save the attacked weights, and the summary with the last reward signal.
         with common.closing(a):
-            trainer.save_model(str(a.run.final))
+            with averaged_weights(trainer.optimizer):  # schedule-free: final/ is the model the last point scored
+                trainer.save_model(str(a.run.final))
             if not a.main:
                 return a.run.path
             a.tokenizer.save_pretrained(str(a.run.final))

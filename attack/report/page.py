@@ -66,6 +66,8 @@ def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
+    # labels are names (a model "$5$-filter"), never formulas: two $ would be parsed as mathtext
+    matplotlib.rcParams["text.parse_math"] = False
     import matplotlib.pyplot as plt
 
     return plt
@@ -80,19 +82,24 @@ def figure(fig, out: Path, name: str) -> str:
     return name
 
 
+def _md(text) -> str:
+    """Text for markdown, with HTML in labels made inert (a renderer would run a <script> label)."""
+    return html.escape(str(text), quote=False)
+
+
 def markdown(blocks: list[Block]) -> str:
     lines = []
     for b in (b for b in blocks if b.in_markdown):
         if b.heading:
-            lines += ["#" * b.level + " " + b.heading, ""]
+            lines += ["#" * b.level + " " + _md(b.heading), ""]
         if b.text:
-            lines += [b.text, ""]
+            lines += [_md(b.text), ""]
         if b.items:
-            lines += [*(f"- {i}" for i in b.items), ""]
+            lines += [*(f"- {_md(i)}" for i in b.items), ""]
         if b.links:
             lines += [*(f"- [{name}]({name})" for name in b.links), ""]
         if b.table is not None and len(b.table):
-            lines += [b.table.map(fmt).to_markdown(index=False), ""]
+            lines += [b.table.map(lambda v: _md(fmt(v))).to_markdown(index=False), ""]
         if b.figure:
             lines += [f"![{b.heading or b.figure}]({b.figure})", ""]
     return "\n".join(lines)

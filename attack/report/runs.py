@@ -35,14 +35,15 @@ def load_curves(paths: list[str | Path] | str | Path) -> pd.DataFrame:
         if not rows:
             continue
         meta = _run_meta(rundir)
-        tasks = read_json(rundir.tasks_path) or {}
+        tasks = read_json(rundir.tasks_path)
+        tasks = tasks if isinstance(tasks, dict) else {}  # a tasks.json of another shape says nothing
         df = pd.DataFrame(rows)
         for optional in ("tokens_seen", "stderr", "n", "train_loss", "wall_s"):  # curves other tools wrote
             if optional not in df:
                 df[optional] = float("nan")
         for k, v in meta.items():
             df[k] = v
-        info = {t: i or {} for t, i in tasks.items()}
+        info = {t: i if isinstance(i, dict) else {} for t, i in tasks.items()}
         df["chance"] = df["task"].map({t: i.get("chance") for t, i in info.items()})
         df["headline"] = df["task"].map({t: i.get("requested", True) for t, i in info.items()}).fillna(True).astype(bool)
         df["headline_metric"] = df["task"].map({t: i.get("metric") or "acc" for t, i in info.items()}).fillna("acc")
@@ -87,9 +88,9 @@ def config_id(run: RunDir) -> str:
 
 def _run_meta(run: RunDir) -> dict:
     cell: CellMeta | None = run.cell
-    if cell:
+    if cell and all(isinstance(cell.get(k), str) for k in ("model", "role", "attack")) and isinstance(cell.get("seed"), int):
         meta = dict(model=cell["model"], role=cell["role"], attack=cell["attack"],
-                    kind=cell.get("kind", "finetune"), seed=cell["seed"])
+                    kind=str(cell.get("kind", "finetune")), seed=cell["seed"])
     elif not run.config.exists():  # curves alone (written by other tools): named after the folder
         meta = dict(model=run.path.name, role="other", attack="attack", kind="finetune", seed=0)
     else:  # a single run: describe it from its config
@@ -153,7 +154,8 @@ def run_warnings(paths: list[str | Path]) -> list[str]:
     attacks that changed nothing."""
     out = []
     for run in find_runs(paths):
-        for w in (RunDir(run).summary or {}).get("warnings") or []:
+        found = (RunDir(run).summary or {}).get("warnings")
+        for w in found if isinstance(found, list) else []:
             out.append(f"{run.name}: {w}")
     return out
 
@@ -164,7 +166,8 @@ def environments(df: pd.DataFrame) -> list[str]:
     keys = ("torch", "transformers", "peft", "lm_eval", "datasets", "device", "git_sha")
     seen: dict[str, int] = {}
     for path in df.path.unique():
-        env = read_json(RunDir(Path(path)).env) or {}
+        env = read_json(RunDir(Path(path)).env)
+        env = env if isinstance(env, dict) else {}
         line = ", ".join(f"{k} {env.get(k)}" for k in keys if env.get(k))
         seen[line or "unknown"] = seen.get(line or "unknown", 0) + 1
     return [f"{line} ({n} run{'s' if n > 1 else ''})" for line, n in seen.items()]
