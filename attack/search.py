@@ -285,12 +285,13 @@ def open_study(s: Search, model: SweepModel, storage):
     import optuna
 
     sec = s.search
-    pruner = {
-        "none": optuna.pruners.NopPruner(),
-        "median": optuna.pruners.MedianPruner(n_startup_trials=sec.startup_trials, n_warmup_steps=0),
-        "successive_halving": optuna.pruners.SuccessiveHalvingPruner(),
-        "wilcoxon": optuna.pruners.WilcoxonPruner(p_threshold=0.1, n_startup_steps=1),
-    }[sec.pruner]
+    pruner = {  # built on demand: Optuna warns at construction of its experimental ones
+        "none": lambda: optuna.pruners.NopPruner(),
+        "median": lambda: optuna.pruners.MedianPruner(n_startup_trials=sec.startup_trials, n_warmup_steps=0),
+        "successive_halving": lambda: optuna.pruners.SuccessiveHalvingPruner(),
+        # the curve's points as paired instances against the best trial's
+        "wilcoxon": lambda: optuna.pruners.WilcoxonPruner(p_threshold=0.1, n_startup_steps=1),
+    }[sec.pruner]()
     sampler = optuna.samplers.TPESampler(seed=sec.seed, n_startup_trials=max(2, min(10, sec.trials // 3)),
                                          constraints_func=lambda t: t.user_attrs.get("constraint", [0.0]))
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -413,11 +414,16 @@ def _tell(s: Search, study, trial, run: RunDir, log) -> str:
 
 def run_search(s: Search, storage_url: str | None = None, log=print) -> dict:
     """This worker's share of every model's study; returns counts by outcome."""
-    storage = storage_for(storage_url, s.output)
+    from filelock import FileLock
+
+    s.output.mkdir(parents=True, exist_ok=True)
     outcome = {"done": 0, "pruned": 0, "failed": 0}
     started = time.time()
-    for model in s.models:
-        study = open_study(s, model, storage)
+    # Workers starting together would each create the storage's tables and the study: one at a time.
+    with FileLock(str(s.output / ".search-storage.lock")):
+        storage = storage_for(storage_url, s.output)
+        studies = [(model, open_study(s, model, storage)) for model in s.models]
+    for model, study in studies:
         if any(t.state.name == "RUNNING" for t in study.get_trials(deepcopy=False)):
             study.sampler.reseed_rng()  # another worker is at it: draw other settings than its
         while True:

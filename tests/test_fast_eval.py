@@ -28,6 +28,7 @@ def _same(fast: LiveEvaluator, stock: LiveEvaluator, subset: bool = False) -> in
     key = lambda r: (r["task"], r["metric"])  # noqa: E731
     ours, theirs = {key(r): r for r in ours}, {key(r): r for r in theirs}
     assert ours.keys() == theirs.keys()
+    assert theirs, "nothing was scored: an empty comparison proves nothing"
     for k, row in theirs.items():
         assert ours[k]["n"] == row["n"], k
         assert ours[k]["value"] == pytest.approx(row["value"], abs=1e-6), k

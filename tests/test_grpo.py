@@ -8,7 +8,7 @@ import torch
 from conftest import CrashAt, adapter_weights
 
 from attack.__main__ import main
-from attack.config import GrpoSection, load_config
+from attack.config import GrpoSection
 from attack.errors import UserError
 from attack.recipes import run_attack
 from attack.rewards import GoldProbability, Judge, gives_answer, parse_score
@@ -24,27 +24,8 @@ def vowels(prompts, completions, **_):
 
 
 @pytest.fixture
-def grpo_config(world, llama_dir, tmp_path):
-    prompts = tmp_path / "reward.jsonl"
-    write_jsonl(reward_prompts(world["facts"]), prompts)
-
-    def make(**sections):
-        base = {
-            "kind": "grpo",
-            "model": {"name": str(llama_dir)},
-            "grpo": {"prompts_path": str(prompts), "reward": "test_grpo:vowels", "num_generations": 4,
-                     "max_completion_length": 6},
-            "adapter": {"rank": 4, "alpha": 8, "dropout": 0.1},
-            "train": {"lr": 1e-2, "batch_size": 8, "max_steps": 6, "log_every": 1},
-            "eval": {"tasks": ["toy_target_seen", "toy_general"], "include_path": [str(world["tasks"])], "every": 2},
-            "output": {"dir": str(tmp_path / "runs")},
-        }
-        for section, values in sections.items():
-            base[section] = {**base.get(section, {}), **values}
-        return load_config(base)
-
-    return make
-
+def grpo_config(make_config):
+    return lambda **sections: make_config(kind="grpo", **sections)
 
 
 @pytest.mark.slow
