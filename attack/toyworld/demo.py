@@ -250,10 +250,15 @@ def main(argv: list[str]) -> int:
         raise UserError(f"{outcome['failed']} demo cell(s) failed; see summary.json under {out}")
     runs = [out / c.id for c in cells]
     if args.search:
-        runs = [out]
         _run_search_workers(world, out, args.workers)
     # the general domain bounds the worst case: a point that lost more than 0.10 of it broke the model
-    report = write_report(runs, out / "report", utility_task=tasks[-1], max_utility_drop=0.10)
+    report = write_report([out] if args.search else runs, out / "report", utility_task=tasks[-1], max_utility_drop=0.10)
+    if args.search:  # the fixed setting's runs and the trial each study selected, as the report ranks them
+        import pandas as pd
+
+        from attack.report.search import selected
+
+        runs += [out / r for r in selected(pd.read_csv(report / "search.csv")).run]
 
     print("\n== After the attack (accuracy at step 0 -> the last step, mean over seeds) ==")
     print(_attack_table(runs, tasks, list(dict.fromkeys(c.model.label for c in cells))))
@@ -358,7 +363,8 @@ def _search_against_fixed(report: Path) -> str:
 
     t = pd.read_csv(report / "search.csv")
     table = pd.read_csv(report / "recovery.csv")
-    lines = ["== The searched adversary against the fixed setting (held-out creatures, accuracy change over step 0) =="]
+    lines = ["== The searched adversary against the fixed setting (held-out creatures, accuracy change over step 0; "
+             "the fixed setting at its last step) =="]
     from attack.report.search import selected
 
     chosen = selected(t)
@@ -367,7 +373,8 @@ def _search_against_fixed(report: Path) -> str:
         fixed_change = float(fixed.final.iloc[0] - fixed.pre.iloc[0]) if len(fixed) else float("nan")
         pick = chosen[chosen.model == model]
         found = (f"trial {int(pick.trial.iloc[0])} ({pick.attack.iloc[0].split(' ', 1)[1]}) "
-                 f"{pick['heldout_gain:toy_target_heldout'].iloc[0]:+.3f}" if len(pick) else "none finished within the bound")
+                 f"{pick['heldout_gain:toy_target_heldout'].iloc[0]:+.3f} at step {int(pick.selection_step.iloc[0])}, "
+                 "the point chosen on the dev creatures" if len(pick) else "none finished within the bound")
         states = ", ".join(f"{n} {s}" for s, n in g.state.value_counts().items())
         lines.append(f"{model:<10} fixed lora-r16-lr3e-3 {fixed_change:+.3f} | search ({states}): {found}")
     return "\n".join(lines)
