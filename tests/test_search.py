@@ -185,3 +185,25 @@ def test_a_killed_worker_s_trial_is_taken_over_and_counted_once(world, llama_dir
     assert sorted(t.number for t in study.trials) == [0, 1]
     assert all(t.state.name == "COMPLETE" for t in study.trials)
     assert sorted(r.cell["trial"] for r in _trial_runs(out)) == [0, 1]
+
+
+def _postgres_url() -> str | None:
+    """A PostgreSQL server the test may use (FINETUNE_ATTACK_TEST_POSTGRES, e.g.
+    postgresql://postgres@localhost:5433/optuna), or None."""
+    return os.environ.get("FINETUNE_ATTACK_TEST_POSTGRES")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(_postgres_url() is None, reason="no PostgreSQL server named in FINETUNE_ATTACK_TEST_POSTGRES")
+def test_a_postgresql_storage_holds_the_study_as_sqlite_does(world, llama_dir, tmp_path):
+    import optuna
+
+    path = _search_file(world, llama_dir, tmp_path, trials=2)
+    spec = yaml.safe_load(path.read_text())
+    spec["name"] = f"pg{os.getpid()}{int(time.time())}"  # a study of its own on a shared server
+    path.write_text(yaml.safe_dump(spec))
+    assert main(["search", str(path), "--storage", _postgres_url()]) == 0
+    study = optuna.load_study(study_name=f"{spec['name']}--m", storage=_postgres_url())
+    assert sorted(t.number for t in study.trials) == [0, 1] and all(t.state.name == "COMPLETE" for t in study.trials)
+    assert not (tmp_path / "out" / "study.db").exists()
+    assert sorted(r.cell["trial"] for r in _trial_runs(tmp_path / "out")) == [0, 1]
