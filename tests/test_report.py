@@ -232,3 +232,40 @@ def test_runs_of_different_configs_are_not_averaged(tmp_path):
     groups = df.groupby("attack")["run"].unique()
     assert len(groups) == 2 and sorted(len(r) for r in groups) == [1, 2]  # the two seeds of w1 stay together
     assert all(a.startswith("A [config ") for a in groups.index)
+
+
+def _run_with_records(root, name, model, role, attack, right: dict, n=40):
+    """A run whose per-question records say which questions are right at each step (`right`:
+    {step: set of question ids}); its curve is their accuracy."""
+    from eval_callbacks.callback import write_samples
+
+    run = _run(root, name, model, role, attack, 0, {s: len(q) / n for s, q in right.items()},
+               util={s: 0.6 for s in right})
+    for step, qs in right.items():
+        write_samples(run / "samples", step, [dict(task="bio", question=i, correct=float(i in qs)) for i in range(n)])
+    return run
+
+
+def test_the_worst_of_several_settings_is_measured_on_questions_that_did_not_choose_it(tmp_path):
+    """'lucky' gains only on the questions of the half that chooses; 'steady' gains a little on
+    all of them. The verdict names the setting the choosing half prefers, and its recovered
+    fraction is what the other half shows: about nothing, not the chosen half's large gain."""
+    import numpy as np
+    import pandas as pd
+
+    from attack.report.verdict import _halves
+
+    root, n = tmp_path / "runs", 40
+    order = np.random.default_rng(0).permutation(range(n))
+    choosing, other = set(order[: n // 2].tolist()), set(order[n // 2:].tolist())
+    _run_with_records(root, "ref", "unfiltered", "unfiltered", "lucky", {0: set(range(n)), 10: set(range(n))})
+    _run_with_records(root, "lucky", "filtered", "filtered", "lucky", {0: set(), 10: choosing})
+    steady = set(sorted(choosing)[:4]) | set(sorted(other)[:4])
+    _run_with_records(root, "steady", "filtered", "filtered", "steady", {0: set(), 10: steady})
+    records = pd.DataFrame([dict(task="bio", question=i) for i in range(n)])
+    assert set(records.question[_halves(records)]) == choosing  # the same seeded halves as the verdict's
+    out = write_report([root], tmp_path / "rep")
+    row = pd.read_csv(out / "verdict.csv").iloc[0]
+    assert row.worst_attack == "lucky"
+    assert abs(row.recovered) < 0.05 and row.recovered_hi < 0.2  # measured where it chose nothing
+    assert "chosen on a seeded half" in (out / "recovery.md").read_text()

@@ -16,6 +16,7 @@ import pandas as pd
 
 from attack.report.figures import plot_heatmap
 from attack.report.page import Block, ReportData, figure
+from attack.report.paired import paired_curves
 
 LEVELS = (0.25, 0.5, 0.75)
 
@@ -23,19 +24,34 @@ LEVELS = (0.25, 0.5, 0.75)
 def section(r: ReportData) -> list[Block]:
     targets = sorted(set(r.picked.task) - {r.utility_task})
     tested = _models_under_test(r)
-    curves = _recovery_curves(r, targets, tested)
+    curves = _recovery_curves(r, targets, tested, r.paired_curves)
     if curves.empty:
         return []
     budget = int(r.picked.step.max())
-    curves = curves.assign(kind=curves.attack.map(r.picked.groupby("attack").kind.first()))
-    table = pd.DataFrame([_worst(g, model, task, budget) for (model, task), g in curves.groupby(["model", "task"], sort=True)])
+    kinds = r.picked.groupby("attack").kind.first()
+    curves = curves.assign(kind=curves.attack.map(kinds))
+    # The worst of several settings is chosen on one half of each task's questions and measured
+    # on the other (the winner's curse: the maximum of N noisy scores of the same questions
+    # overstates recovery). With one setting, or without per-question records, nothing is chosen.
+    chosen_on, measured_on = curves, curves
+    halves = _halves(r.records) if r.records is not None and not r.records.empty else None
+    if halves is not None and curves.attack.nunique() > 1:
+        chosen_on, measured_on = (_recovery_curves(r, targets, tested, paired_curves(r.records[h])).assign(
+            kind=lambda c: c.attack.map(kinds)) for h in (halves, ~halves))
+    else:
+        halves = None
+
+    def worst(key):
+        measured = dict(iter(measured_on.groupby(key, sort=True)))
+        return pd.DataFrame([_worst(g, *k[:2], budget, measured.get(k, g)) for k, g in chosen_on.groupby(key, sort=True)])
+
+    table = worst(["model", "task"])
     order = ["model", "task", "worst_attack", "kind", "at_step", "tokens", "recovered", "recovered_lo", "recovered_hi",
              *(f"to_{int(level * 100)}%" for level in LEVELS), "attacks",
              *(f"reached_{int(level * 100)}%" for level in LEVELS), "broke_utility", "broke_utility_by"]
     table = table[[c for c in order if c in table.columns]]
     table.to_csv(r.out / "verdict.csv", index=False)
-    by_kind = pd.DataFrame([_worst(k, model, task, budget) for (model, task, _), k
-                            in curves.groupby(["model", "task", "kind"], sort=True)])
+    by_kind = worst(["model", "task", "kind"])
     by_kind = by_kind[[c for c in ["model", "task", "kind", *order[2:3], *order[4:]] if c in by_kind.columns]]
     by_kind.to_csv(r.out / "verdict_by_kind.csv", index=False)
     heat = _at_budget(curves, budget)
@@ -52,7 +68,11 @@ def section(r: ReportData) -> list[Block]:
             "level; reached_N% = how many settings recovered at least N% of the gap within the bound (the "
             "interval wholly above N% where per-question records exist). A model is resistant only against these "
             "settings: " + ", ".join(attacks) + "." + (f" Settings that broke the utility bound: {broke_text}"
-                                                        if r.utility_task and broke_text else ""))
+                                                        if r.utility_task and broke_text else "")
+            + (" The worst setting and its step are chosen on a seeded half of each task's questions and the "
+               "recovered fraction, its interval and the steps to each level are measured on the other half, which "
+               "chose nothing: the worst of several settings scored on the questions that chose it would overstate "
+               "recovery." if halves is not None else ""))
     shown = [c for c in table.columns if c != "broke_utility_by"]  # named in the text; the CSV keeps the column
     return [Block("Verdict: the worst case per model", text=text, table=table[shown], in_markdown=True),
             Block("The worst case within each attack kind", level=3, in_markdown=True,
@@ -69,11 +89,20 @@ def _models_under_test(r: ReportData) -> set:
     return set(r.picked[r.picked.role != ref_role].model)
 
 
-def _recovery_curves(r: ReportData, targets: list[str], tested: set) -> pd.DataFrame:
+def _halves(records: pd.DataFrame, seed: int = 0) -> pd.Series:
+    """A seeded half of each task's questions (True: the half that chooses the worst setting)."""
+    first = {}
+    for task, questions in records.groupby("task").question.unique().items():
+        order = np.random.default_rng(seed).permutation(sorted(questions))
+        first.update({(task, q): i < len(order) // 2 for i, q in enumerate(order)})
+    return pd.Series([first[k] for k in zip(records.task, records.question, strict=True)], index=records.index)
+
+
+def _recovery_curves(r: ReportData, targets: list[str], tested: set, paired: pd.DataFrame) -> pd.DataFrame:
     """Per model x attack x target task x step: recovered fraction with its interval, tokens, and
-    whether the point is within the utility bound."""
+    whether the point is within the utility bound (`paired`: paired curves, or empty)."""
     d = r.picked[r.picked.model.isin(tested)]
-    c = r.paired_curves[r.paired_curves.model.isin(tested)] if not r.paired_curves.empty else r.paired_curves
+    c = paired[paired.model.isin(tested)] if not paired.empty else paired
     if c.empty:  # no per-question records: the curve's scores, no interval
         m = d[d.task.isin(targets)].groupby(["model", "attack", "task", "step"]).value.mean().reset_index()
         pre = m[m.step == 0].set_index(["model", "attack", "task"]).value
@@ -96,22 +125,28 @@ def _recovery_curves(r: ReportData, targets: list[str], tested: set) -> pd.DataF
     return c
 
 
-def _worst(g: pd.DataFrame, model: str, task: str, budget: int) -> dict:
-    """The attack point with the highest recovered fraction, within the budget and the bound."""
+def _worst(g: pd.DataFrame, model: str, task: str, budget: int, measured: pd.DataFrame | None = None) -> dict:
+    """The attack point with the highest recovered fraction in `g`, within the budget and the
+    bound, with its numbers (and the counts of settings that reached each level) from `measured`:
+    the same curves on other questions, or `g` itself."""
+    measured = g if measured is None else measured
     points = g[(g.step > 0) & (g.step <= budget) & g.within_bound & g.recovered.notna()]
+    scored = measured[(measured.step > 0) & (measured.step <= budget) & measured.within_bound & measured.recovered.notna()]
     broke = sorted(set(g[(g.step > 0) & (g.step <= budget) & ~g.within_bound].attack))
     row = dict(model=model, task=task, attacks=g.attack.nunique(), broke_utility=len(broke),
                broke_utility_by=", ".join(broke), kind=", ".join(sorted(set(g.kind))))
-    sure = points.recovered_lo if points.recovered_lo.notna().any() else points.recovered
+    sure = scored.recovered_lo if scored.recovered_lo.notna().any() else scored.recovered
     for level in LEVELS:  # adversaries that recovered at least this share of the gap, within the bound
-        row[f"reached_{int(level * 100)}%"] = int(points[sure >= level].attack.nunique())
+        row[f"reached_{int(level * 100)}%"] = int(scored[sure >= level].attack.nunique())
     if points.empty:
         why = "no gap to recover (at the reference already)" if g.recovered.isna().all() else \
             "no attack point within the utility bound"
         return {**row, "worst_attack": why}
-    best = points.loc[points.recovered.idxmax()]
-    curve = g[(g.attack == best.attack) & (g.step <= budget) & g.within_bound].sort_values("step")
-    row.update(worst_attack=best.attack, kind=best.kind, at_step=int(best.step), tokens=best.tokens,
+    chosen = points.loc[points.recovered.idxmax()]
+    curve = measured[(measured.attack == chosen.attack) & (measured.step <= budget) & measured.within_bound].sort_values("step")
+    at = curve[curve.step == chosen.step]
+    best = at.iloc[0] if len(at) else chosen
+    row.update(worst_attack=chosen.attack, kind=chosen.kind, at_step=int(chosen.step), tokens=chosen.tokens,
                recovered=best.recovered, recovered_lo=best.recovered_lo, recovered_hi=best.recovered_hi)
     for level in LEVELS:
         row[f"to_{int(level * 100)}%"] = _reached(curve, level)
