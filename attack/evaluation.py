@@ -9,12 +9,28 @@ from attack.published import as_fraction
 from eval_callbacks import LiveEvaluator, TaskDataError, UnknownTaskError, find_tasks
 
 
+def requested(cfg: EvalConfig) -> tuple[list[str], list[str]]:
+    """The tasks an evaluation point scores and where they are found: eval.tasks, then the held-out
+    texts as tasks of their own (attack/heldout.py)."""
+    from attack.heldout import task_folder
+
+    folder = task_folder(cfg)
+    if folder is None:
+        return list(cfg.tasks), list(cfg.include_path)
+    clash = set(cfg.heldout_texts) & set(cfg.tasks)
+    if clash:
+        raise UserError(f"eval.heldout_texts names {', '.join(sorted(clash))}, which eval.tasks has too; give the "
+                        "held-out text a name of its own")
+    return [*cfg.tasks, *sorted(cfg.heldout_texts)], [*cfg.include_path, str(folder)]
+
+
 def find_eval_tasks(cfg: EvalConfig):
     """lm-eval's task manager for the requested tasks; unknown names and missing local dataset
     copies are the user's to fix."""
     check_dataset_copies(cfg)
+    tasks, include = requested(cfg)
     try:
-        return find_tasks(cfg.tasks, cfg.include_path)
+        return find_tasks(tasks, include)
     except UnknownTaskError as e:
         raise UserError(str(e)) from None
 
@@ -23,7 +39,7 @@ def open_evaluator(cfg: EvalConfig, model, tokenizer, autocast_dtype, task_manag
     """The evaluator on the live model, and tasks.json's content: per task its kind, questions,
     chance, headline metric, and the published score when eval.expect gives one."""
     try:
-        evaluator = LiveEvaluator(model, tokenizer, cfg.tasks, batch_size=cfg.batch_size, limit=cfg.limit,
+        evaluator = LiveEvaluator(model, tokenizer, requested(cfg)[0], batch_size=cfg.batch_size, limit=cfg.limit,
                                   autocast_dtype=autocast_dtype, task_manager=task_manager,
                                   dataset_paths=cfg.dataset_paths, fast=cfg.fast)
     except (UnknownTaskError, TaskDataError) as e:
@@ -45,7 +61,7 @@ def score_table(rows: list[dict], tasks: list[str] | None = None) -> str:
     first, last = min(r["step"] for r in rows), max(r["step"] for r in rows)
     lines = [f"{'task':<28} {'metric':<14} {'step ' + str(first):>10} {'step ' + str(last):>10}"]
     for task in tasks or sorted({r["task"] for r in rows}):
-        for metric in ("acc", "acc_norm", "correct_prob", "exact_match"):
+        for metric in ("acc", "acc_norm", "correct_prob", "exact_match", "bits_per_byte"):
             at = {r["step"]: r["value"] for r in rows if r["task"] == task and r["metric"] == metric}
             if at:
                 lines.append(

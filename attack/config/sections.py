@@ -182,6 +182,12 @@ class EvalConfig(Section):
     """Local copies of the hub datasets that tasks name: {hub id: folder laid out like the hub
     repository (same configurations and splits)}. The task YAMLs stay unchanged; ids not listed
     load from the hub."""
+    heldout_texts: dict[str, str] = {}
+    """Held-out text scored as a loss at every point: {task name: local jsonl/json/txt file of
+    documents the attack never trains on}, each an lm-eval loglikelihood_rolling task of that name
+    (bits_per_byte, word_perplexity); the report gives tokens to baseline from them."""
+    heldout_text_field: str = "text"
+    """Column holding each held-out document's text."""
     expect: dict[str, Annotated[float, Field(ge=0, le=100)]] = {}
     """Published pre-attack scores to check the step-0 point against, {task: value} on the task's
     headline metric, as a fraction (0.4297) or in percent (42.97)."""

@@ -45,6 +45,7 @@ from attack.data import MixedRows, RowsTrained, load_attack_rows, load_mixed_row
 from attack.errors import UserError
 from attack.evaluation import find_eval_tasks, score_table
 from attack.evaluation import open_evaluator as _open_evaluator
+from attack.heldout import check_not_trained_on
 from attack.model import autocast_dtype, check_vocabulary, four_bit_config, load_tokenizer
 from attack.optimizers import RecordOptimizer, describe, trainer_optimizer
 from attack.published import PublishedScoreCheck
@@ -107,6 +108,10 @@ def device() -> torch.device:
 
 def corpus(a: Attack):
     """The packed attack corpus; prepared once into its own cache, shared by every run and rank."""
+    if a.main:  # held-out text the attack trains on would measure memorisation
+        mixed = [a.cfg.data.model_copy(update=dict(path=m.path, text_field=m.text_field, name=m.name, split=m.split,
+                                                   template=None, mix=[])) for m in a.cfg.data.mix]
+        check_not_trained_on(a.cfg.eval, [a.cfg.data, *mixed])
     with a.procs.main_process_first():  # the main process prepares the corpus, the others map it
         rows = load_attack_rows(a.cfg.data, a.tokenizer, a.cfg.train.batch_size, log=a.say)
         if a.cfg.data.mix:  # the run's whole data order, every source at its share

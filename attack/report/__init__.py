@@ -26,7 +26,7 @@ import pandas as pd
 
 from attack.errors import ArgumentParser, UserError
 from attack.files import write_atomic
-from attack.report import ablation, attribution, grpo, search, sections, verdict
+from attack.report import ablation, attribution, grpo, heldout, search, sections, verdict
 from attack.report.page import ReportData, markdown, page
 from attack.report.paired import load_records, paired_curves
 from attack.report.runs import failed_runs, load_curves, pick_metric, run_warnings
@@ -45,6 +45,7 @@ SECTIONS = [
     sections.curves,
     sections.paired,
     sections.recovery_table,
+    heldout.section,
     sections.worst_case,
     sections.side_by_side,
     ablation.section,
@@ -80,6 +81,8 @@ def write_report(paths: list[str | Path], out: str | Path, x: str = "steps", met
     if df.empty:
         raise UserError(f"every run failed ({', '.join(failed)}); see their summary.json")
     headline = df[df.headline | (df.task == utility_task)]
+    # held-out texts are losses: they get tokens to baseline (report/heldout.py), not accuracy's tables
+    headline = headline[~headline.task.isin(heldout.loss_tasks(headline))]
     picked = pick_metric(headline, metric)
     table = summary_table(headline, metric, budgets, utility_task, max_utility_drop)
     worst = worst_case(headline, metric, budgets, utility_task, max_utility_drop)
