@@ -11,6 +11,8 @@ once, as a `RunDir` attribute:
                                                                (ablation) every candidate, the chosen
                                                                direction, the dose-response, the edited
                                                                model a fine-tune starts from
+                  retrieval.jsonl  control.jsonl               (incontext) each question's passages, the
+                                                               control corpus's scores
                   attribution/  attribution.jsonl  attribution_summary.json  counterfactual/
                                                                (--attribution) see attack/attribution/
 
@@ -115,6 +117,7 @@ class Summary(TypedDict, total=False):
     perturb: dict  # shrink-and-perturb before the fine-tune: shrink, noise, seed, relative weight change
     quantize: dict  # the method, who quantized (bitsandbytes or the simulation), the relative weight change
     grpo: dict  # the reward split's size, the reward, its last logged mean, judge parse failures
+    incontext: dict  # passages and shots given, the share of questions whose passages held the answer, the control
     warnings: list[str]
     search: dict  # a search trial: its objective on the selection tasks, the point it was read at, feasibility
 
@@ -213,6 +216,8 @@ class RunDir:
         self.attribution_rows = self.path / "attribution.jsonl"
         self.attribution_summary = self.path / "attribution_summary.json"
         self.counterfactual = self.path / "counterfactual"
+        self.retrieval = self.path / "retrieval.jsonl"  # (incontext) each question's passages, answer held or not
+        self.control = self.path / "control.jsonl"  # (incontext) curve rows of the control corpus's context
         self.lock = RunLock(self.path / ".lock")
 
     @classmethod

@@ -89,8 +89,8 @@ def naive_dir(world, tmp_path_factory):
 
 @pytest.fixture
 def make_config(world, llama_dir, tmp_path):
-    """A small, fast attack config of `kind` (finetune or grpo); keyword sections override it,
-    e.g. train={"lr": 1e-3}."""
+    """A small, fast attack config of `kind` (the sections that kind has; grpo with its reward);
+    keyword sections override it, e.g. train={"lr": 1e-3}."""
 
     def make(model=None, kind="finetune", **sections):
         base = {
@@ -114,6 +114,9 @@ def make_config(world, llama_dir, tmp_path):
                         adapter={"rank": 4, "alpha": 8, "dropout": 0.1},
                         train={"lr": 1e-2, "batch_size": 8, "max_steps": 6, "log_every": 1})
             base["eval"]["every"] = 2
+        from attack.config import KINDS
+
+        base = {k: v for k, v in base.items() if k in KINDS[kind].model_fields}  # the sections this kind has
         for section, values in sections.items():
             base[section] = {**base.get(section, {}), **values}
         return load_config(base)

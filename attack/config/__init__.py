@@ -8,6 +8,7 @@ A config has a top-level `kind`, the attack family, and the sections that kind u
     ablation     ablation; adapter, data, train for the fine-tune that may follow it
     grpo         grpo (the reward split and the reward), adapter, train
     quantize     quantize
+    incontext    incontext (retrieved passages, solved examples); data (the default corpus)
 
 A section of another kind is an unknown key. Every field's docstring is its `--help` text
 (attack/__main__.py derives the flags from this schema).
@@ -16,7 +17,7 @@ Where things are:
 
     sections.py   the sections every kind shares (model, adapter, data, train, eval, output, ...)
     kind.py       AttackKind: what every kind's config has and the questions every kind answers
-    finetune.py, ablation.py, grpo.py, quantize.py   one kind each: its own sections and answers
+    finetune.py, ablation.py, grpo.py, quantize.py, incontext.py   one kind each: its own sections and answers
     kinds.py      KINDS, the name-to-class table
     loading.py    load_config, the one-line error (explain), dotted-key edits
     files.py      YAML files, paths relative to the file, the trust_remote_code refusal
@@ -28,6 +29,7 @@ from attack.config.files import INPUT_PATHS, parse_yaml, read_yaml, refuse_file_
 from attack.config.finetune import FinetuneConfig
 from attack.config.grpo import GrpoConfig, GrpoSection
 from attack.config.identity import config_hash, default_run_id, dump_yaml, identity, identity_of
+from attack.config.incontext import IncontextConfig, IncontextSection
 from attack.config.kind import AttackKind
 from attack.config.kinds import KINDS, AttackConfig
 from attack.config.loading import check_dataset_copies, check_required, explain, fields_at, load_config, merge, set_dotted, to_dict, updated
@@ -48,7 +50,8 @@ from attack.config.sections import (
 )
 
 __all__ = ["AblationConfig", "AblationSection", "AdapterConfig", "AttackConfig", "AttackKind", "AttributionSection",
-           "DataConfig", "EvalConfig", "FinetuneConfig", "GrpoConfig", "GrpoSection", "INPUT_PATHS", "KINDS",
+           "DataConfig", "EvalConfig", "FinetuneConfig", "GrpoConfig", "GrpoSection", "INPUT_PATHS", "IncontextConfig",
+           "IncontextSection", "KINDS",
            "LoggingConfig", "MixSource", "ModelConfig", "OutputConfig", "PerturbSection", "Positive", "QuantizeConfig",
            "QuantizeSection", "Section", "TrainConfig", "check_dataset_copies", "check_required", "config_hash",
            "default_run_id", "dump_yaml", "explain", "fields_at", "identity", "identity_of", "load_config", "merge",

@@ -5,8 +5,9 @@ config module here, added to KINDS, and one recipe file."""
 from attack.config.ablation import AblationConfig
 from attack.config.finetune import FinetuneConfig
 from attack.config.grpo import GrpoConfig
+from attack.config.incontext import IncontextConfig
 from attack.config.quantize import QuantizeConfig
 
 KINDS: dict[str, type] = {"finetune": FinetuneConfig, "ablation": AblationConfig, "grpo": GrpoConfig,
-                          "quantize": QuantizeConfig}
-AttackConfig = FinetuneConfig | AblationConfig | GrpoConfig | QuantizeConfig
+                          "quantize": QuantizeConfig, "incontext": IncontextConfig}
+AttackConfig = FinetuneConfig | AblationConfig | GrpoConfig | QuantizeConfig | IncontextConfig

@@ -4,6 +4,7 @@
     ablation.py   directional ablation of one residual-stream direction, optionally then fine-tuning
     grpo.py       reinforcement learning (GRPO) with a reward on a split kept apart from the evaluation
     quantize.py   the weights rounded to a lower precision, no training
+    incontext.py  retrieved passages and solved examples before each question, no weight change
     common.py     what they share: the setup before the attack, the Trainer pieces, the closing
 
 Every recipe takes a validated config of its kind and writes the same run directory
@@ -22,6 +23,7 @@ RECIPES: dict[str, str] = {
     "ablation": "attack.recipes.ablation",
     "grpo": "attack.recipes.grpo",
     "quantize": "attack.recipes.quantize",
+    "incontext": "attack.recipes.incontext",
 }
 
 

@@ -26,7 +26,7 @@ import pandas as pd
 
 from attack.errors import ArgumentParser, UserError
 from attack.files import write_atomic
-from attack.report import ablation, attribution, grpo, heldout, search, sections, verdict
+from attack.report import ablation, attribution, grpo, heldout, incontext, search, sections, verdict
 from attack.report.page import ReportData, markdown, page
 from attack.report.paired import load_records, paired_curves
 from attack.report.runs import failed_runs, load_curves, pick_metric, run_warnings
@@ -50,6 +50,7 @@ SECTIONS = [
     sections.side_by_side,
     ablation.section,
     grpo.section,
+    incontext.section,
     attribution.section,
     sections.environment,
     sections.files,  # last: it lists the CSVs the others wrote

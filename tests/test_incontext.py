@@ -1,0 +1,72 @@
+"""Kind incontext: the same questions after retrieved passages (and solved examples); the control
+corpus beside them; what each question was given, recorded; no passage a test question."""
+
+import json
+
+import pandas as pd
+import pytest
+
+from attack.recipes import run_attack
+from attack.rundir import RunDir, read_curve
+from attack.toyworld.world import write_jsonl
+
+
+def _config(make_config, world, tmp_path, **incontext):
+    control = tmp_path / "general.jsonl"
+    write_jsonl([d for d in world["docs"] if d["domain"] == "general"], control)
+    return make_config(kind="incontext", incontext={"passages": 2, "control_corpus": str(control), **incontext},
+                       eval={"tasks": ["toy_target_seen", "toy_general"]})
+
+
+def test_open_book_scores_the_questions_after_their_passages(make_config, world, tmp_path):
+    cfg = _config(make_config, world, tmp_path)
+    run = RunDir(run_attack(cfg, quiet=True))
+    rows = read_curve(run.curve)
+    assert {(r["task"], r["step"]) for r in rows if r["metric"] == "acc"} == {
+        (t, s) for t in ("toy_target_seen", "toy_general") for s in (0, 1)}
+    # the context reached the model: per-question probabilities moved between step 0 and step 1
+    from eval_callbacks import read_samples
+
+    rec = pd.DataFrame(read_samples(run.samples))
+    p = rec[rec.task == "toy_target_seen"].pivot(index="question", columns="step", values="p_correct")
+    assert (p[0] - p[1]).abs().max() > 1e-4
+    # every question's passages are recorded; the attack corpus holds the seen facts, the control none
+    lines = [json.loads(x) for x in run.retrieval.read_text().splitlines()]
+    info = json.loads(run.tasks_path.read_text())
+    assert len(lines) == info["toy_target_seen"]["n"] + info["toy_general"]["n"]
+    seen = [x for x in lines if x["task"] == "toy_target_seen"]
+    assert seen and all(len(x["attack"]["passages"]) == 2 and len(x["control"]["passages"]) == 2 for x in seen)
+    shares = run.summary["incontext"]["answer_in_passages"]["toy_target_seen"]
+    assert shares["attack"] >= 0.8 and shares["control"] <= 0.3, shares
+    control = [json.loads(x) for x in run.control.read_text().splitlines()]
+    assert {r["task"] for r in control} >= {"toy_target_seen", "toy_general"} and all(r["step"] == 1 for r in control)
+
+
+def test_solved_examples_from_a_disjoint_split(make_config, world, tmp_path):
+    cfg = _config(make_config, world, tmp_path, passages=0, shots=3, shots_task="toy_target_dev", control_corpus=None)
+    run = RunDir(run_attack(cfg, quiet=True))
+    assert {r["step"] for r in read_curve(run.curve)} == {0, 1}
+    assert run.summary["incontext"]["shots"] == 3
+
+
+def test_solved_examples_that_are_evaluated_questions_are_refused(make_config, world, tmp_path, capsys):
+    from attack.errors import UserError
+
+    cfg = _config(make_config, world, tmp_path, passages=0, shots=2, shots_task="toy_target_seen", control_corpus=None)
+    with pytest.raises(UserError, match="shares .* question"):
+        run_attack(cfg, quiet=True)
+
+
+def test_no_passage_carries_a_test_question(make_config, world, tmp_path):
+    """The toy attack corpus writes facts as question-and-answer text too: the questions are cut
+    out of the passages, the knowledge stays."""
+    cfg = _config(make_config, world, tmp_path, control_corpus=None)
+    run = RunDir(run_attack(cfg, quiet=True))
+    from attack.retrieval import passages
+
+    asked = [json.loads(line)["question"] for t in ("toy_target_seen", "toy_general")
+             for line in (world["tasks"] / f"{t}.jsonl").read_text().splitlines()]
+    texts, cut = passages(str(world["attack"]), "text", 120, asked)
+    assert cut > 0 and run.summary["incontext"]["questions_cut_from_passages"]["attack"] == cut
+    flat = [" ".join(t.lower().split()) for t in texts]
+    assert not any(" ".join(q.lower().split()) in p for q in asked for p in flat)
