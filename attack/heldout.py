@@ -32,9 +32,9 @@ output_type: loglikelihood_rolling
 doc_to_text: ""
 doc_to_target: "{{{{text}}}}"
 metric_list:
-  - metric: bits_per_byte
-  - metric: word_perplexity
-  - metric: byte_perplexity
+  - {{metric: bits_per_byte, aggregation: bits_per_byte, higher_is_better: false}}
+  - {{metric: word_perplexity, aggregation: weighted_perplexity, higher_is_better: false}}
+  - {{metric: byte_perplexity, aggregation: weighted_perplexity, higher_is_better: false}}
 metadata:
   version: 1.0
 """

@@ -269,3 +269,13 @@ def test_the_worst_of_several_settings_is_measured_on_questions_that_did_not_cho
     assert row.worst_attack == "lucky"
     assert abs(row.recovered) < 0.05 and row.recovered_hi < 0.2  # measured where it chose nothing
     assert "chosen on a seeded half" in (out / "recovery.md").read_text()
+
+
+def test_noise_is_the_spread_of_the_last_points():
+    import pandas as pd
+
+    from attack.report.tables import curve_noise
+
+    curve = pd.Series([0.25, 0.5, 0.70, 0.74, 0.72], index=[0, 10, 20, 30, 40])
+    assert curve_noise(curve) == pytest.approx(0.02)  # sd of 0.70, 0.74, 0.72
+    assert math.isnan(curve_noise(curve.iloc[:3]))  # two points after step 0 tell no spread

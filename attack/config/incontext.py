@@ -64,7 +64,11 @@ class IncontextConfig(AttackKind):
         return f"in context: {' and '.join(what) or 'nothing'} before each question, no weight change{control}"
 
     def input_files(self) -> dict[str, str]:
-        return {}
+        from attack.data import means_local_file
+
+        c = self.incontext
+        named = {"incontext.corpus": c.corpus, "incontext.control_corpus": c.control_corpus or ""}
+        return {k: v for k, v in named.items() if v and means_local_file(v)}
 
     def check_required(self) -> None:
         c = self.incontext

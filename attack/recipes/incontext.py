@@ -107,7 +107,7 @@ def run(cfg: IncontextConfig, extra_callbacks: list | None = None, quiet: bool =
     found = dict(passages=c.passages, shots=c.shots, corpus=cfg.corpus() if c.passages else None,
                  control_corpus=c.control_corpus, answer_in_passages=shares, questions_cut_from_passages=cut,
                  control_scores={f"{r['task']}/{r['metric']}": r["value"] for r in control})
-    a.say(f"in context: {cfg.describe()}; gold answer among the passages: "
+    a.say(f"{cfg.describe()}; gold answer among the passages: "
           + ", ".join(f"{t} {s['attack']:.0%}" for t, s in shares.items() if s.get("attack") is not None))
     return common.finish(a, evaluator, dict(steps=0, max_steps=0, tokens_seen=0, eval_steps=cfg.curve_steps(),
                                             eval_s=round(curve.eval_seconds, 2), train_s=round(context_s, 2)),

@@ -9,6 +9,7 @@ import pandas as pd
 from attack.report.figures import attack_colors, plot_task
 from attack.report.page import Block, ReportData, figure
 from attack.report.runs import environments, kinds_with
+from attack.report.tables import NOISE_POINTS
 
 PAIRED_NOTE = ("Each point scores the same questions as step 0: change = mean per-question difference from step 0 "
                "(seeds averaged per question), 95% percentile bootstrap over questions; recovered = change / (reference "
@@ -80,8 +81,17 @@ def recovery_table(r: ReportData) -> list[Block]:
     t = r.table
     short = ["model", "attack", "task", "metric", "seeds", "pre", "final", "final_lo", "final_hi", "max", "reference",
              *[c for c in t.columns if c.startswith("recovered@") and not c.endswith(("_lo", "_hi"))],
-             "steps_to_50%", "steps_to_90%", "tokens_to_90%", "auc", "broken_at"]
-    return [Block("Recovery table", table=t[[c for c in short if c in t.columns]])]
+             "steps_to_50%", "steps_to_90%", "tokens_to_90%", "auc", "noise", "broken_at"]
+    blocks = [Block("Recovery table", table=t[[c for c in short if c in t.columns]],
+                    text=f"noise: the standard deviation of each curve's last {NOISE_POINTS} points (seeds averaged).")]
+    # accuracy's change within its own noise: a smoother measure of the same questions says more
+    quiet = t[(t.metric == "acc") & ((t.final - t.pre).abs() < 2 * t.noise)] if "noise" in t else t.iloc[:0]
+    if len(quiet) and r.metric is None:
+        items = [f"{x.model} / {x.attack} / {x.task}: change {x.final - x.pre:+.3f}, noise {x.noise:.3f}"
+                 for x in quiet.itertuples()]
+        blocks.append(Block("Accuracy changes within their noise (read correct_prob: --metric correct_prob, or the "
+                            "held-out texts' bits per byte)", level=3, items=items, in_markdown=True))
+    return blocks
 
 
 def worst_case(r: ReportData) -> list[Block]:

@@ -82,6 +82,16 @@ def default_budgets(d: pd.DataFrame) -> list[int]:
     return sorted({next(s for s in steps if s >= f * steps[-1]) for f in (0.1, 0.25, 0.5, 1.0)})
 
 
+NOISE_POINTS = 3
+
+
+def curve_noise(curve: pd.Series) -> float:
+    """A curve's point-to-point noise: the standard deviation of its last NOISE_POINTS points
+    after step 0 (where a recovery curve has flattened, what is left is noise); NaN with fewer."""
+    tail = curve[curve.index > 0].iloc[-NOISE_POINTS:]
+    return float(tail.std(ddof=1)) if len(tail) >= NOISE_POINTS else float("nan")
+
+
 def summary_table(df: pd.DataFrame, metric: str | None = None, budgets: list[int] | None = None,
                   utility_task: str | None = None, max_utility_drop: float | None = None) -> pd.DataFrame:
     """One row per model x attack x task with the numbers defined at the top of this module.
@@ -106,6 +116,7 @@ def summary_table(df: pd.DataFrame, metric: str | None = None, budgets: list[int
                 pre=pre, final=float(curve.iloc[-1]), max=float(curve.max()), auc=auc(curve), rec=rec,
                 steps=reach, tokens={t: (float(tokens[x]) if x is not None else None) for t, x in reach.items()},
                 final_stderr=float(stderr.iloc[-1]) if pd.notna(stderr.iloc[-1]) else float("nan"),
+                noise=curve_noise(curve),
             ))
         row = dict(model=model, role=g.role.iloc[0], attack=attack, task=task, metric=g.metric.iloc[0],
                    seeds=len(per_seed), chance=g.chance.iloc[0], reference=ref)
@@ -119,6 +130,8 @@ def summary_table(df: pd.DataFrame, metric: str | None = None, budgets: list[int
             row["change"] = row["final"] - row["pre"]
             rows.append(row)
             continue
+        noises = [s["noise"] for s in per_seed if np.isfinite(s["noise"])]
+        row["noise"] = float(np.mean(noises)) if noises else float("nan")
         stderrs = [s["final_stderr"] for s in per_seed if np.isfinite(s["final_stderr"])]
         row["final_stderr"] = float(np.mean(stderrs)) if stderrs else float("nan")
         for b in budgets:

@@ -31,6 +31,7 @@ def toy_sweep(world: Path, full: bool = False, quick: bool = False) -> dict:
     LoRA, and runs every attack 200 steps instead of 60. `quick`: 20-step attacks on a small
     world's unfiltered and unlearned models, to check an installation."""
     steps = 20 if quick else 200 if full else 60
+    heldout = heldout_texts(world)
     lora = {"adapter": {"kind": "lora", "rank": 16, "alpha": 32, "dropout": 0.05}, "train": {"lr": 3.0e-3}}
     ablation = {"kind": "ablation", "ablation": {
         "mode": "knowledge", "target_path": str(world / "corpus" / "dev.jsonl"),
@@ -43,6 +44,12 @@ def toy_sweep(world: Path, full: bool = False, quick: bool = False) -> dict:
         # deterministic: one seed
         {"label": "ablation", **ablation, "seeds": [0]},
         {"label": "ablation-random-direction", **merge(ablation, {"ablation": {"direction": "random"}}),
+         "seeds": [0]},
+        # open book: 3 passages of the attack corpus before every question (BM25), beside 3 of
+        # the general domain's text (the control); no weight changes. Passages of 30 words: the toy
+        # models were pretrained on 128-token rows and read nothing useful much beyond them.
+        {"label": "open-book-k3", "kind": "incontext",
+         "incontext": {"passages": 3, "passage_words": 30, "control_corpus": str(world / "corpus" / "general.jsonl")},
          "seeds": [0]},
         # 2 prompts x 8 completions per step; a lower rate than supervised LoRA: at 3e-3 the
         # policy collapses to empty answers within 60 steps. No cloze task: its prompts for
@@ -64,12 +71,35 @@ def toy_sweep(world: Path, full: bool = False, quick: bool = False) -> dict:
             "train": {"batch_size": 8, "max_steps": steps, "log_every": 20},
             # log-spaced points: dense in the first steps, where the recovery happens
             "eval": {"tasks": list(TASKS), "include_path": [str(world / "tasks")], "schedule": "log",
-                     "log_points": 6 if quick else 12 if full else 9, "batch_size": 64},
+                     "log_points": 6 if quick else 12 if full else 9, "batch_size": 64,
+                     # the loss on text no attack trains on: the held-out creatures' documents, general text
+                     "heldout_texts": heldout},
         },
         "models": [{"label": m, "role": "unlearned" if m == "rmu" else m, "name": str(world / m)} for m in models],
         "attacks": attacks,
         "seeds": [0, 1] if full and not quick else [0],
     }
+
+
+HELDOUT_TEXTS = ("toy_heldout_text", "toy_general_text")
+
+
+def heldout_texts(world: Path) -> dict:
+    """The toy world's held-out texts (eval.heldout_texts): where `write_heldout_texts` puts them."""
+    return {name: str(world / "corpus" / f"{name}.jsonl") for name in HELDOUT_TEXTS}
+
+
+def write_heldout_texts(world: Path) -> None:
+    """Beside the built world's corpora: the documents of the held-out creatures (in the
+    unfiltered model's pretraining, never in an attack corpus) and every third document of the
+    general domain."""
+    docs = [json.loads(line) for line in (world / "corpus" / "unfiltered.jsonl").read_text().splitlines()]
+    chosen = {"toy_heldout_text": [d for d in docs if d["domain"] == "target" and d["split"] == "heldout"],
+              "toy_general_text": [d for d in docs if d["domain"] == "general"][::3]}
+    for name, path in heldout_texts(world).items():
+        text = "".join(json.dumps({"text": d["text"]}) + "\n" for d in chosen[name])
+        if not Path(path).exists() or Path(path).read_text() != text:
+            Path(path).write_text(text)
 
 
 def toy_suite(world: Path) -> dict:
@@ -220,6 +250,7 @@ def main(argv: list[str]) -> int:
         print(f"expected time on a 2-core machine, fresh runs: {expected_s(sweep_spec, built, args.quick, args.workers):.0f} s "
               f"({'world cached' if built else 'world build included'}; {which})")
         world = build_world(cache, spec)
+        write_heldout_texts(world)
     info = json.loads((world / "world.json").read_text())
 
     # The sweep names the built world by absolute path; it is written beside its runs, so
@@ -284,7 +315,7 @@ def main(argv: list[str]) -> int:
 # 2026-11-30 (world build version 4, 3 layers).
 COST_S = {"install": 74, "world": 150, "world-quick": 12, "workers": 8, "report": 8, "two_at_a_time": 1.27,
           "finetune": (5.4, 0.133), "grpo": (4.5, 0.078), "ablation": (2.4, 0.0), "ablation-then": (6.0, 0.13),
-          "quantize": (2.0, 0.0)}
+          "quantize": (2.0, 0.0), "incontext": (4.0, 0.0)}
 
 
 def cost_kind(kind: str, then_finetune: bool) -> str:
