@@ -16,6 +16,7 @@ import argparse
 import errno
 import os
 import sys
+import types
 import typing
 from importlib import import_module
 
@@ -144,9 +145,17 @@ def cli_value(key: str, field: FieldInfo, value):
     tp = field.annotation
     if value.lower() in ("none", "null") and type(None) in typing.get_args(tp):
         return None
-    if typing.get_origin(tp) is list:
+    shape = _container(tp)
+    if value.strip()[:1] in ("[", "{"):  # YAML flow form, as in --help's examples: [{path: a.jsonl, share: 0.3}]
+        from attack.config import parse_yaml
+
+        try:
+            value = parse_yaml(value)
+        except Exception as e:  # a YAML error of any kind: the user's to fix
+            raise UserError(f"{key}: {value!r} is not valid YAML flow ({str(e).splitlines()[0]})") from None
+    elif shape is list:
         value = [v.strip() for v in value.split(",") if v.strip()]
-    elif typing.get_origin(tp) is dict:
+    elif shape is dict:
         pairs = [item.split("=", 1) for item in value.split(",") if item.strip()]
         if any(len(pair) != 2 for pair in pairs):
             raise UserError(f"{key} expects KEY=VALUE[,KEY=VALUE], got {value!r}")
@@ -155,6 +164,21 @@ def cli_value(key: str, field: FieldInfo, value):
         return TypeAdapter(tp).validate_python(value, strict=False)
     except ValidationError as e:
         raise UserError(explain(e, BaseModel, prefix=key)) from None
+
+
+def _container(tp):
+    """list or dict where a field holds one (also inside Optional and Annotated), else None."""
+    while True:
+        if typing.get_origin(tp) in (list, dict):
+            return typing.get_origin(tp)
+        if typing.get_origin(tp) is typing.Annotated:
+            tp = typing.get_args(tp)[0]
+            continue
+        inner = [a for a in typing.get_args(tp) if a is not type(None)]
+        if typing.get_origin(tp) in (typing.Union, types.UnionType) and len(inner) == 1:
+            tp = inner[0]
+            continue
+        return None
 
 
 def _is_bool(tp) -> bool:
@@ -206,14 +230,16 @@ def quiet_libraries() -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        quiet_libraries()
         if argv and argv[0] in SUBCOMMANDS:
+            quiet_libraries()
             module, _ = SUBCOMMANDS[argv[0]]
             code = import_module(module).main(argv[1:])
             signals.raise_pending()  # a signal swallowed on the way must not end as success
             return code
+        # flags and config checked before the heavy libraries load: a typo is answered at once
         args = attack_parser().parse_args(_negative_numbers_attached(argv))
         cfg = config_from_args(args)
+        quiet_libraries()
         from attack.recipes import run_attack
 
         run_attack(cfg)

@@ -14,7 +14,22 @@ def first_line(e: BaseException | str) -> str:
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse, with a usage error as one line like every other user error (exit status 2)."""
+    """argparse, with a usage error as one line like every other user error (exit status 2), a
+    suggestion for a mistyped flag, and no abbreviations (`--max-step` is not `--max-steps`)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message):
-        raise UserError(f"{message} (see {self.prog} --help)")
+        import difflib
+        import re
+
+        hint = ""
+        unknown = re.findall(r"(--[\w-]+)", message.split("unrecognized arguments:", 1)[1]) \
+            if "unrecognized arguments:" in message else []
+        if unknown:
+            known = [o for a in self._actions for o in a.option_strings if o.startswith("--")]
+            close = difflib.get_close_matches(unknown[0], known, n=1, cutoff=0.6)
+            hint = f"; did you mean {close[0]}?" if close else ""
+        raise UserError(f"{message}{hint} (see {self.prog} --help)")

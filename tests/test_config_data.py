@@ -114,3 +114,11 @@ def test_shipped_attack_configs_are_valid(path):
     """Every example config loads as its kind (only the data it names is missing here)."""
     cfg = load_config(read_yaml(path))
     assert cfg.kind == read_yaml(path).get("kind", "finetune")
+
+
+def test_the_scheduler_names_are_transformers_own():
+    from transformers import SchedulerType
+
+    from attack.config.sections import SCHEDULERS
+
+    assert set(SCHEDULERS) == {t.value for t in SchedulerType}

@@ -277,3 +277,33 @@ def test_a_tokenizer_that_is_not_the_models(capsys, world, llama_dir, tmp_path):
     _one_line_error(capsys, _args(world, tmp_path / "small", tmp_path), "is not this model's")
     assert not (tmp_path / "runs").exists()
     assert not _runs_left_running(tmp_path)
+
+
+def test_a_mistyped_flag_gets_a_suggestion_and_no_abbreviation_is_taken(capsys):
+    _one_line_error(capsys, ["--modle", "x"], "did you mean --model?")
+    _one_line_error(capsys, ["--max-step", "3"], "did you mean --max-steps?")  # not taken as --max-steps
+
+
+def test_a_flag_typo_is_answered_before_the_heavy_libraries_load():
+    """The answer needs no torch, transformers or peft: checked in a fresh interpreter."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from attack.__main__ import main; rc = main(['--lrr', '1']); "
+            "print(rc, [m for m in ('torch', 'transformers', 'peft', 'datasets') if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120).stdout
+    assert out.strip() == "2 []", out
+
+
+def test_lists_and_mappings_in_yaml_flow_on_the_command_line():
+    """--help's own example for --data-mix runs as written; an optional list takes one value."""
+    from attack.__main__ import attack_parser, config_from_args
+
+    args = attack_parser().parse_args(["--model", "m", "--data", "d.jsonl", "--eval-tasks", "t",
+                                       "--data-mix", "[{path: retain.jsonl, share: 0.3}]", "--adapter-layers", "1"])
+    cfg = config_from_args(args)
+    assert cfg.data.mix[0].path == "retain.jsonl" and cfg.data.mix[0].share == 0.3
+    assert cfg.adapter.layers == [1]
+    args = attack_parser().parse_args(["--model", "m", "--data", "d.jsonl", "--eval-tasks", "t",
+                                       "--set", "adapter.layers=1,2"])
+    assert config_from_args(args).adapter.layers == [1, 2]

@@ -105,6 +105,13 @@ class DataConfig(Section):
         return self
 
 
+# transformers' SchedulerType values, spelled here so that checking a config imports no deep-learning
+# library (a typo is answered in a second); tests/test_config_data.py holds them equal.
+SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+              "inverse_sqrt", "reduce_lr_on_plateau", "cosine_with_min_lr", "cosine_warmup_with_min_lr",
+              "warmup_stable_decay", "greedy")
+
+
 class TrainConfig(Section):
     optimizer: Literal["adamw", "adam", "sgd", "sgd_nesterov", "adagrad", "adadelta", "schedule_free_adamw",
                        "muon"] = "adamw"
@@ -142,9 +149,7 @@ class TrainConfig(Section):
 
     @model_validator(mode="after")
     def _known_scheduler(self):
-        from transformers import SchedulerType
-
-        names = [t.value for t in SchedulerType]
+        names = SCHEDULERS
         if self.lr_scheduler not in names:
             raise ValueError(f"train.lr_scheduler must be one of {', '.join(names)}, got {self.lr_scheduler!r}")
         return self
