@@ -14,6 +14,7 @@ can carry the fine-tuning data and the evaluation tasks for every kind.
 from __future__ import annotations
 
 import gc
+import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -234,13 +235,22 @@ def run_sweep(path: str | Path, shard_spec: str | None = None, quiet: bool = Fal
     mine = shard(cells, shard_spec)
     check_offline(mine)
     outcome = {"done": 0, "skipped": 0, "busy": 0, "failed": 0}
+    spent, ran = 0.0, 0
     for k, cell in enumerate(mine, 1):
         signals.raise_pending()  # a signal a finalizer swallowed ends the sweep here
+        eta = f", ETA {_duration(spent / ran * (len(mine) - k + 1))}" if ran else ""
+        start = time.perf_counter()
         result = run_cell(cell, sweep["name"], quiet=quiet, progress=progress,
-                          log=lambda m, k=k, cell=cell: log(f"[{k}/{len(mine)}] {cell.id}: {m}"))
+                          log=lambda m, k=k, cell=cell, eta=eta: log(f"[{k} of {len(mine)}{eta}] {cell.id}: {m}"))
+        if result in ("done", "failed"):  # cells that ran here tell what the rest will take
+            spent, ran = spent + time.perf_counter() - start, ran + 1
         outcome[result] += 1
     signals.raise_pending()
     return outcome
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds / 3600:.1f} h" if seconds >= 5400 else f"{seconds / 60:.0f} min" if seconds >= 90 else f"{seconds:.0f} s"
 
 
 def run_cell(cell: Cell, sweep: str, quiet: bool = False, progress: bool = False, log=print) -> str:
@@ -310,9 +320,24 @@ def main(argv: list[str]) -> int:
     print(f"sweep {sweep['name']}: {outcome['done']} run, {outcome['skipped']} already done, "
           f"{outcome['busy']} busy (held by another process, not finished here), {outcome['failed']} failed; "
           f"runs under {sweep['output']}")
+    if not outcome["failed"] and not outcome["busy"] and not args.shard:  # the whole sweep is in: its verdict
+        _report(sweep["output"])
     # a cell that did not finish must not read as success: 1 for a failure, BUSY for "try again
     # later", so a job array requeues the task (examples/slurm/sweep_array.sh)
     return 1 if outcome["failed"] else BUSY if outcome["busy"] else 0
+
+
+def _report(output: str) -> None:
+    """The sweep's report (OUTPUT/report) and its verdict as the command's last lines."""
+    from attack.report import print_verdict, write_report
+
+    try:
+        out = write_report([output], Path(output) / "report")
+    except UserError as e:  # the runs are safe; the report can be written later
+        print(f"no report written: {e}")
+        return
+    print(f"report: {out / 'index.html'}")
+    print_verdict(out)
 
 
 BUSY = 75  # sysexits' EX_TEMPFAIL

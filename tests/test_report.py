@@ -279,3 +279,23 @@ def test_noise_is_the_spread_of_the_last_points():
     curve = pd.Series([0.25, 0.5, 0.70, 0.74, 0.72], index=[0, 10, 20, 30, 40])
     assert curve_noise(curve) == pytest.approx(0.02)  # sd of 0.70, 0.74, 0.72
     assert math.isnan(curve_noise(curve.iloc[:3]))  # two points after step 0 tell no spread
+
+
+def test_the_verdict_in_words_comes_before_any_table(runs, tmp_path):
+    out = write_report([runs], tmp_path / "rep", utility_task="general", max_utility_drop=0.05)
+    md = (out / "recovery.md").read_text()
+    [sentence] = (out / "verdict.txt").read_text().splitlines()
+    assert sentence.startswith("filtered: not resistant: B recovered 0.54 of the bio gap by step 20")
+    assert md.index(sentence) < md.index("|")  # before the first table
+
+
+def test_without_a_reference_recovery_is_said_to_be_unmeasurable(tmp_path):
+    root = tmp_path / "runs"
+    _run(root, "f", "filtered", "filtered", "A", 0, {0: 0.25, 10: 0.6})
+    _run(root, "g", "other-filtered", "filtered", "A", 0, {0: 0.30, 10: 0.35})
+    out = write_report([root], tmp_path / "rep")
+    lines = (out / "verdict.txt").read_text().splitlines()
+    assert all("recovery cannot be measured: no reference model" in line for line in lines) and len(lines) == 2
+    out = write_report([root], tmp_path / "rep2", reference="other-filtered")  # named on the command line
+    [line] = (out / "verdict.txt").read_text().splitlines()
+    assert line.startswith("filtered: ") and "cannot be measured" not in line

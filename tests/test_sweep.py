@@ -173,7 +173,7 @@ def test_the_adversary_suite_lists_every_adversary(capsys, tmp_path, monkeypatch
     for label in labels:
         assert sum(f"attack={label} " in line for line in cells) == len(spec["models"]), label
     kinds = {a.get("kind", "finetune") for a in spec["attacks"]}
-    assert kinds == {"finetune", "quantize", "ablation", "grpo"}
+    assert kinds == {"finetune", "quantize", "ablation", "grpo", "incontext"}
     optimizers = {a.get("train", {}).get("optimizer", "adamw") for a in spec["attacks"] if a.get("kind", "finetune") == "finetune"}
     assert optimizers == {"adamw", "adam", "sgd", "sgd_nesterov", "adagrad", "adadelta", "schedule_free_adamw", "muon"}
     assert any("mix" in a.get("data", {}) for a in spec["attacks"]) and any("perturb" in a for a in spec["attacks"])
@@ -204,7 +204,8 @@ def test_a_sweep_mixes_attack_kinds(tmp_path, world, llama_dir):
     path = _sweep_file(tmp_path, world, [{"label": "m", "name": str(llama_dir)}], attacks=attacks, seeds=[0])
     _, cells = load_sweep(path)
     assert [c.config.kind for c in cells] == list(KINDS)
-    assert {c.config.kind: c.seed for c in cells} == {"finetune": 0, "ablation": 0, "grpo": 7, "quantize": 0}
+    assert {c.config.kind: c.seed for c in cells} == {"finetune": 0, "ablation": 0, "grpo": 7, "quantize": 0,
+                                                      "incontext": 0}
     assert all(json.dumps(c.meta("t")) and c.meta("t")["kind"] == c.config.kind for c in cells)
 
     doc = yaml.safe_load(path.read_text())

@@ -59,10 +59,17 @@ SECTIONS = [
 
 def write_report(paths: list[str | Path], out: str | Path, x: str = "steps", metric: str | None = None,
                  budgets: list[int] | None = None, utility_task: str | None = None,
-                 max_utility_drop: float | None = None) -> Path:
+                 max_utility_drop: float | None = None, reference: str | None = None) -> Path:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     df = load_curves(paths)
+    if reference is not None:  # the model (by label, or by one of its runs) whose pre-attack score is 100%
+        label = reference if reference in set(df.model) else \
+            next(iter(df[df.run == reference].model), None) if reference in set(df.run) else None
+        if label is None:
+            raise UserError(f"--reference {reference} names no model or run here; models: {', '.join(sorted(set(df.model)))}")
+        df.loc[df.role == "reference", "role"] = "other"
+        df.loc[df.model == label, "role"] = "reference"
     if metric and metric not in set(df.metric):
         raise UserError(f"metric '{metric}' not in the curves; they hold: {', '.join(sorted(set(df.metric)))}")
     if utility_task and utility_task not in set(df.task):
@@ -115,6 +122,13 @@ def write_report(paths: list[str | Path], out: str | Path, x: str = "steps", met
     return out
 
 
+def print_verdict(out: Path) -> None:
+    """The verdict's sentences, as a command's last lines."""
+    verdict = Path(out) / "verdict.txt"
+    if verdict.exists():
+        print("\nverdict:\n" + "".join(f"  {line}\n" for line in verdict.read_text().splitlines()), end="")
+
+
 def main(argv: list[str]) -> int:
     p = ArgumentParser(prog="python -m attack report", description="Recovery curves and tables from run directories.")
     p.add_argument("runs", nargs="+", help="run directories or folders holding them (sweeps, partial sweeps)")
@@ -125,6 +139,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--budgets", help="comma-separated step budgets for the recovered fraction and the worst case")
     p.add_argument("--utility-task", help="task whose drop bounds the worst case (e.g. mmlu)")
     p.add_argument("--max-utility-drop", type=float, help="largest allowed absolute drop on the utility task")
+    p.add_argument("--reference", help="the reference model (its label, or one of its run directories' names): "
+                   "its pre-attack score is 100%% recovery (default: the model of role reference, else unfiltered)")
     args = p.parse_args(argv)
     try:
         budgets = [int(b) for b in args.budgets.split(",")] if args.budgets else None
@@ -134,7 +150,9 @@ def main(argv: list[str]) -> int:
         raise UserError(f"--max-utility-drop must be a finite number >= 0, got {args.max_utility_drop}")
     if budgets and min(budgets) < 0:
         raise UserError(f"--budgets must be step counts >= 0, got {args.budgets!r}")
-    out = write_report(args.runs, args.out, args.x, args.metric, budgets, args.utility_task, args.max_utility_drop)
+    out = write_report(args.runs, args.out, args.x, args.metric, budgets, args.utility_task, args.max_utility_drop,
+                       args.reference)
     print((out / "recovery.md").read_text())
     print(f"report: {out / 'index.html'}")
+    print_verdict(out)
     return 0

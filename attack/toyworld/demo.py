@@ -217,7 +217,7 @@ def main(argv: list[str]) -> int:
     if not 0 <= args.leak_fraction <= 1:
         raise UserError(f"--leak-fraction must be in [0, 1], got {args.leak_fraction}")
 
-    from attack.report import write_report
+    from attack.report import print_verdict, write_report
     from attack.sweep import load_sweep
 
     start = time.perf_counter()
@@ -299,6 +299,7 @@ def main(argv: list[str]) -> int:
     print(f"recovery curves and report: {report / 'index.html'}")
     print(f"runs: {out}/   sweep: {sweep_file}   world: {world}")
     print(f"demo took {time.perf_counter() - start:.0f} s")
+    print_verdict(report)
     if args.world == "toy" and not args.full and not args.suite and not args.search:
         print("the full comparison (ablation then LoRA too, two seeds, 200 steps), expected "
               f"{expected_s(toy_sweep(world, full=True), True, False, args.workers):.0f} s: make demo-full "
