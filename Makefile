@@ -6,7 +6,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo demo-full demo-suite demo-search demo-smollm2 test test-fast lint clean
+.PHONY: demo demo-full demo-suite demo-search demo-smollm2 test test-fast lint docs clean
 
 # The environment, complete once the stamp exists (an install cut short is redone, not half kept):
 # - torch first, pinned: the CPU wheel; an unpinned request pulls gigabytes of CUDA packages;
@@ -48,14 +48,20 @@ demo-smollm2: $(INSTALLED)
 
 test: $(INSTALLED)
 	$(BIN)/ruff check attack eval_callbacks tests bench
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict -q
 	# two workers, one torch thread each (tests/conftest.py): both cores, never oversubscribed
 	$(BIN)/python -m pytest -p no:cacheprovider -n 2 tests
 
 test-fast: $(INSTALLED)
 	$(BIN)/python -m pytest -p no:cacheprovider -n 2 -m "not slow" tests
 
+# the site: the command-line page made from the parsers first, then mkdocs (build/site)
+docs: $(INSTALLED)
+	COLUMNS=100 $(BIN)/python -m attack.cli_reference > docs/cli.md
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
+
 lint: $(INSTALLED)
 	$(BIN)/ruff check attack eval_callbacks tests bench
 
 clean:
-	rm -rf runs/demo runs/demo-full runs/demo-smollm2 .cache/toyworld .cache/smollm2world .cache/corpus
+	rm -rf build/site runs/demo runs/demo-full runs/demo-smollm2 .cache/toyworld .cache/smollm2world .cache/corpus

@@ -122,3 +122,14 @@ def test_the_scheduler_names_are_transformers_own():
     from attack.config.sections import SCHEDULERS
 
     assert set(SCHEDULERS) == {t.value for t in SchedulerType}
+
+
+def test_the_command_line_page_is_the_parsers_own(monkeypatch):
+    """docs/cli.md is what `make docs` makes from the parsers: a flag added or changed without it fails here."""
+    from pathlib import Path
+
+    from attack.cli_reference import reference
+
+    monkeypatch.setenv("COLUMNS", "100")
+    page = (Path(__file__).parents[1] / "docs" / "cli.md").read_text()
+    assert page == reference(), "docs/cli.md is stale: run make docs"
