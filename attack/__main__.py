@@ -83,7 +83,8 @@ def attack_parser() -> argparse.ArgumentParser:
         + "\n".join(f"  {name:<15} {what}" for name, (_, what) in SUBCOMMANDS.items()),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--config", help="YAML config file; flags override it")
+    p.add_argument("--config", help="YAML config file, or a shipped one by name (lora, full, ablation, grpo); "
+                   "flags override it")
     p.add_argument("--kind", choices=list(KINDS), default=None, help="attack family (default: finetune)")
     groups = {}
     for key, field in config_fields().items():
@@ -110,8 +111,10 @@ def attack_parser() -> argparse.ArgumentParser:
 def config_from_args(args: argparse.Namespace):
     from pathlib import Path
 
-    from attack.config import load_config, read_yaml, refuse_file_trust, set_dotted, with_paths_from
+    from attack.config import load_config, read_yaml, refuse_file_trust, set_dotted, shipped, with_paths_from
 
+    if args.config:
+        args.config = str(shipped(args.config, "attack"))  # a path, or a shipped config's name (lora, full, ...)
     data = with_paths_from(read_yaml(args.config), Path(args.config).parent) if args.config else {}
     refuse_file_trust(data, f"config file {args.config}", granted=getattr(args, "model.trust_remote_code") is True)
     if args.kind:

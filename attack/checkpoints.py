@@ -28,9 +28,8 @@ from transformers import TrainerCallback
 
 from attack.errors import first_line
 from attack.files import read_json, write_atomic
+from attack.rundir import MANIFEST, TRAINER_STATE
 
-TRAINER_STATE = "trainer_state.json"  # transformers' file inside each checkpoint
-MANIFEST = "manifest.json"  # {"run": identity, "files": {name: {size, sha256}}}, written last
 TRAINER_FILES = (TRAINER_STATE, "optimizer.pt", "scheduler.pt")  # what every Trainer checkpoint holds
 
 

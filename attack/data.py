@@ -33,6 +33,7 @@ from attack.checkpoints import checkpoint_step
 from attack.config import DataConfig
 from attack.errors import UserError, first_line
 from attack.files import save_array_atomic
+from attack.rundir import ROWS_TRAINED
 
 FORMAT = 1  # bump when the prepared layout or the packing changes
 
@@ -409,7 +410,7 @@ class RowsTrained:
     The list (all processes together) is a part of every checkpoint (attack/checkpoints.py), so a
     resumed run counts what it trained on before the interruption."""
 
-    FILE = "rows_trained.npy"
+    FILE = ROWS_TRAINED
 
     def __init__(self, corpus: PackedCorpus, rows_per_step: int, checkpoint: str | None):
         self.corpus, self.rows_per_step = corpus, rows_per_step

@@ -16,8 +16,9 @@ from pathlib import Path
 import torch
 
 from attack.files import write_atomic
+from attack.rundir import OPTIMIZER_RECORD
 
-RECORD = "optimizer.json"  # in each checkpoint: which optimizer its optimizer.pt belongs to
+RECORD = OPTIMIZER_RECORD  # in each checkpoint: which optimizer its optimizer.pt belongs to
 
 
 class MuonWithAdamW(torch.optim.Optimizer):

@@ -38,7 +38,6 @@ from typing import NotRequired, TypedDict
 
 import torch
 
-from attack.checkpoints import checkpoint_step, newest_valid
 from attack.config import AttackConfig, config_hash, default_run_id, dump_yaml
 from attack.errors import UserError
 from attack.files import read_json, write_atomic
@@ -50,6 +49,11 @@ __all__ = ["CellMeta", "CurveRow", "RunDir", "RunDirInUse", "Status", "Summary",
 
 
 COUNTERFACTUAL_RESULT = "counterfactual.json"  # in each counterfactual_dir
+# Inside each checkpoints/checkpoint-<step>/ (attack/checkpoints.py):
+TRAINER_STATE = "trainer_state.json"  # transformers' own
+MANIFEST = "manifest.json"  # {"run": identity, "files": {name: {size, sha256}}}, written last
+ROWS_TRAINED = "rows_trained.npy"  # the packed rows trained so far (attack/data.py RowsTrained)
+OPTIMIZER_RECORD = "optimizer.json"  # which optimizer optimizer.pt is the state of (attack/optimizers.py)
 
 
 class Status(StrEnum):
@@ -328,6 +332,8 @@ class RunDir:
         write_atomic(self.env, json.dumps(environment(), indent=2))
         # The resumed trajectory restarts at the checkpoint: points recorded after it
         # (before the interruption) are dropped, so the curve has each step exactly once.
+        from attack.checkpoints import checkpoint_step
+
         keep_until = checkpoint_step(checkpoint) + cfg.training_offset if checkpoint else -1
         rows = [r for r in read_curve(self.curve) if r["step"] <= keep_until]
         write_atomic(self.curve, "".join(json.dumps(r) + "\n" for r in rows))
@@ -344,6 +350,8 @@ class RunDir:
                         say=lambda m: print(m, file=sys.stderr)) -> str | None:
         """The newest checkpoint of this run that proves itself whole (attack/checkpoints.py) and
         whose earlier curve points are all still recorded (a resume re-measures none of them)."""
+        from attack.checkpoints import newest_valid
+
         return newest_valid(self.checkpoints, cfg.output.keep_checkpoints, self.identity(cfg), required,
                             usable=lambda step: self.points_recorded(cfg, step), say=say)
 

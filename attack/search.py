@@ -55,6 +55,7 @@ from attack.config import (
     read_yaml,
     refuse_file_trust,
     set_dotted,
+    shipped,
     updated,
     with_paths_from,
 )
@@ -142,6 +143,7 @@ class Search:
 
 
 def load_search(path: str | Path, trust_remote_code: bool = False) -> Search:
+    path = shipped(path, "sweeps")  # a path, or a shipped search's name (deep_ignorance_search)
     raw = read_yaml(path)
     allowed = {"name", "output", "base", "models", "search"}
     unknown = set(raw) - allowed

@@ -35,6 +35,7 @@ from attack.config import (
     merge,
     read_yaml,
     refuse_file_trust,
+    shipped,
     updated,
     with_paths_from,
 )
@@ -90,6 +91,7 @@ class Cell:
 def load_sweep(path: str | Path, trust_remote_code: bool = False) -> tuple[dict, list[Cell]]:
     """Read a sweep file and expand it into cells, in a fixed order. A cell whose model asks to
     run its own code is refused unless `trust_remote_code` (the command line's flag) grants it."""
+    path = shipped(path, "sweeps")  # a path, or a shipped sweep's name (adversary_suite, deep_ignorance)
     raw = read_yaml(path)
     allowed = {"name", "output", "base", "models", "attacks", "seeds"}
     unknown = set(raw) - allowed
@@ -301,7 +303,7 @@ def record_failure(run: RunDir, meta: CellMeta, error: Exception) -> None:
 
 def main(argv: list[str]) -> int:
     p = ArgumentParser(prog="python -m attack sweep", description="Run a sweep of attack cells.")
-    p.add_argument("sweep", help="sweep YAML file")
+    p.add_argument("sweep", help="sweep YAML file, or a shipped sweep by name (adversary_suite, deep_ignorance)")
     p.add_argument("--shard", help="i/n: run the i-th of n disjoint shares of the cells (1-based)")
     p.add_argument("--dry-run", action="store_true", help="list the cells and validate offline; train nothing")
     p.add_argument("--quiet", action="store_true", help="no progress bars or tables; a line per evaluation point")

@@ -133,3 +133,19 @@ def test_the_command_line_page_is_the_parsers_own(monkeypatch):
     monkeypatch.setenv("COLUMNS", "100")
     page = (Path(__file__).parents[1] / "docs" / "cli.md").read_text()
     assert page == reference(), "docs/cli.md is stale: run make docs"
+
+
+def test_shipped_configs_are_found_by_name_from_anywhere(tmp_path, monkeypatch):
+    import yaml
+
+    from attack.__main__ import attack_parser, config_from_args
+    from attack.config import shipped
+
+    monkeypatch.chdir(tmp_path)
+    args = attack_parser().parse_args(["--config", "lora", "--model", "m", "--data", "d.jsonl", "--eval-tasks", "t"])
+    cfg = config_from_args(args)
+    lora = yaml.safe_load(shipped("lora", "attack").read_text())
+    assert cfg.adapter.rank == lora["adapter"]["rank"] and cfg.train.lr == lora["train"]["lr"]
+    assert shipped("adversary_suite", "sweeps").name == "adversary_suite.yaml"
+    (tmp_path / "lora").write_text("kind: finetune\n")  # a file of that name wins
+    assert shipped("lora", "attack") == Path("lora")

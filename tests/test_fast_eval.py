@@ -103,6 +103,8 @@ def test_generation_tasks_fall_back_to_stock(world, llama_dir, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(str(llama_dir))
     fast, stock = _pair(model, world["tokenizer"], ["toy_gen", "toy_general"], [str(tmp_path), str(world["tasks"])])
     _same(fast, stock)
+    # the generation task was scored (through lm-eval's own generate_until), not silently dropped
+    assert ("toy_gen", "exact_match") in {(r["task"], r["metric"]) for r in fast.evaluate()}
 
 
 def test_questions_longer_than_the_model_are_cut_as_stock_cuts_them(world, tmp_path):
@@ -142,4 +144,10 @@ def test_a_model_that_returns_no_cache_is_scored_row_by_row(world, llama_dir, mo
         return out
 
     monkeypatch.setattr(type(model), "forward", without_cache)
+    from eval_callbacks.fastlm import FastHFLM
+
+    rows = []
+    score_rows = FastHFLM._score_rows
+    monkeypatch.setattr(FastHFLM, "_score_rows", lambda self, idx, *a, **k: (rows.extend(idx), score_rows(self, idx, *a, **k))[1])
     _same(fast, stock)
+    assert rows  # the row path ran: the choices after a context, scored without a cache

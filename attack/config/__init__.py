@@ -25,7 +25,7 @@ Where things are:
 """
 
 from attack.config.ablation import AblationConfig, AblationSection
-from attack.config.files import INPUT_PATHS, parse_yaml, read_yaml, refuse_file_trust, with_paths_from
+from attack.config.files import INPUT_PATHS, parse_yaml, read_yaml, refuse_file_trust, shipped, with_paths_from
 from attack.config.finetune import FinetuneConfig
 from attack.config.grpo import GrpoConfig, GrpoSection
 from attack.config.identity import config_hash, default_run_id, dump_yaml, identity, identity_of
@@ -55,4 +55,4 @@ __all__ = ["AblationConfig", "AblationSection", "AdapterConfig", "AttackConfig",
            "LoggingConfig", "MixSource", "ModelConfig", "OutputConfig", "PerturbSection", "Positive", "QuantizeConfig",
            "QuantizeSection", "Section", "TrainConfig", "check_dataset_copies", "check_required", "config_hash",
            "default_run_id", "dump_yaml", "explain", "fields_at", "identity", "identity_of", "load_config", "merge",
-           "parse_yaml", "read_yaml", "refuse_file_trust", "set_dotted", "to_dict", "updated", "with_paths_from"]
+           "parse_yaml", "read_yaml", "refuse_file_trust", "set_dotted", "shipped", "to_dict", "updated", "with_paths_from"]

@@ -83,6 +83,22 @@ def refuse_file_trust(cfg_or_data, where: str, granted: bool) -> None:
                         "says so: add --trust-remote-code if you trust the checkpoint's source")
 
 
+SHIPPED = Path(__file__).resolve().parent.parent / "configs"  # attack/configs/ (configs/ in a checkout links here)
+
+
+def shipped(name: str | Path, folder: str) -> Path:
+    """A config or sweep file by path, or by the name of a shipped one (`lora`, `adversary_suite`):
+    a file that exists wins; a bare name is looked up in the package's configs/<folder>/."""
+    path = Path(name)
+    if path.exists() or path.suffix or len(path.parts) > 1:
+        return path
+    found = SHIPPED / folder / f"{name}.yaml"
+    if found.is_file():
+        return found
+    names = sorted(p.stem for p in (SHIPPED / folder).glob("*.yaml"))
+    raise UserError(f"config file not found: {name} (a path, or a shipped name: {', '.join(names)})")
+
+
 def parse_yaml(text: str):
     return yaml.load(text, Loader=_Loader)
 
