@@ -267,11 +267,12 @@ def _tokenize_and_pack(ds, cfg: DataConfig, tokenizer, out: Path, num_proc: int 
     seg = np.concatenate(segments)
     seg = seg[seg[:, 0] < rows]
     np.save(out / "segments.npy", seg)
+    in_rows = len(np.unique(seg[:, 1])) if len(seg) else 0
     tokens.cleanup_cache_files()
     for f in out.glob("tokens*.arrow"):
         f.unlink()
     return dict(format=FORMAT, rows=rows, seq_len=seq_len, tokens=rows * seq_len, tokens_in_corpus=total,
-                documents=len(tokens), source_rows=len(ds), eos=eos)
+                documents=len(tokens), documents_in_rows=in_rows, source_rows=len(ds), eos=eos)
 
 
 def _segments(docs: np.ndarray, starts: np.ndarray, lengths: np.ndarray, seq_len: int) -> np.ndarray:
@@ -329,6 +330,13 @@ def load_attack_rows(cfg: DataConfig, tokenizer, batch_size: int, log=print) -> 
     """The prepared attack corpus (prepared now, or found in the cache), refused when it does not
     fill one optimizer step."""
     rows = PackedCorpus(prepare_corpus(cfg, tokenizer, cfg.cache_dir, cfg.num_proc, log=log))
+    meta = rows.meta
+    tail = meta.get("tokens_in_corpus", meta["tokens"]) - meta["tokens"]
+    if tail:  # said, not hidden in summary.json: a small corpus can lose a real share of itself here
+        lost = meta["documents"] - meta.get("documents_in_rows", meta["documents"])
+        log(f"warning: the corpus's last {tail:,} tokens fill no row of {cfg.seq_len} and are not trained"
+            + (f" ({lost} of {meta['documents']} documents wholly)" if lost else "")
+            + "; a smaller data.seq_len trains them")
     if len(rows) < batch_size:
         raise UserError(
             f"attack data packs into {len(rows)} rows of {cfg.seq_len} tokens, fewer than one "

@@ -101,3 +101,22 @@ def test_summary_counts_documents_seen_within_the_budget(make_config, tmp_path):
     s = json.loads((run / "summary.json").read_text())
     assert s["rows_trained"] == s["distinct_rows_trained"] == 4 and s["distinct_tokens_trained"] == 4 * 64
     assert 0 < s["documents_seen"] < s["documents"]
+
+
+def test_a_tail_that_fills_no_row_is_said(world, tmp_path):
+    """30 short documents in rows of 64 tokens: what fills no row is named in one line, with the
+    documents lost wholly, instead of only in summary.json."""
+    from attack.data import load_attack_rows
+
+    docs = tmp_path / "small.jsonl"
+    docs.write_text("".join(json.dumps({"text": f"The creature number {i} lives in the marsh."}) + "\n" for i in range(30)))
+    said = []
+    rows = load_attack_rows(DataConfig(path=str(docs), seq_len=64, cache_dir=str(tmp_path / "cache")), world["tokenizer"],
+                            1, log=said.append)
+    meta = rows.meta
+    tail = meta["tokens_in_corpus"] - meta["tokens"]
+    assert tail > 0
+    [warning] = [s for s in said if s.startswith("warning:")]
+    assert f"last {tail:,} tokens fill no row of 64" in warning
+    lost = meta["documents"] - meta["documents_in_rows"]
+    assert (f"({lost} of 30 documents wholly)" in warning) == (lost > 0)
