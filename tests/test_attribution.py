@@ -169,6 +169,7 @@ def test_attribution_misuse_is_one_line(capsys, world, llama_dir, tmp_path, over
 
 def test_attribute_on_a_run_without_attribution_is_one_line(capsys, make_config, tmp_path):
     run = run_attack(make_config(train={"max_steps": 2}, eval={"every": 2, "tasks": ["toy_target_seen"]}), quiet=True)
+    capsys.readouterr()  # the attack's own output (a weight-loading bar) is not the command's
     _one_line_error(capsys, ["attribute", str(run)], "holds no attribution data; run the attack with --attribution")
     _one_line_error(capsys, ["counterfactual", str(run), "--task", "toy_target_seen"], "has no attribution.jsonl")
 
