@@ -49,6 +49,7 @@ def test_bits_per_byte_equal_a_computation_from_the_logits(make_config, world, t
     assert ("bio_text", "word_perplexity") in rows and ("toy_general", "acc") in rows
 
 
+@pytest.mark.slow
 def test_held_out_text_the_attack_trains_on_is_refused(make_config, world, tmp_path, capsys):
     from attack.__main__ import main
 

@@ -42,6 +42,7 @@ def test_open_book_scores_the_questions_after_their_passages(make_config, world,
     assert {r["task"] for r in control} >= {"toy_target_seen", "toy_general"} and all(r["step"] == 1 for r in control)
 
 
+@pytest.mark.slow
 def test_solved_examples_from_a_disjoint_split(make_config, world, tmp_path):
     cfg = _config(make_config, world, tmp_path, passages=0, shots=3, shots_task="toy_target_dev", control_corpus=None)
     run = RunDir(run_attack(cfg, quiet=True))
@@ -49,6 +50,7 @@ def test_solved_examples_from_a_disjoint_split(make_config, world, tmp_path):
     assert run.summary["incontext"]["shots"] == 3
 
 
+@pytest.mark.slow
 def test_solved_examples_that_are_evaluated_questions_are_refused(make_config, world, tmp_path, capsys):
     from attack.errors import UserError
 
@@ -57,6 +59,7 @@ def test_solved_examples_that_are_evaluated_questions_are_refused(make_config, w
         run_attack(cfg, quiet=True)
 
 
+@pytest.mark.slow
 def test_no_passage_carries_a_test_question(make_config, world, tmp_path):
     """The toy attack corpus writes facts as question-and-answer text too: the questions are cut
     out of the passages, the knowledge stays."""
