@@ -299,11 +299,11 @@ def main(argv: list[str]) -> int:
     print(f"recovery curves and report: {report / 'index.html'}")
     print(f"runs: {out}/   sweep: {sweep_file}   world: {world}")
     print(f"demo took {time.perf_counter() - start:.0f} s")
-    print_verdict(report)
     if args.world == "toy" and not args.full and not args.suite and not args.search:
         print("the full comparison (ablation then LoRA too, two seeds, 200 steps), expected "
               f"{expected_s(toy_sweep(world, full=True), True, False, args.workers):.0f} s: make demo-full "
               "(python -m attack demo --full)")
+    print_verdict(report)  # the last lines: the verdict in words
     return 0
 
 
