@@ -142,15 +142,38 @@ def _resolvable(manager, names) -> bool:
     return True
 
 
+def include_folders(task_manager) -> list[str]:
+    """The folders a task manager found task YAMLs in (its include path)."""
+    found = getattr(task_manager, "include_path", None) or []
+    return [str(f) for f in ([found] if isinstance(found, str | Path) else found)]
+
+
+def _found_in(files, folders: list[str]):
+    """Relative data files that do not exist from the current directory, found from the task
+    folders instead (a task YAML beside its jsonl runs from any directory)."""
+    if isinstance(files, dict):
+        return {k: _found_in(v, folders) for k, v in files.items()}
+    if isinstance(files, list):
+        return [_found_in(v, folders) for v in files]
+    if isinstance(files, str) and not Path(files).is_absolute() and not Path(files).exists():
+        for folder in folders:
+            if (Path(folder) / files).exists():
+                return str(Path(folder) / files)
+    return files
+
+
 @contextlib.contextmanager
-def local_datasets(paths: dict[str, str] | None):
-    """While tasks are built, load the datasets they name by hub id from local folders instead.
+def local_datasets(paths: dict[str, str] | None, folders: list[str] | None = None):
+    """While tasks are built, load the datasets they name by hub id from local folders instead,
+    and the data files they name by relative path from the task folders.
 
     `paths` maps a hub dataset id (a task's `dataset_path`) to a local copy laid out like the
     hub repository (same configurations and splits), so shipped task YAMLs run unchanged on a
-    cluster without hub access. Ids not in `paths` load as usual.
+    cluster without hub access. Ids not in `paths` load as usual. `folders`: where the task
+    YAMLs were found; a relative `data_files` entry is looked up there when the current
+    directory does not hold it.
     """
-    if not paths:
+    if not paths and not folders:
         yield
         return
     import datasets
@@ -158,7 +181,9 @@ def local_datasets(paths: dict[str, str] | None):
     original = datasets.load_dataset
 
     def redirected(path, *args, **kwargs):
-        return original(paths.get(path, path), *args, **kwargs)
+        if folders and kwargs.get("data_files") is not None:
+            kwargs["data_files"] = _found_in(kwargs["data_files"], folders)
+        return original((paths or {}).get(path, path), *args, **kwargs)
 
     datasets.load_dataset = redirected
     try:
@@ -170,7 +195,7 @@ def local_datasets(paths: dict[str, str] | None):
 def task_questions(tasks: list[str], task_manager, dataset_paths: dict[str, str] | None = None) -> dict[str, list[str]]:
     """Each leaf task's questions as a model reads them (doc_to_text), without a model: for
     checking, before anything runs, that another split shares none of them."""
-    with local_datasets(dataset_paths):
+    with local_datasets(dataset_paths, include_folders(task_manager)):
         leaves = dict(task_manager.load(list(tasks))["tasks"])
     return {name: [str(task.doc_to_text(doc)) for doc in task.eval_docs] for name, task in leaves.items()}
 
@@ -203,7 +228,7 @@ class LiveEvaluator:
         self.autocast_dtype = autocast_dtype
         manager = task_manager or find_tasks(tasks, include_path)
         try:
-            with local_datasets(dataset_paths):
+            with local_datasets(dataset_paths, include_folders(manager)):
                 self.task_dict = manager.load(list(tasks))
         except Exception as e:  # datasets/hub errors come in many types
             detail = (str(e).strip().splitlines() or [type(e).__name__])[0]

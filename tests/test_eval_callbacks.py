@@ -53,3 +53,24 @@ def test_correct_probability_is_softmax_of_choice_loglikelihoods():
     sample = {"filtered_resps": [(-1.0, False), (-2.0, False), (-3.0, False)], "target": 1, "doc": {}}
     p = math.exp(-2) / (math.exp(-1) + math.exp(-2) + math.exp(-3))
     assert correct_probability(None, sample) == pytest.approx(p)
+
+
+def test_a_task_yaml_beside_its_data_runs_from_any_directory(world, llama_dir, tmp_path, monkeypatch):
+    """data_files: my_task.jsonl (relative) is found from the task's folder, not only the current one."""
+    from transformers import AutoModelForCausalLM
+
+    from eval_callbacks import LiveEvaluator
+
+    folder = tmp_path / "my_tasks"
+    folder.mkdir()
+    (folder / "my_task.jsonl").write_text('{"question": "Is the sky blue?", "choices": ["yes", "no"], "answer": 0}\n')
+    (folder / "my_task.yaml").write_text(
+        "task: my_task\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: my_task.jsonl\ntest_split: test\n"
+        "output_type: multiple_choice\ndoc_to_text: '{{question}}'\ndoc_to_choice: '{{choices}}'\ndoc_to_target: answer\n"
+        "metric_list:\n  - metric: acc\n")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    model = AutoModelForCausalLM.from_pretrained(str(llama_dir))
+    evaluator = LiveEvaluator(model, world["tokenizer"], ["my_task"], include_path=[str(folder)])
+    assert {(r["task"], r["metric"]) for r in evaluator.evaluate()} >= {("my_task", "acc")}
