@@ -76,7 +76,7 @@ def write_report(paths: list[str | Path], out: str | Path, x: str = "steps", met
         raise UserError(f"utility task '{utility_task}' not in the curves; they hold: {', '.join(sorted(set(df.task)))}")
     # Search trials: only the trial each study selected on its selection tasks stands for the
     # search below, and the selection tasks themselves are reported nowhere (report/search.py).
-    trials = search.trials(df)
+    trials, every_run = search.trials(df), df
     if not trials.empty:
         chosen = search.selected(trials)
         df = df[~df.run.isin(set(trials.run) - set(chosen.run)) & ~df.task.isin(search.selection_tasks(trials))]
@@ -109,7 +109,7 @@ def write_report(paths: list[str | Path], out: str | Path, x: str = "steps", met
     curves = paired_curves(records) if not records.empty else pd.DataFrame()
     if not trials.empty:
         metrics = picked.drop_duplicates("task").set_index("task").headline_metric.to_dict()
-        trials = search.heldout(trials, references(picked), sorted(set(picked.task) - {utility_task}), metrics)
+        trials = search.heldout(trials, every_run, references(picked), sorted(set(picked.task) - {utility_task}), metrics)
         search.write_csv(trials, out)
     r = ReportData(df=df, search=trials if not trials.empty else None,
                    picked=picked, refs=references(picked), table=table, worst=worst, out=out, x=x,

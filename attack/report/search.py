@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from attack.report.page import Block, ReportData, figure
-from attack.rundir import RunDir, Status, read_curve
+from attack.rundir import RunDir, Status
 
 
 def trials(df: pd.DataFrame) -> pd.DataFrame:
@@ -54,17 +54,17 @@ def selection_tasks(table: pd.DataFrame) -> set[str]:
     return {t for s in table.get("selection_tasks", pd.Series(dtype=str)) for t in str(s).split(",") if t}
 
 
-def heldout(table: pd.DataFrame, refs: dict, reported: list[str], tasks_metric: dict) -> pd.DataFrame:
+def heldout(table: pd.DataFrame, df: pd.DataFrame, refs: dict, reported: list[str], tasks_metric: dict) -> pd.DataFrame:
     """Each trial's reported (held-out) tasks at the point its selection objective was read:
-    the gain over step 0 and the recovered fraction of the gap to the reference."""
+    the gain over step 0 and the recovered fraction of the gap to the reference. `df`: the curve
+    rows of every run (load_curves'), the trials' included."""
     out = table.copy()
     for task in reported:
         gains, fractions = [], []
+        rows = df[(df.task == task) & (df.metric == tasks_metric.get(task, "acc"))]
+        values = rows.groupby(["run", "step"]).value.last().to_dict()
         for r in table.itertuples():
-            rows = [x for x in read_curve(RunDir(Path(r.path)).curve)
-                    if x["task"] == task and x["metric"] == tasks_metric.get(task, "acc")]
-            by_step = {x["step"]: x["value"] for x in rows}
-            pre, at = by_step.get(0), by_step.get(r.selection_step)
+            pre, at = values.get((r.run, 0)), values.get((r.run, r.selection_step))
             gain = at - pre if pre is not None and at is not None else np.nan
             gap = refs.get(task, np.nan) - pre if pre is not None else np.nan
             gains.append(gain)
