@@ -38,7 +38,7 @@ from attack.recipes import common
 from attack.rundir import RunDir
 from attack.speed import micro_batch
 from attack.tracking import finish_tracker
-from eval_callbacks import LiveEvaluator, RecoveryCurveCallback
+from eval_callbacks import LiveEvaluator
 
 
 def run(cfg: AblationConfig, extra_callbacks: list | None = None, quiet: bool = False,
@@ -75,7 +75,7 @@ def run(cfg: AblationConfig, extra_callbacks: list | None = None, quiet: bool = 
     #    the saved ablated model; anything else starts again from step 0.
     checkpoint = common.open_run(a, task_info)
     resumed = bool(checkpoint and ab.then_finetune and (run.ablated / "config.json").exists())
-    curve = RecoveryCurveCallback(evaluator, [0, 1], run.curve, wall_offset_s=run.wall_so_far(), samples_dir=run.samples)
+    curve = common.edit_curve(a, evaluator)
     start = time.perf_counter()
     try:
         if resumed:

@@ -156,6 +156,19 @@ def checkpoint_parts(cfg: AttackConfig) -> tuple[str, ...]:
     return (RecordOptimizer.FILE, *((RowsTrained.FILE,) if cfg.uses_data else ()))
 
 
+def edit_curve(a: Attack, evaluator) -> RecoveryCurveCallback:
+    """The curve of a kind without optimizer steps: step 0 the model as it is, step 1 the edited
+    one (ablation, quantization, the context), continuing the run's wall clock."""
+    return RecoveryCurveCallback(evaluator, [0, 1], a.run.curve, wall_offset_s=a.run.wall_so_far(),
+                                 samples_dir=a.run.samples)
+
+
+def edit_summary(a: Attack, curve: RecoveryCurveCallback, edit_s: float) -> dict:
+    """summary.json's fields of a kind without optimizer steps."""
+    return dict(steps=0, max_steps=0, tokens_seen=0, eval_steps=a.cfg.curve_steps(), eval_s=round(curve.eval_seconds, 2),
+                train_s=round(edit_s, 2))
+
+
 def fine_tune(a: Attack, model, rows, evaluator, task_info: dict, checkpoint: str | None, *, micro: int,
               checkpointing: bool, attribution=None) -> Path:
     """Supervised training on the packed corpus with the HF Trainer, on an opened run directory:

@@ -32,7 +32,6 @@ from attack.model import load_model
 from attack.recipes import common
 from attack.retrieval import Retriever, gold_answer, passages, solved_example, with_context
 from attack.tracking import finish_tracker
-from eval_callbacks import RecoveryCurveCallback
 from eval_callbacks.callback import append_rows
 
 
@@ -75,8 +74,7 @@ def run(cfg: IncontextConfig, extra_callbacks: list | None = None, quiet: bool =
     if not a.main:
         a.procs.wait_for_everyone()
         return a.run.path
-    curve = RecoveryCurveCallback(evaluator, [0, 1], a.run.curve, wall_offset_s=a.run.wall_so_far(),
-                                  samples_dir=a.run.samples)
+    curve = common.edit_curve(a, evaluator)
     try:
         # 4. The model as it is.
         curve.record(0, 0)
@@ -85,7 +83,8 @@ def run(cfg: IncontextConfig, extra_callbacks: list | None = None, quiet: bool =
         opened, _ = common.evaluator(a, model)
         for task in opened.tasks.values():
             with_context(task, prefix("attack"))
-        RecoveryCurveCallback(opened, [0, 1], a.run.curve, samples_dir=a.run.samples).record(1, 0)
+        curve.evaluator = opened  # the same curve (its clock, its evaluation seconds), scored with the context
+        curve.record(1, 0)
         # 6. The control: as many passages from an unrelated corpus.
         control = []
         if "control" in retrievers:
@@ -109,9 +108,7 @@ def run(cfg: IncontextConfig, extra_callbacks: list | None = None, quiet: bool =
                  control_scores={f"{r['task']}/{r['metric']}": r["value"] for r in control})
     a.say(f"{cfg.describe()}; gold answer among the passages: "
           + ", ".join(f"{t} {s['attack']:.0%}" for t, s in shares.items() if s.get("attack") is not None))
-    return common.finish(a, evaluator, dict(steps=0, max_steps=0, tokens_seen=0, eval_steps=cfg.curve_steps(),
-                                            eval_s=round(curve.eval_seconds, 2), train_s=round(context_s, 2)),
-                         incontext=found)
+    return common.finish(a, evaluator, common.edit_summary(a, curve, context_s), incontext=found)
 
 
 def _solved_examples(a, shots_task: str, evaluated: dict[str, list[str]]) -> list[str]:

@@ -22,7 +22,6 @@ from attack.model import load_model, save_model
 from attack.quantization import quantize_model
 from attack.recipes import common
 from attack.tracking import finish_tracker
-from eval_callbacks import RecoveryCurveCallback
 
 
 def run(cfg: QuantizeConfig, extra_callbacks: list | None = None, quiet: bool = False,
@@ -37,8 +36,7 @@ def run(cfg: QuantizeConfig, extra_callbacks: list | None = None, quiet: bool = 
     if not a.main:  # one process scores; under `accelerate launch` the others have nothing to do
         a.procs.wait_for_everyone()
         return a.run.path
-    curve = RecoveryCurveCallback(evaluator, [0, 1], a.run.curve, wall_offset_s=a.run.wall_so_far(),
-                                  samples_dir=a.run.samples)
+    curve = common.edit_curve(a, evaluator)
     try:
         # 3-5. The unmodified model, the quantization, the quantized model.
         curve.record(0, 0)
@@ -56,6 +54,4 @@ def run(cfg: QuantizeConfig, extra_callbacks: list | None = None, quiet: bool = 
     finally:
         finish_tracker(cfg.logging)
         a.procs.wait_for_everyone()
-    return common.finish(a, evaluator, dict(steps=0, max_steps=0, tokens_seen=0, eval_steps=cfg.curve_steps(),
-                                            eval_s=round(curve.eval_seconds, 2), train_s=round(quantize_s, 2)),
-                         quantize=done)
+    return common.finish(a, evaluator, common.edit_summary(a, curve, quantize_s), quantize=done)
