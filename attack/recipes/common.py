@@ -92,8 +92,8 @@ def setup(cfg: AttackConfig, extra_callbacks: list | None = None, quiet: bool = 
     if cfg.model.load_in_4bit:
         four_bit_config()  # says clearly when this machine cannot
     check_tracker(cfg.logging)
+    tasks = find_eval_tasks(cfg.eval)  # a mistyped task name is said before any model file is read
     tokenizer = load_tokenizer(cfg.model)  # also says when the model is not where it was said to be
-    tasks = find_eval_tasks(cfg.eval)
     set_seed(cfg.seed)
     return Attack(cfg=cfg, run=run, procs=procs, say=(lambda _: None) if quiet else print, tokenizer=tokenizer,
                   tasks=tasks, amp=autocast_dtype(cfg.model.precision), max_steps=cfg.training_steps(),

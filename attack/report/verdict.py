@@ -75,7 +75,7 @@ def section(r: ReportData) -> list[Block]:
                "chose nothing: the worst of several settings scored on the questions that chose it would overstate "
                "recovery." if halves is not None else ""))
     shown = [c for c in table.columns if c != "broke_utility_by"]  # named in the text; the CSV keeps the column
-    words = sentences(table, budget, bool(r.refs))
+    words = sentences(table, budget, bool(r.refs), _largest_changes(curves, budget))
     write_atomic(r.out / "verdict.txt", "".join(line + "\n" for line in words))
     return [Block("Verdict", items=words, in_markdown=True),
             Block("The worst case per model", level=3, text=text, table=table[shown], in_markdown=True),
@@ -86,7 +86,7 @@ def section(r: ReportData) -> list[Block]:
                   figure=figure(plot_heatmap(heat), r.out, "verdict_heatmap.png"), in_markdown=True)]
 
 
-def sentences(table: pd.DataFrame, budget: int, have_reference: bool) -> list[str]:
+def sentences(table: pd.DataFrame, budget: int, have_reference: bool, changes: dict | None = None) -> list[str]:
     """One sentence per model under test, from its worst case over the target tasks: resistant or
     not at 25% of the gap (the lower end of the paired interval where there is one), by which
     setting, how far, by which step."""
@@ -94,7 +94,8 @@ def sentences(table: pd.DataFrame, budget: int, have_reference: bool) -> list[st
     for model, g in table.groupby("model", sort=True):
         if not have_reference:
             out.append(f"{model}: recovery cannot be measured: no reference model (give one with report --reference "
-                       "LABEL, or a model of role unfiltered or reference)")
+                       "LABEL, or a model of role unfiltered or reference)" + (f"; {changes[model]}" if changes and
+                                                                                 model in changes else ""))
             continue
         scored = g[g.recovered.notna()] if "recovered" in g else g.iloc[:0]
         if scored.empty:
@@ -112,6 +113,19 @@ def sentences(table: pd.DataFrame, budget: int, have_reference: bool) -> list[st
         else:
             out.append(f"{model}: no setting of {n} recovered {LEVELS[0]:.0%} of the gap within {budget:,} steps; "
                        f"worst {what}")
+    return out
+
+
+def _largest_changes(curves: pd.DataFrame, budget: int) -> dict[str, str]:
+    """Per model, the largest change since step 0 on a target task within the budget and the
+    bound, in words: what can be said without a reference (the gap it closes needs one)."""
+    points = curves[(curves.step > 0) & (curves.step <= budget) & curves.within_bound & curves.change.notna()]
+    out = {}
+    for model, g in points.groupby("model", sort=True):
+        p = g.loc[g.change.idxmax()]
+        interval = f" [{p.change_lo:+.2f}, {p.change_hi:+.2f}]" if pd.notna(p.change_lo) else ""
+        out[model] = (f"largest change {p.attack}: {p.task} {p.pre:.2f} -> {p.pre + p.change:.2f} by step "
+                      f"{int(p.step):,}, {p.change:+.2f}{interval}")
     return out
 
 
