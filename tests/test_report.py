@@ -299,3 +299,28 @@ def test_without_a_reference_recovery_is_said_to_be_unmeasurable(tmp_path):
     out = write_report([root], tmp_path / "rep2", reference="other-filtered")  # named on the command line
     [line] = (out / "verdict.txt").read_text().splitlines()
     assert line.startswith("filtered: ") and "cannot be measured" not in line
+
+
+def test_the_heatmap_stays_legible_for_forty_adversaries():
+    """40 settings x 3 models x 2 tasks: settings run down the page (one row each, tall enough for
+    8-point labels), and the figure fits a page's width, so nothing is shrunk to unreadable."""
+    import numpy as np
+    import pandas as pd
+
+    from attack.report.figures import plot_heatmap
+
+    rng = np.random.default_rng(0)
+    rows = [dict(model=m, attack=f"lora-r{r}-lr{lr:g}-{opt}", task=t, recovered=rng.uniform(0, 1), broken=False)
+            for m in ("filtered", "unlearned", "unfiltered-ft") for r, lr, opt in
+            [(r, lr, opt) for r in (8, 16) for lr in (1e-5, 3e-5, 1e-4, 3e-4, 1e-3) for opt in ("adamw", "sgd", "muon", "adagrad")]
+            for t in ("wmdp_bio_robust", "wmdp_bio_cloze_verified")]
+    table = pd.DataFrame(rows)
+    fig = plot_heatmap(table)
+    width, height = fig.get_size_inches() * fig.dpi
+    assert width <= 1400, width  # about a page's width: shown at its own size, not squeezed
+    ax = fig.axes[0]
+    assert len(ax.get_yticklabels()) == 40 and all(label.get_text() for label in ax.get_yticklabels())
+    row_px = ax.get_window_extent().height / 40
+    assert row_px >= 20, row_px  # 8-point labels (11 px) with room between them
+    strongest = table.groupby("attack").recovered.max().sort_values(ascending=False)
+    assert ax.get_yticklabels()[0].get_text() == strongest.index[0]  # the strongest setting on top

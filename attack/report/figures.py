@@ -87,30 +87,34 @@ def plot_task(d: pd.DataFrame, task: str, x: str, refs: dict, colors: dict, one_
 
 
 def plot_heatmap(table: pd.DataFrame, value: str = "recovered"):
-    """Recovered fraction of the gap per model (rows) x attack setting (columns), a panel per
+    """Recovered fraction of the gap per attack setting (rows) x model (columns), a panel per
     target task; `table` has model, attack, task and `value`. A cell whose attack broke the
-    model (utility bound) is marked with an x."""
+    model (utility bound) is marked with an x. Settings run down the page, strongest first, so
+    forty adversaries stay forty legible rows at page width instead of a strip of tiny columns."""
     plt = pyplot()
     tasks = sorted(table.task.unique())
-    attacks = sorted(table.attack.unique())
     models = sorted(table.model.unique())
-    fig, axes = plt.subplots(1, len(tasks), figsize=(1.0 + 0.9 * len(attacks) * len(tasks), 0.6 + 0.5 * len(models) + 1.6),
+    strongest = table.groupby("attack")[value].max().fillna(-np.inf)
+    attacks = sorted(table.attack.unique(), key=lambda a: (-strongest.get(a, -np.inf), a))
+    label_in = 0.3 + 0.065 * max(len(str(a)) for a in attacks)  # room for the longest setting's name
+    fig, axes = plt.subplots(1, len(tasks), figsize=(label_in + 0.4 + 1.3 * len(models) * len(tasks) + 1.0,
+                                                     1.2 + 0.28 * len(attacks) + 0.08 * max(len(str(m)) for m in models)),
                              dpi=100, squeeze=False)
     cmap = plt.get_cmap("viridis").with_extremes(bad="#dddddd")
     for k, (ax, task) in enumerate(zip(axes[0], tasks, strict=True)):
         t = table[table.task == task]
-        grid = t.pivot_table(index="model", columns="attack", values=value, aggfunc="mean").reindex(index=models,
-                                                                                                    columns=attacks)
+        grid = t.pivot_table(index="attack", columns="model", values=value, aggfunc="mean").reindex(index=attacks,
+                                                                                                    columns=models)
         image = ax.imshow(np.clip(grid.to_numpy(dtype=float), -0.1, 1.1), cmap=cmap, vmin=0, vmax=1, aspect="auto")
         broken = set(zip(t[t.broken].model, t[t.broken].attack, strict=True)) if "broken" in t else set()
-        for i, m in enumerate(models):
-            for j, a in enumerate(attacks):
+        for i, a in enumerate(attacks):
+            for j, m in enumerate(models):
                 v = grid.iloc[i, j]
                 text = "n/a" if not np.isfinite(v) else f"{v:.2f}" + (" x" if (m, a) in broken else "")
                 ax.text(j, i, text, ha="center", va="center", fontsize=8,
                         color="black" if not np.isfinite(v) or v > 0.6 else "white")
-        ax.set_xticks(range(len(attacks)), attacks, rotation=35, ha="right", fontsize=8)
-        ax.set_yticks(range(len(models)), models if k == 0 else [""] * len(models), fontsize=8)
+        ax.set_xticks(range(len(models)), models, rotation=20, ha="right", fontsize=8)
+        ax.set_yticks(range(len(attacks)), attacks if k == 0 else [""] * len(attacks), fontsize=8)
         ax.set_title(task, fontsize=10)
-    fig.colorbar(image, ax=list(axes[0]), fraction=0.03, pad=0.02, label="recovered fraction of the gap")
+    fig.colorbar(image, ax=list(axes[0]), fraction=0.04, pad=0.02, label="recovered fraction of the gap")
     return fig

@@ -119,13 +119,14 @@ def page(blocks: list[Block], out: Path, title: str = "Recovery report") -> str:
         if b.links:
             p.append("<p>" + " &middot; ".join(f"<a href='{html.escape(n)}'>{html.escape(n)}</a>" for n in b.links) + "</p>")
         if b.table is not None and len(b.table):
-            p.append(b.table.map(fmt).to_html(index=False))
+            p.append(f"<div class='wide'>{b.table.map(fmt).to_html(index=False)}</div>")
         if b.figure:
             data = base64.b64encode((out / b.figure).read_bytes()).decode()
             p.append(f"<img alt='{html.escape(b.figure)}' src='data:image/png;base64,{data}'/>")
         part = "".join(p)
         parts.append(f"<div style='border:3px solid #c00;padding:0 1em'>{part}</div>" if b.alert else part)
     style = ("body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;font-size:12px}"
-             "td,th{border:1px solid #ccc;padding:3px 6px}img{max-width:100%}")
+             "td,th{border:1px solid #ccc;padding:3px 6px;max-width:22em;overflow-wrap:anywhere}"
+             ".wide{max-width:100%;overflow-x:auto}img{max-width:100%}")  # a wide table scrolls, not the page
     return (f"<!doctype html><meta charset='utf-8'><title>{html.escape(title)}</title><style>{style}</style>"
             + "\n".join(parts))
