@@ -308,3 +308,110 @@ def test_lists_and_mappings_in_yaml_flow_on_the_command_line():
     args = attack_parser().parse_args(["--model", "m", "--data", "d.jsonl", "--eval-tasks", "t",
                                        "--set", "adapter.layers=1,2"])
     assert config_from_args(args).adapter.layers == [1, 2]
+
+
+def _candidates(field):
+    """Command-line strings to try for a field, from its type as --help describes it: a Literal's
+    other choices, numbers near the default, comma lists, KEY=VALUE mappings, YAML flow."""
+    import typing
+
+    from attack.__main__ import _container
+
+    tp, default = field.annotation, field.default
+    while True:  # unwrap Annotated and Optional
+        if typing.get_origin(tp) is typing.Annotated:
+            tp = typing.get_args(tp)[0]
+            continue
+        inner = [a for a in typing.get_args(tp) if a is not type(None)]
+        if type(None) in typing.get_args(tp) and len(inner) == 1:
+            tp = inner[0]
+            continue
+        break
+    if typing.get_origin(tp) is typing.Literal:
+        return [str(c) for c in typing.get_args(tp) if c != default]
+    if tp is int:
+        base = default if isinstance(default, int) else 1
+        return [str(v) for v in (base + 1, base * 2, 2, 1, 3, 8, base - 1)]
+    if tp is float:
+        base = default if isinstance(default, float) and default else 0.5
+        return [repr(v) for v in (base / 2, base * 2, 0.5, 0.1, 1.0, 2.0, base + 1)]
+    if tp is str:
+        return ["linear", "sdpa", "gold_prob", "label-x"]  # a scheduler's, an attention's, a reward's, a plain name
+    shape = _container(tp)
+    if shape is list:
+        item = typing.get_args(tp)[0]
+        while typing.get_origin(item) is typing.Annotated:
+            item = typing.get_args(item)[0]
+        return (["1,2", "1"] if item is int else ["0.0,0.5,1.0", "0.5"] if item is float else
+                ["a,b", "[{path: extra.jsonl, share: 0.3}]"])
+    if shape is dict:
+        return ["a=0.5", "org/set=/tmp", "{a: 0.5}"]
+    return ["1"]
+
+
+def _as_given(text: str, field):
+    """What the user meant by a command-line string, read independently of the parser: YAML flow
+    as YAML, lists split on commas, mappings on KEY=VALUE."""
+    from attack.__main__ import _container
+    from attack.config import parse_yaml
+
+    if text[:1] in "[{":
+        return parse_yaml(text)
+    shape = _container(field.annotation)
+    if shape is list:
+        return text.split(",")
+    if shape is dict:
+        return dict(item.split("=", 1) for item in text.split(","))
+    return text
+
+
+def _matches(wanted, got) -> bool:
+    """The config holds what was given: numbers equal as numbers, sections hold the given keys."""
+    if hasattr(got, "model_dump"):
+        got = got.model_dump()
+    if isinstance(wanted, dict):
+        return isinstance(got, dict) and all(_matches(v, got.get(k)) for k, v in wanted.items())
+    if isinstance(wanted, list):
+        return isinstance(got, list) and len(got) == len(wanted) and all(map(_matches, wanted, got))
+    if isinstance(got, bool) or isinstance(wanted, bool):
+        return got == wanted
+    if isinstance(got, int | float):
+        return float(got) == float(wanted)
+    return str(got) == str(wanted)
+
+
+def test_every_flag_takes_a_value_as_its_help_describes():
+    """Each config key, through its own --flag, ends up in the config as given: a key no flag can
+    set (a list that cannot be written, a mapping refused) fails here by name."""
+    from attack.__main__ import _is_bool, attack_parser, config_fields, config_from_args
+    from attack.config import KINDS
+    from attack.errors import UserError
+
+    parser = attack_parser()
+    flags = {a.dest: a.option_strings[-1] if not _is_bool(config_fields()[a.dest].annotation) else a.option_strings[0]
+             for a in parser._actions if a.dest in config_fields()}
+    needs = {"ablation": ["--ablation-target-path", "harmful.jsonl", "--ablation-contrast-path", "harmless.jsonl",
+                          "--ablation-dev-tasks", "dev"],
+             "grpo": ["--grpo-prompts-path", "prompts.jsonl"], "incontext": ["--incontext-corpus", "c.jsonl"]}
+    unset = []
+    for key, field in config_fields().items():
+        section, name = key.split(".")
+        kind = next(k for k, schema in KINDS.items() if section in schema.model_fields)
+        kind_args = ["--model", "m", "--eval-tasks", "t", "--kind", kind, *needs.get(kind, []),
+                     *(["--data", "d.jsonl"] if "data" in KINDS[kind].model_fields else [])]
+        if _is_bool(field.annotation):
+            tries = [[flags[key]], ["--no-" + flags[key].removeprefix("--")]]
+        else:
+            tries = [[flags[key], v] for v in _candidates(field)]
+        for extra in tries:
+            try:
+                cfg = config_from_args(parser.parse_args([*kind_args, *extra]))
+            except UserError:
+                continue
+            got = getattr(getattr(cfg, section), name)
+            wanted = extra[0] == flags[key] if len(extra) == 1 else _as_given(extra[1], field)
+            assert _matches(wanted, got), (key, extra, got)
+            break
+        else:
+            unset.append(key)
+    assert not unset, f"no value given to their flags as --help describes was accepted: {unset}"
