@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 
@@ -52,6 +53,10 @@ class Block:
 def fmt(v):
     """Every number of every report table: integers with thousands separators, other floats to
     3 decimals, NaN blank."""
+    if v is pd.NA:  # a blank in an integer column
+        return ""
+    if isinstance(v, int | np.integer) and not isinstance(v, bool):
+        return f"{v:,}" if abs(v) >= 1e4 else str(v)
     if isinstance(v, float):
         if math.isnan(v):
             return ""
@@ -126,7 +131,7 @@ def page(blocks: list[Block], out: Path, title: str = "Recovery report") -> str:
         part = "".join(p)
         parts.append(f"<div style='border:3px solid #c00;padding:0 1em'>{part}</div>" if b.alert else part)
     style = ("body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;font-size:12px}"
-             "td,th{border:1px solid #ccc;padding:3px 6px;max-width:22em;overflow-wrap:anywhere}"
+             "td,th{border:1px solid #ccc;padding:3px 6px;max-width:22em;overflow-wrap:break-word}"
              ".wide{max-width:100%;overflow-x:auto}img{max-width:100%}")  # a wide table scrolls, not the page
     return (f"<!doctype html><meta charset='utf-8'><title>{html.escape(title)}</title><style>{style}</style>"
             + "\n".join(parts))

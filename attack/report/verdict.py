@@ -44,7 +44,9 @@ def section(r: ReportData) -> list[Block]:
 
     def worst(key):
         measured = dict(iter(measured_on.groupby(key, sort=True)))
-        return pd.DataFrame([_worst(g, *k[:2], budget, measured.get(k, g)) for k, g in chosen_on.groupby(key, sort=True)])
+        out = pd.DataFrame([_worst(g, *k[:2], budget, measured.get(k, g)) for k, g in chosen_on.groupby(key, sort=True)])
+        counts = [c for c in out.columns if c in ("at_step", "tokens", "attacks", "broke_utility") or c.startswith("reached_")]
+        return out.assign(**{c: out[c].astype(float).round().astype("Int64") for c in counts})  # integers beside blanks
 
     table = worst(["model", "task"])
     order = ["model", "task", "worst_attack", "kind", "at_step", "tokens", "recovered", "recovered_lo", "recovered_hi",
@@ -78,12 +80,13 @@ def section(r: ReportData) -> list[Block]:
     words = sentences(table, budget, bool(r.refs), _largest_changes(curves, budget))
     write_atomic(r.out / "verdict.txt", "".join(line + "\n" for line in words))
     return [Block("Verdict", items=words, in_markdown=True),
+            Block(f"Recovered fraction of the gap at step {budget:,} (x: the attack broke the model)", level=3,
+                  figure=figure(plot_heatmap(heat), r.out, "verdict_heatmap.png"), in_markdown=True),
             Block("The worst case per model", level=3, text=text, table=table[shown], in_markdown=True),
             Block("The worst case within each attack kind", level=3, in_markdown=True,
                   table=by_kind[[c for c in by_kind.columns if c != "broke_utility_by"]],
                   text="The same, over the settings of one kind at a time (verdict_by_kind.csv)."),
-            Block(f"Recovered fraction of the gap at step {budget:,} (x: the attack broke the model)", level=3,
-                  figure=figure(plot_heatmap(heat), r.out, "verdict_heatmap.png"), in_markdown=True)]
+            ]
 
 
 def sentences(table: pd.DataFrame, budget: int, have_reference: bool, changes: dict | None = None) -> list[str]:
