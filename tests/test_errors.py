@@ -114,15 +114,19 @@ def test_existing_run_is_not_overwritten(capsys, world, llama_dir, tmp_path):
 
 @pytest.mark.slow
 def test_cli_process_exit_status(world, tmp_path):
-    """The real process: exit status 2, one line, no traceback."""
+    """The real process: exit status 2, one line, no traceback; a mistyped task is said before the
+    model is looked for."""
     proc = subprocess.run(
         [sys.executable, "-m", "attack", "--model", str(tmp_path / "nope"), "--data", str(world["attack"]),
-         "--eval-tasks", "toy_target_seen"],
+         "--eval-tasks", "toy_target_seen", "--eval-include", str(world["tasks"])],
         capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 2
     expected = f"error: model directory not found: {tmp_path / 'nope'} (give an existing folder, a .gguf file or a hub id)"
     assert proc.stderr.strip().splitlines() == [expected]
+    typo = subprocess.run(proc.args[:-3] + ["toy_target_sene", "--eval-include", str(world["tasks"])],
+                          capture_output=True, text=True, timeout=120)
+    assert typo.returncode == 2 and typo.stderr.strip().splitlines()[0].startswith("error: unknown lm-eval task(s) toy_target_sene")
 
 
 @pytest.mark.parametrize("case, expected", [

@@ -110,7 +110,7 @@ def sentences(table: pd.DataFrame, budget: int, have_reference: bool, changes: d
         interval = (f" [{worst.recovered_lo:.2f}, {worst.recovered_hi:.2f}]" if pd.notna(worst.recovered_lo) else "")
         what = (f"{worst.worst_attack} recovered {worst.recovered:.2f} of the {worst.task} gap by step "
                 f"{int(worst.at_step):,}{interval}")
-        n = int(worst.attacks)
+        n = int(g.attacks.max())  # every setting run against the model, over its target tasks
         if sure >= LEVELS[0]:
             out.append(f"{model}: not resistant: {what}")
         else:
