@@ -234,6 +234,9 @@ def finish(a: Attack, evaluator, summary: dict, **more) -> Path:
     a.run.close()
     a.say(score_table(read_curve(a.run.curve), evaluator.requested))
     a.say(f"run directory: {a.run.path}")
+    if a.cell is None:  # a single attack: how to read it against a reference (a sweep's report comes by itself)
+        a.say(f"report: python -m attack report {a.run.path.parent} [--reference LABEL: the reference model's run "
+              "there, attacked with the same config]")
     return a.run.path
 
 
