@@ -218,3 +218,20 @@ def test_ablation_then_finetune_under_two_processes(world, naive_dir, tmp_path):
     assert len(keys) == len(set(keys))  # every point once
     assert sorted({k[0] for k in keys}) == [0, 1, 3, 5]
     assert len(list((run / "samples").glob("step-*.jsonl.gz"))) == 4
+    # Both processes made the same edit and trained in step: the two-process attack's weights are
+    # the one-process attack's (DDP averages the two halves' gradients of each batch of 4 rows).
+    from attack.recipes import run_attack
+
+    single = run_attack(updated(cfg, {"output.run_id": "single"}), quiet=True)
+    assert json.loads((single / "summary.json").read_text())["ablation"]["layer"] == summary["ablation"]["layer"]
+    mine, theirs = (_adapter_weights(path / "final") for path in (run, single))
+    assert mine.keys() == theirs.keys() and mine
+    for name in mine:  # relative: a few near-zero gradients may round apart on another CPU, a rank out of step cannot
+        gap = float((mine[name] - theirs[name]).norm() / theirs[name].norm().clamp_min(1e-12))
+        assert gap < 1e-3, (name, gap)
+
+
+def _adapter_weights(folder):
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "adapter_model.safetensors"))
