@@ -4,7 +4,7 @@
     python -m attack --config configs/attack/lora.yaml --lr 5e-5
     python -m attack sweep configs/sweeps/toy.yaml [--shard i/n] [--dry-run]
     python -m attack search configs/sweeps/search.yaml [--storage URL] [--dry-run]
-    python -m attack report runs/ [--out report/] [--x steps|tokens]
+    python -m attack report runs/ [--out DIR] [--x steps|tokens]
     python -m attack attribute RUN_DIR                       documents behind the recovery (--attribution runs)
     python -m attack counterfactual RUN_DIR --task T --k 10  rerun without the top-k documents vs k random
     python -m attack demo                                    the toy world, end to end

@@ -324,3 +324,17 @@ def test_the_heatmap_stays_legible_for_forty_adversaries():
     assert row_px >= 20, row_px  # 8-point labels (11 px) with room between them
     strongest = table.groupby("attack").recovered.max().sort_values(ascending=False)
     assert ax.get_yticklabels()[0].get_text() == strongest.index[0]  # the strongest setting on top
+
+
+def test_the_report_of_one_folder_of_runs_goes_beside_them(runs, tmp_path, monkeypatch, capsys):
+    """`report RUNS` with one folder writes RUNS/report (where a sweep writes its own), so two
+    folders' reports never overwrite each other; a run directory itself is left as its run wrote it."""
+    from attack.report import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main([str(runs)]) == 0
+    assert (runs / "report" / "index.html").is_file() and not (tmp_path / "report").exists()
+    assert main([str(runs)]) == 0  # its own report folder is not taken for a run
+    one = runs / "fA0"
+    assert main([str(one)]) == 0
+    assert (tmp_path / "report" / "index.html").is_file() and not (one / "report").exists()

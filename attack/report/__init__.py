@@ -31,6 +31,7 @@ from attack.report.page import ReportData, markdown, page
 from attack.report.paired import load_records, paired_curves
 from attack.report.runs import failed_runs, load_curves, pick_metric, run_warnings
 from attack.report.tables import references, summary_table, worst_case
+from attack.rundir import RunDir
 
 __all__ = ["load_curves", "main", "summary_table", "worst_case", "write_report"]
 
@@ -129,10 +130,20 @@ def print_verdict(out: Path) -> None:
         print("\nverdict:\n" + "".join(f"  {line}\n" for line in verdict.read_text().splitlines()), end="")
 
 
+def default_out(runs: list[str]) -> Path:
+    """Beside the runs it reads when they are one folder of runs (a sweep's, a search's, a
+    single attack's output.dir), so reports of two folders never overwrite each other; else
+    report/ in the current directory (a run directory itself holds only what its run wrote)."""
+    if len(runs) == 1 and Path(runs[0]).is_dir() and not RunDir(Path(runs[0])).curve.exists():
+        return Path(runs[0]) / "report"
+    return Path("report")
+
+
 def main(argv: list[str]) -> int:
     p = ArgumentParser(prog="python -m attack report", description="Recovery curves and tables from run directories.")
     p.add_argument("runs", nargs="+", help="run directories or folders holding them (sweeps, partial sweeps)")
-    p.add_argument("--out", default="report", help="output folder")
+    p.add_argument("--out", help="output folder (default: RUNS/report for one folder of runs, as a sweep "
+                   "writes it; else report/ here)")
     p.add_argument("--x", choices=["steps", "tokens"], default="steps", help="x axis of the curves")
     p.add_argument("--metric", help="one metric for every task (acc, acc_norm, correct_prob); "
                    "default: each task's headline metric")
@@ -150,8 +161,8 @@ def main(argv: list[str]) -> int:
         raise UserError(f"--max-utility-drop must be a finite number >= 0, got {args.max_utility_drop}")
     if budgets and min(budgets) < 0:
         raise UserError(f"--budgets must be step counts >= 0, got {args.budgets!r}")
-    out = write_report(args.runs, args.out, args.x, args.metric, budgets, args.utility_task, args.max_utility_drop,
-                       args.reference)
+    out = write_report(args.runs, args.out or default_out(args.runs), args.x, args.metric, budgets, args.utility_task,
+                       args.max_utility_drop, args.reference)
     print((out / "recovery.md").read_text())
     print(f"report: {out / 'index.html'}")
     print_verdict(out)
