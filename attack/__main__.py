@@ -25,7 +25,7 @@ from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
 from attack import signals
-from attack.errors import ArgumentParser, UserError
+from attack.errors import ArgumentParser, UserError, did_you_mean
 from attack.signals import Terminated
 
 # python -m attack <subcommand>: the module whose main(argv) runs it, and what it does.
@@ -241,6 +241,9 @@ def main(argv: list[str] | None = None) -> int:
             code = import_module(module).main(argv[1:])
             signals.raise_pending()  # a signal swallowed on the way must not end as success
             return code
+        if argv and not argv[0].startswith("-"):  # one attack takes flags only: a word first is a subcommand
+            raise UserError(f"unknown subcommand '{argv[0]}'{did_you_mean(argv[0], SUBCOMMANDS)} (subcommands: "
+                            f"{', '.join(SUBCOMMANDS)}; or flags for one attack: python -m attack --help)")
         # flags and config checked before the heavy libraries load: a typo is answered at once
         args = attack_parser().parse_args(_negative_numbers_attached(argv))
         cfg = config_from_args(args)

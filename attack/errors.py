@@ -13,6 +13,14 @@ def first_line(e: BaseException | str) -> str:
     return text[0] if text else type(e).__name__
 
 
+def did_you_mean(word: str, choices, cutoff: float = 0.6) -> str:
+    """"; did you mean X?" for the closest of `choices` to a mistyped `word`, else ""."""
+    import difflib
+
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=cutoff)
+    return f"; did you mean {close[0]}?" if close else ""
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse, with a usage error as one line like every other user error (exit status 2), a
     suggestion for a mistyped flag, and no abbreviations (`--max-step` is not `--max-steps`)."""
@@ -22,14 +30,10 @@ class ArgumentParser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
 
     def error(self, message):
-        import difflib
         import re
 
-        hint = ""
         unknown = re.findall(r"(--[\w-]+)", message.split("unrecognized arguments:", 1)[1]) \
             if "unrecognized arguments:" in message else []
-        if unknown:
-            known = [o for a in self._actions for o in a.option_strings if o.startswith("--")]
-            close = difflib.get_close_matches(unknown[0], known, n=1, cutoff=0.6)
-            hint = f"; did you mean {close[0]}?" if close else ""
+        known = [o for a in self._actions for o in a.option_strings if o.startswith("--")]
+        hint = did_you_mean(unknown[0], known) if unknown else ""
         raise UserError(f"{message}{hint} (see {self.prog} --help)")

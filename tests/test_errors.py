@@ -287,6 +287,8 @@ def test_a_tokenizer_that_is_not_the_models(capsys, world, llama_dir, tmp_path):
 def test_a_mistyped_flag_gets_a_suggestion_and_no_abbreviation_is_taken(capsys):
     _one_line_error(capsys, ["--modle", "x"], "did you mean --model?")
     _one_line_error(capsys, ["--max-step", "3"], "did you mean --max-steps?")  # not taken as --max-steps
+    _one_line_error(capsys, ["sweeps", "x.yaml"], "unknown subcommand 'sweeps'; did you mean sweep?")
+    _one_line_error(capsys, ["--config", "own_modl"], "did you mean own_model?")
 
 
 def test_a_flag_typo_is_answered_before_the_heavy_libraries_load():

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import yaml
 
-from attack.errors import UserError
+from attack.errors import UserError, did_you_mean
 
 
 class _Loader(yaml.SafeLoader):
@@ -100,7 +100,8 @@ def shipped(name: str | Path, folder: str) -> Path:
             return found
     names = sorted([p.stem for p in (SHIPPED / folder).glob("*.yaml")] +
                    [p.parent.name for p in EXAMPLES.glob(f"*/{example_file}")])
-    raise UserError(f"config file not found: {name} (a path, or a shipped name: {', '.join(names)})")
+    raise UserError(f"config file not found: {name}{did_you_mean(str(name), names)} (a path, or a shipped name: "
+                    f"{', '.join(names)})")
 
 
 def package_file(name: str) -> str:
