@@ -143,7 +143,7 @@ class Search:
 
 
 def load_search(path: str | Path, trust_remote_code: bool = False) -> Search:
-    path = shipped(path, "sweeps")  # a path, or a shipped search's name (deep_ignorance_search)
+    path = shipped(path, "sweeps", "search.yaml")  # a path, or a shipped search's name (deep_ignorance_search, own_model)
     raw = read_yaml(path)
     allowed = {"name", "output", "base", "models", "search"}
     unknown = set(raw) - allowed

@@ -180,3 +180,9 @@ def test_the_own_model_example_is_found_by_name_with_its_inputs_beside_it(tmp_pa
     copied = config_from_args(attack_parser().parse_args(["--config", "mine/attack.yaml", "--model", "m"]))
     assert Path(copied.data.path) == (tmp_path / "mine" / "corpus.jsonl").resolve()
     assert main(["example", "own_model", "--copy", "mine"]) == 2
+    # its search is found by the same name, and checks out from here: the selection task is the
+    # example's own, asked by no reported task
+    assert shipped("own_model", "sweeps", "search.yaml") == EXAMPLES / "own_model" / "search.yaml"
+    search = read_yaml(EXAMPLES / "own_model" / "search.yaml")
+    assert not set(search["search"]["selection_tasks"]) & set(search["base"]["eval"]["tasks"])
+    assert all((EXAMPLES / "own_model" / "tasks" / f"{t}.yaml").is_file() for t in search["search"]["selection_tasks"])

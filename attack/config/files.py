@@ -87,14 +87,15 @@ SHIPPED = Path(__file__).resolve().parent.parent / "configs"  # attack/configs/ 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"  # attack/examples/<name>/: inputs and attack.yaml
 
 
-def shipped(name: str | Path, folder: str) -> Path:
+def shipped(name: str | Path, folder: str, example_file: str | None = None) -> Path:
     """A config or sweep file by path, or by the name of a shipped one (`lora`, `adversary_suite`)
-    or of a shipped example (`own_model`: its attack.yaml, or sweep.yaml for a sweep): a file
-    that exists wins; a bare name is looked up in the package."""
+    or of a shipped example (`own_model`: its attack.yaml, sweep.yaml, or the `example_file`
+    named, search.yaml for a search): a file that exists wins; a bare name is looked up in the
+    package."""
     path = Path(name)
     if path.exists() or path.suffix or len(path.parts) > 1:
         return path
-    example_file = "attack.yaml" if folder == "attack" else "sweep.yaml"
+    example_file = example_file or ("attack.yaml" if folder == "attack" else "sweep.yaml")
     for found in (SHIPPED / folder / f"{name}.yaml", EXAMPLES / str(name) / example_file):
         if found.is_file():
             return found
