@@ -438,6 +438,8 @@ def run_search(s: Search, storage_url: str | None = None, log=print) -> dict:
             finally:
                 lock.release()
             outcome[state] += 1
+    # no trial left running anywhere: this worker is the last, and the search is complete
+    outcome["complete"] = not any(t.state.name == "RUNNING" for _, study in studies for t in study.get_trials(deepcopy=False))
     return outcome
 
 
@@ -462,6 +464,10 @@ def main(argv: list[str]) -> int:
     outcome = run_search(s, args.storage)
     print(f"search {s.name}: {outcome['done']} trials finished, {outcome['pruned']} pruned, {outcome['failed']} failed "
           f"here; runs under {s.output}; read them with python -m attack report {s.output}")
+    if outcome["complete"]:  # the last worker: the report and the verdict as the last lines
+        from attack.report import report_and_verdict
+
+        report_and_verdict(s.output, utility_task=s.search.utility_task, max_utility_drop=s.search.max_utility_drop)
     return 1 if outcome["failed"] and not (outcome["done"] or outcome["pruned"]) else 0
 
 

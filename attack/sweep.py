@@ -323,23 +323,12 @@ def main(argv: list[str]) -> int:
           f"{outcome['busy']} busy (held by another process, not finished here), {outcome['failed']} failed; "
           f"runs under {sweep['output']}")
     if not outcome["failed"] and not outcome["busy"] and not args.shard:  # the whole sweep is in: its verdict
-        _report(sweep["output"])
+        from attack.report import report_and_verdict
+
+        report_and_verdict(sweep["output"])
     # a cell that did not finish must not read as success: 1 for a failure, BUSY for "try again
     # later", so a job array requeues the task (examples/slurm/sweep_array.sh)
     return 1 if outcome["failed"] else BUSY if outcome["busy"] else 0
-
-
-def _report(output: str) -> None:
-    """The sweep's report (OUTPUT/report) and its verdict as the command's last lines."""
-    from attack.report import print_verdict, write_report
-
-    try:
-        out = write_report([output], Path(output) / "report")
-    except UserError as e:  # the runs are safe; the report can be written later
-        print(f"no report written: {e}")
-        return
-    print(f"report: {out / 'index.html'}")
-    print_verdict(out)
 
 
 BUSY = 75  # sysexits' EX_TEMPFAIL

@@ -108,6 +108,10 @@ def test_a_search_runs_trials_as_run_directories_and_reports_only_the_selected_o
         assert cfg["train"]["lr"] == params["train.lr"] and cfg["train"]["optimizer"] == params["train.optimizer"]
     study = _study(out)
     assert len(study.trials) == 3 and all(t.state.name == "COMPLETE" for t in study.trials)
+    # the last worker ends with the search's report and its verdict as the last lines
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert (out / "report" / "verdict.txt").is_file()
+    assert printed[-1].strip() == (out / "report" / "verdict.txt").read_text().strip().splitlines()[-1]
     # restarting the command continues the study: the budget is spent, nothing more runs
     assert main(["search", str(path)]) == 0 and len(_study(out).trials) == 3
     assert main(["report", str(out), "--out", str(tmp_path / "rep")]) == 0

@@ -130,6 +130,18 @@ def print_verdict(out: Path) -> None:
         print("\nverdict:\n" + "".join(f"  {line}\n" for line in verdict.read_text().splitlines()), end="")
 
 
+def report_and_verdict(output: str | Path, **options) -> None:
+    """A finished sweep's or search's report (OUTPUT/report) and its verdict as the command's last
+    lines; a report that cannot be written yet is said, the runs are safe either way."""
+    try:
+        out = write_report([output], Path(output) / "report", **options)
+    except UserError as e:
+        print(f"no report written: {e}")
+        return
+    print(f"report: {out / 'index.html'}")
+    print_verdict(out)
+
+
 def default_out(runs: list[str]) -> Path:
     """Beside the runs it reads when they are one folder of runs (a sweep's, a search's, a
     single attack's output.dir), so reports of two folders never overwrite each other; else
