@@ -296,6 +296,9 @@ def test_without_a_reference_recovery_is_said_to_be_unmeasurable(tmp_path):
     out = write_report([root], tmp_path / "rep")
     lines = (out / "verdict.txt").read_text().splitlines()
     assert all("recovery cannot be measured: no reference model" in line for line in lines) and len(lines) == 2
+    # what can be said without one: the largest change since step 0 (curve scores here: no interval)
+    assert lines[0].endswith("largest change A: bio 0.25 -> 0.60 by step 10, +0.35")
+    assert not (out / "verdict_heatmap.png").exists()  # a heatmap of n/a cells says nothing
     out = write_report([root], tmp_path / "rep2", reference="other-filtered")  # named on the command line
     [line] = (out / "verdict.txt").read_text().splitlines()
     assert line.startswith("filtered: ") and "cannot be measured" not in line

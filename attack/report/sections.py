@@ -20,7 +20,7 @@ PAIRED_NOTE = ("Each point scores the same questions as step 0: change = mean pe
 def header(r: ReportData) -> list[Block]:
     label = r.metric or "each task's headline metric"
     return [Block(f"Recovery report ({label}, x = {r.x})", level=1, in_markdown=True,
-                  text=f"{r.df.run.nunique()} runs of {r.df.model.nunique()} models. Reference = pre-attack score of "
+                  text=f"{_count(r.df.run.nunique(), 'run')} of {_count(r.df.model.nunique(), 'model')}. Reference = pre-attack score of "
                        "the reference (else unfiltered) model; recovered = (score - pre) / (reference - pre). "
                        "Benchmarks that are groups are shown by their group score; subtasks are in "
                        "recovery_subtasks.csv. The figures, tables and sections of every kind are in index.html.")]
@@ -117,3 +117,7 @@ def side_by_side(r: ReportData) -> list[Block]:
 
 def environment(r: ReportData) -> list[Block]:
     return [Block("Environment of the runs", items=environments(r.df))]
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n:,} {noun}{'' if n == 1 else 's'}"
