@@ -107,6 +107,8 @@ def attack_parser() -> argparse.ArgumentParser:
     p.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA (adapter.kind=full)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any config key, e.g. train.weight_decay=0.1")
+    p.add_argument("--dry-run", action="store_true", help="check the config, task names, the model's location and "
+                   "local paths offline, say what would run and where; train nothing")
     return p
 
 
@@ -248,6 +250,8 @@ def main(argv: list[str] | None = None) -> int:
         args = attack_parser().parse_args(_negative_numbers_attached(argv))
         cfg = config_from_args(args)
         quiet_libraries()
+        if args.dry_run:
+            return dry_run(cfg)
         from attack.recipes import run_attack
 
         run_attack(cfg)
@@ -269,6 +273,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n{how}: continue with the same command plus --resume (sweeps resume by themselves)",
               file=sys.stderr)
         return 143 if isinstance(e, Terminated) else 130
+
+
+def dry_run(cfg) -> int:
+    """What a sweep's --dry-run does for its cells, for one attack: nothing is written."""
+    from attack.rundir import RunDir
+    from attack.sweep import check_config_offline
+
+    check_config_offline(cfg)
+    run = RunDir.for_config(cfg)
+    steps, per_step = cfg.training_steps(), cfg.tokens_per_step()
+    tokens = f"; {steps * per_step:,} tokens" if per_step is not None else ""  # RL: as generated
+    print(f"{cfg.model.name}: {cfg.describe()}{tokens}, evaluated at {len(cfg.eval_schedule())} points")
+    print(f"run directory: {run.path}" + (f" (exists, {run.status.value})" if run.path.exists() else ""))
+    print("config, tasks, model location and local paths check out")
+    return 0
 
 
 def _leave_process_group() -> None:

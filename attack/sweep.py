@@ -190,35 +190,41 @@ def status(cell: Cell) -> Status:
 
 def check_offline(cells: list[Cell]) -> None:
     """Validate what can be checked without downloads: task names, local paths."""
+    known = {}
+    for c in cells:
+        try:
+            check_config_offline(c.config, known)
+        except UserError as e:
+            raise UserError(f"cell {c.id}: {e}") from None
+
+
+def check_config_offline(cfg, known: dict | None = None) -> None:
+    """One attack's config checked without downloads or model weights: task names (and the
+    published scores' tasks), local dataset copies, the model's location, every input file.
+    `known`: task names found so far, by task list and include path (shared across cells)."""
     from attack.data import means_local_file
     from attack.model import model_source
     from eval_callbacks import UnknownTaskError, find_tasks
 
-    known = {}
-    for c in cells:
-        key = (tuple(c.config.eval.tasks), tuple(c.config.eval.include_path))
-        if key not in known:
-            try:
-                known[key] = set(find_tasks(list(key[0]), list(key[1])).all_tasks)
-            except UnknownTaskError as e:
-                raise UserError(f"cell {c.id}: {e}") from None
-        unknown = sorted(set(c.config.eval.expect) - known[key])
-        if unknown:
-            raise UserError(f"cell {c.id}: expect names unknown task(s) {', '.join(unknown)}")
+    known = {} if known is None else known
+    key = (tuple(cfg.eval.tasks), tuple(cfg.eval.include_path))
+    if key not in known:
         try:
-            check_dataset_copies(c.config.eval)
-            model_source(c.config.model)
-        except UserError as e:
-            raise UserError(f"cell {c.id}: {e}") from None
-        cfg = c.config
-        data = cfg.data.path if cfg.uses_data else ""
-        for key, path in cfg.input_files().items():
-            if not Path(path).expanduser().exists():
-                raise UserError(f"cell {c.id}: {key} file not found: {path} (relative paths are taken from "
-                                "the current directory)")
-        if data and means_local_file(data) and not Path(data).expanduser().exists():
-            raise UserError(f"cell {c.id}: attack data not found: {data} (relative paths are taken from the current "
-                            "directory; hub dataset ids look like org/name)")
+            known[key] = set(find_tasks(list(key[0]), list(key[1])).all_tasks)
+        except UnknownTaskError as e:
+            raise UserError(str(e)) from None
+    unknown = sorted(set(cfg.eval.expect) - known[key])
+    if unknown:
+        raise UserError(f"expect names unknown task(s) {', '.join(unknown)}")
+    check_dataset_copies(cfg.eval)
+    model_source(cfg.model)
+    for name, path in cfg.input_files().items():
+        if not Path(path).expanduser().exists():
+            raise UserError(f"{name} file not found: {path} (relative paths are taken from the current directory)")
+    data = cfg.data.path if cfg.uses_data else ""
+    if data and means_local_file(data) and not Path(data).expanduser().exists():
+        raise UserError(f"attack data not found: {data} (relative paths are taken from the current directory; "
+                        "hub dataset ids look like org/name)")
 
 
 def describe(cell: Cell) -> str:

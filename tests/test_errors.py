@@ -421,3 +421,19 @@ def test_every_flag_takes_a_value_as_its_help_describes():
         else:
             unset.append(key)
     assert not unset, f"no value given to their flags as --help describes was accepted: {unset}"
+
+
+def test_a_dry_run_checks_one_attack_and_writes_nothing(capsys, world, llama_dir, tmp_path):
+    """--dry-run for one attack, as a sweep has it: the config, the tasks, the model's location and
+    the local paths checked offline, what would run and where said, nothing written."""
+    from attack.__main__ import main
+
+    args = _args(world, llama_dir, tmp_path)
+    assert main([*args, "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "check out" in out and f"run directory: {tmp_path / 'runs'}" in out
+    assert not (tmp_path / "runs").exists()
+    _one_line_error(capsys, [*args, "--dry-run", "--eval-tasks", "toy_target_sene"], "unknown lm-eval task(s) toy_target_sene")
+    _one_line_error(capsys, [*args, "--dry-run", "--data", str(tmp_path / "none.jsonl")], "attack data not found")
+    _one_line_error(capsys, [*args, "--dry-run", "--model", str(tmp_path / "nope")], "model directory not found")
+    assert not (tmp_path / "runs").exists()
