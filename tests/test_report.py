@@ -269,6 +269,12 @@ def test_the_worst_of_several_settings_is_measured_on_questions_that_did_not_cho
     assert row.worst_attack == "lucky"
     assert abs(row.recovered) < 0.05 and row.recovered_hi < 0.2  # measured where it chose nothing
     assert "chosen on a seeded half" in (out / "recovery.md").read_text()
+    # without a reference, the largest change is chosen and measured the same way
+    bare = tmp_path / "bare"
+    _run_with_records(bare, "lucky", "filtered", "filtered", "lucky", {0: set(), 10: choosing})
+    _run_with_records(bare, "steady", "filtered", "filtered", "steady", {0: set(), 10: steady})
+    [line] = (write_report([bare], tmp_path / "rep2") / "verdict.txt").read_text().splitlines()
+    assert "largest change lucky: bio 0.00 -> 0.00 by step 10, +0.00" in line, line
 
 
 def test_noise_is_the_spread_of_the_last_points():

@@ -80,7 +80,7 @@ def section(r: ReportData) -> list[Block]:
                "chose nothing: the worst of several settings scored on the questions that chose it would overstate "
                "recovery." if halves is not None else ""))
     shown = [c for c in table.columns if c != "broke_utility_by"]  # named in the text; the CSV keeps the column
-    words = sentences(table, budget, bool(r.refs), _largest_changes(curves, budget))
+    words = sentences(table, budget, bool(r.refs), _largest_changes(chosen_on, measured_on, budget))
     write_atomic(r.out / "verdict.txt", "".join(line + "\n" for line in words))
     return [Block("Verdict", items=words, in_markdown=True),
             *([Block(f"Recovered fraction of the gap at step {budget:,} (x: the attack broke the model)", level=3,
@@ -123,16 +123,23 @@ def sentences(table: pd.DataFrame, budget: int, have_reference: bool, changes: d
     return out
 
 
-def _largest_changes(curves: pd.DataFrame, budget: int) -> dict[str, str]:
+def _largest_changes(chosen_on: pd.DataFrame, measured_on: pd.DataFrame, budget: int) -> dict[str, str]:
     """Per model, the largest change since step 0 on a target task within the budget and the
-    bound, in words: what can be said without a reference (the gap it closes needs one)."""
-    points = curves[(curves.step > 0) & (curves.step <= budget) & curves.within_bound & curves.change.notna()]
+    bound, in words: what can be said without a reference (the gap it closes needs one). The
+    point is chosen on `chosen_on` and its numbers read from `measured_on`, as the worst case's."""
+    def points(c):
+        return c[(c.step > 0) & (c.step <= budget) & c.within_bound & c.change.notna()]
+
+    measured = points(measured_on).set_index(["model", "attack", "task", "step"])
     out = {}
-    for model, g in points.groupby("model", sort=True):
-        p = g.loc[g.change.idxmax()]
+    for model, g in points(chosen_on).groupby("model", sort=True):
+        key = tuple(g.loc[g.change.idxmax(), ["model", "attack", "task", "step"]])
+        if key not in measured.index:
+            continue
+        p = measured.loc[key]
         interval = f" [{p.change_lo:+.2f}, {p.change_hi:+.2f}]" if pd.notna(p.change_lo) else ""
-        out[model] = (f"largest change {p.attack}: {p.task} {p.pre:.2f} -> {p.pre + p.change:.2f} by step "
-                      f"{int(p.step):,}, {p.change:+.2f}{interval}")
+        out[model] = (f"largest change {key[1]}: {key[2]} {p.pre:.2f} -> {p.pre + p.change:.2f} by step "
+                      f"{int(key[3]):,}, {p.change:+.2f}{interval}")
     return out
 
 
