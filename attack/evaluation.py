@@ -35,16 +35,27 @@ def find_eval_tasks(cfg: EvalConfig):
         raise UserError(str(e)) from None
 
 
-def open_evaluator(cfg: EvalConfig, model, tokenizer, autocast_dtype, task_manager) -> tuple[LiveEvaluator, dict]:
+def open_evaluator(cfg: EvalConfig, model, tokenizer, autocast_dtype, task_manager, chat_template: bool = False,
+                   judge=None) -> tuple[LiveEvaluator, dict]:
     """The evaluator on the live model, and tasks.json's content: per task its kind, questions,
-    chance, headline metric, and the published score when eval.expect gives one."""
+    chance, headline metric, role, and the published score when eval.expect gives one."""
+    if cfg.kl_task is not None and cfg.kl_task not in cfg.tasks:
+        raise UserError(f"eval.kl_task {cfg.kl_task} is not in eval.tasks ({', '.join(cfg.tasks)}); name an evaluated "
+                        "task of harmless requests")
+    unknown = sorted(set(cfg.roles) - set(cfg.tasks))
+    if unknown:
+        raise UserError(f"eval.roles names task(s) {', '.join(unknown)} that eval.tasks lacks; evaluated: "
+                        f"{', '.join(cfg.tasks)}")
     try:
         evaluator = LiveEvaluator(model, tokenizer, requested(cfg)[0], batch_size=cfg.batch_size, limit=cfg.limit,
                                   autocast_dtype=autocast_dtype, task_manager=task_manager,
-                                  dataset_paths=cfg.dataset_paths, fast=cfg.fast)
+                                  dataset_paths=cfg.dataset_paths, fast=cfg.fast, chat_template=chat_template,
+                                  max_gen_toks=cfg.max_gen_toks, judge=judge, kl_task=cfg.kl_task)
     except (UnknownTaskError, TaskDataError) as e:
         raise UserError(str(e)) from None
     task_info = evaluator.task_info()
+    for task, role in cfg.roles.items():
+        task_info[task]["role"] = role
     for task, value in cfg.expect.items():
         if task not in task_info:
             raise UserError(f"--expect names task {task} that is not evaluated; "

@@ -222,6 +222,7 @@ class RunDir:
         self.counterfactual = self.path / "counterfactual"
         self.retrieval = self.path / "retrieval.jsonl"  # (incontext) each question's passages, answer held or not
         self.control = self.path / "control.jsonl"  # (incontext) curve rows of the control corpus's context
+        self.judge_cache = self.path / "judge.jsonl"  # verdicts of a model or endpoint judge, by content hash
         self.lock = RunLock(self.path / ".lock")
 
     @classmethod

@@ -68,6 +68,9 @@ class SweepAttack:
     """Config sections this setting changes, e.g. {train: {lr: 5e-5}, adapter: {kind: full}}."""
     seeds: list[int] | None = None
     """Seeds of this setting, instead of the sweep's (one for a deterministic ablation)."""
+    models: list[str] | None = None
+    """Labels of the models this setting attacks, instead of every model (a reference model that
+    needs only its pre-attack score gets one cheap setting)."""
 
 
 @dataclass(frozen=True)
@@ -116,10 +119,17 @@ def load_sweep(path: str | Path, trust_remote_code: bool = False) -> tuple[dict,
         if len(set(labels)) != len(labels):
             raise UserError(f"sweep {path}: {what} labels must be unique, got {labels}")
     output = raw.get("output") or f"runs/{Path(path).stem}"
+    for a in attacks:
+        unknown = sorted(set(a.models or []) - {m.label for m in models})
+        if unknown:
+            raise UserError(f"sweep {path}: attack {a.label} names model(s) {', '.join(unknown)} that the sweep does not "
+                            f"list; its models: {', '.join(m.label for m in models)}")
     cells = []
     for m in models:
         for rev in m.revisions or [None]:
             for a in attacks:
+                if a.models is not None and m.label not in a.models:
+                    continue
                 kind = a.overrides.get("kind", "finetune")
                 kind_base = base_for(base, kind)  # (refuses an unknown kind)
                 draws = KINDS[kind].trains()
@@ -160,11 +170,14 @@ def base_for(base: dict, kind: str) -> dict:
 def _attack(a, i) -> SweepAttack:
     if not isinstance(a, dict) or "label" not in a:
         raise UserError(f"sweep attacks[{i}] must be a mapping with a label and config sections")
-    overrides = {k: v for k, v in a.items() if k not in ("label", "seeds")}
+    overrides = {k: v for k, v in a.items() if k not in ("label", "seeds", "models")}
+    models = a.get("models")
+    if models is not None and not (isinstance(models, list) and models and all(isinstance(m, str) for m in models)):
+        raise UserError(f"sweep attacks[{i}].models must be a list of model labels, got {models!r}")
     seeds = a.get("seeds")
     if seeds is not None and not (isinstance(seeds, list) and seeds and all(isinstance(s, int) for s in seeds)):
         raise UserError(f"sweep attacks[{i}].seeds must be a list of integers, got {seeds!r}")
-    return SweepAttack(label=str(a["label"]), overrides=overrides, seeds=seeds)
+    return SweepAttack(label=str(a["label"]), overrides=overrides, seeds=seeds, models=models)
 
 
 def safe_name(text: str) -> str:

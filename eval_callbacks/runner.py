@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from eval_callbacks import refusal
+
 
 class UnknownTaskError(ValueError):
     """A requested task name is neither a stock lm-eval task nor found under the include path."""
@@ -219,9 +221,24 @@ class LiveEvaluator:
         task_manager=None,
         dataset_paths: dict[str, str] | None = None,
         fast: bool = True,
+        chat_template: bool = False,
+        max_gen_toks: int = 64,
+        judge=None,
+        kl_task: str | None = None,
     ):
+        """chat_template: prompts go through the tokenizer's chat template (a chat model).
+        max_gen_toks: tokens a generation task generates unless its YAML says otherwise (greedy,
+        batched with left padding). judge: what `complied` asks (eval_callbacks/judges.py; the
+        substring verdict when None). kl_task: a task whose prompts measure, at every point, the
+        KL divergence of the next-token distribution at the end of the prompt from the model as it
+        was when this evaluator was built (the model under test): the utility guard of refusal
+        attacks (heretic's measure on harmless prompts), a row of metric `kl` under that task."""
         # lm-eval logs every request batch at INFO; during an attack that is noise.
         logging.getLogger("lm_eval").setLevel(logging.WARNING)
+        refusal.register()
+        self.chat_template = chat_template
+        self.max_gen_toks = max_gen_toks
+        self.judge = judge
         self.model = model
         self.tokenizer = tokenizer
         self.batch_size = batch_size
@@ -240,6 +257,12 @@ class LiveEvaluator:
             ) from None
         self.requested = list(tasks)
         self.tasks = dict(self.task_dict["tasks"])  # leaf tasks, groups flattened
+        from lm_eval.config.task import default_gen_kwargs
+
+        for task in self.tasks.values():  # a YAML without generation settings generates max_gen_toks tokens
+            if task.OUTPUT_TYPE == "generate_until" and task.config.generation_kwargs == default_gen_kwargs(
+                    task.config.fewshot_delimiter):
+                task.config.generation_kwargs.pop("max_gen_toks", None)
         self.fast = fast  # eval_callbacks/fastlm.py: same numbers, each point at its forward passes' cost
         if fast:
             from eval_callbacks.fastlm import compile_templates_once, reuse_requests
@@ -262,6 +285,12 @@ class LiveEvaluator:
         self._lm = None
         self._info = None
         self.last_records: list[dict] = []  # per-question outcomes of the latest evaluation
+        self.kl_task = kl_task
+        self._kl_reference = None
+        if kl_task is not None:
+            if kl_task not in self.tasks:
+                raise UnknownTaskError(f"the KL task {kl_task} is not among the evaluated tasks ({', '.join(self.tasks)})")
+            self._kl_reference = self._last_token_logprobs()  # the model under test, before any attack
 
     def task_info(self) -> dict:
         """Per task and group: kind, output type, questions, chance accuracy, headline metric,
@@ -313,9 +342,28 @@ class LiveEvaluator:
                 tokenizer=self.tokenizer,
                 batch_size=self.batch_size,
                 mixed_precision_dtype=self.autocast_dtype,
+                max_gen_toks=self.max_gen_toks,
             )
             self.model.train(was_training)  # HFLM switches the model to eval mode
+            if self.judge is not None:
+                self._judge_in_batches(self._lm)
         return self._lm
+
+    def _judge_in_batches(self, lm) -> None:
+        """After each batch of generations, ask the judge about all its completions at once (an
+        endpoint answers them concurrently); the metric then reads the judge's cache."""
+        generate = lm.generate_until
+
+        def generate_then_judge(requests, *args, **kwargs):
+            completions = generate(requests, *args, **kwargs)
+            pairs = [(str(self.tasks[r.task_name].doc_to_target(r.doc)), c) for r, c in zip(requests, completions, strict=True)
+                     if r.task_name in self.tasks and isinstance(c, str)
+                     and refusal.names_refusal_metrics(self.tasks[r.task_name].config)]
+            if pairs:
+                self.judge.verdicts([p for p, _ in pairs], [c for _, c in pairs])
+            return completions
+
+        lm.generate_until = generate_then_judge
 
     def evaluate(self, subset: bool = False) -> list[dict]:
         """Evaluate all tasks now. Returns rows {task, metric, value, stderr, n}.
@@ -325,7 +373,7 @@ class LiveEvaluator:
         from lm_eval.evaluator import evaluate
 
         samples = self.subset if subset else None
-        with preserved_training_state(self.model), _no_progress_bars():
+        with preserved_training_state(self.model), _no_progress_bars(), refusal.judged_by(self.judge):
             lm = self._lm_wrapper()
             out = evaluate(
                 lm=lm,
@@ -333,8 +381,50 @@ class LiveEvaluator:
                 samples=samples,
                 log_samples=True,
                 bootstrap_iters=1000,
+                apply_chat_template=self.chat_template,
             )
-        return self._rows(out)
+            rows = self._rows(out)
+            if self._kl_reference is not None:
+                rows.append(self._kl_row())
+        return rows
+
+    def prompts(self, task: str) -> list[str]:
+        """A task's prompts as the model reads them: doc_to_text, through the chat template when set."""
+        texts = [str(t) for t in self.questions()[task]]
+        if not self.chat_template:
+            return texts
+        return [self.tokenizer.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True,
+                                                   tokenize=False) for t in texts]
+
+    @torch.no_grad()
+    def _last_token_logprobs(self) -> torch.Tensor:
+        """Log-probabilities of the next token after each of the KL task's prompts, (prompts, vocab)."""
+        tok = self.tokenizer
+        side, tok.padding_side = tok.padding_side, "left"
+        if tok.pad_token is None:
+            tok.pad_token = tok.eos_token
+        device = next(self.model.parameters()).device
+        out = []
+        try:
+            with preserved_training_state(self.model):
+                texts = self.prompts(self.kl_task)
+                for i in range(0, len(texts), self.batch_size):
+                    batch = tok(texts[i:i + self.batch_size], return_tensors="pt", padding=True,
+                                add_special_tokens=not self.chat_template).to(device)
+                    with torch.autocast(device_type=device.type, dtype=self.autocast_dtype,
+                                        enabled=self.autocast_dtype is not None):
+                        logits = self.model(**batch).logits[:, -1]
+                    out.append(torch.log_softmax(logits.double(), -1).cpu())
+        finally:
+            tok.padding_side = side
+        return torch.cat(out)
+
+    def _kl_row(self) -> dict:
+        now = self._last_token_logprobs()
+        ref = self._kl_reference
+        kl = (ref.exp() * (ref - now)).sum(-1)  # KL(model under test || attacked), per prompt
+        se = float(kl.std() / math.sqrt(len(kl))) if len(kl) > 1 else None
+        return dict(task=self.kl_task, metric="kl", value=float(kl.mean()), stderr=se, n=len(kl))
 
     def _rows(self, out: dict) -> list[dict]:
         rows = []
@@ -384,15 +474,33 @@ class LiveEvaluator:
             metric, offset = entry.get("metric") or "acc", 0
             for leaf in leaves:
                 found = samples.get(leaf) or []
+                generated = self.tasks[leaf].OUTPUT_TYPE == "generate_until"
                 for s, p in zip(found, p_correct.get(leaf) or [None] * len(found), strict=True):
                     value = s.get(metric)
                     if not isinstance(value, (int, float)):
                         continue
-                    records.append({"task": name, "question": offset + int(s["doc_id"]),
-                                    "correct": int(value) if value in (0, 1) else float(value),
-                                    "p_correct": None if p is None else round(p, 5)})
+                    record = {"task": name, "question": offset + int(s["doc_id"]),
+                              "correct": int(value) if value in (0, 1) else float(value),
+                              "p_correct": None if p is None else round(p, 5)}
+                    if generated:  # what was asked, what came back, and what the judge made of it
+                        record.update(self._generation_record(leaf, s))
+                    records.append(record)
                 offset += self.sizes[leaf]
         return records
+
+
+    def _generation_record(self, leaf: str, sample: dict) -> dict:
+        task = self.tasks[leaf]
+        prompt = str(task.doc_to_text(sample["doc"]))
+        resps = sample.get("filtered_resps") or sample.get("resps") or [""]
+        completion = resps[0] if isinstance(resps[0], str) else (resps[0] or [""])[0]
+        out = dict(prompt=prompt, completion=str(completion))
+        if refusal.names_refusal_metrics(task.config):
+            with refusal.judged_by(self.judge):
+                complied, reason = refusal.verdict(str(task.doc_to_target(sample["doc"])), str(completion))
+            out.update(refused=int(refusal.refusal_phrase(str(completion)) is not None), complied=complied,
+                       reason=reason)
+        return out
 
 
 def correct_probability(task, sample: dict) -> float | None:

@@ -34,6 +34,9 @@ class ModelConfig(Section):
     """QLoRA: load the frozen base in 4-bit nf4 (bitsandbytes, CUDA only)."""
     attn_implementation: str | None = None
     """sdpa, flex_attention, flash_attention_2, eager; None lets transformers choose."""
+    chat_template: bool = False
+    """A chat model: evaluation prompts, GRPO prompts and conversational corpora (rows with
+    `messages`) go through the tokenizer's chat template."""
 
     @field_validator("name")
     @classmethod
@@ -171,6 +174,24 @@ class TrainConfig(Section):
         return self
 
 
+class JudgeConfig(Section):
+    kind: Literal["substring", "model", "endpoint"] = "substring"
+    """What says whether a completion complied (the `complied` metric, grpo.reward complied):
+    substring (offline: no refusal phrase, on topic, not degenerate), model (a local causal LM),
+    endpoint (an OpenAI-compatible chat endpoint, e.g. `vllm serve`). Not a harm judge unless
+    the model or endpoint is one (LlamaGuard)."""
+    model: str = ""
+    """model: a local folder or hub id; endpoint: the model name the server serves."""
+    base_url: str = ""
+    """endpoint: the server's base URL, e.g. http://localhost:8000/v1."""
+    api_key_env: str = "OPENAI_API_KEY"
+    """endpoint: the environment variable holding the key (the key itself is never in a config or run)."""
+    timeout_s: Annotated[float, Field(gt=0)] = 60.0
+    """endpoint: seconds per request before it is retried."""
+    retries: Annotated[int, Field(ge=1, le=20)] = 3
+    """Tries per verdict; after the last a verdict is a counted failure, not a 'no'."""
+
+
 class EvalConfig(Section):
     tasks: list[str] = []
     """lm-eval task names (stock tasks or YAML tasks found under include_path)."""
@@ -204,6 +225,17 @@ class EvalConfig(Section):
     expect: dict[str, Annotated[float, Field(ge=0, le=100)]] = {}
     """Published pre-attack scores to check the step-0 point against, {task: value} on the task's
     headline metric, as a fraction (0.4297) or in percent (42.97)."""
+    roles: dict[str, Literal["target", "target-seen", "refusal", "over-refusal", "utility"]] = {}
+    """What each task measures, {task: role}: target (held-out knowledge), target-seen (facts the
+    attack corpus states: relearning, shown apart), refusal (harmful requests), over-refusal
+    (harmless requests), utility. The verdict's headline reads target and refusal tasks; tasks
+    without a role are targets unless they are the report's utility task."""
+    max_gen_toks: Positive = 64
+    """Tokens a generation task (refusal) generates, greedy, unless its YAML sets its own."""
+    kl_task: str | None = None
+    """An evaluated task (harmless requests) whose prompts measure, at every point, the KL
+    divergence of the next-token distribution from the model under test: a row of metric `kl`."""
+    judge: JudgeConfig = JudgeConfig()
 
 
 class OutputConfig(Section):

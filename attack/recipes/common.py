@@ -45,6 +45,7 @@ from attack.data import MixedRows, RowsTrained, load_attack_rows, load_mixed_row
 from attack.errors import UserError
 from attack.evaluation import find_eval_tasks, score_table
 from attack.evaluation import open_evaluator as _open_evaluator
+from attack.judging import make_judge
 from attack.heldout import check_not_trained_on
 from attack.model import autocast_dtype, check_vocabulary, four_bit_config, load_tokenizer
 from attack.optimizers import RecordOptimizer, describe, trainer_optimizer
@@ -128,7 +129,10 @@ def evaluator(a: Attack, model, cfg_eval=None, tasks=None):
     """The evaluator on `model` (the live object: it scores whatever the attack makes of it) and
     tasks.json's content. `cfg_eval`/`tasks`: another task set (an ablation's dev tasks)."""
     check_vocabulary(model, a.tokenizer)
-    return _open_evaluator(cfg_eval or a.cfg.eval, model, a.tokenizer, a.amp, tasks or a.tasks)
+    cfg_eval = cfg_eval or a.cfg.eval
+    judge = make_judge(cfg_eval.judge, a.run.judge_cache, next(model.parameters()).device)
+    return _open_evaluator(cfg_eval, model, a.tokenizer, a.amp, tasks or a.tasks, chat_template=a.cfg.model.chat_template,
+                           judge=judge)
 
 
 def open_run(a: Attack, task_info: dict) -> str | None:
