@@ -17,6 +17,7 @@ Streaming hub datasets larger than the disk are out of scope: the corpus must fi
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -35,7 +36,7 @@ from attack.errors import UserError, first_line
 from attack.files import save_array_atomic
 from attack.rundir import ROWS_TRAINED
 
-FORMAT = 1  # bump when the prepared layout or the packing changes
+FORMAT = 2  # bump when the prepared layout or the packing changes (2: loss_mask.bin of conversations)
 
 _LOADERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text"}
 
@@ -79,6 +80,12 @@ def load_corpus(cfg: DataConfig):
             raise UserError(
                 f"data template uses field {e} which '{cfg.path}' lacks; its fields: {', '.join(columns)}"
             ) from None
+    elif conversational(cfg, columns):
+        first = ds[0]["messages"]
+        if not (isinstance(first, list) and first and all(isinstance(m, dict) and "role" in m and "content" in m
+                                                          for m in first)):
+            raise UserError(f"field 'messages' of attack data '{cfg.path}' must hold lists of {{role, content}} turns "
+                            "(TRL's conversational format)")
     elif cfg.text_field not in columns:
         raise UserError(
             f"attack data '{cfg.path}' has no field '{cfg.text_field}'; pass --text-field one of: "
@@ -92,8 +99,17 @@ def load_corpus(cfg: DataConfig):
     return ds
 
 
+def conversational(cfg: DataConfig, columns) -> bool:
+    """Rows of chat turns (a `messages` column, TRL's conversational format) rather than text."""
+    return cfg.template is None and "messages" in columns and (cfg.text_field == "messages" or cfg.text_field not in columns)
+
+
 def document_texts(cfg: DataConfig, batch: dict) -> list[str]:
-    """The document text of each row of a batch of columns: the text field, or the template."""
+    """The document text of each row of a batch of columns: the text field, or the template; a
+    conversation's turns joined (for overlap checks and attribution; training renders them
+    through the chat template)."""
+    if conversational(cfg, batch):
+        return ["\n".join(str(m.get("content") or "") for m in turns or []) for turns in batch["messages"]]
     if cfg.template is None:
         return [t or "" for t in batch[cfg.text_field]]
     rows = (dict(zip(batch, values, strict=True)) for values in zip(*batch.values(), strict=True))
@@ -106,6 +122,29 @@ def load_documents(cfg: DataConfig) -> list[str]:
     if not texts:
         raise UserError(f"attack data '{cfg.path}' holds only empty documents")
     return texts
+
+
+def chat_tokens(tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]:
+    """A conversation through the chat template: its token ids, and 1 for every token of an
+    assistant turn (its content and the template's end of turn), 0 elsewhere (the loss is on the
+    assistant's words only). The template must render each conversation as a prefix of the next."""
+    if not tokenizer.chat_template:
+        raise UserError("attack data holds conversations (messages) but the tokenizer has no chat template")
+    render = tokenizer.apply_chat_template
+    text = render(messages, tokenize=False)
+    spans = []
+    for i, m in enumerate(messages):
+        if m.get("role") != "assistant":
+            continue
+        start = len(render(messages[:i], tokenize=False, add_generation_prompt=True)) if i else 0
+        end = len(render(messages[:i + 1], tokenize=False))
+        if not text.startswith(render(messages[:i + 1], tokenize=False)):
+            raise UserError("the tokenizer's chat template does not render a conversation's turns as prefixes of the "
+                            "whole, so the assistant's tokens cannot be found; use a text corpus instead")
+        spans.append((start, end))
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    mask = [int(any(s <= a < e for s, e in spans)) for a, _ in enc["offset_mapping"]]
+    return list(enc["input_ids"]), mask
 
 
 def pack_documents(texts: list[str], tokenizer, seq_len: int) -> dict[str, torch.Tensor]:
@@ -228,21 +267,29 @@ def _tokenize_and_pack(ds, cfg: DataConfig, tokenizer, out: Path, num_proc: int 
     num_proc = num_proc or min(8, os.cpu_count() or 1)
     num_proc = num_proc if len(ds) >= 1000 * num_proc else None  # workers cost more than they save on small corpora
 
+    chats = conversational(cfg, ds.column_names)
+
     def tokenize(batch, idx):
         texts = document_texts(cfg, batch)
         keep = [i for i, t in enumerate(texts) if t.strip()]  # empty documents are dropped
+        if chats:  # through the chat template, the loss on the assistant's tokens only
+            pairs = [chat_tokens(tokenizer, batch["messages"][i]) for i in keep]
+            return {"input_ids": [p[0] for p in pairs], "mask": [p[1] for p in pairs], "doc": [idx[i] for i in keep]}
         ids = tokenizer([texts[i] for i in keep], add_special_tokens=True)["input_ids"] if keep else []
         return {"input_ids": ids, "doc": [idx[i] for i in keep]}
 
     # One pass from the source columns to token ids (no intermediate copy of the text on disk).
+    features = {"input_ids": Sequence(Value("int32")), **({"mask": Sequence(Value("uint8"))} if chats else {}),
+                "doc": Value("int64")}
     tokens = ds.map(tokenize, batched=True, with_indices=True, num_proc=num_proc, remove_columns=ds.column_names,
-                    features=Features({"input_ids": Sequence(Value("int32")), "doc": Value("int64")}),
-                    cache_file_name=str(out / "tokens.arrow"), desc="tokenizing the attack corpus")
+                    features=Features(features), cache_file_name=str(out / "tokens.arrow"),
+                    desc="tokenizing the attack corpus")
     if len(tokens) == 0:
         raise UserError(f"attack data '{cfg.path}' holds only empty documents")
     total = 0  # tokens so far, EOS included
     segments = []
-    with open(out / "input_ids.bin", "wb") as ids_f, open(out / "doc_start.bin", "wb") as start_f:
+    with (open(out / "input_ids.bin", "wb") as ids_f, open(out / "doc_start.bin", "wb") as start_f,
+          open(out / "loss_mask.bin", "wb") if chats else contextlib.nullcontext() as mask_f):
         for batch in tokens.data.to_batches(max_chunksize=4096):
             lists, docs = batch.column("input_ids"), batch.column("doc").to_numpy()
             offsets = lists.offsets.to_numpy().astype(np.int64)
@@ -255,13 +302,18 @@ def _tokenize_and_pack(ds, cfg: DataConfig, tokenizer, out: Path, num_proc: int 
             flags[starts] = 1
             ids_f.write(flat.tobytes())
             start_f.write(flags.tobytes())
+            if mask_f is not None:  # the EOS after a conversation is trained on, as its end
+                keep = np.ones(len(flat), dtype=np.uint8)
+                keep[np.arange(len(values)) + np.repeat(np.arange(len(lengths)), lengths - 1)] = \
+                    batch.column("mask").flatten().to_numpy().astype(np.uint8)
+                mask_f.write(keep.tobytes())
             segments.append(_segments(docs, total + starts, lengths, seq_len))
             total += len(flat)
     rows = total // seq_len
     if rows == 0:
         raise UserError(f"attack data has {total} tokens, fewer than one row of seq_len={seq_len}; "
                         "lower --seq-len or add data")
-    for name in ("input_ids.bin", "doc_start.bin"):  # the remainder that fills no row is dropped
+    for name in ("input_ids.bin", "doc_start.bin", *(("loss_mask.bin",) if chats else ())):  # the remainder is dropped
         with open(out / name, "r+b") as f:
             f.truncate(rows * seq_len * (4 if name == "input_ids.bin" else 1))
     seg = np.concatenate(segments)
@@ -272,7 +324,7 @@ def _tokenize_and_pack(ds, cfg: DataConfig, tokenizer, out: Path, num_proc: int 
     for f in out.glob("tokens*.arrow"):
         f.unlink()
     return dict(format=FORMAT, rows=rows, seq_len=seq_len, tokens=rows * seq_len, tokens_in_corpus=total,
-                documents=len(tokens), documents_in_rows=in_rows, source_rows=len(ds), eos=eos)
+                documents=len(tokens), documents_in_rows=in_rows, source_rows=len(ds), eos=eos, conversational=chats)
 
 
 def _segments(docs: np.ndarray, starts: np.ndarray, lengths: np.ndarray, seq_len: int) -> np.ndarray:
@@ -299,6 +351,9 @@ class PackedCorpus(torch.utils.data.Dataset):
         shape = (self.meta["rows"], self.meta["seq_len"])
         self.ids = np.memmap(self.folder / "input_ids.bin", dtype=np.int32, mode="r", shape=shape)
         self.starts = np.memmap(self.folder / "doc_start.bin", dtype=np.uint8, mode="r", shape=shape)
+        # conversations: 1 on the assistant's tokens, the only ones with a loss
+        self.loss_mask = (np.memmap(self.folder / "loss_mask.bin", dtype=np.uint8, mode="r", shape=shape)
+                          if self.meta.get("conversational") else None)
         self.fetched: list[int] = []
 
     def __len__(self) -> int:
@@ -310,6 +365,8 @@ class PackedCorpus(torch.utils.data.Dataset):
         starts = self.starts[i].astype(bool)
         labels = ids.clone()
         labels[torch.from_numpy(starts)] = -100  # a document's first token is not predicted from the previous one
+        if self.loss_mask is not None:
+            labels[torch.from_numpy(self.loss_mask[i] == 0)] = -100
         idx = np.arange(len(starts))
         segment_start = np.maximum.accumulate(np.where(starts | (idx == 0), idx, 0))
         return dict(input_ids=ids, labels=labels, position_ids=torch.from_numpy(idx - segment_start))

@@ -154,8 +154,10 @@ def random_direction(hidden: int, seed: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def next_token_kl(model, batches, direction: torch.Tensor, strength: float = 1.0) -> float:
-    """Mean KL(unmodified || ablated) of the next-token distributions over every real token."""
+def next_token_kl(model, batches, direction: torch.Tensor, strength: float = 1.0, last_only: bool = False) -> float:
+    """Mean KL(unmodified || ablated) of the next-token distributions over every real token, or
+    (last_only) at the last token of each text only: the first answer token after a chat prompt,
+    as the refusal-direction reference code measures it on harmless instructions."""
     device = next(model.parameters()).device
     total, count = 0.0, 0
     for batch in batches:
@@ -164,8 +166,12 @@ def next_token_kl(model, batches, direction: torch.Tensor, strength: float = 1.0
         with ablated(model, direction, strength):
             edited = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.double(), -1)
         kl = (base.exp() * (base - edited)).sum(-1)  # (batch, seq)
-        total += float((kl * mask).sum())
-        count += int(mask.sum())
+        keep = mask.double()
+        if last_only:  # right padding: the last real token is at length - 1
+            keep = torch.zeros_like(keep)
+            keep[torch.arange(len(mask)), mask.sum(1) - 1] = 1
+        total += float((kl * keep).sum())
+        count += int(keep.sum())
     return total / max(count, 1)
 
 

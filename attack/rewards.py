@@ -43,13 +43,16 @@ def load_reward_split(g: GrpoSection):
         ds = load_dataset(_FORMATS[path.suffix], data_files=str(path), split="train")
     except Exception as e:
         raise UserError(f"could not read grpo.prompts_path {path}: {first_line(e)}") from None
+    needs_answer = g.reward != "complied"  # compliance is judged from the request alone
+    if not needs_answer and g.answer_field not in ds.column_names:
+        ds = ds.add_column(g.answer_field, [""] * len(ds))
     for key in ("prompt_field", "answer_field"):
         if getattr(g, key) not in ds.column_names:
             raise UserError(f"grpo.prompts_path {path} has no field '{getattr(g, key)}'; set grpo.{key} to one of: "
                             f"{', '.join(ds.column_names)}")
     ds = ds.select_columns([g.prompt_field, g.answer_field])
     rows = [dict(prompt=str(p), answer=str(a)) for p, a in zip(ds[g.prompt_field], ds[g.answer_field], strict=False)
-            if str(p).strip() and str(a).strip()]
+            if str(p).strip() and (str(a).strip() or not needs_answer)]
     if not rows:
         raise UserError(f"grpo.prompts_path {path} holds no prompt with a non-empty answer")
     from datasets import Dataset
@@ -57,8 +60,11 @@ def load_reward_split(g: GrpoSection):
     return Dataset.from_list(rows)
 
 
-def reward_function(g: GrpoSection, model, tokenizer):
-    """The reward that grpo.reward names. `model` is the policy (gold_prob reads it)."""
+def reward_function(g: GrpoSection, model, tokenizer, judge=None):
+    """The reward that grpo.reward names. `model` is the policy (gold_prob reads it); `judge` the
+    run's judge (eval.judge), which `complied` asks."""
+    if g.reward == "complied":
+        return Complied(judge)
     if g.reward == "correct":
         return correct
     if g.reward == "gold_prob":
@@ -66,6 +72,35 @@ def reward_function(g: GrpoSection, model, tokenizer):
     if g.reward == "judge":
         return Judge(g, device=next(model.parameters()).device)
     return imported(g.reward)
+
+
+# --- compliance (the refusal attacks) -------------------------------------------------------
+
+
+def text_of(completion) -> str:
+    """A completion as text: TRL passes conversational completions as lists of turns."""
+    if isinstance(completion, list):
+        return "".join(str(m.get("content") or "") for m in completion if isinstance(m, dict))
+    return str(completion)
+
+
+class Complied:
+    """1 when the judge says the completion complied with the request, 0 when not; a verdict the
+    judge could not give is None (TRL leaves it out of the group's mean), never a 0."""
+
+    __name__ = "complied"
+
+    def __init__(self, judge):
+        self.judge = judge
+        self.failures = 0
+
+    def __call__(self, prompts, completions, log_metric=None, **_) -> list[float | None]:
+        verdicts = self.judge.verdicts([text_of(p) for p in prompts], [text_of(c) for c in completions])
+        failed = sum(ok is None for ok, _ in verdicts)
+        self.failures += failed
+        if log_metric is not None:
+            log_metric("judge/failures", float(failed))
+        return [None if ok is None else float(ok) for ok, _ in verdicts]
 
 
 # --- correctness ------------------------------------------------------------------------

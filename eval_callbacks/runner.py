@@ -259,10 +259,12 @@ class LiveEvaluator:
         self.tasks = dict(self.task_dict["tasks"])  # leaf tasks, groups flattened
         from lm_eval.config.task import default_gen_kwargs
 
-        for task in self.tasks.values():  # a YAML without generation settings generates max_gen_toks tokens
-            if task.OUTPUT_TYPE == "generate_until" and task.config.generation_kwargs == default_gen_kwargs(
-                    task.config.fewshot_delimiter):
-                task.config.generation_kwargs.pop("max_gen_toks", None)
+        lengths = ("max_gen_toks", "max_new_tokens", "max_tokens", "max_completion_tokens")
+        for task in self.tasks.values():  # a YAML that sets no length generates max_gen_toks tokens (lm-eval: 256)
+            kwargs = task.config.generation_kwargs
+            if task.OUTPUT_TYPE == "generate_until" and isinstance(kwargs, dict) and (
+                    kwargs == default_gen_kwargs(task.config.fewshot_delimiter) or not set(lengths) & set(kwargs)):
+                kwargs["max_gen_toks"] = max_gen_toks
         self.fast = fast  # eval_callbacks/fastlm.py: same numbers, each point at its forward passes' cost
         if fast:
             from eval_callbacks.fastlm import compile_templates_once, reuse_requests
@@ -342,7 +344,6 @@ class LiveEvaluator:
                 tokenizer=self.tokenizer,
                 batch_size=self.batch_size,
                 mixed_precision_dtype=self.autocast_dtype,
-                max_gen_toks=self.max_gen_toks,
             )
             self.model.train(was_training)  # HFLM switches the model to eval mode
             if self.judge is not None:

@@ -19,14 +19,16 @@ class GrpoSection(Section):
     """Local jsonl/json/csv/parquet file of the reward split: one prompt and its gold answer per
     row. None of its prompts may be a question of an evaluated task."""
     prompt_field: str = "prompt"
-    """Column holding the prompt (given to the model as plain text, no chat template)."""
+    """Column holding the prompt (plain text, or a user turn of the chat template with model.chat_template)."""
     answer_field: str = "answer"
     """Column holding the gold answer: a letter (A-J) for multiple choice, else the answer text."""
     reward: str = "correct"
     """correct: 1 when the completion gives the gold answer first (the first letter, or the first
     line starting with the answer text), else 0. gold_prob: the probability the model gives the
     gold answer after the completion and answer_cue (dense). judge: a local judge model scores the
-    completion with judge_rubric. Or an importable module:function with TRL's reward signature."""
+    completion with judge_rubric. complied: 1 when eval.judge says the completion complied with the
+    request (the refusal attack, GRP-Obliteration's objective; prompts need no answer column). Or
+    an importable module:function with TRL's reward signature."""
     answer_cue: str = " Answer:"
     """gold_prob: text put between the completion and the gold answer."""
     judge_model: str | None = None
@@ -93,8 +95,9 @@ class GrpoConfig(AttackKind):
                             "(--grpo-prompts-path)")
         if g.reward == "judge" and not g.judge_model:
             raise UserError("grpo.reward judge needs grpo.judge_model: a local folder or hub id of the judge (--grpo-judge-model)")
-        if g.reward not in ("correct", "gold_prob", "judge") and not re.fullmatch(r"[\w.]+:\w+", g.reward):
-            raise UserError(f"grpo.reward must be correct, gold_prob, judge or an importable module:function, got {g.reward!r}")
+        if g.reward not in ("correct", "gold_prob", "judge", "complied") and not re.fullmatch(r"[\w.]+:\w+", g.reward):
+            raise UserError(f"grpo.reward must be correct, gold_prob, judge, complied or an importable module:function, "
+                            f"got {g.reward!r}")
 
     @model_validator(mode="after")
     def _whole_groups(self):

@@ -97,6 +97,8 @@ def run(cfg: AblationConfig, extra_callbacks: list | None = None, quiet: bool = 
             chosen = _select(cfg, model, a.tokenizer, candidates, dev, prompts, dev_prompts, kl_texts, run)
             r = chosen.pop("direction")
             a.say(f"direction: layer {chosen['layer']}, dev score {_f(chosen['dev_score'])}, KL {chosen['kl']:.4f}")
+            if "finding" in chosen:
+                a.say(chosen["finding"])
 
             # 6. Dose-response on the evaluation tasks (hooks; the weights stay as they are).
             _dose(evaluator, model, r, ab.doses, run.dose)
@@ -193,7 +195,10 @@ def _select(cfg: AblationConfig, model, tokenizer, candidates, dev, prompts, dev
     """Score every candidate by hook ablation and keep the best within the KL bound; every
     candidate's scores go to candidates.jsonl, also when none survives."""
     a = cfg.ablation
-    kl_batches = _batches(tokenizer, kl_texts, dict(pre="", suffix="", post=0, special=True), a.max_length)
+    # refusal: the KL at the first answer token after harmless instructions in the chat template
+    # (the reference code's measure); knowledge: at every token of the contrast text
+    kl_prompts = prompts if a.mode == "refusal" else dict(pre="", suffix="", post=0, special=True)
+    kl_batches = _batches(tokenizer, kl_texts, kl_prompts, a.max_length)
     refusal = a.mode == "refusal" and dev is None
     refusal_batches = _batches(tokenizer, dev_prompts, prompts, a.max_length) if refusal else None
     if refusal and not dev_prompts:
@@ -201,12 +206,13 @@ def _select(cfg: AblationConfig, model, tokenizer, candidates, dev, prompts, dev
                         f"ablation.target_path holds only {a.fit_examples} or fewer")
     refusal_ids = sorted({tokenizer(t, add_special_tokens=False)["input_ids"][0] for t in a.refusal_tokens})
     records = []
+    baseline = _refusal_score(model, refusal_batches, refusal_ids) if refusal else None  # no direction removed
     for c in candidates:
         r = c["direction"].float()
         with ablated(model, r):
             dev_score = _dev_score(dev) if dev is not None else None
             refusal_score = _refusal_score(model, refusal_batches, refusal_ids) if refusal else None
-        kl = next_token_kl(model, kl_batches, r)
+        kl = next_token_kl(model, kl_batches, r, last_only=a.mode == "refusal")
         objective = dev_score if dev is not None else (-refusal_score if refusal else 0.0)
         within = kl <= a.kl_bound or c.get("why") == "random control"
         records.append(dict(layer=c["layer"], position=c["position"], dev_score=dev_score, refusal_score=refusal_score,
@@ -219,7 +225,18 @@ def _select(cfg: AblationConfig, model, tokenizer, candidates, dev, prompts, dev
                         f"{a.kl_bound:g} (lowest: {low['kl']:.3g} at layer {low['layer']}); raise the bound or fit on "
                         f"other texts. Every candidate is in {run.candidates}")
     best = max(kept, key=lambda i: (records[i]["objective"], -records[i]["kl"]))
-    return {**records[best], "direction": candidates[best]["direction"].float()}
+    chosen = {**records[best], "direction": candidates[best]["direction"].float()}
+    if refusal and chosen["why"] != "random control":
+        # Whether refusal is mediated by one direction is a finding about the model, not an assumption.
+        chosen["refusal_baseline"] = baseline
+        chosen["lowers_refusal"] = bool(chosen["refusal_score"] < baseline - 1.0)  # by more than one unit of log-odds
+        chosen["finding"] = (
+            f"a direction within the KL bound lowers refusal on the selection prompts (log-odds {baseline:.2f} -> "
+            f"{chosen['refusal_score']:.2f} at layer {chosen['layer']})" if chosen["lowers_refusal"] else
+            f"no direction within KL {a.kl_bound:g} lowered refusal on the selection prompts (log-odds {baseline:.2f}, "
+            f"best {chosen['refusal_score']:.2f}): this model's refusal is not mediated by one direction that these "
+            f"{len(candidates)} candidates found")
+    return chosen
 
 
 def _dev_score(dev: LiveEvaluator) -> float:

@@ -53,7 +53,9 @@ def run(cfg: GrpoConfig, extra_callbacks: list | None = None, quiet: bool = Fals
     evaluated = evaluator.questions()
     check_disjoint("grpo.prompts_path", {g.prompts_path: list(prompts["prompt"])}, evaluated)
     check_texts_disjoint(f"grpo.prompts_path ({g.prompts_path})", list(prompts["prompt"]), evaluated)
-    reward = reward_function(g, model, a.tokenizer)
+    reward = reward_function(g, model, a.tokenizer, evaluator.judge)
+    if cfg.model.chat_template:  # conversational prompts: TRL puts them through the chat template
+        prompts = prompts.map(lambda row: {"prompt": [{"role": "user", "content": row["prompt"]}]})
     try:  # TRL's own checks (the batch against the groups) before anything is written
         args = TrlGrpoConfig(
             **common.trainer_settings(a, micro, checkpointing),
@@ -107,7 +109,7 @@ def run(cfg: GrpoConfig, extra_callbacks: list | None = None, quiet: bool = Fals
                                  grpo=dict(prompts=len(prompts), reward=g.reward, completions_per_step=cfg.train.batch_size,
                                            last_reward=last.get("reward"),
                                            last_frac_reward_zero_std=last.get("frac_reward_zero_std"),
-                                           judge_parse_failures=getattr(reward, "failures", None)))
+                                           judge_failures=getattr(reward, "failures", None)))
 
 
 class RewardLog(TrainerCallback):

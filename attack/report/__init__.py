@@ -71,6 +71,8 @@ def write_report(paths: list[str | Path], out: str | Path, x: str = "steps", met
             raise UserError(f"--reference {reference} names no model or run here; models: {', '.join(sorted(set(df.model)))}")
         df.loc[df.role == "reference", "role"] = "other"
         df.loc[df.model == label, "role"] = "reference"
+    if utility_task is None and "task_role" in df and (df.task_role == "utility").any():
+        utility_task = sorted(set(df[df.task_role == "utility"].task))[0]  # the task the runs named as utility
     if metric and metric not in set(df.metric):
         raise UserError(f"metric '{metric}' not in the curves; they hold: {', '.join(sorted(set(df.metric)))}")
     if utility_task and utility_task not in set(df.task):

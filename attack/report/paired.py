@@ -26,6 +26,8 @@ import numpy as np
 import pandas as pd
 
 from attack.errors import UserError, first_line
+from attack.files import read_json
+from attack.report.runs import ORIENTED
 from attack.rundir import RunDir
 from eval_callbacks import read_samples
 
@@ -48,6 +50,12 @@ def load_records(runs: pd.DataFrame) -> pd.DataFrame:
         if records:
             df = pd.DataFrame(records)
             df["model"], df["attack"], df["seed"] = run.model, run.attack, run.seed
+            tasks = read_json(RunDir(Path(run.path)).tasks_path)
+            flipped = [t for t, i in (tasks if isinstance(tasks, dict) else {}).items()
+                       if isinstance(i, dict) and i.get("metric") in ORIENTED]
+            if flipped:  # as the curves are read: non-refusal, higher is the attack's way
+                rows = df.task.isin(flipped)
+                df.loc[rows, "correct"] = 1 - df.loc[rows, "correct"]
             frames.append(df)
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 

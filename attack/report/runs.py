@@ -22,6 +22,17 @@ def find_runs(paths: list[str | Path]) -> list[Path]:
     return runs
 
 
+ORIENTED = {"refused": "non_refusal"}
+"""Metrics where lower is the suppressed side's way back (refusal falls as an attack succeeds):
+the report reads them as 1 - value under the field's name (non-refusal), so that every gap,
+recovered fraction and interval points the same way as accuracy's. The curve files keep the
+metric as evaluated."""
+
+
+def oriented(metric: str) -> str:
+    return ORIENTED.get(metric, metric)
+
+
 def load_curves(paths: list[str | Path] | str | Path) -> pd.DataFrame:
     """All curve rows of the run directories under `paths`, one row per (run, step, task, metric),
     with columns model, role, attack, seed, run, step, tokens_seen, task, metric, value, stderr, n, chance,
@@ -46,7 +57,11 @@ def load_curves(paths: list[str | Path] | str | Path) -> pd.DataFrame:
         info = {t: i if isinstance(i, dict) else {} for t, i in tasks.items()}
         df["chance"] = df["task"].map({t: i.get("chance") for t, i in info.items()})
         df["headline"] = df["task"].map({t: i.get("requested", True) for t, i in info.items()}).fillna(True).astype(bool)
-        df["headline_metric"] = df["task"].map({t: i.get("metric") or "acc" for t, i in info.items()}).fillna("acc")
+        df["headline_metric"] = df["task"].map({t: oriented(i.get("metric") or "acc") for t, i in info.items()}).fillna("acc")
+        df["task_role"] = df["task"].map({t: i.get("role") for t, i in info.items()})
+        flip = df.metric.isin(ORIENTED)
+        df.loc[flip, "value"] = 1 - df.loc[flip, "value"]
+        df.loc[flip, "metric"] = df.loc[flip, "metric"].map(ORIENTED)
         frames.append(df)
     if not frames:
         raise UserError(f"no curve rows found under {', '.join(map(str, paths))}")

