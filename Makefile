@@ -6,7 +6,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo demo-full demo-suite demo-search demo-smollm2 test test-fast lint docs clean
+.PHONY: demo demo-full demo-suite demo-search demo-smollm2 demo-refusal test test-fast lint docs clean
 
 # The environment, complete once the stamp exists (an install cut short is redone, not half kept):
 # - torch first, pinned: the CPU wheel; an unpinned request pulls gigabytes of CUDA packages;
@@ -46,6 +46,9 @@ demo-search: $(INSTALLED)
 demo-smollm2: $(INSTALLED)
 	$(BIN)/python -m attack demo --world smollm2
 
+demo-refusal: $(INSTALLED)
+	$(BIN)/python -m attack demo --world refusal
+
 test: $(INSTALLED)
 	$(BIN)/ruff check attack eval_callbacks tests bench
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict -q
@@ -64,4 +67,4 @@ lint: $(INSTALLED)
 	$(BIN)/ruff check attack eval_callbacks tests bench
 
 clean:
-	rm -rf build/site runs/demo runs/demo-full runs/demo-smollm2 .cache/toyworld .cache/smollm2world .cache/corpus
+	rm -rf build/site runs/demo runs/demo-full runs/demo-smollm2 runs/demo-refusal .cache/toyworld .cache/smollm2world .cache/refusalworld .cache/corpus

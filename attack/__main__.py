@@ -116,11 +116,14 @@ def config_from_args(args: argparse.Namespace):
     from pathlib import Path
 
     from attack.config import load_config, read_yaml, refuse_file_trust, set_dotted, shipped, with_paths_from
+    from attack.config.files import grant_code
 
     if args.config:
         args.config = str(shipped(args.config, "attack"))  # a path, or a shipped config's name (lora, full, ...)
     data = with_paths_from(read_yaml(args.config), Path(args.config).parent) if args.config else {}
-    refuse_file_trust(data, f"config file {args.config}", granted=getattr(args, "model.trust_remote_code") is True)
+    granted = getattr(args, "model.trust_remote_code") is True
+    grant_code(granted)
+    refuse_file_trust(data, f"config file {args.config}", granted=granted)
     if args.kind:
         data["kind"] = args.kind
     fields = config_fields()
@@ -137,7 +140,9 @@ def config_from_args(args: argparse.Namespace):
         if key not in fields:
             raise UserError(f"unknown config key '{key}' in --set; see python -m attack --help for the keys")
         set_dotted(data, key, cli_value(key, fields[key], value))
-    return load_config(data)
+    cfg = load_config(data)
+    refuse_file_trust(cfg, "this attack", granted=granted)  # a reward named on the command line is code from a file too
+    return cfg
 
 
 def cli_value(key: str, field: FieldInfo, value):

@@ -53,6 +53,7 @@ def accuracy(run: RunDir, task: str, questions: list[int], step: int) -> float:
 def counterfactual(run_path: str | Path, task: str, k: int = 10, method: str = "gradient", step: int | None = None,
                    draws: int = 1, seed: int = 0, trust_remote_code: bool = False) -> dict:
     from attack.config import load_config, read_yaml, refuse_file_trust
+    from attack.config.files import grant_code
     from attack.data import load_corpus
     from attack.recipes import run_attack
 
@@ -61,6 +62,7 @@ def counterfactual(run_path: str | Path, task: str, k: int = 10, method: str = "
         raise UserError(f"{run.path} has no {run.attribution_rows.name}; run `python -m attack attribute {run.path}` first")
     cfg = load_config(read_yaml(run.config))
     refuse_file_trust(cfg, f"the run's {run.config}", trust_remote_code)  # the reruns would run its code
+    grant_code(trust_remote_code)
     if not cfg.supervised:
         raise UserError(f"{run.path} is a {cfg.kind} run; the counterfactual reruns supervised fine-tuning attacks")
     steps = sorted({json.loads(line)["step"] for line in open(run.attribution_rows)})

@@ -4,9 +4,11 @@ written; the live-model evaluator with each task's facts; the schedule of evalua
 from __future__ import annotations
 
 from attack.config import EvalConfig, check_dataset_copies
+from attack.config.files import code_granted
 from attack.errors import UserError
 from attack.published import as_fraction
 from eval_callbacks import LiveEvaluator, TaskDataError, UnknownTaskError, find_tasks
+from eval_callbacks.runner import task_code
 
 
 def requested(cfg: EvalConfig) -> tuple[list[str], list[str]]:
@@ -24,15 +26,24 @@ def requested(cfg: EvalConfig) -> tuple[list[str], list[str]]:
     return [*cfg.tasks, *sorted(cfg.heldout_texts)], [*cfg.include_path, str(folder)]
 
 
-def find_eval_tasks(cfg: EvalConfig):
-    """lm-eval's task manager for the requested tasks; unknown names and missing local dataset
-    copies are the user's to fix."""
+def find_eval_tasks(cfg: EvalConfig, trust_code: bool = False):
+    """lm-eval's task manager for the requested tasks (and the held-out texts); unknown names and
+    missing local dataset copies are the user's to fix. A task whose YAML names Python code
+    (`!function`) from a task folder is refused unless `trust_code` (the command line's
+    --trust-remote-code): a task folder is never enough to run code. The one route by which runs,
+    sweeps, searches and dry runs find their tasks."""
     check_dataset_copies(cfg)
     tasks, include = requested(cfg)
     try:
-        return find_tasks(tasks, include)
+        manager = find_tasks(tasks, include)
     except UnknownTaskError as e:
         raise UserError(str(e)) from None
+    code = task_code(manager, tasks)
+    if code and not (trust_code or code_granted()):
+        task, path = code[0]
+        raise UserError(f"task {task} ({path}) runs Python code named by !function; code from a task folder runs only "
+                        "when the command line says so: add --trust-remote-code if you trust that folder")
+    return manager
 
 
 def open_evaluator(cfg: EvalConfig, model, tokenizer, autocast_dtype, task_manager, chat_template: bool = False,

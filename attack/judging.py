@@ -18,7 +18,8 @@ def make_judge(cfg: JudgeConfig, cache_file: Path | None, device=None):
             raise UserError("eval.judge.kind endpoint needs eval.judge.base_url (e.g. http://localhost:8000/v1) and "
                             "eval.judge.model (the name the server serves)")
         return EndpointJudge(cfg.base_url, cfg.model, api_key_env=cfg.api_key_env, timeout_s=cfg.timeout_s,
-                             cache_file=cache_file, retries=cfg.retries)
+                             cache_file=cache_file, retries=cfg.retries,
+                             classifier=cfg.classifier)
     if not cfg.model:
         raise UserError("eval.judge.kind model needs eval.judge.model: a local folder or hub id of a causal LM")
     from attack.config import AdapterConfig, ModelConfig
@@ -28,4 +29,5 @@ def make_judge(cfg: JudgeConfig, cache_file: Path | None, device=None):
     model = load_model(source, AdapterConfig(kind="lora")).eval().requires_grad_(False)
     if device is not None:
         model = model.to(device)
-    return ModelJudge(model, load_tokenizer(source), cfg.model, cache_file=cache_file, retries=cfg.retries)
+    return ModelJudge(model, load_tokenizer(source), cfg.model, cache_file=cache_file, retries=cfg.retries,
+                             classifier=cfg.classifier)

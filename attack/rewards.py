@@ -60,9 +60,10 @@ def load_reward_split(g: GrpoSection):
     return Dataset.from_list(rows)
 
 
-def reward_function(g: GrpoSection, model, tokenizer, judge=None):
+def reward_function(g: GrpoSection, model, tokenizer, judge=None, granted: bool = False):
     """The reward that grpo.reward names. `model` is the policy (gold_prob reads it); `judge` the
-    run's judge (eval.judge), which `complied` asks."""
+    run's judge (eval.judge), which `complied` asks; `granted`: the command line allowed code from
+    files (--trust-remote-code), which a module:function reward is."""
     if g.reward == "complied":
         return Complied(judge)
     if g.reward == "correct":
@@ -71,7 +72,7 @@ def reward_function(g: GrpoSection, model, tokenizer, judge=None):
         return GoldProbability(model, tokenizer, g.answer_cue)
     if g.reward == "judge":
         return Judge(g, device=next(model.parameters()).device)
-    return imported(g.reward)
+    return imported(g.reward, granted)
 
 
 # --- compliance (the refusal attacks) -------------------------------------------------------
@@ -247,11 +248,16 @@ def _digest(text: str) -> str:
 # --- a reward of the user's ------------------------------------------------------------
 
 
-def imported(spec: str):
+def imported(spec: str, granted: bool = False):
     """The function named module:function (the module importable from the current directory)."""
     import sys
 
+    from attack.config.files import code_granted
+
     module, _, name = spec.partition(":")
+    if not (granted or code_granted()):
+        raise UserError(f"grpo.reward {spec} is Python code in {module.replace('.', '/')}.py; code named by a file runs "
+                        "only when the command line says so: add --trust-remote-code if you trust it")
     if "" not in sys.path and "." not in sys.path:
         sys.path.insert(0, "")  # python -m puts the current directory first; be the same from the CLI script
     try:

@@ -59,6 +59,7 @@ from attack.config import (
     updated,
     with_paths_from,
 )
+from attack.config.files import grant_code
 from attack.errors import ArgumentParser, UserError, first_line
 from attack.rundir import RunDir, RunDirInUse, RunLock, Status, read_curve, read_json
 from attack.sweep import SweepModel, base_for, check_offline, parse_model, record_failure, safe_name
@@ -453,6 +454,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--trust-remote-code", action="store_true",
                    help="let models that set model.trust_remote_code run their own code (a file alone cannot)")
     args = p.parse_args(argv)
+    grant_code(args.trust_remote_code)  # cells and workers started from here inherit it
     s = load_search(args.file, args.trust_remote_code)
     _check_tasks(s)
     if args.dry_run:
@@ -483,7 +485,7 @@ def _check_tasks(s: Search) -> None:
     reported = [t for t in cfg.eval.tasks if t not in s.search.selection_tasks and t != s.search.utility_task]
     if not reported:
         return
-    manager = find_eval_tasks(cfg.eval)
+    manager = find_eval_tasks(cfg.eval, cfg.model.trust_remote_code)
     paths = cfg.eval.dataset_paths
     check_disjoint("search.selection_tasks task", task_questions(list(s.search.selection_tasks), manager, paths),
                    task_questions(reported, manager, paths))

@@ -39,6 +39,7 @@ from attack.config import (
     updated,
     with_paths_from,
 )
+from attack.config.files import grant_code
 from attack.errors import ArgumentParser, UserError, first_line
 from attack.rundir import CellMeta, RunDir, RunDirInUse, Status
 
@@ -216,16 +217,14 @@ def check_config_offline(cfg, known: dict | None = None) -> None:
     published scores' tasks), local dataset copies, the model's location, every input file.
     `known`: task names found so far, by task list and include path (shared across cells)."""
     from attack.data import means_local_file
+    from attack.evaluation import find_eval_tasks
     from attack.model import model_source
-    from eval_callbacks import UnknownTaskError, find_tasks
 
     known = {} if known is None else known
-    key = (tuple(cfg.eval.tasks), tuple(cfg.eval.include_path))
-    if key not in known:
-        try:
-            known[key] = set(find_tasks(list(key[0]), list(key[1])).all_tasks)
-        except UnknownTaskError as e:
-            raise UserError(str(e)) from None
+    key = (tuple(cfg.eval.tasks), tuple(cfg.eval.include_path), tuple(sorted(cfg.eval.heldout_texts.items())),
+           cfg.model.trust_remote_code)
+    if key not in known:  # the run's own route: held-out texts and task code checked as a run checks them
+        known[key] = set(find_eval_tasks(cfg.eval, cfg.model.trust_remote_code).all_tasks)
     unknown = sorted(set(cfg.eval.expect) - known[key])
     if unknown:
         raise UserError(f"expect names unknown task(s) {', '.join(unknown)}")
@@ -329,6 +328,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--trust-remote-code", action="store_true",
                    help="let models whose cells set model.trust_remote_code run their own code (a file alone cannot)")
     args = p.parse_args(argv)
+    grant_code(args.trust_remote_code)  # cells and workers started from here inherit it
     sweep, cells = load_sweep(args.sweep, args.trust_remote_code)
     mine = shard(cells, args.shard)
     if args.dry_run:

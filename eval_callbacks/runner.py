@@ -111,6 +111,47 @@ def find_tasks(tasks: list[str], include_path: list[str] | None = None):
     return manager
 
 
+def task_code(task_manager, names: list[str]) -> list[tuple[str, str]]:
+    """(task, YAML file) of each requested task, or member of a requested group, whose YAML (or a
+    file it includes) names Python code with `!function`, outside lm-eval's own tasks and the
+    shipped task sets: code a task folder would run."""
+    import lm_eval.tasks
+
+    trusted = [Path(lm_eval.tasks.__file__).parent.resolve(), SHIPPED_TASKS.resolve()]
+    index, out, seen = task_manager.task_index, [], set()
+
+    def visit(name: str) -> None:
+        entry = index.get(name)
+        if entry is None or name in seen:
+            return
+        seen.add(name)
+        path = entry.yaml_path
+        if path is not None and not any(Path(path).resolve().is_relative_to(t) for t in trusted):
+            if any("!function" in text for text in _yaml_chain(Path(path))):
+                out.append((name, str(path)))
+        members = (entry.cfg or {}).get("task") if "group" in (entry.cfg or {}) else None
+        for member in members if isinstance(members, list) else [members] if members else []:
+            visit(member.get("task") if isinstance(member, dict) else member)
+
+    for name in names:
+        visit(name)
+    return out
+
+
+def _yaml_chain(path: Path, depth: int = 0) -> list[str]:
+    """A task YAML's text and those of the files it includes (`include:`, relative to it)."""
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return []
+    import re
+
+    found = re.search(r"^include:\s*['\"]?([^'\"\n#]+)", text, re.MULTILINE)
+    if found and depth < 8:
+        return [text, *_yaml_chain(path.parent / found.group(1).strip(), depth + 1)]
+    return [text]
+
+
 def _unparsable_yaml(folders: list[str]) -> list[tuple[str, str]]:
     """(file, first line of the error) of each task YAML under `folders` that does not parse
     (lm-eval's own tags such as !function are accepted)."""

@@ -4,6 +4,7 @@ found from the file's folder, and the refusal of model code that only a file ask
 from __future__ import annotations
 
 import copy
+import os
 import re
 from pathlib import Path
 
@@ -70,17 +71,42 @@ def with_paths_from(data: dict, folder: Path) -> dict:
     return out
 
 
+TRUST_ENV = "FINETUNE_ATTACK_TRUST_CODE"
+"""Set to 1 by a command given --trust-remote-code, so the cells and workers it starts (in this
+process or its children) know the command line granted code from files."""
+SHIPPED_REWARDS = ("correct", "gold_prob", "judge", "complied")  # the tool's own: no code from a file
+
+
+def grant_code(granted: bool) -> None:
+    """Record the command line's --trust-remote-code for this process and those it starts."""
+    if granted:
+        os.environ[TRUST_ENV] = "1"
+
+
+def code_granted(cfg=None) -> bool:
+    """Whether the command line granted code from files (a config's model.trust_remote_code is
+    only ever true with the flag: a file that sets it alone is refused)."""
+    return os.environ.get(TRUST_ENV) == "1" or bool(cfg is not None and cfg.model.trust_remote_code)
+
+
 def refuse_file_trust(cfg_or_data, where: str, granted: bool) -> None:
-    """Model code shipped with a checkpoint runs only when the command line says so: a config,
-    sweep or run directory that sets model.trust_remote_code is refused without the flag."""
+    """Code runs only when the command line says so: a config, sweep or run directory that sets
+    model.trust_remote_code (model code shipped with a checkpoint), or names a GRPO reward by
+    module:function (a Python file), is refused without --trust-remote-code."""
     if isinstance(cfg_or_data, dict):
-        model = cfg_or_data.get("model")
+        model, grpo = cfg_or_data.get("model"), cfg_or_data.get("grpo")
         wants = isinstance(model, dict) and model.get("trust_remote_code") is True
+        reward = grpo.get("reward") if isinstance(grpo, dict) else None
     else:
         wants = cfg_or_data.model.trust_remote_code
+        reward = getattr(getattr(cfg_or_data, "grpo", None), "reward", None)
     if wants and not granted:
         raise UserError(f"{where} sets model.trust_remote_code, but model code runs only when the command line "
                         "says so: add --trust-remote-code if you trust the checkpoint's source")
+    if isinstance(reward, str) and reward not in SHIPPED_REWARDS and ":" in reward and not granted:
+        module = reward.split(":")[0]
+        raise UserError(f"{where} names grpo.reward {reward}, Python code in {module.replace('.', '/')}.py; code named "
+                        "by a file runs only when the command line says so: add --trust-remote-code if you trust it")
 
 
 SHIPPED = Path(__file__).resolve().parent.parent / "configs"  # attack/configs/ (configs/ in a checkout links here)

@@ -7,6 +7,7 @@ from typing import Annotated, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
+from attack.config.files import SHIPPED_REWARDS
 from attack.config.kind import AttackKind
 from attack.config.sections import AdapterConfig, Positive, Section, TrainConfig, check_four_bit_lora
 from attack.errors import UserError
@@ -95,9 +96,10 @@ class GrpoConfig(AttackKind):
                             "(--grpo-prompts-path)")
         if g.reward == "judge" and not g.judge_model:
             raise UserError("grpo.reward judge needs grpo.judge_model: a local folder or hub id of the judge (--grpo-judge-model)")
-        if g.reward not in ("correct", "gold_prob", "judge", "complied") and not re.fullmatch(r"[\w.]+:\w+", g.reward):
+        if g.reward not in SHIPPED_REWARDS and not re.fullmatch(r"[\w.]+:\w+", g.reward):
             raise UserError(f"grpo.reward must be correct, gold_prob, judge, complied or an importable module:function, "
                             f"got {g.reward!r}")
+
 
     @model_validator(mode="after")
     def _whole_groups(self):

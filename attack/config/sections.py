@@ -190,6 +190,9 @@ class JudgeConfig(Section):
     """endpoint: seconds per request before it is retried."""
     retries: Annotated[int, Field(ge=1, le=20)] = 3
     """Tries per verdict; after the last a verdict is a counted failure, not a 'no'."""
+    classifier: bool = False
+    """The model or endpoint is a safety classifier (LlamaGuard): it reads the request and the
+    completion as a conversation and answers safe or unsafe; unsafe counts as complied."""
 
 
 class EvalConfig(Section):

@@ -64,7 +64,7 @@ def run(cfg: AblationConfig, extra_callbacks: list | None = None, quiet: bool = 
     dev = None
     if ab.dev_tasks and ab.direction == "selected":
         dev_cfg = cfg.eval.model_copy(update=dict(tasks=ab.dev_tasks, heldout_texts={}, limit=None, expect={}))
-        dev, _ = common.evaluator(a, model, dev_cfg, find_eval_tasks(dev_cfg))
+        dev, _ = common.evaluator(a, model, dev_cfg, find_eval_tasks(dev_cfg, cfg.model.trust_remote_code))
         check_disjoint("ablation.dev_tasks task", dev.questions(), evaluated)
     check_texts_disjoint(f"ablation.target_path ({ab.target_path})", target, evaluated)
     prompts = _prompts(a.tokenizer, ab.mode)

@@ -45,8 +45,8 @@ from attack.data import MixedRows, RowsTrained, load_attack_rows, load_mixed_row
 from attack.errors import UserError
 from attack.evaluation import find_eval_tasks, score_table
 from attack.evaluation import open_evaluator as _open_evaluator
-from attack.judging import make_judge
 from attack.heldout import check_not_trained_on
+from attack.judging import make_judge
 from attack.model import autocast_dtype, check_vocabulary, four_bit_config, load_tokenizer
 from attack.optimizers import RecordOptimizer, describe, trainer_optimizer
 from attack.published import PublishedScoreCheck
@@ -93,7 +93,7 @@ def setup(cfg: AttackConfig, extra_callbacks: list | None = None, quiet: bool = 
     if cfg.model.load_in_4bit:
         four_bit_config()  # says clearly when this machine cannot
     check_tracker(cfg.logging)
-    tasks = find_eval_tasks(cfg.eval)  # a mistyped task name is said before any model file is read
+    tasks = find_eval_tasks(cfg.eval, cfg.model.trust_remote_code)  # a mistyped task name: said before any model file is read
     tokenizer = load_tokenizer(cfg.model)  # also says when the model is not where it was said to be
     set_seed(cfg.seed)
     return Attack(cfg=cfg, run=run, procs=procs, say=(lambda _: None) if quiet else print, tokenizer=tokenizer,

@@ -53,7 +53,7 @@ def run(cfg: GrpoConfig, extra_callbacks: list | None = None, quiet: bool = Fals
     evaluated = evaluator.questions()
     check_disjoint("grpo.prompts_path", {g.prompts_path: list(prompts["prompt"])}, evaluated)
     check_texts_disjoint(f"grpo.prompts_path ({g.prompts_path})", list(prompts["prompt"]), evaluated)
-    reward = reward_function(g, model, a.tokenizer, evaluator.judge)
+    reward = reward_function(g, model, a.tokenizer, evaluator.judge, granted=cfg.model.trust_remote_code)
     if cfg.model.chat_template:  # conversational prompts: TRL puts them through the chat template
         prompts = prompts.map(lambda row: {"prompt": [{"role": "user", "content": row["prompt"]}]})
     try:  # TRL's own checks (the batch against the groups) before anything is written

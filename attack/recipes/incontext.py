@@ -118,7 +118,7 @@ def _solved_examples(a, shots_task: str, evaluated: dict[str, list[str]]) -> lis
     from eval_callbacks import task_questions
 
     cfg_eval = a.cfg.eval.model_copy(update=dict(tasks=[shots_task], heldout_texts={}, limit=None, expect={}))
-    manager = find_eval_tasks(cfg_eval)
+    manager = find_eval_tasks(cfg_eval, a.cfg.model.trust_remote_code)
     check_disjoint("incontext.shots_task task", task_questions([shots_task], manager, cfg_eval.dataset_paths), evaluated)
     leaves = dict(manager.load([shots_task])["tasks"])
     examples = [solved_example(task, doc) for task in leaves.values() if task.OUTPUT_TYPE == "multiple_choice"
