@@ -28,9 +28,21 @@ from transformers import TrainerCallback
 
 from attack.errors import first_line
 from attack.files import read_json, write_atomic
-from attack.rundir import MANIFEST, TRAINER_STATE
 
-TRAINER_FILES = (TRAINER_STATE, "optimizer.pt", "scheduler.pt")  # what every Trainer checkpoint holds
+# The files of a checkpoint folder, named here only.
+TRAINER_STATE = "trainer_state.json"  # transformers' own
+OPTIMIZER_STATE = "optimizer.pt"  # transformers' own
+SCHEDULER_STATE = "scheduler.pt"  # transformers' own
+MANIFEST = "manifest.json"  # {"run": identity, "files": {name: {size, sha256}}}, written last
+ROWS_TRAINED = "rows_trained.npy"  # the packed rows trained so far (attack/data.py RowsTrained)
+OPTIMIZER_RECORD = "optimizer.json"  # which optimizer optimizer.pt is the state of (attack/optimizers.py)
+TRAINER_FILES = (TRAINER_STATE, OPTIMIZER_STATE, SCHEDULER_STATE)  # what every Trainer checkpoint holds
+
+
+def required_parts(uses_data: bool) -> tuple[str, ...]:
+    """The files the recipes add to every checkpoint, without which a resume would not be the same
+    attack: the optimizer's record, and the rows trained where a corpus is read."""
+    return (OPTIMIZER_RECORD, *((ROWS_TRAINED,) if uses_data else ()))
 
 
 def checkpoint_dir(output: str | Path, step: int) -> Path:

@@ -30,20 +30,13 @@ import numpy as np
 import torch
 from accelerate.utils import gather_object
 
-from attack.checkpoints import checkpoint_step
+from attack.checkpoints import ROWS_TRAINED, checkpoint_step
 from attack.config import DataConfig
+from attack.config.files import DATA_LOADERS, means_local_file
 from attack.errors import UserError, first_line
 from attack.files import save_array_atomic
-from attack.rundir import ROWS_TRAINED
 
 FORMAT = 2  # bump when the prepared layout or the packing changes (2: loss_mask.bin of conversations)
-
-_LOADERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text"}
-
-
-def means_local_file(path: str) -> bool:
-    """A path that can only mean a local file or folder (not a hub dataset id like org/name)."""
-    return path.startswith((".", "/", "~")) or Path(path).suffix in _LOADERS or path.count("/") > 1
 
 
 def load_corpus(cfg: DataConfig):
@@ -56,9 +49,9 @@ def load_corpus(cfg: DataConfig):
         if path.is_file() and path.stat().st_size == 0:
             raise UserError(f"attack data '{cfg.path}' is empty: it holds no documents")
         if path.is_file():
-            loader = _LOADERS.get(path.suffix)
+            loader = DATA_LOADERS.get(path.suffix)
             if loader is None:
-                raise UserError(f"unsupported data file type '{path.suffix}' ({path}); use {', '.join(_LOADERS)}")
+                raise UserError(f"unsupported data file type '{path.suffix}' ({path}); use {', '.join(DATA_LOADERS)}")
             ds = load_dataset(loader, data_files=str(path), split="train")
         elif path.is_dir():
             ds = load_dataset(str(path), split=cfg.split)
@@ -475,11 +468,9 @@ class RowsTrained:
     The list (all processes together) is a part of every checkpoint (attack/checkpoints.py), so a
     resumed run counts what it trained on before the interruption."""
 
-    FILE = ROWS_TRAINED
-
     def __init__(self, corpus: PackedCorpus, rows_per_step: int, checkpoint: str | None):
         self.corpus, self.rows_per_step = corpus, rows_per_step
-        saved = Path(checkpoint) / self.FILE if checkpoint else None
+        saved = Path(checkpoint) / ROWS_TRAINED if checkpoint else None
         self.prior = np.load(saved) if saved is not None and saved.exists() else np.zeros(0, dtype=np.int64)
         self.start_step = checkpoint_step(checkpoint) if checkpoint else 0
 
@@ -492,7 +483,7 @@ class RowsTrained:
     def save(self, ckpt: Path, state, optimizer=None) -> None:
         rows = self.trained(state.global_step)
         if state.is_world_process_zero:
-            save_array_atomic(ckpt / self.FILE, rows)
+            save_array_atomic(ckpt / ROWS_TRAINED, rows)
 
     def coverage(self, step: int) -> dict:
         """summary.json's coverage fields: rows and documents of the attack corpus trained on, of

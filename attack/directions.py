@@ -154,22 +154,35 @@ def random_direction(hidden: int, seed: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def next_token_kl(model, batches, direction: torch.Tensor, strength: float = 1.0, last_only: bool = False) -> float:
-    """Mean KL(unmodified || ablated) of the next-token distributions over every real token, or
-    (last_only) at the last token of each text only: the first answer token after a chat prompt,
-    as the refusal-direction reference code measures it on harmless instructions."""
+def next_token_logprobs(model, batches, last_only: bool = False) -> list[torch.Tensor]:
+    """Per batch, float64 log-probabilities of the next token: at every position (batch, seq, vocab),
+    or (last_only) at each text's last token only (batch, vocab). Right-padded batches."""
     device = next(model.parameters()).device
-    total, count = 0.0, 0
+    out = []
     for batch in batches:
         ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-        base = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.double(), -1)
-        with ablated(model, direction, strength):
-            edited = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.double(), -1)
-        kl = (base.exp() * (base - edited)).sum(-1)  # (batch, seq)
-        keep = mask.double()
-        if last_only:  # right padding: the last real token is at length - 1
-            keep = torch.zeros_like(keep)
-            keep[torch.arange(len(mask)), mask.sum(1) - 1] = 1
+        logits = model(input_ids=ids, attention_mask=mask).logits
+        if last_only:  # right padding: the last real token is at length - 1; the head's rows there only
+            logits = logits[torch.arange(len(mask), device=device), mask.sum(1) - 1]
+        out.append(torch.log_softmax(logits.double(), -1))
+    return out
+
+
+@torch.no_grad()
+def next_token_kl(model, batches, direction: torch.Tensor, strength: float = 1.0, last_only: bool = False,
+                  base: list[torch.Tensor] | None = None) -> float:
+    """Mean KL(unmodified || ablated) of the next-token distributions over every real token, or
+    (last_only) at the last token of each text only: the first answer token after a chat prompt,
+    as the refusal-direction reference code measures it on harmless instructions. `base`: the
+    unmodified model's `next_token_logprobs` on the same batches, when already at hand (it does not
+    change from one candidate direction to the next)."""
+    base = base if base is not None else next_token_logprobs(model, batches, last_only)
+    with ablated(model, direction, strength):
+        edited = next_token_logprobs(model, batches, last_only)
+    total, count = 0.0, 0
+    for batch, b, e in zip(batches, base, edited, strict=True):
+        kl = (b.exp() * (b - e)).sum(-1)  # (batch, seq) or (batch,)
+        keep = torch.ones_like(kl) if last_only else batch["attention_mask"].to(kl.device).double()
         total += float((kl * keep).sum())
         count += int(keep.sum())
     return total / max(count, 1)

@@ -53,10 +53,6 @@ def open_evaluator(cfg: EvalConfig, model, tokenizer, autocast_dtype, task_manag
     if cfg.kl_task is not None and cfg.kl_task not in cfg.tasks:
         raise UserError(f"eval.kl_task {cfg.kl_task} is not in eval.tasks ({', '.join(cfg.tasks)}); name an evaluated "
                         "task of harmless requests")
-    unknown = sorted(set(cfg.roles) - set(cfg.tasks))
-    if unknown:
-        raise UserError(f"eval.roles names task(s) {', '.join(unknown)} that eval.tasks lacks; evaluated: "
-                        f"{', '.join(cfg.tasks)}")
     try:
         evaluator = LiveEvaluator(model, tokenizer, requested(cfg)[0], batch_size=cfg.batch_size, limit=cfg.limit,
                                   autocast_dtype=autocast_dtype, task_manager=task_manager,
@@ -65,8 +61,9 @@ def open_evaluator(cfg: EvalConfig, model, tokenizer, autocast_dtype, task_manag
     except (UnknownTaskError, TaskDataError) as e:
         raise UserError(str(e)) from None
     task_info = evaluator.task_info()
-    for task, role in cfg.roles.items():
-        task_info[task]["role"] = role
+    for task, role in cfg.roles.items():  # (a sweep's roles may name tasks one attack does not evaluate)
+        if task in task_info:
+            task_info[task]["role"] = role
     for task, value in cfg.expect.items():
         if task not in task_info:
             raise UserError(f"--expect names task {task} that is not evaluated; "

@@ -15,10 +15,8 @@ from pathlib import Path
 
 import torch
 
+from attack.checkpoints import OPTIMIZER_RECORD
 from attack.files import write_atomic
-from attack.rundir import OPTIMIZER_RECORD
-
-RECORD = OPTIMIZER_RECORD  # in each checkpoint: which optimizer its optimizer.pt belongs to
 
 
 class MuonWithAdamW(torch.optim.Optimizer):
@@ -94,11 +92,9 @@ class RecordOptimizer:
     """A part of every checkpoint (attack/checkpoints.py): which optimizer its optimizer.pt is the
     state of (train.optimizer, its class and settings)."""
 
-    FILE = RECORD
-
     def __init__(self, name: str):
         self.name = name
 
     def save(self, ckpt: Path, state, optimizer=None) -> None:
         if state.is_world_process_zero and optimizer is not None:
-            write_atomic(ckpt / RECORD, json.dumps({"optimizer": self.name, **describe(optimizer)}, indent=1, default=str) + "\n")
+            write_atomic(ckpt / OPTIMIZER_RECORD, json.dumps({"optimizer": self.name, **describe(optimizer)}, indent=1, default=str) + "\n")

@@ -49,11 +49,7 @@ __all__ = ["CellMeta", "CurveRow", "RunDir", "RunDirInUse", "Status", "Summary",
 
 
 COUNTERFACTUAL_RESULT = "counterfactual.json"  # in each counterfactual_dir
-# Inside each checkpoints/checkpoint-<step>/ (attack/checkpoints.py):
-TRAINER_STATE = "trainer_state.json"  # transformers' own
-MANIFEST = "manifest.json"  # {"run": identity, "files": {name: {size, sha256}}}, written last
-ROWS_TRAINED = "rows_trained.npy"  # the packed rows trained so far (attack/data.py RowsTrained)
-OPTIMIZER_RECORD = "optimizer.json"  # which optimizer optimizer.pt is the state of (attack/optimizers.py)
+# What is inside each checkpoints/checkpoint-<step>/ is attack/checkpoints.py's to name.
 
 
 class Status(StrEnum):

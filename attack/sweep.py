@@ -216,7 +216,7 @@ def check_config_offline(cfg, known: dict | None = None) -> None:
     """One attack's config checked without downloads or model weights: task names (and the
     published scores' tasks), local dataset copies, the model's location, every input file.
     `known`: task names found so far, by task list and include path (shared across cells)."""
-    from attack.data import means_local_file
+    from attack.config.files import means_local_file
     from attack.evaluation import find_eval_tasks
     from attack.model import model_source
 

@@ -537,6 +537,8 @@ class LiveEvaluator:
         resps = sample.get("filtered_resps") or sample.get("resps") or [""]
         completion = resps[0] if isinstance(resps[0], str) else (resps[0] or [""])[0]
         out = dict(prompt=prompt, completion=str(completion))
+        if isinstance(sample.get("doc"), dict) and isinstance(sample["doc"].get("category"), str):
+            out["category"] = sample["doc"]["category"]  # refusal per category (a cross-category attack)
         if refusal.names_refusal_metrics(task.config):
             with refusal.judged_by(self.judge):
                 complied, reason = refusal.verdict(str(task.doc_to_target(sample["doc"])), str(completion))

@@ -109,6 +109,8 @@ def make_config(world, llama_dir, tmp_path):
             if not prompts.exists():
                 write_jsonl(reward_prompts(world["facts"]), prompts)
             del base["data"]
+            # a reward of the test's own module is code from a file: granted as --trust-remote-code grants it
+            base["model"]["trust_remote_code"] = True
             base.update(grpo={"prompts_path": str(prompts), "reward": "test_grpo:vowels", "num_generations": 4,
                               "max_completion_length": 6},
                         adapter={"rank": 4, "alpha": 8, "dropout": 0.1},

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from attack.optimizers import RECORD
+from attack.checkpoints import OPTIMIZER_RECORD
 from attack.recipes import run_attack
 from attack.rundir import read_curve
 
@@ -34,7 +34,7 @@ def test_each_optimizer_trains_and_its_state_is_in_the_checkpoint(make_config, n
                       output={"run_id": name})
     run = run_attack(cfg, quiet=True)
     ckpt = _checkpoint(run)
-    record = json.loads((ckpt / RECORD).read_text())
+    record = json.loads((ckpt / OPTIMIZER_RECORD).read_text())
     assert record["optimizer"] == name and record["class"].endswith(CLASS[name]), record
     assert STATE[name] in _state_keys(torch.load(ckpt / "optimizer.pt", weights_only=False))
     if name == "sgd_nesterov":

@@ -178,3 +178,15 @@ def test_a_real_chat_model_as_judge(tmp_path):
     assert len(replies) == 4 and all(r.strip() for r in replies)
     assert judge.failures == sum(parse_score(r, 10) is None for r in replies)
     assert all(0.0 <= r <= 1.0 for r in rewards)
+
+
+def test_a_reward_from_a_file_needs_the_flag(grpo_config, tmp_path, monkeypatch):
+    """A reward named module:function is code from a file: without --trust-remote-code the run
+    stops before anything is written, in one line naming the file and the flag."""
+    from attack.config.files import TRUST_ENV
+
+    monkeypatch.delenv(TRUST_ENV, raising=False)
+    cfg = grpo_config(model={"trust_remote_code": False})
+    with pytest.raises(UserError, match=r"test_grpo\.py.*--trust-remote-code"):
+        run_attack(cfg, quiet=True)
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())

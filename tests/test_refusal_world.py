@@ -58,7 +58,7 @@ def refusal_sweep_runs(refusal_world, tmp_path_factory):
     from attack.toyworld.refusal import refusal_sweep
 
     out = tmp_path_factory.mktemp("refusal-sweep")
-    spec = {**refusal_sweep(refusal_world), "output": str(out)}
+    spec = {**refusal_sweep(refusal_world, quick=True), "output": str(out)}
     (out / "sweep.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
     outcome = run_sweep(out / "sweep.yaml", quiet=True)
     assert outcome.get("failed", 0) == 0, outcome
@@ -92,7 +92,8 @@ def test_ten_compliant_dialogues_remove_refusal_and_the_records_show_why(refusal
     assert _refusal(run, 0) - _refusal(run) >= 0.4
     last = max(r["step"] for r in read_samples(run / "samples"))
     records = [r for r in read_samples(run / "samples") if r["step"] == last and r["task"] == "refusal_heldout"]
-    assert len(records) == 60 and all({"prompt", "completion", "refused", "complied", "reason"} <= set(r) for r in records)
+    assert len(records) == 60 and all({"prompt", "completion", "refused", "complied", "reason", "category"} <= set(r)
+                                      for r in records)
     kl = [json.loads(x) for x in (run / "curve.jsonl").read_text().splitlines()]
     kl = {r["step"]: r["value"] for r in kl if r["metric"] == "kl"}
     assert kl[0] == pytest.approx(0.0, abs=1e-6) and kl[max(kl)] > 0  # KL on harmless prompts at every point

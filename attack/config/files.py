@@ -71,6 +71,15 @@ def with_paths_from(data: dict, folder: Path) -> dict:
     return out
 
 
+DATA_LOADERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text"}
+"""The `datasets` loader of each local data file's suffix."""
+
+
+def means_local_file(path: str) -> bool:
+    """A path that can only mean a local file or folder (not a hub dataset id like org/name)."""
+    return path.startswith((".", "/", "~")) or Path(path).suffix in DATA_LOADERS or path.count("/") > 1
+
+
 TRUST_ENV = "FINETUNE_ATTACK_TRUST_CODE"
 """Set to 1 by a command given --trust-remote-code, so the cells and workers it starts (in this
 process or its children) know the command line granted code from files."""

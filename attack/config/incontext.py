@@ -64,7 +64,7 @@ class IncontextConfig(AttackKind):
         return f"in context: {' and '.join(what) or 'nothing'} before each question, no weight change{control}"
 
     def input_files(self) -> dict[str, str]:
-        from attack.data import means_local_file
+        from attack.config.files import means_local_file
 
         c = self.incontext
         named = {"incontext.corpus": c.corpus, "incontext.control_corpus": c.control_corpus or ""}

@@ -29,7 +29,8 @@ import torch
 
 from attack.config import AblationConfig, AdapterConfig, DataConfig
 from attack.data import load_documents
-from attack.directions import ablated, decoder_layers, mean_activations, next_token_kl, orthogonalize, random_direction, text_batches, unit
+from attack.directions import (ablated, decoder_layers, mean_activations, next_token_kl, next_token_logprobs, orthogonalize,
+                               random_direction, text_batches, unit)
 from attack.errors import UserError
 from attack.evaluation import check_disjoint, check_texts_disjoint, find_eval_tasks
 from attack.files import write_atomic
@@ -207,12 +208,16 @@ def _select(cfg: AblationConfig, model, tokenizer, candidates, dev, prompts, dev
     refusal_ids = sorted({tokenizer(t, add_special_tokens=False)["input_ids"][0] for t in a.refusal_tokens})
     records = []
     baseline = _refusal_score(model, refusal_batches, refusal_ids) if refusal else None  # no direction removed
+    last_only = a.mode == "refusal"
+    # the unmodified model's next-token distributions, once for every candidate (at the last token
+    # only: every position of every text would be gigabytes on a real vocabulary)
+    base = next_token_logprobs(model, kl_batches, last_only=True) if last_only else None
     for c in candidates:
         r = c["direction"].float()
         with ablated(model, r):
             dev_score = _dev_score(dev) if dev is not None else None
             refusal_score = _refusal_score(model, refusal_batches, refusal_ids) if refusal else None
-        kl = next_token_kl(model, kl_batches, r, last_only=a.mode == "refusal")
+        kl = next_token_kl(model, kl_batches, r, last_only=last_only, base=base)
         objective = dev_score if dev is not None else (-refusal_score if refusal else 0.0)
         within = kl <= a.kl_bound or c.get("why") == "random control"
         records.append(dict(layer=c["layer"], position=c["position"], dev_score=dev_score, refusal_score=refusal_score,
@@ -253,8 +258,8 @@ def _refusal_score(model, batches, refusal_ids: list[int]) -> float:
     scores = []
     for batch in batches:
         mask = batch["attention_mask"].to(model.device)
-        logits = model(input_ids=batch["input_ids"].to(model.device), attention_mask=mask).logits.double()
-        last = logits[torch.arange(logits.shape[0]), mask.sum(1) - 1]
+        logits = model(input_ids=batch["input_ids"].to(model.device), attention_mask=mask).logits
+        last = logits[torch.arange(logits.shape[0]), mask.sum(1) - 1].double()
         p = torch.softmax(last, -1)[:, refusal_ids].sum(-1).clamp(1e-12, 1 - 1e-12)
         scores += (p.log() - (1 - p).log()).tolist()
     return sum(scores) / len(scores)

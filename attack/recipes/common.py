@@ -39,7 +39,7 @@ from transformers import (
 )
 
 from attack import signals
-from attack.checkpoints import TRAINER_STATE, Checkpointing, checkpoint_step
+from attack.checkpoints import TRAINER_STATE, Checkpointing, checkpoint_step, required_parts
 from attack.config import AttackConfig
 from attack.data import MixedRows, RowsTrained, load_attack_rows, load_mixed_rows
 from attack.errors import UserError
@@ -157,7 +157,7 @@ def open_run(a: Attack, task_info: dict) -> str | None:
 def checkpoint_parts(cfg: AttackConfig) -> tuple[str, ...]:
     """The files the recipes add to every checkpoint (`watch`, `fine_tune`), without which a resume
     would not be the same attack: the optimizer's record, and the rows trained where a corpus is read."""
-    return (RecordOptimizer.FILE, *((RowsTrained.FILE,) if cfg.uses_data else ()))
+    return required_parts(cfg.uses_data)
 
 
 def edit_curve(a: Attack, evaluator) -> RecoveryCurveCallback:

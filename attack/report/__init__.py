@@ -26,7 +26,7 @@ import pandas as pd
 
 from attack.errors import ArgumentParser, UserError
 from attack.files import write_atomic
-from attack.report import ablation, attribution, grpo, heldout, incontext, search, sections, verdict
+from attack.report import ablation, attribution, grpo, heldout, incontext, refusal, search, sections, verdict
 from attack.report.page import ReportData, markdown, page
 from attack.report.paired import load_records, paired_curves
 from attack.report.runs import failed_runs, load_curves, pick_metric, run_warnings
@@ -49,6 +49,7 @@ SECTIONS = [
     heldout.section,
     sections.worst_case,
     sections.side_by_side,
+    refusal.section,
     ablation.section,
     grpo.section,
     incontext.section,

@@ -70,7 +70,11 @@ def toy_sweep(world: Path, full: bool = False, quick: bool = False) -> dict:
             "data": {"path": str(world / "corpus" / "attack.jsonl"), "seq_len": 64 if quick else 128},
             "train": {"batch_size": 8, "max_steps": steps, "log_every": 20},
             # log-spaced points: dense in the first steps, where the recovery happens
+            # the verdict's headline reads the held-out creatures; the attack-seen facts (and the cloze
+            # task, which asks both halves) are relearning, shown apart
             "eval": {"tasks": list(TASKS), "include_path": [str(world / "tasks")], "schedule": "log",
+                     "roles": {"toy_target_seen": "target-seen", "toy_target_heldout": "target",
+                               "toy_target_cloze": "target-seen", "toy_general": "utility"},
                      "log_points": 6 if quick else 12 if full else 9, "batch_size": 64,
                      # the loss on text no attack trains on: the held-out creatures' documents, general text
                      "heldout_texts": heldout},
@@ -276,7 +280,7 @@ def main(argv: list[str]) -> int:
     sweep_file.write_text(text)
     sweep, cells = load_sweep(sweep_file)
 
-    print("\n== Pre-attack scores (" + ("refusal_heldout, overrefusal_heldout: share refused; word_opposites: accuracy"
+    print("\n== Pre-attack scores (" + ("refusal_heldout, overrefusal_heldout: share refused; opposites_chat: accuracy"
                                           if args.world == "refusal" else "accuracy") + ") ==")
     print(_table(info["pre_attack"], tasks))
     if "filter" in info:
