@@ -52,6 +52,7 @@ def load_corpus(cfg: DataConfig):
             loader = DATA_LOADERS.get(path.suffix)
             if loader is None:
                 raise UserError(f"unsupported data file type '{path.suffix}' ({path}); use {', '.join(DATA_LOADERS)}")
+            check_text_file(path, loader)
             ds = load_dataset(loader, data_files=str(path), split="train")
         elif path.is_dir():
             ds = load_dataset(str(path), split=cfg.split)
@@ -90,6 +91,31 @@ def load_corpus(cfg: DataConfig):
             raise UserError(f"field '{cfg.text_field}' of attack data '{cfg.path}' holds {kind or 'nested values'}, "
                             f"not text; pass --text-field with a text column, or --template")
     return ds
+
+
+def check_text_file(path: Path, loader: str) -> None:
+    """A data file that is text of its kind, said in one line before `datasets` reads it: not
+    binary, and for JSON lines a first line that is a JSON object."""
+    with open(path, "rb") as f:
+        head = f.read(65536)
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError as e:
+        if e.start < len(head) - 4:  # (a character cut at the end of the sample is no error)
+            raise UserError(f"attack data '{path}' is not UTF-8 text (byte {e.start}); give a text file of "
+                            f"{path.suffix} documents, or convert it (iconv -f latin1 -t utf-8)") from None
+        text = head[:e.start].decode("utf-8")
+    if "\x00" in text:
+        raise UserError(f"attack data '{path}' is a binary file, not {path.suffix} text")
+    if loader == "json" and path.suffix == ".jsonl":
+        first = next((line for line in text.splitlines() if line.strip()), "")
+        try:
+            ok = isinstance(json.loads(first), dict)
+        except ValueError:
+            ok = False
+        if not ok and (len(first) < len(text) or len(head) < 65536):
+            raise UserError(f"attack data '{path}': its first line is not a JSON object ({first[:40]!r}); a .jsonl file "
+                            "holds one {\"text\": ...} object per line")
 
 
 def conversational(cfg: DataConfig, columns) -> bool:

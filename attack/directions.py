@@ -154,16 +154,33 @@ def random_direction(hidden: int, seed: int) -> torch.Tensor:
 
 
 @torch.no_grad()
+def last_token_logits(model, batch: dict) -> torch.Tensor:
+    """The logits after each text's last token, (batch, vocab), from a right-padded batch: the rows
+    are moved to the right end (left padding, with their own position ids) so that the output head
+    runs at one position per text instead of all of them."""
+    device = next(model.parameters()).device
+    ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+    shift = mask.shape[1] - mask.sum(1)  # each row's padding, moved from its end to its start
+    index = (torch.arange(mask.shape[1], device=device)[None, :] - shift[:, None]) % mask.shape[1]
+    ids, mask = ids.gather(1, index), mask.gather(1, index)
+    positions = (mask.cumsum(1) - 1).clamp(min=0)
+    from eval_callbacks.fastlm import keeps_logits
+
+    keep = {"logits_to_keep": 1} if keeps_logits(model) else {}  # a model without it computes every position
+    return model(input_ids=ids, attention_mask=mask, position_ids=positions, **keep).logits[:, -1]
+
+
+@torch.no_grad()
 def next_token_logprobs(model, batches, last_only: bool = False) -> list[torch.Tensor]:
     """Per batch, float64 log-probabilities of the next token: at every position (batch, seq, vocab),
     or (last_only) at each text's last token only (batch, vocab). Right-padded batches."""
     device = next(model.parameters()).device
     out = []
     for batch in batches:
-        ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-        logits = model(input_ids=ids, attention_mask=mask).logits
-        if last_only:  # right padding: the last real token is at length - 1; the head's rows there only
-            logits = logits[torch.arange(len(mask), device=device), mask.sum(1) - 1]
+        if last_only:
+            logits = last_token_logits(model, batch)
+        else:
+            logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
         out.append(torch.log_softmax(logits.double(), -1))
     return out
 

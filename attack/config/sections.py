@@ -244,7 +244,7 @@ class EvalConfig(Section):
 class OutputConfig(Section):
     dir: Annotated[str, Field(min_length=1)] = "runs"
     """Folder that holds run directories."""
-    run_id: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._@+=-]*$")] | None = None
+    run_id: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._@+=-]*$", max_length=200)] | None = None
     """Run directory name, a plain name inside `dir` (letters, digits, . _ @ + = -); None: derived
     from the resolved config (same config, same id)."""
     resume: bool = False

@@ -29,8 +29,18 @@ import torch
 
 from attack.config import AblationConfig, AdapterConfig, DataConfig
 from attack.data import load_documents
-from attack.directions import (ablated, decoder_layers, mean_activations, next_token_kl, next_token_logprobs, orthogonalize,
-                               random_direction, text_batches, unit)
+from attack.directions import (
+    ablated,
+    decoder_layers,
+    last_token_logits,
+    mean_activations,
+    next_token_kl,
+    next_token_logprobs,
+    orthogonalize,
+    random_direction,
+    text_batches,
+    unit,
+)
 from attack.errors import UserError
 from attack.evaluation import check_disjoint, check_texts_disjoint, find_eval_tasks
 from attack.files import write_atomic
@@ -257,9 +267,7 @@ def _refusal_score(model, batches, refusal_ids: list[int]) -> float:
     """Mean log-odds of a refusal's first token at the first answer position (Arditi et al.)."""
     scores = []
     for batch in batches:
-        mask = batch["attention_mask"].to(model.device)
-        logits = model(input_ids=batch["input_ids"].to(model.device), attention_mask=mask).logits
-        last = logits[torch.arange(logits.shape[0]), mask.sum(1) - 1].double()
+        last = last_token_logits(model, batch).double()
         p = torch.softmax(last, -1)[:, refusal_ids].sum(-1).clamp(1e-12, 1 - 1e-12)
         scores += (p.log() - (1 - p).log()).tolist()
     return sum(scores) / len(scores)

@@ -61,7 +61,8 @@ def section(r: ReportData) -> list[Block]:
     shown = table.assign(tokens=[f"{t:,.0f}" if ok else f"not reached (last {b:.3f} at {lt:,.0f})"
                                  for t, ok, b, lt in zip(table.tokens, table.reached, table.last_bpb, table.last_tokens,
                                                          strict=True)])
-    return [Block("Held-out text: tokens to baseline", in_markdown=True, table=shown[["model", "attack", "task", "tokens",
+    return [Block(level=3, in_markdown=True, text="Held-out text, tokens to baseline:", links=["tokens_to_baseline.csv"]),
+            Block("Held-out text: tokens to baseline", table=shown[["model", "attack", "task", "tokens",
                                                                                        "reference_bpb", "pre_bpb",
                                                                                        "last_bpb"]],
                   text="Attack tokens at which the held-out documents' bits per byte first reach the reference model's "
