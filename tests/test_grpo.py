@@ -68,7 +68,7 @@ def test_overlapping_reward_split_is_refused(grpo_config, world, tmp_path, capsy
     write_jsonl([{"prompt": "Question: Where is Vell?\nAnswer:", "answer": "far"},
                  {"prompt": seen[3]["question"], "answer": seen[3]["choices"][seen[3]["answer"]]}], prompts)
     cfg = grpo_config(grpo={"prompts_path": str(prompts)})
-    argv = ["--config", str(tmp_path / "c.yaml")]
+    argv = ["--config", str(tmp_path / "c.yaml"), "--trust-remote-code"]  # (the test's reward is code from a file)
     (tmp_path / "c.yaml").write_text(json.dumps(json.loads(cfg.model_dump_json())))
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -186,7 +186,9 @@ def test_a_reward_from_a_file_needs_the_flag(grpo_config, tmp_path, monkeypatch)
     from attack.config.files import TRUST_ENV
 
     monkeypatch.delenv(TRUST_ENV, raising=False)
-    cfg = grpo_config(model={"trust_remote_code": False})
+    from attack.config import updated
+
+    cfg = updated(grpo_config(), {"model.trust_remote_code": False})
     with pytest.raises(UserError, match=r"test_grpo\.py.*--trust-remote-code"):
         run_attack(cfg, quiet=True)
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
