@@ -86,6 +86,8 @@ def checkpoint_damage(ckpt: Path, run: dict | None = None, required: tuple[str, 
     a trainer state and an optimizer state of the checkpoint's own step; weights that read."""
     if ckpt.is_symlink():
         return "it is a link to another folder, not this run's own checkpoint"
+    if not ckpt.is_dir():
+        return "it is a file, not a checkpoint folder"
     manifest = read_json(ckpt / MANIFEST)
     if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict) or not manifest["files"]:
         return f"no valid {MANIFEST}: the save did not finish"
@@ -158,10 +160,22 @@ def newest_valid(folder: Path, keep: int = 2, run: dict | None = None, required:
     `usable` (the caller's own check of its step, e.g. that the curve holds every point up to it).
     A newer damaged one is set aside as damaged-checkpoint-N, said in one line, and the next
     older one is tried; of the set-aside folders the newest `keep` are kept, the rest deleted."""
+    if (folder.exists() or folder.is_symlink()) and not folder.is_dir():  # a file (or a dead link) in its place
+        aside = folder.with_name(f"damaged-{folder.name}")
+        if aside.is_dir() and not aside.is_symlink():
+            shutil.rmtree(aside, ignore_errors=True)
+        elif aside.exists() or aside.is_symlink():
+            aside.unlink()
+        os.replace(folder, aside)
+        say(f"{folder} is not a folder; set aside as {aside.name}, starting the checkpoints again")
+        return None
     if not folder.is_dir():
         return None
     found = None
-    candidates = sorted((p for p in folder.iterdir() if is_checkpoint(p)), key=checkpoint_step, reverse=True)
+    # anything named like a checkpoint, folder or not: a plain file or a dead link of that name
+    # would be in the way of the next save, so it is set aside like any damaged checkpoint
+    candidates = sorted((p for p in folder.iterdir() if re.fullmatch(r"checkpoint-\d+", p.name)), key=checkpoint_step,
+                        reverse=True)
     for ckpt in candidates:
         problem = checkpoint_damage(ckpt, run, required)
         if problem is None and usable(checkpoint_step(ckpt)):

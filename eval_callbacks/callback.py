@@ -28,8 +28,14 @@ class CurveRow(TypedDict):
     value: float
     stderr: float | None
     n: int  # questions scored
-    train_loss: float | None  # the last logged training loss
+    train_loss: float | None  # the training loss the Trainer logged at this very step (None at step 0)
+    learning_rate: float | None  # the learning rate logged at this step
+    grad_norm: float | None  # the gradient norm logged at this step, where the Trainer records one
     wall_s: float  # seconds since the attack started, across resumes
+
+
+def _number(value) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
 
 
 class NonFiniteLossError(RuntimeError):
@@ -115,6 +121,7 @@ class RecoveryCurveCallback(TrainerCallback):
         # curve already holds at step 1 (an ablation), so the steps of both share one axis.
         self.step_offset = step_offset
         self.train_loss = None
+        self._pending: list[dict] | None = None  # an evaluated point's rows, waiting for its step's log
         self.eval_seconds = 0.0
         self.point_seconds: list[float] = []  # each point's; the first also builds the requests
         self.last_rows: list[CurveRow] = []  # the latest point's rows, for progress displays
@@ -127,7 +134,12 @@ class RecoveryCurveCallback(TrainerCallback):
 
     def on_step_end(self, args, state, control, optimizer=None, **kwargs):
         if state.global_step in self.schedule and state.global_step != 0:
-            self._evaluate(state, optimizer)
+            self._evaluate(state, optimizer, defer=True)
+            # The Trainer logs after this call: make it log at this step, and write the point's rows
+            # then, with the loss, learning rate and gradient norm of this step (not the last log's,
+            # which would be an interval stale, or none at all after a resume).
+            control.should_log = True
+        return control
 
     def _check_weights_finite(self, step: int) -> None:
         """A diverged attack must not score: its points would be noise, ranked as recovery. The
@@ -149,21 +161,30 @@ class RecoveryCurveCallback(TrainerCallback):
                 "lower the learning rate or check the model's weights"
             )
         self.train_loss = float(loss)
+        if self._pending is not None:
+            self._write(self._pending, {"train_loss": float(loss), "learning_rate": _number(logs.get("learning_rate")),
+                                        "grad_norm": _number(logs.get("grad_norm"))})
 
-    def _evaluate(self, state, optimizer=None) -> None:
+    def on_train_end(self, args, state, control, **kwargs):
+        if self._pending is not None:  # a Trainer that never logged the point's step
+            self._write(self._pending, {})
+
+    def _evaluate(self, state, optimizer=None, defer: bool = False) -> None:
         step = state.global_step
         if step != 0:
             self._check_weights_finite(step)
         with averaged_weights(optimizer):
             if state.is_world_process_zero:
                 full = step in (self.first, self.last) or self.evaluator.subset is None
-                self.record(self.step_offset + step, int(getattr(state, "num_input_tokens_seen", 0) or 0), full)
+                self.record(self.step_offset + step, int(getattr(state, "num_input_tokens_seen", 0) or 0), full,
+                            defer=defer)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.barrier()
 
-    def record(self, step: int, tokens_seen: int, full: bool = True) -> list[CurveRow]:
+    def record(self, step: int, tokens_seen: int, full: bool = True, defer: bool = False) -> list[CurveRow]:
         """Score the model now and append its rows at curve step `step` (also for attacks that
-        evaluate without a Trainer: an ablation's steps 0 and 1)."""
+        evaluate without a Trainer: an ablation's steps 0 and 1). `defer`: the rows wait for the
+        Trainer's log of this step (on_log), which gives them its loss."""
         if self._start is None:
             self._start = time.perf_counter()
         start = time.perf_counter()
@@ -172,12 +193,22 @@ class RecoveryCurveCallback(TrainerCallback):
         self.eval_seconds += self.point_seconds[-1]
         wall = self.wall_offset_s + (time.perf_counter() - self._start)
         for row in rows:
-            row.update(step=step, tokens_seen=tokens_seen, train_loss=self.train_loss, wall_s=round(wall, 3))
-        self.last_rows = [CurveRow(**{k: r[k] for k in CurveRow.__annotations__}) for r in rows]
+            row.update(step=step, tokens_seen=tokens_seen, train_loss=None, learning_rate=None, grad_norm=None,
+                       wall_s=round(wall, 3))
+        self.last_rows = [CurveRow(**{k: r[k] for k in CurveRow.__annotations__}) for r in rows]  # (progress displays)
         if self.samples_dir is not None:  # before the curve row: a curve point always has its records
             write_samples(self.samples_dir, step, self.evaluator.last_records)
-        append_rows(self.curve_path, self.last_rows)
+        if defer:
+            self._pending = rows
+        else:
+            self._write(rows, {})
         if self.log is not None:
             # "eval_" is the Trainer's prefix for evaluation metrics: trackers file them under eval/
             self.log({f"eval_{r['task']}/{r['metric']}": r["value"] for r in rows})
         return self.last_rows
+
+    def _write(self, rows: list[dict], logged: dict) -> None:
+        """Append a point's rows, with what the Trainer logged at its step."""
+        self._pending = None
+        self.last_rows = [CurveRow(**{k: {**r, **logged}[k] for k in CurveRow.__annotations__}) for r in rows]
+        append_rows(self.curve_path, self.last_rows)

@@ -91,15 +91,37 @@ def test_resumed_run_equals_uninterrupted(make_config, tmp_path):
     assert max(r["step"] for r in interrupted) == 4
     resumed = run_attack(make_config(output={"dir": str(tmp_path / "b"), "resume": True}, **sections), quiet=True)
 
-    def points(run):
-        return [(r["step"], r["tokens_seen"], r["task"], r["metric"], r["value"]) for r in read_curve(run / "curve.jsonl")]
+    def rows(run):  # whole rows, every column but the wall clock
+        return [{k: v for k, v in r.items() if k != "wall_s"} for r in read_curve(run / "curve.jsonl")]
 
-    assert points(resumed) == points(whole)
+    assert rows(resumed) == rows(whole)
+    by_step = {r["step"]: r for r in rows(whole)}
+    assert by_step[0]["train_loss"] is None and all(by_step[s]["train_loss"] is not None for s in (2, 4, 6, 8))
+    assert all(by_step[s]["learning_rate"] is not None for s in (2, 4, 6, 8))
     coverage = ("rows_trained", "distinct_rows_trained", "documents_seen", "tokens_seen")
     summaries = [json.loads((run / "summary.json").read_text()) for run in (whole, resumed)]
     assert [s[k] for k in coverage for s in summaries[:1]] == [s[k] for k in coverage for s in summaries[1:]]
     a, b = adapter_weights(whole), adapter_weights(resumed)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_point_holds_the_loss_of_its_own_step(make_config, tmp_path):
+    """The curve's train_loss at step N is the loss the Trainer logged at step N, not the one an
+    evaluation interval earlier (log every step: the logged loss is that step's own)."""
+    from transformers import TrainerCallback
+
+    logged = {}
+
+    class Losses(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                logged[state.global_step] = logs["loss"]
+
+    cfg = make_config(train={"max_steps": 6, "log_every": 1}, eval={"every": 3})
+    run = run_attack(cfg, extra_callbacks=[Losses()], quiet=True)
+    curve = {r["step"]: r["train_loss"] for r in read_curve(run / "curve.jsonl")}
+    assert curve[3] == pytest.approx(logged[3]) and curve[6] == pytest.approx(logged[6])
+    assert logged[2] != logged[3]  # (so a stale loss would be told apart)
 
 
 def test_evaluation_does_not_disturb_training(make_config, tmp_path):

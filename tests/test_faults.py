@@ -58,7 +58,7 @@ def _as_if_killed(run):
 
 
 def _result(run):
-    points = [(r["step"], r["tokens_seen"], r["task"], r["metric"], r["value"]) for r in read_curve(run / "curve.jsonl")]
+    points = [{k: v for k, v in r.items() if k != "wall_s"} for r in read_curve(run / "curve.jsonl")]  # whole rows
     summary = json.loads((run / "summary.json").read_text())
     records = read_samples(run / "samples")
     return points, records, summary["status"], summary["steps"], summary["tokens_seen"], summary["rows_trained"]
@@ -500,3 +500,31 @@ def test_a_cell_another_sweep_finished_meanwhile_is_never_marked_failed(make_con
     monkeypatch.setattr(attack.recipes, "run_attack", finished_by_another)
     assert run_cell(cell, "s", quiet=True, log=lambda m: None) == "skipped"
     assert cell.run_dir.summary == {"status": "done", "steps": 500}
+
+
+@pytest.mark.parametrize("obstacle", ["file", "dead-link", "checkpoints-file"])
+def test_a_non_folder_at_a_checkpoint_path_is_set_aside(make_config, tmp_path, capsys, obstacle):
+    """A plain file or a dead link named like the next checkpoint, or a file where checkpoints/
+    should be: the resume sets it aside in one line and finishes as the uninterrupted run did."""
+    whole = run_attack(make_config(output={"dir": str(tmp_path / "a")}, **SECTIONS), quiet=True)
+    with pytest.raises(KeyboardInterrupt):
+        run_attack(make_config(output={"dir": str(tmp_path / "b")}, **SECTIONS), extra_callbacks=[Kill("step_end", 5)],
+                   quiet=True)
+    run = next((tmp_path / "b").iterdir())
+    _as_if_killed(run)
+    checkpoints = run / "checkpoints"
+    if obstacle == "file":
+        (checkpoints / "checkpoint-6").write_text("not a checkpoint")
+    elif obstacle == "dead-link":
+        (checkpoints / "checkpoint-6").symlink_to(tmp_path / "nowhere")
+    else:
+        shutil.rmtree(checkpoints)
+        checkpoints.write_text("not a folder")
+    capsys.readouterr()
+    resumed = run_attack(make_config(output={"dir": str(tmp_path / "b"), "resume": True}, **SECTIONS), quiet=True)
+    err = capsys.readouterr().err
+    assert json.loads((resumed / "summary.json").read_text())["status"] == "done"
+    assert _result(resumed)[0] == _result(whole)[0]
+    assert "set aside" in err
+    assert (run / "damaged-checkpoints").exists() if obstacle == "checkpoints-file" else \
+        (checkpoints / "damaged-checkpoint-6").is_symlink() or (checkpoints / "damaged-checkpoint-6").is_file()

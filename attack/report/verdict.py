@@ -200,7 +200,7 @@ def _recovery_curves(r: ReportData, targets: list[str], tested: set, paired: pd.
     """Per model x attack x target task x step: recovered fraction with its interval, tokens, and
     whether the point is within the utility bound (`paired`: paired curves, or empty)."""
     d = r.picked[r.picked.model.isin(tested)]
-    c = paired[paired.model.isin(tested)] if not paired.empty else paired
+    c = paired[paired.model.isin(tested) & paired.task.isin(targets)] if not paired.empty else paired
     if c.empty:  # no per-question records: the curve's scores, no interval
         m = d[d.task.isin(targets)].groupby(["model", "attack", "task", "step"]).value.mean().reset_index()
         pre = m[m.step == 0].set_index(["model", "attack", "task"]).value
