@@ -14,6 +14,7 @@ import sys
 from transformers import TrainerCallback
 
 from attack.rundir import read_curve
+from eval_callbacks.runner import headline_metric
 
 Z = 2.0
 
@@ -29,7 +30,7 @@ def check_published(expect: dict[str, float], step0: list[dict], tasks: dict[str
     for task, value in expect.items():
         published = as_fraction(float(value))
         info = tasks.get(task) or {}
-        metric = info.get("metric") or "acc"
+        metric = headline_metric(info)
         measured = next((r["value"] for r in step0 if r["task"] == task and r["metric"] == metric), None)
         n = info.get("n") or 0
         tolerance = Z * math.sqrt(published * (1 - published) / n) if n else float("nan")

@@ -60,9 +60,11 @@ from attack.config import (
     with_paths_from,
 )
 from attack.config.files import grant_code
+from attack.config.kinds import DEFAULT_KIND
 from attack.errors import ArgumentParser, UserError, first_line
 from attack.rundir import RunDir, RunDirInUse, RunLock, Status, read_curve, read_json
 from attack.sweep import SweepModel, base_for, check_offline, parse_model, record_failure, safe_name
+from eval_callbacks.runner import headline_metric
 
 Choice = str | int | float | bool | None
 
@@ -123,7 +125,7 @@ class Search:
 
     def config(self, model: SweepModel, params: dict, number: int):
         """The config of trial `number` with `params` (dotted keys), and its cell id."""
-        kind = params.get("kind", self.base.get("kind", "finetune"))
+        kind = params.get("kind", self.base.get("kind", DEFAULT_KIND))
         data = base_for(self.base, kind)
         data["kind"] = kind
         for key, value in params.items():
@@ -213,7 +215,7 @@ def objective(run: RunDir, search: SearchSection) -> dict:
     rows = read_curve(run.curve)
 
     def score(task: str, step: int) -> float | None:
-        metric = ((tasks.get(task) or {}).get("metric")) or "acc"
+        metric = headline_metric(tasks.get(task))
         values = [r["value"] for r in rows if r["task"] == task and r["metric"] == metric and r["step"] == step]
         return float(values[-1]) if values and values[-1] is not None else None
 

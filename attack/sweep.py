@@ -40,6 +40,7 @@ from attack.config import (
     with_paths_from,
 )
 from attack.config.files import grant_code
+from attack.config.kinds import DEFAULT_KIND
 from attack.errors import ArgumentParser, UserError, first_line
 from attack.rundir import CellMeta, RunDir, RunDirInUse, Status
 
@@ -131,7 +132,7 @@ def load_sweep(path: str | Path, trust_remote_code: bool = False) -> tuple[dict,
             for a in attacks:
                 if a.models is not None and m.label not in a.models:
                     continue
-                kind = a.overrides.get("kind", "finetune")
+                kind = a.overrides.get("kind", DEFAULT_KIND)
                 kind_base = base_for(base, kind)  # (refuses an unknown kind)
                 draws = KINDS[kind].trains()
                 for seed in (a.seeds or seeds) if draws else [0]:  # a quantization is the same at every seed

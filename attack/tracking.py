@@ -12,6 +12,7 @@ from transformers import ProgressCallback, TrainerCallback
 
 from attack.config import LoggingConfig
 from attack.errors import UserError
+from eval_callbacks.runner import headline_metric
 
 
 def check_tracker(cfg: LoggingConfig) -> None:
@@ -67,7 +68,7 @@ class ProgressLines(TrainerCallback):
     def __init__(self, curve, max_steps: int, tasks: dict, show_loss: bool):
         self.curve, self.max_steps, self.show_loss = curve, max_steps, show_loss
         # the tasks asked for, each on its headline metric
-        self.headline = {t: i.get("metric") or "acc" for t, i in tasks.items() if i.get("requested", True)}
+        self.headline = {t: headline_metric(i) for t, i in tasks.items() if i.get("requested", True)}
         self.start, self.first_step = None, 0
 
     def _say(self, text: str) -> None:

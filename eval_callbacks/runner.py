@@ -243,6 +243,12 @@ def task_questions(tasks: list[str], task_manager, dataset_paths: dict[str, str]
     return {name: [str(task.doc_to_text(doc)) for doc in task.eval_docs] for name, task in leaves.items()}
 
 
+def headline_metric(info: dict | None) -> str:
+    """A task's headline metric, from its tasks.json entry (task_info): the first of its
+    metric_list, acc when it names none."""
+    return (info or {}).get("metric") or "acc"
+
+
 class LiveEvaluator:
     """Evaluates lm-eval tasks on a model object that may be training.
 
@@ -517,7 +523,7 @@ class LiveEvaluator:
         records = []
         for name, entry in info.items():
             leaves = entry["members"] if entry["kind"] == "group" else [name]
-            metric, offset = entry.get("metric") or "acc", 0
+            metric, offset = headline_metric(entry), 0
             for leaf in leaves:
                 found = samples.get(leaf) or []
                 generated = self.tasks[leaf].OUTPUT_TYPE == "generate_until"

@@ -103,3 +103,22 @@ def test_checkpoint_file_names_are_spelled_in_one_module():
             if isinstance(node, ast.Constant) and node.value in names:
                 spelled.setdefault(str(f.relative_to(ROOT)), []).append(node.value)
     assert spelled == {}
+
+
+def test_every_kind_has_its_recipe_and_nothing_else():
+    """The config's kind table and the recipe table name the same kinds: a kind added to one and
+    not the other fails here, not in a user's run."""
+    from attack.config.kinds import KINDS
+    from attack.recipes import RECIPES
+
+    assert set(KINDS) == set(RECIPES)
+
+
+def test_the_default_metric_and_kind_are_named_once():
+    spelled = {}
+    for f in [*(ROOT / "attack").rglob("*.py"), *(ROOT / "eval_callbacks").rglob("*.py")]:
+        text = f.read_text()
+        for pattern in ('or "acc"', 'get("kind", "finetune")'):
+            if pattern in text:
+                spelled.setdefault(str(f.relative_to(ROOT)), []).append(pattern)
+    assert spelled == {"eval_callbacks/runner.py": ['or "acc"']}

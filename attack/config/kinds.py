@@ -8,6 +8,8 @@ from attack.config.grpo import GrpoConfig
 from attack.config.incontext import IncontextConfig
 from attack.config.quantize import QuantizeConfig
 
+DEFAULT_KIND = "finetune"  # the kind of a config or sweep attack that names none
+
 KINDS: dict[str, type] = {"finetune": FinetuneConfig, "ablation": AblationConfig, "grpo": GrpoConfig,
                           "quantize": QuantizeConfig, "incontext": IncontextConfig}
 AttackConfig = FinetuneConfig | AblationConfig | GrpoConfig | QuantizeConfig | IncontextConfig

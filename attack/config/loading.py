@@ -7,7 +7,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ValidationError
 
-from attack.config.kinds import KINDS, AttackConfig
+from attack.config.kinds import DEFAULT_KIND, KINDS, AttackConfig
 from attack.config.sections import EvalConfig
 from attack.errors import UserError
 
@@ -16,7 +16,7 @@ def load_config(data: dict) -> AttackConfig:
     """Build, validate and freeze the config of the kind named in `data` (default finetune)."""
     if not isinstance(data, dict):
         raise UserError(f"a config must be a mapping of sections, got {data!r}")
-    kind = data.get("kind", "finetune")
+    kind = data.get("kind", DEFAULT_KIND)
     if not isinstance(kind, str) or kind not in KINDS:
         raise UserError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
     try:

@@ -50,6 +50,7 @@ from attack.rundir import RunDir
 from attack.speed import micro_batch
 from attack.tracking import finish_tracker
 from eval_callbacks import LiveEvaluator
+from eval_callbacks.runner import headline_metric
 
 
 def run(cfg: AblationConfig, extra_callbacks: list | None = None, quiet: bool = False,
@@ -258,7 +259,7 @@ def _dev_score(dev: LiveEvaluator) -> float:
     """Mean of the dev tasks' headline metrics."""
     info = dev.task_info()
     rows = dev.evaluate()
-    values = [r["value"] for r in rows if r["task"] in dev.requested and r["metric"] == (info[r["task"]]["metric"] or "acc")]
+    values = [r["value"] for r in rows if r["task"] in dev.requested and r["metric"] == headline_metric(info[r["task"]])]
     return sum(values) / len(values)
 
 

@@ -8,8 +8,10 @@ from pathlib import Path
 
 import pandas as pd
 
+from attack.config.kinds import DEFAULT_KIND
 from attack.errors import UserError, first_line
 from attack.rundir import CellMeta, RunDir, Status, read_curve, read_json
+from eval_callbacks.runner import headline_metric
 
 
 def find_runs(paths: list[str | Path]) -> list[Path]:
@@ -57,7 +59,7 @@ def load_curves(paths: list[str | Path] | str | Path) -> pd.DataFrame:
         info = {t: i if isinstance(i, dict) else {} for t, i in tasks.items()}
         df["chance"] = df["task"].map({t: i.get("chance") for t, i in info.items()})
         df["headline"] = df["task"].map({t: i.get("requested", True) for t, i in info.items()}).fillna(True).astype(bool)
-        df["headline_metric"] = df["task"].map({t: oriented(i.get("metric") or "acc") for t, i in info.items()}).fillna("acc")
+        df["headline_metric"] = df["task"].map({t: oriented(headline_metric(i)) for t, i in info.items()}).fillna("acc")
         df["task_role"] = df["task"].map({t: i.get("role") for t, i in info.items()})
         flip = df.metric.isin(ORIENTED)
         df.loc[flip, "value"] = 1 - df.loc[flip, "value"]
@@ -105,9 +107,9 @@ def _run_meta(run: RunDir) -> dict:
     cell: CellMeta | None = run.cell
     if cell and all(isinstance(cell.get(k), str) for k in ("model", "role", "attack")) and isinstance(cell.get("seed"), int):
         meta = dict(model=cell["model"], role=cell["role"], attack=cell["attack"],
-                    kind=str(cell.get("kind", "finetune")), seed=cell["seed"])
+                    kind=str(cell.get("kind", DEFAULT_KIND)), seed=cell["seed"])
     elif not run.config.exists():  # curves alone (written by other tools): named after the folder
-        meta = dict(model=run.path.name, role="other", attack="attack", kind="finetune", seed=0)
+        meta = dict(model=run.path.name, role="other", attack="attack", kind=DEFAULT_KIND, seed=0)
     else:  # a single run: describe it from its config
         cfg = _saved_config(run)
         meta = dict(model=Path(cfg.model.name.rstrip("/")).name or run.path.name, role="other", attack=cfg.label(),

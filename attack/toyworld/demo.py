@@ -17,6 +17,7 @@ from pathlib import Path
 import yaml
 
 from attack.config import merge
+from attack.config.kinds import DEFAULT_KIND
 from attack.errors import ArgumentParser, UserError
 from attack.toyworld.build import TASKS
 
@@ -350,7 +351,7 @@ def expected_s(sweep: dict, built: bool, quick: bool, workers: int) -> float:
     cached), then every cell's cost shared among the workers (at most the 2 cores), the report."""
     cells = 0.0
     for attack in sweep["attacks"]:
-        kind = attack.get("kind", "finetune")
+        kind = attack.get("kind", DEFAULT_KIND)
         fixed, per_step = COST_S[cost_kind(kind, kind == "ablation" and attack["ablation"].get("then_finetune", False))]
         steps = merge(sweep["base"], attack).get("train", {}).get("max_steps", 0)
         seeds = len(attack.get("seeds", sweep["seeds"]))
