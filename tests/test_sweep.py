@@ -276,3 +276,17 @@ def test_relative_paths_in_a_file_are_found_from_its_folder(tmp_path, world, lla
     assert "wmdp_bio_robust" in find_tasks(["wmdp_bio_robust"], ["deep_ignorance"]).all_tasks
     with pytest.raises(UnknownTaskError, match="shipped task set: deep_ignorance"):
         find_tasks(["x"], ["no_such_set"])
+
+
+@pytest.mark.slow
+def test_the_refusal_sweep_and_example_pass_dry_run(capsys, tmp_path, monkeypatch):
+    """The shipped refusal sweep for a hub chat model and the refusal example check out offline
+    from any directory: the public request sets' tasks found by name, the refusal world's request
+    files found from the package, the reference base model attacked by one cheap setting only."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["sweep", "refusal_chat", "--dry-run"]) == 0
+    captured = capsys.readouterr()
+    cells = captured.out.strip().splitlines()[:-1]
+    assert len(cells) == 7 and sum("model=Qwen/Qwen2.5-1.5B " in line for line in cells) == 1
+    assert captured.err == ""
+    assert main(["--config", "refusal", "--dry-run"]) == 0
