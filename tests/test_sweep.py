@@ -287,6 +287,6 @@ def test_the_refusal_sweep_and_example_pass_dry_run(capsys, tmp_path, monkeypatc
     assert main(["sweep", "refusal_chat", "--dry-run"]) == 0
     captured = capsys.readouterr()
     cells = captured.out.strip().splitlines()[:-1]
-    assert len(cells) == 7 and sum("model=Qwen/Qwen2.5-1.5B " in line for line in cells) == 1
+    assert len(cells) == 8 and sum("model=Qwen/Qwen2.5-1.5B " in line for line in cells) == 1
     assert captured.err == ""
     assert main(["--config", "refusal", "--dry-run"]) == 0

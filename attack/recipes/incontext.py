@@ -55,6 +55,10 @@ def run(cfg: IncontextConfig, extra_callbacks: list | None = None, quiet: bool =
         check_texts_disjoint(f"incontext corpus {path}", texts, evaluated)
         retrievers[which] = Retriever(texts)
     examples = _solved_examples(a, c.shots_task, evaluated) if c.shots else []
+    dialogues = {which: _dialogues(path) for which, path in (("attack", c.dialogues), ("control", c.control_dialogues))
+                 if c.dialogue_shots and path}
+    for which, texts in dialogues.items():  # a dialogue that holds an evaluated request would leak it
+        check_texts_disjoint(f"incontext dialogues ({which})", texts, evaluated)
 
     # 2. The context of every question, from the attack corpus and from the control corpus.
     retrieved = {which: {text: r.top(text, c.passages) for qs in questions.values() for _, _, text in qs}
@@ -66,6 +70,9 @@ def run(cfg: IncontextConfig, extra_callbacks: list | None = None, quiet: bool =
             if examples:
                 draw = random.Random(f"{cfg.seed}:{text}")
                 parts += draw.sample(examples, min(c.shots, len(examples)))
+            if which in dialogues:  # the same draw for the attack's and the control's dialogues
+                draw = random.Random(f"{cfg.seed}:dialogues:{text}")
+                parts += draw.sample(dialogues[which], min(c.dialogue_shots, len(dialogues[which])))
             return "".join(p + "\n\n" for p in parts)
         return of
 
@@ -87,7 +94,7 @@ def run(cfg: IncontextConfig, extra_callbacks: list | None = None, quiet: bool =
         curve.record(1, 0)
         # 6. The control: as many passages from an unrelated corpus.
         control = []
-        if "control" in retrievers:
+        if "control" in retrievers or "control" in dialogues:
             shown, _ = common.evaluator(a, model)
             for task in shown.tasks.values():
                 with_context(task, prefix("control"))
@@ -109,6 +116,19 @@ def run(cfg: IncontextConfig, extra_callbacks: list | None = None, quiet: bool =
     a.say(f"{cfg.describe()}; gold answer among the passages: "
           + ", ".join(f"{t} {s['attack']:.0%}" for t, s in shares.items() if s.get("attack") is not None))
     return common.finish(a, evaluator, common.edit_summary(a, curve, context_s), incontext=found)
+
+
+def _dialogues(path: str) -> list[str]:
+    """Each conversation of a messages jsonl as faux turns of one prompt ("User: ... / Assistant: ...")."""
+    from attack.config import DataConfig
+    from attack.data import load_corpus
+
+    rows = load_corpus(DataConfig(path=path, text_field="messages"))["messages"]
+    out = ["\n".join(f"{'User' if m.get('role') == 'user' else 'Assistant'}: {m.get('content') or ''}" for m in turns
+                     if m.get("role") in ("user", "assistant")) for turns in rows]
+    if not any(out):
+        raise UserError(f"incontext dialogues {path} hold no user or assistant turn")
+    return [d for d in out if d]
 
 
 def _solved_examples(a, shots_task: str, evaluated: dict[str, list[str]]) -> list[str]:
