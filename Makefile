@@ -6,7 +6,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo demo-full demo-suite demo-search demo-smollm2 demo-refusal test test-fast lint docs clean
+.PHONY: demo demo-full demo-suite demo-search demo-smollm2 demo-refusal demo-attribution test test-fast lint docs clean
 
 # The environment, complete once the stamp exists (an install cut short is redone, not half kept):
 # - torch first, pinned: the CPU wheel; an unpinned request pulls gigabytes of CUDA packages;
@@ -49,6 +49,9 @@ demo-smollm2: $(INSTALLED)
 demo-refusal: $(INSTALLED)
 	$(BIN)/python -m attack demo --world refusal
 
+demo-attribution: $(INSTALLED)
+	$(BIN)/python -m attack demo --attribution
+
 test: $(INSTALLED)
 	$(BIN)/ruff check attack eval_callbacks tests bench
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict -q
@@ -67,4 +70,4 @@ lint: $(INSTALLED)
 	$(BIN)/ruff check attack eval_callbacks tests bench
 
 clean:
-	rm -rf build/site runs/demo runs/demo-full runs/demo-smollm2 runs/demo-refusal .cache/toyworld .cache/smollm2world .cache/refusalworld .cache/corpus
+	rm -rf build/site runs/demo runs/demo-full runs/demo-smollm2 runs/demo-refusal runs/demo-attribution .cache/toyworld .cache/smollm2world .cache/refusalworld .cache/corpus

@@ -13,8 +13,10 @@ once, as a `RunDir` attribute:
                                                                model a fine-tune starts from
                   retrieval.jsonl  control.jsonl               (incontext) each question's passages, the
                                                                control corpus's scores
-                  attribution/  attribution.jsonl  attribution_summary.json  counterfactual/
+                  attribution/  attribution.jsonl  attribution_summary.json
                                                                (--attribution) see attack/attribution/
+                  counterfactual.csv  counterfactual/          (python -m attack counterfactual) recovery
+                                                               removed per method and k; the reruns
 
 The step axis. `step` counts the attack's optimizer steps, so curves of different kinds share
 one x axis. Step 0 is always the unmodified model under test, evaluated before the attack
@@ -48,7 +50,7 @@ __all__ = ["CellMeta", "CurveRow", "RunDir", "RunDirInUse", "Status", "Summary",
            "write_atomic"]
 
 
-COUNTERFACTUAL_RESULT = "counterfactual.json"  # in each counterfactual_dir
+COUNTERFACTUAL_RESULT = "counterfactual.json"  # in counterfactual/: the removals and reruns behind the table
 # What is inside each checkpoints/checkpoint-<step>/ is attack/checkpoints.py's to name.
 
 
@@ -215,7 +217,8 @@ class RunDir:
         self.attribution = AttributionFiles(self.path / "attribution")
         self.attribution_rows = self.path / "attribution.jsonl"
         self.attribution_summary = self.path / "attribution_summary.json"
-        self.counterfactual = self.path / "counterfactual"
+        self.counterfactual = self.path / "counterfactual"  # its reruns (runs/, corpora/) and COUNTERFACTUAL_RESULT
+        self.counterfactual_table = self.path / "counterfactual.csv"  # recovery removed per method and k
         self.retrieval = self.path / "retrieval.jsonl"  # (incontext) each question's passages, answer held or not
         self.control = self.path / "control.jsonl"  # (incontext) curve rows of the control corpus's context
         self.judge_cache = self.path / "judge.jsonl"  # verdicts of a model or endpoint judge, by content hash
@@ -372,10 +375,6 @@ class RunDir:
         summary = self.summary or {}
         summary.update(fields)
         write_atomic(self.summary_path, json.dumps(summary, indent=2))
-
-    def counterfactual_dir(self, task: str, method: str, k: int, step: int) -> Path:
-        """One counterfactual's folder: its reruns (runs/) and its result (COUNTERFACTUAL_RESULT)."""
-        return self.counterfactual / f"{task}-{method}-k{k}-step{step}"
 
     def wall_so_far(self) -> float:
         rows = read_curve(self.curve)

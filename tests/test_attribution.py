@@ -4,6 +4,7 @@ one line."""
 
 import copy
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -110,18 +111,25 @@ def test_collection_changes_no_weight_and_attribution_jsonl_has_its_columns(make
     summary = json.loads((run / "attribution_summary.json").read_text())
     assert summary["gold_field"] == "entity" and set(summary["validation"]) == {"gradient", "tracin", "bm25", "random"}
 
-    # the counterfactual reruns the attack to the last point without the chosen documents
+    # the counterfactual reruns the attack to the last point without each method's chosen documents
     from attack.counterfactual import counterfactual
 
-    result = counterfactual(run, "toy_target_seen", k=2)
+    table = counterfactual(run, ["gradient", "bm25"], [2], tasks=["toy_target_seen"], draws=2, seeds=[0], log=lambda _: None)
+    assert set(table.method) == {"gradient", "bm25", "random"} and set(table.k) == {2}
+    detail = json.loads((run / "counterfactual" / "counterfactual.json").read_text())
     texts = [json.loads(line)["text"] for line in open(world["attack"])]
-    for name, rerun in result["runs"].items():
-        kept = [json.loads(line)["text"] for line in open(Path(result["file"]).parent / f"{name}.jsonl")]
-        assert len(rerun["removed"]) == 2 and len(kept) == documents - 2
-        assert not {texts[d] for d in rerun["removed"]} & set(kept)
-        assert max(r["step"] for r in _curve(Path(rerun["run"]))) == 6
-    assert set(result["runs"]) == {"without-top2-gradient", "without-random2-draw0"}
-    assert not set(result["runs"]["without-top2-gradient"]["removed"]) & set(result["runs"]["without-random2-draw0"]["removed"])
+    drawn = {r["method"] + str(r["draw"]): r["documents"] for r in detail["removals"]}
+    assert set(drawn) == {"gradient0", "bm250", "random0", "random1"} and all(len(d) == 2 for d in drawn.values())
+    for name, path in detail["runs"].items():
+        if name.endswith("original"):
+            assert path == str(run)  # the run's own seed is its own original
+            continue
+        method, k, draw = name.split(":")[1].split("/")
+        kept = [json.loads(line)["text"] for line in open(run / "counterfactual" / "corpora" / f"{Path(path).name}.jsonl")]
+        assert len(kept) == documents - 2 and not {texts[d] for d in drawn[method + draw]} & set(kept)
+        assert max(r["step"] for r in _curve(Path(path))) == 6
+    assert (run / "counterfactual.csv").read_text().splitlines()[0] == \
+        "method,k,documents,removed,removed_lo,removed_hi,questions,seeds,draws,held_out"
 
 
 def _curve(run):
@@ -136,7 +144,7 @@ def _group(rows, values="rank"):
 
 
 def test_counterfactual_removes_the_documents_ranked_best_over_the_question_set(tmp_path):
-    from attack.counterfactual import top_documents
+    from attack.counterfactual import Question, top_documents
     from attack.rundir import RunDir
 
     run = RunDir(tmp_path)
@@ -145,8 +153,36 @@ def test_counterfactual_removes_the_documents_ranked_best_over_the_question_set(
             for r, d in enumerate(ranked, start=1)]
     run.attribution_rows.write_text("".join(json.dumps(r) + "\n" for r in rows))
     # question 2 is outside the set, and step 10 after the point asked about
-    assert top_documents(run, "t", [0, 1], 5, "gradient", 3) == [3, 7, 8]
-    assert top_documents(run, "t", [0, 1], 10, "gradient", 2) == [3, 7]
+    asked = [Question("t", 0, False), Question("t", 1, False)]
+    assert top_documents(run, asked, 5, "gradient", 3) == [3, 7, 8]
+    assert top_documents(run, asked, 10, "gradient", 2) == [3, 7]
+
+
+def test_recovery_removed_is_the_mean_with_a_bootstrap_interval_over_questions_within_seeds():
+    from attack.counterfactual import removal_measure
+
+    rng = np.random.default_rng(0)
+    # every question fully undone on one seed, none on the other: the mean is the share of units
+    mean, lo, hi = removal_measure({0: np.ones(30), 1: np.zeros(10)}, rng)
+    assert mean == 0.75 and lo == hi == 0.75  # within-seed resampling of constant values cannot move it
+    mean, lo, hi = removal_measure({0: np.array([0.0, 1.0] * 20)}, rng)
+    assert mean == 0.5 and 0.3 < lo < 0.5 < hi < 0.7
+
+
+def test_a_file_ranking_is_read_in_rank_order_and_misuse_is_one_line(tmp_path):
+    from attack.counterfactual import file_ranking
+    from attack.errors import UserError
+
+    good = tmp_path / "gold.jsonl"
+    good.write_text('{"doc": 4}\n{"doc": 1}\n\n{"doc": 4}\n{"doc": 0}\n')
+    assert file_ranking(str(good), 5) == [4, 1, 0]  # a repeat keeps its first rank
+    for text, expected in [('{"doc": 5}', "not a row of the attack corpus"), ('{"row": 1}', "is not a {\"doc\": N} row"),
+                           ('{"doc": "1"}', "not a row"), ("", "ranks no document")]:
+        (tmp_path / "bad.jsonl").write_text(text)
+        with pytest.raises(UserError, match=re.escape(expected)):
+            file_ranking(str(tmp_path / "bad.jsonl"), 5)
+    with pytest.raises(UserError, match="no such file"):
+        file_ranking(str(tmp_path / "missing.jsonl"), 5)
 
 
 def test_bm25_ranks_a_documents_own_words_first(tmp_path):
@@ -171,7 +207,8 @@ def test_attribute_on_a_run_without_attribution_is_one_line(capsys, make_config,
     run = run_attack(make_config(train={"max_steps": 2}, eval={"every": 2, "tasks": ["toy_target_seen"]}), quiet=True)
     capsys.readouterr()  # the attack's own output (a weight-loading bar) is not the command's
     _one_line_error(capsys, ["attribute", str(run)], "holds no attribution data; run the attack with --attribution")
-    _one_line_error(capsys, ["counterfactual", str(run), "--task", "toy_target_seen"], "has no attribution.jsonl")
+    _one_line_error(capsys, ["counterfactual", str(run), "--task", "toy_target_seen", "--methods", "gradient"],
+                    "has no attribution.jsonl")
 
 
 def test_retrieval_metrics_are_named_as_the_field_names_them():

@@ -204,7 +204,10 @@ def test_model_code_runs_only_when_the_command_line_says_so(capsys, world, llama
 
 
 def test_attribution_commands_refuse_counts_below_one(capsys, tmp_path):
-    _one_line_error(capsys, ["counterfactual", str(tmp_path), "--task", "t", "--k", "-5"], "--k and --draws must be")
+    _one_line_error(capsys, ["counterfactual", str(tmp_path), "--task", "t", "--k", "-5"], "--k must be at least 1")
+    _one_line_error(capsys, ["counterfactual", str(tmp_path), "--k", "5,x"], "--k takes comma-separated whole numbers")
+    _one_line_error(capsys, ["counterfactual", str(tmp_path), "--draws", "0"], "--draws and --workers must be at least 1")
+    _one_line_error(capsys, ["counterfactual", str(tmp_path), "--methods", "gradient,influence"], "unknown influence")
     _one_line_error(capsys, ["attribute", str(tmp_path), "--top-k", "-1"], "--top-k must be at least 1")
 
 

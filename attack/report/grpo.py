@@ -4,8 +4,6 @@ fine-tuning at the same number of steps."""
 
 from __future__ import annotations
 
-import re
-
 import pandas as pd
 
 from attack.report.page import Block, ReportData, figure, pyplot
@@ -71,6 +69,5 @@ def section(r: ReportData) -> list[Block]:
     blocks.append(Block(table=last.groupby(["model", "attack"])[["step", "reward", "reward_std",
                                                                   "frac_reward_zero_std"]].mean().reset_index()))
     for attack in sorted(rewards.attack.unique()):
-        safe = re.sub(r"[^\w.-]", "-", attack)  # labels may hold a module:function reward
-        blocks.append(Block(attack, level=3, figure=figure(plot_rewards(rewards, attack), r.out, f"rewards_{safe}.png")))
+        blocks.append(Block(attack, level=3, figure=figure(plot_rewards(rewards, attack), r.out, f"rewards_{attack}.png")))
     return blocks

@@ -9,6 +9,7 @@ import base64
 import html
 import io
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -79,7 +80,9 @@ def pyplot():
 
 
 def figure(fig, out: Path, name: str) -> str:
-    """Save a matplotlib figure as out/name (PNG) and close it; returns the file name."""
+    """Save a matplotlib figure as out/name (PNG) and close it; returns the file name. Labels in
+    the name (a module:function reward, a slash) become dashes."""
+    name = re.sub(r"[^\w.-]", "-", name)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", bbox_inches="tight")  # the legend beside the axes is part of the figure
     pyplot().close(fig)

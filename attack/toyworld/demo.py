@@ -214,6 +214,9 @@ def main(argv: list[str]) -> int:
     p.add_argument("--search", action="store_true",
                    help="an adversary search (Optuna, pruned at the median) per model under test, against the compact "
                         "demo's fixed LoRA setting (make demo-search)")
+    p.add_argument("--attribution", action="store_true",
+                   help="which documents drove the recovery: the filtered model attacked by LoRA on single-source facts, "
+                        "attribution methods set against the gold documents by counterfactual reruns (make demo-attribution)")
     p.add_argument("--workers", type=int, default=min(os.cpu_count() or 1, 4),
                    help="cells run at once, each in its own process on one torch thread (default: the cores, "
                         "at most 4)")
@@ -259,10 +262,17 @@ def main(argv: list[str]) -> int:
         built = (world / "world.json").exists()
         which = ("the adversary suite" if args.suite else "the adversary search" if args.search else "the full comparison" if args.full
                  else "compact; the full comparison: make demo-full")
-        print(f"expected time on a 2-core machine, fresh runs: {expected_s(sweep_spec, built, args.quick, args.workers):.0f} s "
-              f"({'world cached' if built else 'world build included'}; {which})")
+        if not args.attribution:
+            print(f"expected time on a 2-core machine, fresh runs: {expected_s(sweep_spec, built, args.quick, args.workers):.0f} s "
+                  f"({'world cached' if built else 'world build included'}; {which})")
         world = build_world(cache, spec)
         write_heldout_texts(world)
+        if args.attribution:
+            from attack.toyworld.attribution import run_demo
+
+            run_demo(world, Path(args.output or "runs/demo-attribution" + ("-quick" if args.quick else "")).absolute(),
+                     args.quick, args.workers)
+            return 0
     info = json.loads((world / "world.json").read_text())
 
     # The sweep names the built world by absolute path; it is written beside its runs, so

@@ -1,0 +1,71 @@
+"""The counterfactual on a world where the answer is known: each attack-seen fact stated by one
+document among distractors the model knows already. Removing the gold documents (a file:
+ranking) must undo most of the recovery, random removals little; the table, the held-out split
+and the report's sentence come out of one call."""
+
+import json
+
+import pytest
+
+from attack.recipes import run_attack
+
+
+@pytest.fixture(scope="module")
+def single_source(tmp_path_factory):
+    """The attribution world's corpus over a world of 6 attack-seen creatures (18 facts, one
+    document each, among 90 distractors), and a tiny Llama pretrained (a few seconds) on every
+    document but theirs: it knows the distractors (the general domain, the held-out creatures)
+    and not one attack-seen fact."""
+    from conftest import TINY
+
+    from attack.toyworld.attribution import write_attribution_corpus
+    from attack.toyworld.models import build_model, pretrain, train_tokenizer
+    from attack.toyworld.world import WorldSpec, generate, write_jsonl, write_tasks
+
+    root = tmp_path_factory.mktemp("single")
+    w = generate(WorldSpec(target_entities=12, general_entities=24, docs_per_entity=3))
+    (root / "facts.json").write_text(json.dumps(w["facts"]))
+    known = [d for d in w["docs"] if d["split"] != "seen"]
+    write_jsonl([d for d in known if d["split"] != "dev"], root / "corpus" / "general.jsonl")
+    write_tasks(w["facts"], root / "tasks")
+    tokenizer = train_tokenizer([d["text"] for d in w["docs"]], root / "tokenizer", vocab_size=512)
+    model = build_model(TINY, tokenizer, seed=0)
+    pretrain(model, tokenizer, [d["text"] for d in known], 300, lr=3e-3, seq_len=64, log=lambda _: None)
+    model.save_pretrained(str(root / "naive"))
+    tokenizer.save_pretrained(str(root / "naive"))
+    corpus, gold = write_attribution_corpus(root)
+    return root, corpus, gold
+
+
+@pytest.mark.slow
+def test_removing_the_gold_documents_undoes_most_recovery_and_random_little(make_config, single_source, capsys):
+    from attack.__main__ import main
+    from attack.report import write_report
+
+    root, corpus, gold = single_source
+    facts = sum(1 for _ in open(gold))
+    # full fine-tuning: the tiny model learns the facts in 150 steps (0.36 -> 0.86 of them on 36
+    # facts); LoRA on it does not
+    cfg = make_config(model=root / "naive", data={"path": str(corpus), "seq_len": 64}, adapter={"kind": "full"},
+                      train={"lr": 3e-3, "batch_size": 8, "max_steps": 150, "log_every": 50},
+                      eval={"tasks": ["toy_target_seen", "toy_target_heldout"], "every": 150, "include_path": [str(root / "tasks")],
+                            "roles": {"toy_target_seen": "target-seen", "toy_target_heldout": "target"}})
+    run = run_attack(cfg, quiet=True)
+    capsys.readouterr()
+    assert main(["counterfactual", str(run), "--methods", f"file:{gold},random", "--k", str(facts), "--draws", "2",
+                 "--seeds", "0"]) == 0
+    printed = capsys.readouterr().out
+    import pandas as pd
+
+    table = pd.read_csv(run / "counterfactual.csv")
+    seen = table[~table.held_out].set_index("method")
+    ours, rand = seen.loc[f"file:{gold}"], seen.loc["random"]
+    assert ours.documents == facts and rand.draws == 2 and ours.questions >= 6
+    assert ours.removed >= 0.5 and rand.removed <= 0.5 and ours.removed - rand.removed >= 0.25, seen
+    assert all(r.removed_lo <= r.removed <= r.removed_hi for r in table.itertuples())
+    assert printed.count("[") >= len(table)  # every row's interval is printed
+    # the naive model read the held-out facts: whatever it "recovered" there is measured apart
+    assert set(table.held_out) <= {False, True}
+    report = write_report([run], run.parent / "report")
+    page = (report / "index.html").read_text()
+    assert f"documents of file:{gold} undid" in page
