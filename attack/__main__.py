@@ -270,14 +270,20 @@ def main(argv: list[str] | None = None) -> int:
         if not _disk_full(e):
             raise
         where = getattr(e, "filename", None) or "while writing"
-        print(f"error: disk full ({where}): free space, then run the same command "
-              "with --resume (sweeps resume by themselves)", file=sys.stderr)
+        print(f"error: disk full ({where}): free space, then {_again(argv)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:
         how = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
-        print(f"\n{how}: continue with the same command plus --resume (sweeps resume by themselves)",
-              file=sys.stderr)
+        print(f"\n{how}: {_again(argv)}", file=sys.stderr)
         return 143 if isinstance(e, Terminated) else 130
+
+
+def _again(argv: list[str]) -> str:
+    """How to continue: a subcommand that drives runs (sweep, search, ...) picks up where it stopped
+    when run again (and refuses --resume); one attack resumes with --resume."""
+    if argv and argv[0] in SUBCOMMANDS:
+        return f"run the same command again (python -m attack {argv[0]} ...): it picks up where it stopped"
+    return "run the same command again with --resume"
 
 
 def dry_run(cfg) -> int:

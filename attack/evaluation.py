@@ -3,6 +3,8 @@ written; the live-model evaluator with each task's facts; the schedule of evalua
 
 from __future__ import annotations
 
+import re
+
 from attack.config import EvalConfig, check_dataset_copies
 from attack.config.files import code_granted
 from attack.errors import UserError
@@ -90,7 +92,9 @@ def score_table(rows: list[dict], tasks: list[str] | None = None) -> str:
 
 
 def _normal(text: str) -> str:
-    return " ".join(text.lower().split())
+    """A question as compared across splits: case, whitespace and punctuation folded, so a
+    template that adds a question mark or a colon does not hide a shared question."""
+    return " ".join(re.sub(r"[^\w\s]", " ", text.lower()).split())
 
 
 def check_disjoint(what: str, questions: dict[str, list[str]], evaluated: dict[str, list[str]]) -> None:

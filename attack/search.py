@@ -110,6 +110,13 @@ class SearchSection(Section):
     token_budget: Annotated[int, Field(gt=0)] | None = None
     """No new trial starts once the study's trials have trained this many tokens in total (per model)."""
 
+    @model_validator(mode="after")
+    def _bound_needs_task(self):
+        if "max_utility_drop" in self.model_fields_set and self.utility_task is None:
+            raise ValueError("search.max_utility_drop bounds the drop of search.utility_task: name that task "
+                             "(e.g. utility_task: mmlu), or drop max_utility_drop")
+        return self
+
 
 @dataclass(frozen=True)
 class Search:
@@ -281,6 +288,28 @@ def storage_for(url: str | None, output: Path):
     engine = {"connect_args": {"timeout": 120}} if url.startswith("sqlite") else {"pool_pre_ping": True}
     try:
         return optuna.storages.RDBStorage(url, engine_kwargs=engine)
+    except Exception as e:  # SQLAlchemy and the drivers raise their own types
+        raise UserError(f"--storage {url}: cannot open it ({first_line(e)}); give a reachable database URL, "
+                        "journal:PATH or nothing for the SQLite file in the output folder") from None
+
+
+def check_storage(url: str | None) -> None:
+    """A storage the search could open, checked before anything is written: a journal's or an
+    SQLite file's folder exists; a database answers a connection."""
+    if url is None:
+        return
+    if url.startswith("journal:") or url.startswith("sqlite:///"):
+        path = Path(url.removeprefix("journal:").removeprefix("sqlite:///")).expanduser()
+        if not path.parent.is_dir():
+            raise UserError(f"--storage {url}: the folder {path.parent} does not exist; create it, or give another path")
+        return
+    try:
+        import sqlalchemy
+
+        engine = sqlalchemy.create_engine(url, pool_pre_ping=True)
+        with engine.connect():
+            pass
+        engine.dispose()
     except Exception as e:  # SQLAlchemy and the drivers raise their own types
         raise UserError(f"--storage {url}: cannot open it ({first_line(e)}); give a reachable database URL, "
                         "journal:PATH or nothing for the SQLite file in the output folder") from None
@@ -459,6 +488,7 @@ def main(argv: list[str]) -> int:
     grant_code(args.trust_remote_code)  # cells and workers started from here inherit it
     s = load_search(args.file, args.trust_remote_code)
     _check_tasks(s)
+    check_storage(args.storage)
     if args.dry_run:
         for m in s.models:
             print(f"{s.study_name(m)}: {s.search.trials} trials over {', '.join(s.search.space)} on {m.name}, chosen on "

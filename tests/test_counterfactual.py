@@ -69,3 +69,20 @@ def test_removing_the_gold_documents_undoes_most_recovery_and_random_little(make
     report = write_report([run], run.parent / "report")
     page = (report / "index.html").read_text()
     assert f"documents of file:{gold} undid" in page
+
+
+def test_the_sentence_names_the_method_that_removed_most_and_says_when_random_matches_it():
+    import pandas as pd
+
+    from attack.report.attribution import verdict_sentence
+
+    rows = [dict(method="gradient", k=10, removed=0.8, removed_lo=0.6, removed_hi=0.9, questions=20, seeds=2),
+            dict(method="bm25", k=10, removed=0.3, removed_lo=0.1, removed_hi=0.5, questions=20, seeds=2),
+            dict(method="bm25", k=40, removed=0.9, removed_lo=0.8, removed_hi=1.0, questions=20, seeds=2),
+            dict(method="random", k=10, removed=0.2, removed_lo=0.1, removed_hi=0.3, questions=20, seeds=2)]
+    text = verdict_sentence(pd.DataFrame(rows))
+    # at the largest k every method reached (10), not bm25's 40
+    assert "top 10 documents of gradient undid 80%" in text and "distinguishable" not in text
+    rows[0].update(removed=0.4, removed_lo=0.25, removed_hi=0.55)
+    text = verdict_sentence(pd.DataFrame(rows))
+    assert "of gradient undid 40%" in text and "gradient is not distinguishable from random at this k" in text

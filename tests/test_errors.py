@@ -6,6 +6,7 @@ import sys
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file, save_file
 
 from attack.__main__ import main
@@ -488,3 +489,35 @@ def test_short_heldout_documents_are_compared_whole(world, tmp_path):
         check_not_trained_on(EvalConfig(heldout_texts={"h": str(held)}), [DataConfig(path=str(corpus))])
     held.write_text(json.dumps({"text": "The creature Zorb sleeps in the marsh."}) + "\n")
     check_not_trained_on(EvalConfig(heldout_texts={"h": str(held)}), [DataConfig(path=str(corpus))])
+
+
+def test_a_stopped_subcommand_says_to_run_it_again_and_one_attack_says_resume():
+    from attack.__main__ import _again
+
+    assert "python -m attack search ...): it picks up where it stopped" in _again(["search", "s.yaml"])
+    assert "--resume" not in _again(["sweep", "s.yaml"])
+    assert _again(["--model", "m"]) == "run the same command again with --resume"
+
+
+@pytest.mark.parametrize("section, expected", [
+    ({"space": {"train.lr": {"low": 1e-2, "high": 1e-3}}}, "a search range needs low < high, got 0.01 and 0.001"),
+    ({"space": {"train.lr": [1e-3]}, "trails": 3},
+     "unknown config key 'search.trails'; did you mean trials?; valid keys here: space, trials"),
+    ({"space": {"train.lr": [1e-3]}, "max_utility_drop": 0.2}, "search.max_utility_drop bounds the drop of search.utility_task"),
+])
+def test_a_bad_search_section_is_one_line_that_names_the_fix(capsys, tmp_path, section, expected):
+    search = {"name": "s", "output": str(tmp_path / "out"), "base": {"eval": {"tasks": ["x"]}},
+              "models": [{"label": "m", "name": str(tmp_path)}], "search": {"selection_tasks": ["y"], **section}}
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(search))
+    _one_line_error(capsys, ["search", str(tmp_path / "s.yaml"), "--dry-run"], expected)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_question_shared_across_splits_is_found_through_punctuation_case_and_spacing():
+    from attack.errors import UserError
+    from attack.evaluation import check_disjoint
+
+    with pytest.raises(UserError, match="shares 1 question"):
+        check_disjoint("search.selection_tasks task", {"dev": ["Question: Where does  Zorbl live?"]},
+                       {"heldout": ["question where does zorbl live"]})
+    check_disjoint("search.selection_tasks task", {"dev": ["Where does Rylbl live?"]}, {"heldout": ["Where does Zorbl live?"]})

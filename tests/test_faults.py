@@ -349,7 +349,7 @@ def test_sigterm_ends_as_interrupted_and_resumes(make_config, tmp_path, command)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 143, err[-2000:]
-    assert err.strip().splitlines()[-1].startswith("terminated (SIGTERM): continue with the same command plus --resume")
+    assert err.strip().splitlines()[-1].startswith("terminated (SIGTERM): run the same command again with --resume")
     assert json.loads((tmp_path / "r" / "summary.json").read_text())["status"] == "interrupted"
     assert not (tmp_path / "r" / ".lock").exists()
     run = RunDir(tmp_path / "r")

@@ -226,3 +226,19 @@ def test_the_own_model_search_checks_out_from_any_directory(tmp_path, monkeypatc
     out = capsys.readouterr().out
     assert "chosen on element_symbols_dev" in out and "check out" in out
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("curve.jsonl"))
+
+
+@pytest.mark.parametrize("storage, expected", [
+    ("journal:{tmp}/missing/journal.log", "missing does not exist; create it"),
+    ("sqlite:///{tmp}/missing/study.db", "missing does not exist; create it"),
+    ("postgresql://nobody@127.0.0.1:1/none", "cannot open it"),
+])
+def test_a_storage_that_cannot_open_is_one_line_before_anything_is_written(world, llama_dir, tmp_path, capsys,
+                                                                            storage, expected):
+    from tests.test_errors import _one_line_error
+
+    path = _search_file(world, llama_dir, tmp_path)
+    out = Path(yaml.safe_load(path.read_text())["output"])
+    for dry in ([], ["--dry-run"]):
+        _one_line_error(capsys, ["search", str(path), "--storage", storage.format(tmp=tmp_path), *dry], expected)
+        assert not out.exists()

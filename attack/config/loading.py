@@ -9,7 +9,7 @@ from pydantic import BaseModel, ValidationError
 
 from attack.config.kinds import DEFAULT_KIND, KINDS, AttackConfig
 from attack.config.sections import EvalConfig
-from attack.errors import UserError
+from attack.errors import UserError, did_you_mean
 
 
 def load_config(data: dict) -> AttackConfig:
@@ -28,14 +28,19 @@ def load_config(data: dict) -> AttackConfig:
 
 
 def explain(error: ValidationError, schema: type[BaseModel], prefix: str = "") -> str:
-    """The first problem of a pydantic error as one line that names the key and the fix."""
-    e = error.errors()[0]
-    key = ".".join([*([prefix] if prefix else []), *(str(p) for p in e["loc"])])
+    """The first problem of a pydantic error as one line that names the key and the fix. A
+    sentence of our own checks (a value error) comes first: where a value may take one of several
+    forms (a list of choices or a range), the others' type errors say nothing useful."""
+    errors = error.errors()
+    e = next((x for x in errors if x["type"] == "value_error"), errors[0])
+    # a union's member names (list[...], Range) are pydantic's, not keys of the file
+    loc = [str(p) for p in e["loc"] if not ("[" in str(p) or str(p) in _MODEL_NAMES)]
+    key = ".".join([*([prefix] if prefix else []), *loc])
     got = e.get("input")
     kind = e["type"]
     if kind == "extra_forbidden":
-        valid = ", ".join(fields_at(schema, key.split(".")[:-1]))
-        return f"unknown config key '{key}'; valid keys here: {valid}"
+        fields = fields_at(schema, loc[:-1])
+        return f"unknown config key '{key}'{did_you_mean(loc[-1], fields)}; valid keys here: {', '.join(fields)}"
     if kind == "value_error":  # a cross-field check: its message is already the sentence
         return e["msg"].removeprefix("Value error, ")
     what = {
@@ -61,6 +66,26 @@ def explain(error: ValidationError, schema: type[BaseModel], prefix: str = "") -
         "string_pattern_mismatch": "must be a plain name (letters, digits, . _ @ + = -; no path)",
     }.get(kind, e["msg"].lower())
     return f"{key or 'config'} {what}, got {got!r}"
+
+
+def _model_names() -> set[str]:
+    seen, todo = set(), [BaseModel]
+    while todo:
+        for sub in todo.pop().__subclasses__():
+            if sub.__name__ not in seen:
+                seen.add(sub.__name__)
+                todo.append(sub)
+    return seen
+
+
+class _Names:
+    """The names of every pydantic model class, read when first asked (all are defined by then)."""
+
+    def __contains__(self, name: str) -> bool:
+        return name[:1].isupper() and name in _model_names()
+
+
+_MODEL_NAMES = _Names()
 
 
 def fields_at(schema: type[BaseModel], path: list[str]) -> list[str]:
