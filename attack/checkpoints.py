@@ -34,6 +34,7 @@ TRAINER_STATE = "trainer_state.json"  # transformers' own
 OPTIMIZER_STATE = "optimizer.pt"  # transformers' own
 SCHEDULER_STATE = "scheduler.pt"  # transformers' own
 MANIFEST = "manifest.json"  # {"run": identity, "files": {name: {size, sha256}}}, written last
+SEALED = "sealed.jsonl"  # beside the checkpoints folder: {"step", "manifest": sha256} of each seal, the run's own record
 ROWS_TRAINED = "rows_trained.npy"  # the packed rows trained so far (attack/data.py RowsTrained)
 OPTIMIZER_RECORD = "optimizer.json"  # which optimizer optimizer.pt is the state of (attack/optimizers.py)
 TRAINER_FILES = (TRAINER_STATE, OPTIMIZER_STATE, SCHEDULER_STATE)  # what every Trainer checkpoint holds
@@ -79,11 +80,37 @@ def seal(ckpt: Path, run: dict) -> None:
     write_atomic(ckpt / MANIFEST, json.dumps({"run": run, "files": manifest}, indent=1))
 
 
+def record_seal(ckpt: Path) -> None:
+    """Append the digest of the checkpoint's manifest to the run's record of its seals, outside the
+    checkpoint: a manifest cannot vouch for itself (another run's checkpoint with its identity
+    edited and its files rehashed agrees with its own manifest), the run's record can."""
+    ckpt = Path(ckpt)
+    with open(ckpt.parent.parent / SEALED, "a") as f:
+        f.write(json.dumps({"step": checkpoint_step(ckpt), "manifest": _sha256(ckpt / MANIFEST)}) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _sealed_here(ckpt: Path) -> str | None:
+    """The manifest digest the run recorded for this checkpoint's step (its last seal of it)."""
+    record, found = Path(ckpt).parent.parent / SEALED, None
+    if record.is_file():
+        for line in record.read_text().splitlines():
+            try:
+                r = json.loads(line)
+            except ValueError:  # a line cut by a crash
+                continue
+            if isinstance(r, dict) and r.get("step") == checkpoint_step(ckpt):
+                found = r.get("manifest")
+    return found
+
+
 def checkpoint_damage(ckpt: Path, run: dict | None = None, required: tuple[str, ...] = ()) -> str | None:
     """What makes a checkpoint unusable, or None when it proves itself whole: not a link to a
     folder elsewhere; a manifest of this run (`run`, when given) that names every file a
-    checkpoint must have (the Trainer's and `required`), each there with its size and SHA-256;
-    a trainer state and an optimizer state of the checkpoint's own step; weights that read."""
+    checkpoint must have (the Trainer's and `required`), each there with its size and SHA-256,
+    and is the very manifest the run recorded when it sealed that step (SEALED); a trainer state
+    and an optimizer state of the checkpoint's own step; weights that read."""
     if ckpt.is_symlink():
         return "it is a link to another folder, not this run's own checkpoint"
     if not ckpt.is_dir():
@@ -108,6 +135,9 @@ def checkpoint_damage(ckpt: Path, run: dict | None = None, required: tuple[str, 
     state = read_json(ckpt / TRAINER_STATE)
     if not isinstance(state, dict) or state.get("global_step") != checkpoint_step(ckpt):
         return f"{TRAINER_STATE} is unreadable or of another step"
+    if run is not None and _sealed_here(ckpt) != _sha256(ckpt / MANIFEST):
+        return (f"it is not the checkpoint this run sealed at step {checkpoint_step(ckpt)} (its {MANIFEST} is not the "
+                f"one recorded in {SEALED})")
     return _weights_damage(ckpt) or _states_damage(ckpt)
 
 
@@ -219,3 +249,4 @@ class Checkpointing(TrainerCallback):
             torch.distributed.barrier()
         if state.is_world_process_zero:
             seal(ckpt, self.run)
+            record_seal(ckpt)

@@ -4,8 +4,8 @@ once, as a `RunDir` attribute:
 
     runs/<run-id>/config.yaml  env.json  tasks.json  cell.json  summary.json  .lock
                   curve.jsonl  samples/step-NNNNNNN.jsonl.gz   the recovery curve, per-question records
-                  checkpoints/  final/                         resumable trainer state (attack/checkpoints.py),
-                                                               attacked weights
+                  checkpoints/  sealed.jsonl  final/           resumable trainer state (attack/checkpoints.py),
+                                                               the run's record of each seal, attacked weights
                   rewards.jsonl                                (grpo) reward mean and spread per logged step
                   candidates.jsonl  direction.json  dose.jsonl  ablated/
                                                                (ablation) every candidate, the chosen

@@ -127,6 +127,20 @@ def _object_rows(ckpt):
     _resealed(ckpt)
 
 
+def _earlier_adapter(ckpt):
+    """checkpoint-6 holding checkpoint-4's adapter, its manifest rewritten to match."""
+    shutil.copy(ckpt.with_name("checkpoint-4") / "adapter_model.safetensors", ckpt / "adapter_model.safetensors")
+    _resealed(ckpt)
+
+
+def _edited_tokens_seen(ckpt):
+    """The trainer state's count of tokens seen edited, the manifest rewritten to match."""
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    state["num_input_tokens_seen"] = int(state.get("num_input_tokens_seen") or 0) + 640
+    (ckpt / "trainer_state.json").write_text(json.dumps(state))
+    _resealed(ckpt)
+
+
 def _unsealed(ckpt):
     """Killed after every file was written but before the manifest."""
     (ckpt / "manifest.json").unlink()
@@ -152,6 +166,9 @@ def _unsealed(ckpt):
     pytest.param("save", 6, _stale_optimizer, marks=pytest.mark.slow),
     pytest.param("save", 6, _linked_from_elsewhere, marks=pytest.mark.slow),
     pytest.param("save", 6, _object_rows, marks=pytest.mark.slow),
+    # what resumed silently while a manifest vouched for itself: the run's own record of its seals decides
+    pytest.param("save", 6, _earlier_adapter, marks=pytest.mark.slow),
+    pytest.param("save", 6, _edited_tokens_seen, marks=pytest.mark.slow),
 ])
 def test_killed_run_resumes_to_the_uninterrupted_result(make_config, tmp_path, capsys, event, step, damage):
     whole = run_attack(make_config(output={"dir": str(tmp_path / "a")}, **SECTIONS), quiet=True)
