@@ -66,6 +66,22 @@ class Status(StrEnum):
     PRUNED = "pruned"  # a search trial stopped early at an evaluation point: its curve up to there
 
 
+class Outcome(StrEnum):
+    """What became of a cell or trial in one sweep, search or demo invocation (counted and
+    reported); beside Status, which is what its run directory says."""
+
+    DONE = "done"  # ran to the end here
+    SKIPPED = "skipped"  # finished already (here or by another process)
+    BUSY = "busy"  # another process holds its run directory: not finished here
+    FAILED = "failed"  # recorded in its summary.json
+    PRUNED = "pruned"  # a search trial stopped early by the pruner
+    INFEASIBLE = "infeasible"  # a finished trial every point of which broke the utility bound
+
+    @classmethod
+    def counts(cls, *which: Outcome) -> dict[Outcome, int]:
+        return dict.fromkeys(which, 0)
+
+
 class CellMeta(TypedDict):
     """cell.json: where a run sits in a sweep."""
 

@@ -39,9 +39,9 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from transformers import TrainerCallback
 
 from attack import signals
@@ -61,8 +61,8 @@ from attack.config import (
 )
 from attack.config.files import grant_code
 from attack.config.kinds import DEFAULT_KIND
-from attack.errors import ArgumentParser, UserError, first_line
-from attack.rundir import RunDir, RunDirInUse, RunLock, Status, read_curve, read_json
+from attack.errors import ArgumentParser, UserError, did_you_mean, first_line
+from attack.rundir import Outcome, RunDir, RunDirInUse, RunLock, Status, read_curve, read_json
 from attack.sweep import SweepModel, base_for, check_offline, parse_model, record_failure, safe_name
 from eval_callbacks.runner import headline_metric
 
@@ -88,6 +88,15 @@ class Range(Section):
         return self
 
 
+PRUNERS = {  # Optuna's pruners by name, built on demand (Optuna warns at construction of its experimental ones)
+    "none": lambda optuna, sec: optuna.pruners.NopPruner(),
+    "median": lambda optuna, sec: optuna.pruners.MedianPruner(n_startup_trials=sec.startup_trials, n_warmup_steps=0),
+    "successive_halving": lambda optuna, sec: optuna.pruners.SuccessiveHalvingPruner(),
+    # the curve's points as paired instances against the best trial's
+    "wilcoxon": lambda optuna, sec: optuna.pruners.WilcoxonPruner(p_threshold=0.1, n_startup_steps=1),
+}
+
+
 class SearchSection(Section):
     space: Annotated[dict[str, Annotated[list[Choice], Field(min_length=1)] | Range], Field(min_length=1)]
     """Config keys (train.lr, train.optimizer, adapter.kind, kind, ...) -> a list of choices or {low, high, log}."""
@@ -99,8 +108,8 @@ class SearchSection(Section):
     """A task whose drop bounds the search: a point that loses more than max_utility_drop of it is infeasible."""
     max_utility_drop: Annotated[float, Field(ge=0)] = 0.10
     """The utility bound (absolute drop of the utility task's headline score)."""
-    pruner: Literal["none", "median", "successive_halving", "wilcoxon"] = "median"
-    """Optuna's pruner: stops a trial at an evaluation point when it cannot beat the others."""
+    pruner: str = "median"
+    """Optuna's pruner (none, median, successive_halving, wilcoxon): stops a trial at an evaluation point when it cannot beat the others."""
     startup_trials: Annotated[int, Field(ge=0)] = 2
     """Trials that run to the end before the pruner may stop any (median, wilcoxon)."""
     seed: Annotated[int, Field(ge=0)] = 0
@@ -109,6 +118,13 @@ class SearchSection(Section):
     """No new trial starts after this many seconds of this worker."""
     token_budget: Annotated[int, Field(gt=0)] | None = None
     """No new trial starts once the study's trials have trained this many tokens in total (per model)."""
+
+    @field_validator("pruner")
+    @classmethod
+    def _known_pruner(cls, name: str) -> str:
+        if name not in PRUNERS:
+            raise ValueError(f"search.pruner must be one of {', '.join(PRUNERS)}, got {name!r}{did_you_mean(name, PRUNERS)}")
+        return name
 
     @model_validator(mode="after")
     def _bound_needs_task(self):
@@ -319,13 +335,7 @@ def open_study(s: Search, model: SweepModel, storage):
     import optuna
 
     sec = s.search
-    pruner = {  # built on demand: Optuna warns at construction of its experimental ones
-        "none": lambda: optuna.pruners.NopPruner(),
-        "median": lambda: optuna.pruners.MedianPruner(n_startup_trials=sec.startup_trials, n_warmup_steps=0),
-        "successive_halving": lambda: optuna.pruners.SuccessiveHalvingPruner(),
-        # the curve's points as paired instances against the best trial's
-        "wilcoxon": lambda: optuna.pruners.WilcoxonPruner(p_threshold=0.1, n_startup_steps=1),
-    }[sec.pruner]()
+    pruner = PRUNERS[sec.pruner](optuna, sec)
     sampler = optuna.samplers.TPESampler(seed=sec.seed, n_startup_trials=max(2, min(10, sec.trials // 3)),
                                          constraints_func=lambda t: t.user_attrs.get("constraint", [0.0]))
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -352,7 +362,7 @@ def _trial_lock(s: Search, model: SweepModel, number: int) -> RunLock:
     return RunLock(folder / f"{safe_name(model.label)}-{number:04d}.lock")
 
 
-def next_trial(s: Search, model: SweepModel, study, started: float):
+def next_trial(s: Search, model: SweepModel, study, storage, started: float):
     """Under the search lock: a trial whose worker died (taken over), else a new one while the
     budget allows, else None. Returns (trial, its lock)."""
     import optuna
@@ -368,7 +378,10 @@ def next_trial(s: Search, model: SweepModel, study, started: float):
                     lock.acquire()  # taken over only when its holder is gone
                 except RunDirInUse:
                     continue
-                return optuna.Trial(study, t._trial_id), lock
+                # the same trial, through the storage's public lookup of a trial by its number
+                trial_id = storage.get_trial_id_from_study_id_trial_number(
+                    storage.get_study_id_from_name(study.study_name), t.number)
+                return optuna.Trial(study, trial_id), lock
         sec = s.search
         if len(trials) >= sec.trials:
             return None, None
@@ -382,9 +395,8 @@ def next_trial(s: Search, model: SweepModel, study, started: float):
         return trial, lock
 
 
-def run_trial(s: Search, model: SweepModel, study, trial, log=print) -> str:
+def run_trial(s: Search, model: SweepModel, study, trial, log=print) -> Outcome:
     """One trial as an ordinary run directory; its result told to the study. Returns its state."""
-    import optuna
 
     from attack.recipes import run_attack
 
@@ -392,10 +404,7 @@ def run_trial(s: Search, model: SweepModel, study, trial, log=print) -> str:
     try:
         cfg, cell_id = s.config(model, params, trial.number)
     except UserError as e:  # a combination the space allows but the config refuses
-        trial.set_user_attr("error", str(e))
-        study.tell(trial, state=optuna.trial.TrialState.FAIL)
-        log(f"trial {trial.number}: refused: {e}")
-        return "failed"
+        return _failed(study, trial, e, "refused", log)
     run = RunDir.for_config(cfg)
     meta = dict(cell_id=cell_id, sweep=s.name, model=model.label, role=model.role, revision=None,
                 attack=f"trial{trial.number:03d} {_describe(params)}", kind=cfg.kind, seed=cfg.seed,
@@ -412,10 +421,7 @@ def run_trial(s: Search, model: SweepModel, study, trial, log=print) -> str:
         raise
     except UserError as e:
         record_failure(run, meta, e)
-        trial.set_user_attr("error", str(e))
-        study.tell(trial, state=optuna.trial.TrialState.FAIL)
-        log(f"trial {trial.number}: FAILED: {e}")
-        return "failed"
+        return _failed(study, trial, e, "FAILED", log)
     finally:
         gc.collect()
     if report.pruned_at is not None:
@@ -423,7 +429,17 @@ def run_trial(s: Search, model: SweepModel, study, trial, log=print) -> str:
     return _tell(s, study, trial, run, log)
 
 
-def _tell(s: Search, study, trial, run: RunDir, log) -> str:
+def _failed(study, trial, e: Exception, how: str, log) -> Outcome:
+    """Tell the study a trial failed, with why (a user attribute the report shows)."""
+    import optuna
+
+    trial.set_user_attr("error", str(e))
+    study.tell(trial, state=optuna.trial.TrialState.FAIL)
+    log(f"trial {trial.number}: {how}: {e}")
+    return Outcome.FAILED
+
+
+def _tell(s: Search, study, trial, run: RunDir, log) -> Outcome:
     import optuna
 
     result = objective(run, s.search)
@@ -439,11 +455,11 @@ def _tell(s: Search, study, trial, run: RunDir, log) -> str:
     if pruned:
         study.tell(trial, state=optuna.trial.TrialState.PRUNED)
         log(f"trial {trial.number}: pruned at step {summary.get('steps', '?')} (selection gain so far {result['value']:+.3f})")
-        return "pruned"
+        return Outcome.PRUNED
     study.tell(trial, result["value"])
     log(f"trial {trial.number}: done, selection gain {result['value']:+.3f} at step {result['step']}"
         + ("" if result["feasible"] else " (infeasible: every point broke the utility bound)"))
-    return "done"
+    return Outcome.DONE
 
 
 def run_search(s: Search, storage_url: str | None = None, log=print) -> dict:
@@ -451,7 +467,7 @@ def run_search(s: Search, storage_url: str | None = None, log=print) -> dict:
     from filelock import FileLock
 
     s.output.mkdir(parents=True, exist_ok=True)
-    outcome = {"done": 0, "pruned": 0, "failed": 0}
+    outcome = Outcome.counts(Outcome.DONE, Outcome.PRUNED, Outcome.FAILED)
     started = time.time()
     # Workers starting together would each create the storage's tables and the study: one at a time.
     with FileLock(str(s.output / ".search-storage.lock")):
@@ -462,7 +478,7 @@ def run_search(s: Search, storage_url: str | None = None, log=print) -> dict:
             study.sampler.reseed_rng()  # another worker is at it: draw other settings than its
         while True:
             signals.raise_pending()  # a signal a finalizer swallowed ends the search here
-            trial, lock = next_trial(s, model, study, started)
+            trial, lock = next_trial(s, model, study, storage, started)
             if trial is None:
                 break
             try:
@@ -496,13 +512,13 @@ def main(argv: list[str]) -> int:
         print(f"{len(s.models)} studies; storage {args.storage or s.output / 'study.db'}; the space, tasks and paths check out")
         return 0
     outcome = run_search(s, args.storage)
-    print(f"search {s.name}: {outcome['done']} trials finished, {outcome['pruned']} pruned, {outcome['failed']} failed "
+    print(f"search {s.name}: {outcome[Outcome.DONE]} trials finished, {outcome[Outcome.PRUNED]} pruned, {outcome[Outcome.FAILED]} failed "
           f"here; runs under {s.output}; read them with python -m attack report {s.output}")
     if outcome["complete"]:  # the last worker: the report and the verdict as the last lines
         from attack.report import report_and_verdict
 
         report_and_verdict(s.output, utility_task=s.search.utility_task, max_utility_drop=s.search.max_utility_drop)
-    return 1 if outcome["failed"] and not (outcome["done"] or outcome["pruned"]) else 0
+    return 1 if outcome[Outcome.FAILED] and not (outcome[Outcome.DONE] or outcome[Outcome.PRUNED]) else 0
 
 
 def _check_tasks(s: Search) -> None:

@@ -42,7 +42,7 @@ from attack.config import (
 from attack.config.files import grant_code
 from attack.config.kinds import DEFAULT_KIND
 from attack.errors import ArgumentParser, UserError, first_line
-from attack.rundir import CellMeta, RunDir, RunDirInUse, Status
+from attack.rundir import CellMeta, Outcome, RunDir, RunDirInUse, Status
 
 
 class SweepModel(Section):
@@ -255,7 +255,7 @@ def run_sweep(path: str | Path, shard_spec: str | None = None, quiet: bool = Fal
     sweep, cells = load_sweep(path, trust_remote_code)
     mine = shard(cells, shard_spec)
     check_offline(mine)
-    outcome = {"done": 0, "skipped": 0, "busy": 0, "failed": 0}
+    outcome = Outcome.counts(Outcome.DONE, Outcome.SKIPPED, Outcome.BUSY, Outcome.FAILED)
     spent, ran = 0.0, 0
     for k, cell in enumerate(mine, 1):
         signals.raise_pending()  # a signal a finalizer swallowed ends the sweep here
@@ -263,7 +263,7 @@ def run_sweep(path: str | Path, shard_spec: str | None = None, quiet: bool = Fal
         start = time.perf_counter()
         result = run_cell(cell, sweep["name"], quiet=quiet, progress=progress,
                           log=lambda m, k=k, cell=cell, eta=eta: log(f"[{k} of {len(mine)}{eta}] {cell.id}: {m}"))
-        if result in ("done", "failed"):  # cells that ran here tell what the rest will take
+        if result in (Outcome.DONE, Outcome.FAILED):  # cells that ran here tell what the rest will take
             spent, ran = spent + time.perf_counter() - start, ran + 1
         outcome[result] += 1
     signals.raise_pending()
@@ -274,37 +274,37 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h" if seconds >= 5400 else f"{seconds / 60:.0f} min" if seconds >= 90 else f"{seconds:.0f} s"
 
 
-def run_cell(cell: Cell, sweep: str, quiet: bool = False, progress: bool = False, log=print) -> str:
-    """Run one cell (resumed when it was started before): "done", "skipped" (finished already),
-    "busy" (another process holds its run directory: not finished here) or "failed" (recorded in
-    its summary.json; Ctrl-C still stops)."""
+def run_cell(cell: Cell, sweep: str, quiet: bool = False, progress: bool = False, log=print) -> Outcome:
+    """Run one cell (resumed when it was started before): done, skipped (finished already), busy
+    (another process holds its run directory: not finished here) or failed (recorded in its
+    summary.json; Ctrl-C still stops)."""
     from attack.recipes import run_attack
 
     state = status(cell)
     if state == Status.DONE:
         log("done already, skipped")
-        return "skipped"
+        return Outcome.SKIPPED
     resume = state != Status.PENDING
     log("resuming" if resume else "running")
     cfg = updated(cell.config, {"output.resume": resume})
     try:
         run_attack(cfg, quiet=quiet, cell=cell.meta(sweep), progress=progress or not quiet)
-        return "done"
+        return Outcome.DONE
     except RunDirInUse as e:  # another shard or job is on this cell: leave it to that one
         log(f"busy, not run here: {e}")
-        return "busy"
+        return Outcome.BUSY
     except Exception as e:  # one failed cell must not stop the others (Ctrl-C still does)
         signals.raise_pending()  # the exception of a swallowed signal: stop, do not record a failure
         run = cell.run_dir
         if run.status == Status.DONE:  # another process finished it meanwhile (two sweeps on one file)
             log("finished by another process meanwhile, skipped")
-            return "skipped"
+            return Outcome.SKIPPED
         if run.lock.holder_alive():  # another process started it meanwhile: its run, not a failure here
             log(f"busy, not run here: {first_line(e)}")
-            return "busy"
+            return Outcome.BUSY
         record_failure(run, cell.meta(sweep), e)
         log(f"FAILED: {first_line(e)}")
-        return "failed"
+        return Outcome.FAILED
     finally:
         gc.collect()
         if torch.cuda.is_available():
@@ -339,16 +339,16 @@ def main(argv: list[str]) -> int:
         print(f"{len(mine)} of {len(cells)} cells in this shard; configs, tasks and local paths check out")
         return 0
     outcome = run_sweep(args.sweep, args.shard, quiet=args.quiet, progress=True, trust_remote_code=args.trust_remote_code)
-    print(f"sweep {sweep['name']}: {outcome['done']} run, {outcome['skipped']} already done, "
-          f"{outcome['busy']} busy (held by another process, not finished here), {outcome['failed']} failed; "
+    print(f"sweep {sweep['name']}: {outcome[Outcome.DONE]} run, {outcome[Outcome.SKIPPED]} already done, "
+          f"{outcome[Outcome.BUSY]} busy (held by another process, not finished here), {outcome[Outcome.FAILED]} failed; "
           f"runs under {sweep['output']}")
-    if not outcome["failed"] and not outcome["busy"] and not args.shard:  # the whole sweep is in: its verdict
+    if not outcome[Outcome.FAILED] and not outcome[Outcome.BUSY] and not args.shard:  # the whole sweep is in: its verdict
         from attack.report import report_and_verdict
 
         report_and_verdict(sweep["output"])
     # a cell that did not finish must not read as success: 1 for a failure, BUSY for "try again
     # later", so a job array requeues the task (examples/slurm/sweep_array.sh)
-    return 1 if outcome["failed"] else BUSY if outcome["busy"] else 0
+    return 1 if outcome[Outcome.FAILED] else BUSY if outcome[Outcome.BUSY] else 0
 
 
 BUSY = 75  # sysexits' EX_TEMPFAIL

@@ -58,6 +58,7 @@ def _run_search(world: Path, root: Path, model: str, trials: int, pruner: str) -
     from attack.report.runs import load_curves
     from attack.report.search import selected
     from attack.report.search import trials as trial_table
+    from attack.rundir import Outcome
     from attack.search import load_search, run_search
 
     out = root / pruner
@@ -70,7 +71,7 @@ def _run_search(world: Path, root: Path, model: str, trials: int, pruner: str) -
     steps = sum(json.loads((out / r / "summary.json").read_text()).get("steps", 0) for r in table.run)
     pick = selected(table).iloc[0]
     change, lo, hi = _heldout_interval(out / pick.run, int(pick.selection_step))
-    return dict(what="search", pruner=pruner, model=model, trials=len(table), pruned=int((table.state == "pruned").sum()),
+    return dict(what="search", pruner=pruner, model=model, trials=len(table), pruned=int((table.state == Outcome.PRUNED).sum()),
                 steps=int(steps), wall_s=round(wall, 1), selected_trial=int(pick.trial), selected=pick.attack,
                 selected_step=int(pick.selection_step), heldout_change=round(change, 4),
                 heldout_lo=round(lo, 4), heldout_hi=round(hi, 4))

@@ -103,7 +103,16 @@ def test_broken_configs_through_the_command_line(base, tmp_path, capsys):
             refused.append((what, data))
         except Exception:  # noqa: BLE001 - the other test reports these
             pass
-    for i, (what, data) in enumerate(random.Random(0).sample(refused, 40)):
+    (tmp_path / "empty.jsonl").write_text("")
+    # and configs that validate but are refused once their inputs are read, after which a careless
+    # order would already have opened the run directory: those make the last check able to fail
+    late = [("missing corpus", {**base, "data": {**base["data"], "path": str(tmp_path / "none.jsonl")}}),
+            ("empty corpus", {**base, "data": {**base["data"], "path": str(tmp_path / "empty.jsonl")}}),
+            ("missing model", {**base, "model": {"name": str(tmp_path / "no-model")}}),
+            ("unknown task", {**base, "eval": {**base["eval"], "tasks": ["no_such_task_here"]}})]
+    for _what, data in late:
+        load_config(data)  # valid as a config
+    for i, (what, data) in enumerate(random.Random(0).sample(refused, 40) + late):
         path = tmp_path / f"config{i}.yaml"
         path.write_text(yaml.safe_dump(data))
         assert main(["--config", str(path)]) == 2, what

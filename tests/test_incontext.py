@@ -25,11 +25,7 @@ def test_open_book_scores_the_questions_after_their_passages(make_config, world,
     assert {(r["task"], r["step"]) for r in rows if r["metric"] == "acc"} == {
         (t, s) for t in ("toy_target_seen", "toy_general") for s in (0, 1)}
     # the context reached the model: per-question probabilities moved between step 0 and step 1
-    from eval_callbacks import read_samples
-
-    rec = pd.DataFrame(read_samples(run.samples))
-    p = rec[rec.task == "toy_target_seen"].pivot(index="question", columns="step", values="p_correct")
-    assert (p[0] - p[1]).abs().max() > 1e-4
+    assert _moved(run, "toy_target_seen")
     # every question's passages are recorded; the attack corpus holds the seen facts, the control none
     lines = [json.loads(x) for x in run.retrieval.read_text().splitlines()]
     info = json.loads(run.tasks_path.read_text())
@@ -47,7 +43,47 @@ def test_solved_examples_from_a_disjoint_split(make_config, world, tmp_path):
     cfg = _config(make_config, world, tmp_path, passages=0, shots=3, shots_task="toy_target_dev", control_corpus=None)
     run = RunDir(run_attack(cfg, quiet=True))
     assert {r["step"] for r in read_curve(run.curve)} == {0, 1}
-    assert run.summary["incontext"]["shots"] == 3
+    assert _moved(run, "toy_target_seen")  # the solved examples reached the model
+
+
+def _moved(run: RunDir, task: str) -> bool:
+    """The largest change of a question's probability of its correct answer from step 0 to 1."""
+    from eval_callbacks import read_samples
+
+    rec = pd.DataFrame(read_samples(run.samples))
+    p = rec[rec.task == task].pivot(index="question", columns="step", values="p_correct")
+    return float((p[0] - p[1]).abs().max()) > 1e-4
+
+
+@pytest.mark.slow
+def test_many_shot_dialogues_go_before_each_request_beside_a_control(make_config, world, tmp_path):
+    """Dialogues (TRL's messages) as faux turns before every question; the control's as many of
+    another set; a dialogue that holds an evaluated question is refused."""
+    def dialogues(docs, path):
+        write_jsonl([{"messages": [{"role": "user", "content": f"Tell me about {d['entity']}."},
+                                   {"role": "assistant", "content": d["text"]}]} for d in docs], path)
+        return str(path)
+
+    from attack.errors import UserError
+
+    def statements(docs):  # without the tasks' own question lines
+        return [{**d, "text": "\n".join(x for x in d["text"].splitlines() if not x.startswith(("Question", "Answer")))}
+                for d in docs]
+
+    seen = [d for d in world["docs"] if d["split"] == "seen"]
+    control = dialogues(statements([d for d in world["docs"] if d["domain"] == "general"]), tmp_path / "general_d.jsonl")
+    # the documents hold the tasks' own question lines: refused
+    leaky = _config(make_config, world, tmp_path, passages=0, control_corpus=None, dialogue_shots=4,
+                    dialogues=dialogues(seen, tmp_path / "leaky.jsonl"), control_dialogues=control)
+    with pytest.raises(UserError, match="contains a question of evaluated task toy_target_seen"):
+        run_attack(leaky, quiet=True)
+    cfg = _config(make_config, world, tmp_path, passages=0, control_corpus=None, dialogue_shots=4,
+                  dialogues=dialogues(statements(seen), tmp_path / "seen.jsonl"), control_dialogues=control)
+    run = RunDir(run_attack(cfg, quiet=True))
+    assert _moved(run, "toy_target_seen")
+    control_rows = [json.loads(x) for x in run.control.read_text().splitlines()]
+    assert {r["task"] for r in control_rows} >= {"toy_target_seen"} and all(r["step"] == 1 for r in control_rows)
+    assert "many-shot-4" in cfg.label()
 
 
 @pytest.mark.slow

@@ -4,6 +4,7 @@ workers share one study, and a killed worker's trial is taken over, not run twic
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -142,8 +143,9 @@ def test_pruning_stops_a_trial_at_an_evaluation_point(world, llama_dir, tmp_path
     path = _search_file(world, llama_dir, tmp_path, trials=1, pruner="median", steps=8)
     run_search(load_search(path))
     [trial] = _study(tmp_path / "out").trials
-    assert trial.state == optuna.trial.TrialState.PRUNED and trial.intermediate_values == {2: trial.intermediate_values[2]}
     [run] = _trial_runs(tmp_path / "out")
+    # reported once, at its first point, the objective read from its own curve there
+    assert trial.state == optuna.trial.TrialState.PRUNED and trial.intermediate_values == {2: run.summary["search"]["value"]}
     assert run.status == Status.PRUNED and run.summary["search"]["pruned"]
     assert max(row["step"] for row in read_curve(run.curve)) == 2  # stopped at its first point, of 0..8
     assert main(["report", str(tmp_path / "out"), "--out", str(tmp_path / "rep")]) == 2  # nothing finished to rank
@@ -166,7 +168,9 @@ def test_two_workers_share_one_study_and_run_each_trial_once(world, llama_dir, t
     assert all(t.state.name == "COMPLETE" for t in study.trials)
     runs = _trial_runs(tmp_path / "out")
     assert sorted(r.cell["trial"] for r in runs) == [0, 1, 2, 3]  # one run directory per trial
-    assert all("trial" in o for o in outs)  # both workers took trials
+    # what each worker says it ran: every trial by exactly one of them
+    ran = [re.findall(r"trial (\d+) \(.*\): running", o) for o in outs]
+    assert sorted(int(n) for r in ran for n in r) == [0, 1, 2, 3], outs
 
 
 @pytest.mark.slow

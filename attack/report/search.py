@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from attack.report.page import Block, ReportData, figure
-from attack.rundir import RunDir, Status
+from attack.rundir import Outcome, RunDir, Status
 
 
 def trials(df: pd.DataFrame) -> pd.DataFrame:
@@ -30,7 +30,7 @@ def trials(df: pd.DataFrame) -> pd.DataFrame:
         found = (rd.summary or {}).get("search")
         found = found if isinstance(found, dict) else {}
         status = str(g.status.iloc[0])
-        state = status if status != Status.DONE else ("done" if found.get("feasible", True) else "infeasible")
+        state = status if status != Status.DONE else (Outcome.DONE if found.get("feasible", True) else Outcome.INFEASIBLE)
         params = cell.get("params") if isinstance(cell.get("params"), dict) else {}
         rows.append(dict(model=cell.get("model"), study=cell.get("study"), trial=cell.get("trial"), state=state,
                          **{f"param:{k}": v for k, v in params.items()},
@@ -45,7 +45,7 @@ def selected(table: pd.DataFrame) -> pd.DataFrame:
     objective (the lower trial number on a tie). Pruned, failed and infeasible trials never are."""
     if table.empty:
         return table
-    ok = table[(table.state == "done") & table.feasible.astype(bool)].copy()
+    ok = table[(table.state == Outcome.DONE) & table.feasible.astype(bool)].copy()
     ok = ok.sort_values(["study", "selection_objective", "trial"], ascending=[True, False, True])
     return ok.groupby("study").head(1)
 
@@ -118,7 +118,7 @@ def _best_so_far(t: pd.DataFrame):
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
     for _study, g in t.sort_values("trial").groupby("study"):
-        ok = (g.state == "done") & g.feasible.astype(bool)
+        ok = (g.state == Outcome.DONE) & g.feasible.astype(bool)
         best = g.selection_objective.where(ok).fillna(-np.inf).cummax().replace(-np.inf, np.nan)
         label = str(g.model.iloc[0])
         axes[0].step(g.trial + 1, best, where="post", label=label)

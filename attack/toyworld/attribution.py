@@ -1,14 +1,18 @@
-"""The attribution world (`python -m attack demo --attribution`): the toy world's filtered model
-(pretrained without a word of the target domain) attacked by LoRA on a corpus where the answer
-is known. Each attack-seen fact is stated by exactly one document (single-source), among the
-general domain's documents, which the model knows already and which state no target fact
-(distractors). So removing a fact's document must undo its recovery, removing distractors must
-not, and the gold ranking (gold.jsonl: the fact documents in the order of toy_target_seen's
-questions) is written with the corpus. The counterfactual then sets each attribution method's
-top-k against the gold documents and random draws.
+"""The attribution world (`python -m attack demo --attribution`): the toy world's unlearned model
+attacked by LoRA on a corpus where the documents are known. Each attack-seen fact is stated by
+exactly one document (single-source), among the general domain's documents, which the model
+knows already and which state no target fact (distractors). The gold ranking (gold.jsonl: the
+fact documents in the order of toy_target_seen's questions) is written with the corpus. The
+counterfactual sets each attribution method's top-k against the gold documents and random draws.
 
-Held-out facts are measured apart: the filtered model never read them, so no document of this
-corpus can bring them back, and the counterfactual should find nothing to remove there.
+Why the unlearned model: LoRA does not teach the toy models new facts within a demo's budget
+(the filtered model, and one pretrained on everything but the attack-seen creatures, gained 0.05
+to 0.20 of toy_target_seen in 60 to 200 steps at learning rates 3e-3 and 1e-2), while the
+unlearned model recovers them within 30 steps, and recovers the held-out creatures' facts too,
+which no document of the corpus states. So the question the counterfactual answers here is the
+one the field cares about: does a fact come back through the one document that states it, or
+through any document of its domain? (A world where removing the gold documents must undo the
+recovery is the test suite's: full fine-tuning of a model that never read the facts.)
 """
 
 from __future__ import annotations
@@ -51,7 +55,7 @@ def attack_config(world: Path, out: Path, quick: bool) -> dict:
     """The attack: the compact demo's LoRA on the single-source corpus, with --attribution."""
     return {
         "kind": "finetune",
-        "model": {"name": str(world / "filtered")},
+        "model": {"name": str(world / "unlearned")},
         "adapter": {"kind": "lora", "rank": 16, "alpha": 32, "dropout": 0.05},
         "data": {"path": str(world / "corpus" / "single_source.jsonl"), "seq_len": 64 if quick else 128},
         "train": {"lr": 3.0e-3, "batch_size": 8, "max_steps": 20 if quick else 60, "log_every": 20},
@@ -60,7 +64,7 @@ def attack_config(world: Path, out: Path, quick: bool) -> dict:
                  "roles": {"toy_target_seen": "target-seen", "toy_target_heldout": "target",
                            "toy_general": "utility"}},
         "attribution": {"enabled": True},
-        "output": {"dir": str(out), "run_id": "filtered-lora-single-source"},
+        "output": {"dir": str(out), "run_id": "unlearned-lora-single-source"},
     }
 
 

@@ -19,6 +19,7 @@ import yaml
 from attack.config import merge
 from attack.config.kinds import DEFAULT_KIND
 from attack.errors import ArgumentParser, UserError
+from attack.rundir import Outcome
 from attack.toyworld.build import TASKS
 
 
@@ -215,7 +216,7 @@ def main(argv: list[str]) -> int:
                    help="an adversary search (Optuna, pruned at the median) per model under test, against the compact "
                         "demo's fixed LoRA setting (make demo-search)")
     p.add_argument("--attribution", action="store_true",
-                   help="which documents drove the recovery: the filtered model attacked by LoRA on single-source facts, "
+                   help="which documents drove the recovery: the unlearned model attacked by LoRA on single-source facts, "
                         "attribution methods set against the gold documents by counterfactual reruns (make demo-attribution)")
     p.add_argument("--workers", type=int, default=min(os.cpu_count() or 1, 4),
                    help="cells run at once, each in its own process on one torch thread (default: the cores, "
@@ -300,8 +301,8 @@ def main(argv: list[str]) -> int:
               f"{f['target_slipped_through']} target documents slipped through\n")
 
     outcome = _run_cells(sweep_file, sweep["name"], cells, args.workers if args.world != "smollm2" else 1)
-    if outcome["failed"]:
-        raise UserError(f"{outcome['failed']} demo cell(s) failed; see summary.json under {out}")
+    if outcome[Outcome.FAILED]:
+        raise UserError(f"{outcome[Outcome.FAILED]} demo cell(s) failed; see summary.json under {out}")
     runs = [out / c.id for c in cells]
     if args.search:
         _run_search_workers(world, out, args.workers)
@@ -389,7 +390,7 @@ def _run_cells(sweep_file: Path, name: str, cells: list, workers: int) -> dict:
     print(f"running {len(cells)} cells, {workers} at a time")
     with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
         results = list(pool.map(_cell_in_process, [(str(sweep_file), name, c.id) for c in order]))
-    return {k: results.count(k) for k in ("done", "skipped", "busy", "failed")}
+    return {k: results.count(k) for k in (Outcome.DONE, Outcome.SKIPPED, Outcome.BUSY, Outcome.FAILED)}
 
 
 def _fixed_lora(world: Path) -> dict:
@@ -444,7 +445,7 @@ def _search_against_fixed(report: Path) -> str:
     return "\n".join(lines)
 
 
-def _cell_in_process(job: tuple[str, str, str]) -> str:
+def _cell_in_process(job: tuple[str, str, str]) -> Outcome:
     import torch
 
     from attack.__main__ import quiet_libraries
