@@ -13,7 +13,6 @@ from a checkpoint missing its optimizer or RNG state would be a different attack
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -27,7 +26,7 @@ import torch
 from transformers import TrainerCallback
 
 from attack.errors import first_line
-from attack.files import read_json, write_atomic
+from attack.files import read_json, sha256_file, write_atomic
 
 # The files of a checkpoint folder, named here only.
 TRAINER_STATE = "trainer_state.json"  # transformers' own
@@ -62,21 +61,13 @@ def is_checkpoint(path: Path, prefix: str = "") -> bool:
     return path.is_dir() and re.fullmatch(re.escape(prefix) + r"checkpoint-\d+", path.name) is not None
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def seal(ckpt: Path, run: dict) -> None:
     """Write the checkpoint's manifest, last and atomically, with `run` (the identity of the run
     that wrote it). Hashing reads the checkpoint once (seconds for an adapter; for a full 7B
     model with its optimizer, about a minute per checkpoint at disk speed)."""
     ckpt = Path(ckpt)
     files = sorted(p for p in ckpt.rglob("*") if p.is_file() and p.name != MANIFEST and not p.name.startswith("."))
-    manifest = {str(p.relative_to(ckpt)): dict(size=p.stat().st_size, sha256=_sha256(p)) for p in files}
+    manifest = {str(p.relative_to(ckpt)): dict(size=p.stat().st_size, sha256=sha256_file(p)) for p in files}
     write_atomic(ckpt / MANIFEST, json.dumps({"run": run, "files": manifest}, indent=1))
 
 
@@ -86,7 +77,7 @@ def record_seal(ckpt: Path) -> None:
     edited and its files rehashed agrees with its own manifest), the run's record can."""
     ckpt = Path(ckpt)
     with open(ckpt.parent.parent / SEALED, "a") as f:
-        f.write(json.dumps({"step": checkpoint_step(ckpt), "manifest": _sha256(ckpt / MANIFEST)}) + "\n")
+        f.write(json.dumps({"step": checkpoint_step(ckpt), "manifest": sha256_file(ckpt / MANIFEST)}) + "\n")
         f.flush()
         os.fsync(f.fileno())
 
@@ -130,12 +121,12 @@ def checkpoint_damage(ckpt: Path, run: dict | None = None, required: tuple[str, 
         f = ckpt / name
         if not isinstance(want, dict) or not f.is_file() or f.is_symlink():
             return f"{name} is missing"
-        if f.stat().st_size != want.get("size") or _sha256(f) != want.get("sha256"):
+        if f.stat().st_size != want.get("size") or sha256_file(f) != want.get("sha256"):
             return f"{name} is not the file that was saved (size or SHA-256 differs)"
     state = read_json(ckpt / TRAINER_STATE)
     if not isinstance(state, dict) or state.get("global_step") != checkpoint_step(ckpt):
         return f"{TRAINER_STATE} is unreadable or of another step"
-    if run is not None and _sealed_here(ckpt) != _sha256(ckpt / MANIFEST):
+    if run is not None and _sealed_here(ckpt) != sha256_file(ckpt / MANIFEST):
         return (f"it is not the checkpoint this run sealed at step {checkpoint_step(ckpt)} (its {MANIFEST} is not the "
                 f"one recorded in {SEALED})")
     return _weights_damage(ckpt) or _states_damage(ckpt)

@@ -34,7 +34,7 @@ from attack.checkpoints import ROWS_TRAINED, checkpoint_step
 from attack.config import DataConfig
 from attack.config.files import DATA_LOADERS, means_local_file
 from attack.errors import UserError, first_line
-from attack.files import save_array_atomic
+from attack.files import save_array_atomic, sha256_file
 
 FORMAT = 2  # bump when the prepared layout or the packing changes (2: loss_mask.bin of conversations)
 
@@ -214,11 +214,7 @@ def corpus_fingerprint(cfg: DataConfig, ds) -> str:
     files)."""
     path = Path(cfg.path).expanduser()
     if path.is_file():
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 22), b""):
-                h.update(chunk)
-        return "sha256:" + h.hexdigest()
+        return "sha256:" + sha256_file(path)
     return "datasets:" + ds._fingerprint
 
 

@@ -114,6 +114,23 @@ def test_every_kind_has_its_recipe_and_nothing_else():
     assert set(KINDS) == set(RECIPES)
 
 
+def test_a_kind_is_in_every_table_a_kind_needs():
+    """docs/layout.md's checklist for a new kind, checked: its recipe, its summary field, its demo
+    cost, its section in docs/attacks.md. A kind missing from any of them fails here."""
+    from attack.config.kinds import KINDS
+    from attack.recipes import RECIPES
+    from attack.rundir import Summary
+    from attack.toyworld.demo import COST_S
+
+    attacks = (ROOT / "docs" / "attacks.md").read_text()
+    missing = {kind: [where for where, ok in [
+        ("RECIPES", kind in RECIPES),
+        ("rundir.Summary", kind == "finetune" or kind in Summary.__annotations__),
+        ("demo COST_S", kind in COST_S),
+        ("docs/attacks.md section", f"(`kind: {kind}`)" in attacks)] if not ok] for kind in KINDS}
+    assert {k: v for k, v in missing.items() if v} == {}
+
+
 def test_the_default_metric_and_kind_are_named_once():
     spelled = {}
     for f in [*(ROOT / "attack").rglob("*.py"), *(ROOT / "eval_callbacks").rglob("*.py")]:

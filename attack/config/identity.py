@@ -28,8 +28,21 @@ def identity_of(d: dict) -> dict:
 
 
 def config_hash(cfg: AttackConfig) -> str:
-    blob = json.dumps(identity(cfg), sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:10]
+    """The run id's hash: what the attack is, seed included."""
+    return _digest(identity(cfg), 10)
+
+
+def setting_hash(d: dict) -> str:
+    """The same identity without the seed (a run's config.yaml as a plain dict): the runs of one
+    setting under several seeds share it (the report's `setting` column)."""
+    d = identity_of(d)
+    if isinstance(d.get("train"), dict):
+        d["train"].pop("seed", None)
+    return _digest(d, 10)
+
+
+def _digest(obj, n: int) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:n]
 
 
 def default_run_id(cfg: AttackConfig) -> str:

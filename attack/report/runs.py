@@ -84,12 +84,10 @@ def _comparable(df: pd.DataFrame) -> pd.DataFrame:
 
 def config_id(run: RunDir) -> str:
     """A hash of the run's config.yaml without what does not decide the result, nor the seed."""
-    import hashlib
-    import json
 
     import yaml
 
-    from attack.config import identity_of
+    from attack.config.identity import setting_hash
 
     try:
         cfg = yaml.safe_load(run.config.read_text()) or {}
@@ -97,10 +95,7 @@ def config_id(run: RunDir) -> str:
         return "unknown"
     if not isinstance(cfg, dict):
         return "unknown"
-    cfg = identity_of(cfg)
-    if isinstance(cfg.get("train"), dict):
-        cfg["train"].pop("seed", None)
-    return hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    return setting_hash(cfg)
 
 
 def _run_meta(run: RunDir) -> dict:
