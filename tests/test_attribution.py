@@ -88,8 +88,9 @@ def test_each_piece_of_a_packed_row_gets_its_own_documents_gradient(world, llama
 
 @pytest.mark.slow
 def test_collection_changes_no_weight_and_attribution_jsonl_has_its_columns(make_config, world):
-    settings = dict(train={"max_steps": 6, "batch_size": 4}, eval={"every": 3, "tasks": ["toy_target_seen"]},
-                    data={"seq_len": 32})
+    # a high rate: some answers of the untrained model change, so some questions count as recovered
+    settings = dict(train={"max_steps": 6, "batch_size": 4, "lr": 1e-2},
+                    eval={"every": 3, "tasks": ["toy_target_seen", "toy_general"]}, data={"seq_len": 32})
     plain = run_attack(make_config(**settings, output={"run_id": "plain"}), quiet=True)
     run = run_attack(make_config(**settings, output={"run_id": "attributed"}, attribution={"enabled": True}), quiet=True)
     a, b = adapter_weights(plain), adapter_weights(run)
@@ -101,10 +102,10 @@ def test_collection_changes_no_weight_and_attribution_jsonl_has_its_columns(make
     assert {r["method"] for r in rows} == {"gradient", "tracin", "bm25", "random"}
     assert {r["step"] for r in rows} == {3, 6}
     documents = sum(1 for _ in open(world["attack"]))
-    questions = sum(1 for _ in open(world["tasks"] / "toy_target_seen.jsonl"))
+    questions = {t: sum(1 for _ in open(world["tasks"] / f"{t}.jsonl")) for t in ("toy_target_seen", "toy_general")}
     for ranks in _group(rows).values():
         assert ranks == list(range(1, len(ranks) + 1)) and len(ranks) <= 10
-    assert all(0 <= r["document"] < documents and 0 <= r["question"] < questions for r in rows)
+    assert all(0 <= r["document"] < documents and 0 <= r["question"] < questions[r["task"]] for r in rows)
     # a ranking is sorted by its score
     for key, group in _group(rows, values="score").items():
         assert group == sorted(group, reverse=True), key
@@ -114,7 +115,8 @@ def test_collection_changes_no_weight_and_attribution_jsonl_has_its_columns(make
     # the counterfactual reruns the attack to the last point without each method's chosen documents
     from attack.counterfactual import counterfactual
 
-    table = counterfactual(run, ["gradient", "bm25"], [2], tasks=["toy_target_seen"], draws=2, seeds=[0], log=lambda _: None)
+    table = counterfactual(run, ["gradient", "bm25"], [2], tasks=["toy_target_seen", "toy_general"], draws=2, seeds=[0],
+                           log=lambda _: None)
     assert set(table.method) == {"gradient", "bm25", "random"} and set(table.k) == {2}
     detail = json.loads((run / "counterfactual" / "counterfactual.json").read_text())
     texts = [json.loads(line)["text"] for line in open(world["attack"])]

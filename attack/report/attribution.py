@@ -95,9 +95,10 @@ def verdict_sentence(part: pd.DataFrame) -> str:
         return f"Removing {k} random documents undid {rand.removed:.0%} of the recovery [{rand.removed_lo:.0%}, {rand.removed_hi:.0%}]."
     best = others.removed.idxmax()
     b = others.loc[best]
+    tied = [m for m in others.index if m != best and abs(others.loc[m].removed - b.removed) < 0.005]
     text = (f"Removing the top {k} documents of {best} undid {b.removed:.0%} of the recovery "
-            f"[{b.removed_lo:.0%}, {b.removed_hi:.0%}], the most of any method ({int(b.questions)} questions, "
-            f"{int(b.seeds)} seeds)")
+            f"[{b.removed_lo:.0%}, {b.removed_hi:.0%}], the most of any method"
+            + (f" (tied with {', '.join(tied)})" if tied else "") + f" ({int(b.questions)} questions, {int(b.seeds)} seeds)")
     if rand is None:
         return text + "."
     text += f"; {k} random documents undid {rand.removed:.0%} [{rand.removed_lo:.0%}, {rand.removed_hi:.0%}]"
