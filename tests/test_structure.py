@@ -5,6 +5,7 @@ eval_callbacks standing alone (it imports nothing of attack)."""
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -139,3 +140,18 @@ def test_the_default_metric_and_kind_are_named_once():
             if pattern in text:
                 spelled.setdefault(str(f.relative_to(ROOT)), []).append(pattern)
     assert spelled == {"eval_callbacks/runner.py": ['or "acc"']}
+
+
+def test_every_input_a_kind_reads_is_found_from_its_config_file():
+    """Each config key a kind names as an input file (its input_files) is one the sweep and
+    config loaders resolve from the file's own folder: a key missing there is read from the
+    current directory instead (the many-shot dialogues of a shipped sweep once were)."""
+    from attack.config.files import INPUT_PATHS
+
+    named = set()
+    for f in (ROOT / "attack" / "config").glob("*.py"):
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.FunctionDef) and node.name == "input_files":
+                named |= {c.value for c in ast.walk(node) if isinstance(c, ast.Constant) and isinstance(c.value, str)
+                          and re.fullmatch(r"[a-z_]+\.[a-z_]+", c.value)}
+    assert named and named <= set(INPUT_PATHS), named - set(INPUT_PATHS)

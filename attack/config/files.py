@@ -40,7 +40,8 @@ _Loader.add_constructor("!exponent", _exponent_number)
 
 # Config keys that name something the attack reads (a local path, or a hub id that is left alone).
 INPUT_PATHS = ("model.name", "data.path", "eval.include_path", "eval.dataset_paths", "eval.heldout_texts",
-               "incontext.corpus", "incontext.control_corpus", "ablation.target_path",
+               "incontext.corpus", "incontext.control_corpus", "incontext.dialogues", "incontext.control_dialogues",
+               "ablation.target_path",
                "ablation.contrast_path", "ablation.reference_model", "grpo.prompts_path", "grpo.judge_model")
 
 
