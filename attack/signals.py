@@ -7,6 +7,7 @@ optimizer step, every evaluation point, every sweep cell, the command's exit) ra
 from __future__ import annotations
 
 import signal
+import sys
 
 _pending: KeyboardInterrupt | None = None
 
@@ -22,10 +23,21 @@ def _handler(signum, frame):
     raise type(_pending)()
 
 
+def _unraisable(info) -> None:
+    """Python's report of an exception a finalizer could not raise: for our signal's, nothing (it
+    is recorded and raised again at the next point that always comes round, which then says it in
+    one line); anything else as Python reports it."""
+    if isinstance(info.exc_value, KeyboardInterrupt):
+        return
+    sys.__unraisablehook__(info)
+
+
 def install() -> None:
-    """The process's handlers for SIGTERM and SIGINT (the command line's entry point calls this)."""
+    """The process's handlers for SIGTERM and SIGINT (the command line's entry point calls this),
+    and the report of a signal that lands inside a finalizer."""
     signal.signal(signal.SIGTERM, _handler)
     signal.signal(signal.SIGINT, _handler)
+    sys.unraisablehook = _unraisable
 
 
 def pending() -> KeyboardInterrupt | None:

@@ -545,3 +545,26 @@ def test_a_non_folder_at_a_checkpoint_path_is_set_aside(make_config, tmp_path, c
     assert "set aside" in err
     assert (run / "damaged-checkpoints").exists() if obstacle == "checkpoints-file" else \
         (checkpoints / "damaged-checkpoint-6").is_symlink() or (checkpoints / "damaged-checkpoint-6").is_file()
+
+
+def test_a_signal_in_a_finalizer_prints_no_traceback_and_the_command_ends_in_one_line(tmp_path):
+    """The swallowed signal is said once, by the command's exit ("terminated (SIGTERM): ..."),
+    not as Python's "Exception ignored ... Traceback"; other finalizer errors are still shown."""
+    program = ("import signal, sys\n"
+               "from attack import signals\n"
+               "signals.install()\n"
+               "class Finalizer:\n"
+               "    def __del__(self):\n"
+               "        signals._handler(signal.SIGTERM, None)\n"
+               "class Broken:\n"
+               "    def __del__(self):\n"
+               "        raise ValueError('a finalizer bug')\n"
+               "Finalizer()\n"
+               "Broken()\n"
+               "try:\n"
+               "    signals.raise_pending()\n"
+               "except signals.Terminated:\n"
+               "    print('stopped', file=sys.stderr)\n")
+    proc = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=120)
+    assert "Terminated" not in proc.stderr and proc.stderr.count("Exception ignored") == 1, proc.stderr
+    assert "a finalizer bug" in proc.stderr and proc.stderr.strip().endswith("stopped")
