@@ -246,3 +246,18 @@ def test_a_storage_that_cannot_open_is_one_line_before_anything_is_written(world
     for dry in ([], ["--dry-run"]):
         _one_line_error(capsys, ["search", str(path), "--storage", storage.format(tmp=tmp_path), *dry], expected)
         assert not out.exists()
+
+
+@pytest.mark.slow
+def test_one_seed_one_worker_gives_the_same_trials_in_fresh_folders(world, llama_dir, tmp_path):
+    """search.seed fixes the sampler (TPE, seeded, its random start and what follows) and every
+    trial's attack: two searches in fresh folders draw the same settings, trial after trial,
+    past the random start (6 trials, 2 random)."""
+    params = []
+    for run in ("a", "b"):
+        folder = tmp_path / run
+        folder.mkdir()
+        path = _search_file(world, llama_dir, folder, trials=6, steps=4, pruner="median")
+        assert main(["search", str(path)]) == 0  # the command, as a user runs it
+        params.append([t.params for t in sorted(_study(folder / "out").trials, key=lambda t: t.number)])
+    assert len(params[0]) == 6 and params[0] == params[1]
