@@ -261,3 +261,40 @@ def test_one_seed_one_worker_gives_the_same_trials_in_fresh_folders(world, llama
         assert main(["search", str(path)]) == 0  # the command, as a user runs it
         params.append([t.params for t in sorted(_study(folder / "out").trials, key=lambda t: t.number)])
     assert len(params[0]) == 6 and params[0] == params[1]
+
+
+@pytest.mark.slow
+def test_the_verdict_reads_the_selected_trial_at_the_step_its_selection_chose(world, llama_dir, tmp_path):
+    """The step of the selected trial is the one its selection tasks chose (its last point when
+    none gained), not the step of the largest change on the reported questions."""
+    path = _search_file(world, llama_dir, tmp_path, trials=3, steps=8, space={"train.lr": [3e-3, 1e-2, 3e-2]})
+    assert main(["search", str(path)]) == 0
+    trials = pd.read_csv(tmp_path / "out" / "report" / "search.csv")
+    pick = selected(trials).iloc[0]
+    last = max(r["step"] for r in read_curve(tmp_path / "out" / pick.run / "curve.jsonl"))
+    step = int(pick.selection_step) if pick.selection_step > 0 else last
+    words = (tmp_path / "out" / "report" / "verdict.txt").read_text()
+    found = re.findall(r"largest change (trial\d+[^:]*): \S+ [-0-9.]+ -> [-0-9.]+ by step (\d+)", words)
+    assert found and all(attack == pick.attack and int(at) == step for attack, at in found), (words, pick.attack, step)
+
+
+def test_a_selected_trial_is_read_at_its_selection_step_not_at_its_largest_change():
+    from types import SimpleNamespace
+
+    from attack.report.verdict import _at_selected_steps, _largest_changes, _selected_steps
+
+    def trial(objective, step):
+        return pd.DataFrame([dict(study="s--m", trial=0, state="done", feasible=True, selection_objective=objective,
+                                  selection_step=step, model="m", attack="trial000 lr=0.01")])
+
+    df = pd.DataFrame([dict(model="m", attack="trial000 lr=0.01", step=s) for s in (0, 2, 4, 6)])
+    curves = pd.DataFrame([dict(model="m", attack="trial000 lr=0.01", task="t", step=s, pre=0.3, change=c,
+                                change_lo=c - 0.1, change_hi=c + 0.1, within_bound=True)
+                           for s, c in ((0, 0.0), (2, 0.1), (4, 0.3), (6, 0.2))])
+    assert "by step 4" in _largest_changes(curves, curves, 6)["m"]  # where the reported questions peak
+    fixed = _selected_steps(SimpleNamespace(search=trial(0.2, 2), df=df))
+    assert fixed == {("m", "trial000 lr=0.01"): 2}
+    read = _at_selected_steps(curves, fixed)
+    assert "by step 2" in _largest_changes(read, read, 6)["m"] and set(read.step) == {0, 2}
+    # no gain on the selection tasks: the trial is read at its last point
+    assert _selected_steps(SimpleNamespace(search=trial(0.0, 0), df=df)) == {("m", "trial000 lr=0.01"): 6}

@@ -25,7 +25,8 @@ LEVELS = (0.25, 0.5, 0.75)
 def section(r: ReportData) -> list[Block]:
     targets = headline_targets(r)
     tested = _models_under_test(r)
-    curves = _recovery_curves(r, targets, tested, r.paired_curves)
+    fixed = _selected_steps(r)
+    curves = _at_selected_steps(_recovery_curves(r, targets, tested, r.paired_curves), fixed)
     if curves.empty:
         return []
     budget = int(r.picked.step.max())
@@ -37,8 +38,8 @@ def section(r: ReportData) -> list[Block]:
     chosen_on, measured_on = curves, curves
     halves = _halves(r.records) if r.records is not None and not r.records.empty else None
     if halves is not None and curves.attack.nunique() > 1:
-        chosen_on, measured_on = (_recovery_curves(r, targets, tested, paired_curves(r.records[h])).assign(
-            kind=lambda c: c.attack.map(kinds)) for h in (halves, ~halves))
+        chosen_on, measured_on = (_at_selected_steps(_recovery_curves(r, targets, tested, paired_curves(r.records[h])),
+                                                     fixed).assign(kind=lambda c: c.attack.map(kinds)) for h in (halves, ~halves))
     else:
         halves = None
 
@@ -178,6 +179,33 @@ def _largest_changes(chosen_on: pd.DataFrame, measured_on: pd.DataFrame, budget:
         out[model] = (f"largest change {key[1]}: {key[2]} {p.pre:.2f} -> {p.pre + p.change:.2f} by step "
                       f"{int(key[3]):,}, {p.change:+.2f}{interval}")
     return out
+
+
+def _selected_steps(r: ReportData) -> dict:
+    """Per (model, attack) of a search's selected trial, the step its selection tasks chose (its
+    last point when no point gained there): the verdict reads the trial there, never at a step
+    the reported questions would choose."""
+    if r.search is None or r.search.empty:
+        return {}
+    from attack.report.search import selected
+
+    last = r.df.groupby(["model", "attack"]).step.max()
+    out = {}
+    for t in selected(r.search).itertuples():
+        key = (t.model, t.attack)
+        step = int(t.selection_step) if pd.notna(t.selection_step) and t.selection_step > 0 else last.get(key)
+        if step is not None:
+            out[key] = int(step)
+    return out
+
+
+def _at_selected_steps(c: pd.DataFrame, fixed: dict) -> pd.DataFrame:
+    """The curves with a selected trial's points other than step 0 and its chosen step dropped."""
+    if not fixed or c.empty:
+        return c
+    keep = [k not in fixed or s == 0 or s == fixed[k] for k, s in zip(zip(c.model, c.attack, strict=True), c.step,
+                                                                        strict=True)]
+    return c[keep]
 
 
 def _models_under_test(r: ReportData) -> set:
