@@ -1,0 +1,200 @@
+"""The search file: its search section (the space, the pruner, the budget), loading it on the
+sweep's model and base handling, and drawing a trial's settings from the space."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, ValidationError, field_validator, model_validator
+
+from attack.config import (
+    KINDS,
+    Section,
+    config_hash,
+    explain,
+    load_config,
+    merge,
+    read_yaml,
+    refuse_file_trust,
+    set_dotted,
+    shipped,
+    updated,
+    with_paths_from,
+)
+from attack.config.kinds import DEFAULT_KIND
+from attack.errors import UserError, did_you_mean
+from attack.sweep import SweepModel, base_for, parse_model, safe_name
+
+Choice = str | int | float | bool | None
+
+
+class Range(Section):
+    low: float
+    """Smallest value tried."""
+    high: float
+    """Largest value tried."""
+    log: bool = False
+    """Sample on a log scale (learning rates)."""
+    step: float | None = None
+    """Grid step (integers when low, high and step are integers)."""
+
+    @model_validator(mode="after")
+    def _ordered(self):
+        if not self.low < self.high:
+            raise ValueError(f"a search range needs low < high, got {self.low:g} and {self.high:g}")
+        if self.log and self.low <= 0:
+            raise ValueError(f"a log-scale search range needs low > 0, got {self.low:g}")
+        return self
+
+
+PRUNERS = {  # Optuna's pruners by name, built on demand (Optuna warns at construction of its experimental ones)
+    "none": lambda optuna, sec: optuna.pruners.NopPruner(),
+    "median": lambda optuna, sec: optuna.pruners.MedianPruner(n_startup_trials=sec.startup_trials, n_warmup_steps=0),
+    "successive_halving": lambda optuna, sec: optuna.pruners.SuccessiveHalvingPruner(),
+    # the curve's points as paired instances against the best trial's
+    "wilcoxon": lambda optuna, sec: optuna.pruners.WilcoxonPruner(p_threshold=0.1, n_startup_steps=1),
+}
+
+
+class SearchSection(Section):
+    space: Annotated[dict[str, Annotated[list[Choice], Field(min_length=1)] | Range], Field(min_length=1)]
+    """Config keys (train.lr, train.optimizer, adapter.kind, kind, ...) -> a list of choices or {low, high, log}."""
+    trials: Annotated[int, Field(gt=0)] = 20
+    """Trials per model under test, in total over every worker."""
+    selection_tasks: Annotated[list[str], Field(min_length=1)]
+    """lm-eval tasks the objective reads (a dev split); they must share no question with eval.tasks."""
+    utility_task: str | None = None
+    """A task whose drop bounds the search: a point that loses more than max_utility_drop of it is infeasible."""
+    max_utility_drop: Annotated[float, Field(ge=0)] = 0.10
+    """The utility bound (absolute drop of the utility task's headline score)."""
+    pruner: str = "median"
+    """Optuna's pruner (none, median, successive_halving, wilcoxon): stops a trial at an evaluation point when it cannot beat the others."""
+    startup_trials: Annotated[int, Field(ge=0)] = 2
+    """Trials that run to the end before the pruner may stop any (median, wilcoxon)."""
+    seed: Annotated[int, Field(ge=0)] = 0
+    """Seed of the sampler (TPE) and of every trial's attack."""
+    timeout_s: Annotated[float, Field(gt=0)] | None = None
+    """No new trial starts after this many seconds of this worker."""
+    token_budget: Annotated[int, Field(gt=0)] | None = None
+    """No new trial starts once the study's trials have trained this many tokens in total (per model)."""
+
+    @field_validator("pruner")
+    @classmethod
+    def _known_pruner(cls, name: str) -> str:
+        if name not in PRUNERS:
+            raise ValueError(f"search.pruner must be one of {', '.join(PRUNERS)}, got {name!r}{did_you_mean(name, PRUNERS)}")
+        return name
+
+    @model_validator(mode="after")
+    def _bound_needs_task(self):
+        if "max_utility_drop" in self.model_fields_set and self.utility_task is None:
+            raise ValueError("search.max_utility_drop bounds the drop of search.utility_task: name that task "
+                             "(e.g. utility_task: mmlu), or drop max_utility_drop")
+        return self
+
+
+@dataclass(frozen=True)
+class Search:
+    name: str
+    output: Path
+    base: dict
+    models: list[SweepModel]
+    search: SearchSection
+    trust_remote_code: bool = False
+
+    def study_name(self, model: SweepModel) -> str:
+        return f"{self.name}--{model.label}"
+
+    def config(self, model: SweepModel, params: dict, number: int):
+        """The config of trial `number` with `params` (dotted keys), and its cell id."""
+        kind = params.get("kind", self.base.get("kind", DEFAULT_KIND))
+        data = base_for(self.base, kind)
+        data["kind"] = kind
+        for key, value in params.items():
+            if key != "kind":
+                set_dotted(data, key, value)
+        tasks = list(dict.fromkeys([*data.get("eval", {}).get("tasks", []), *self.search.selection_tasks,
+                                    *([self.search.utility_task] if self.search.utility_task else [])]))
+        data = merge(data, {"model": {"name": model.name, "gguf_file": model.gguf_file}, "output": {"dir": str(self.output)},
+                            "eval": {"tasks": tasks, "expect": model.expect},
+                            **({"train": {"seed": self.search.seed}} if KINDS[kind].trains() else {})})
+        try:
+            cfg = load_config(data)
+            refuse_file_trust(cfg, "the search file", self.trust_remote_code)
+        except UserError as e:
+            raise UserError(f"search trial {model.label}/{number} ({describe_params(params)}): {e}") from None
+        cell_id = f"{safe_name(model.label)}--trial{number:03d}--{config_hash(cfg)}"
+        return updated(cfg, {"output.run_id": cell_id}), cell_id
+
+
+def load_search(path: str | Path, trust_remote_code: bool = False) -> Search:
+    path = shipped(path, "sweeps", "search.yaml")  # a path, or a shipped search's name (deep_ignorance_search, own_model)
+    raw = read_yaml(path)
+    allowed = {"name", "output", "base", "models", "search"}
+    unknown = set(raw) - allowed
+    if unknown:
+        raise UserError(f"unknown search file key(s) {', '.join(sorted(unknown))} in {path}; valid: {', '.join(sorted(allowed))}")
+    if not isinstance(raw.get("search"), dict):
+        raise UserError(f"{path} has no search section: add search: {{space: ..., selection_tasks: [...]}} "
+                        "(a sweep of listed attacks runs with `python -m attack sweep`)")
+    if not raw.get("models") or not isinstance(raw["models"], list):
+        raise UserError(f"search {path} lists no models")
+    try:
+        section = SearchSection.model_validate(raw["search"])
+    except ValidationError as e:
+        raise UserError(explain(e, SearchSection, prefix="search")) from None
+    here = Path(path).parent
+    base = with_paths_from(raw.get("base") or {}, here)
+    if not isinstance(base, dict):
+        raise UserError(f"search {path}: 'base' must be a mapping of config sections")
+    models = [parse_model(with_paths_from({"model": m}, here)["model"] if isinstance(m, dict) else m, i)
+              for i, m in enumerate(raw["models"])]
+    labels = [m.label for m in models]
+    if len(set(labels)) != len(labels):
+        raise UserError(f"search {path}: model labels must be unique, got {labels}")
+    reported = set((base.get("eval") or {}).get("tasks") or [])
+    shared = reported & set(section.selection_tasks)
+    if shared:
+        raise UserError(f"search.selection_tasks and eval.tasks share {', '.join(sorted(shared))}: the tasks that "
+                        "choose the adversary must not be the ones the verdict reports")
+    output = Path(raw.get("output") or f"runs/{Path(path).stem}")
+    s = Search(str(raw.get("name") or Path(path).stem), output, base, models, section, trust_remote_code)
+    _check_space(s)
+    return s
+
+
+def _check_space(s: Search) -> None:
+    """Every choice and both ends of every range make a valid config (one line naming the key if not)."""
+    corners = []
+    for key, values in s.search.space.items():
+        for v in values if isinstance(values, list) else [range_value(values, values.low), range_value(values, values.high)]:
+            corners.append({key: v})
+    for params in corners:
+        s.config(s.models[0], params, 0)
+
+
+def range_value(r: Range, x: float):
+    return int(x) if _integer(r) else float(x)
+
+
+def _integer(r: Range) -> bool:
+    return not r.log and all(float(v).is_integer() for v in (r.low, r.high)) and (r.step is None or float(r.step).is_integer())
+
+
+def describe_params(params: dict) -> str:
+    return ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
+
+
+def suggest(trial, space: dict) -> dict:
+    """The trial's settings, drawn by the sampler from the space (or its own, when resumed)."""
+    params = {}
+    for key, values in space.items():
+        if isinstance(values, list):
+            params[key] = trial.suggest_categorical(key, values)
+        elif _integer(values):
+            params[key] = trial.suggest_int(key, int(values.low), int(values.high), step=int(values.step or 1))
+        else:
+            params[key] = trial.suggest_float(key, values.low, values.high, log=values.log, step=values.step)
+    return params
