@@ -222,7 +222,8 @@ def main() -> None:
                     tokens_per_s=round(tps, 1), mfu=round(tps * fpt / peak, 4) if peak else None,
                     peak_mem_gb=round(r["peak_mem_gb"], 2), micro_batch=r["micro_batch"],
                     checkpointing=r["checkpointing"], eval_s=round(r["eval_s"], 2),
-                    eval_share=round(r["eval_s"] / (r["eval_s"] + args.eval_every * r["step_s"]), 4),
+                    # 3 significant digits: a tiny share is not 0
+                    eval_share=float(f"{r['eval_s'] / (r['eval_s'] + args.eval_every * r['step_s']):.3g}"),
                     step_s=round(r["step_s"], 3), seq_len=args.seq_len, batch_size=args.batch_size,
                     eval_questions=args.eval_questions, eval_every=args.eval_every, flops_per_token=fpt,
                 )), flush=True)
