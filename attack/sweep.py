@@ -93,34 +93,60 @@ class Cell:
                         revision=self.revision, attack=self.attack.label, kind=self.config.kind, seed=self.seed)
 
 
+@dataclass(frozen=True)
+class SweepFile:
+    """What a sweep file and a search file share, read and checked: the file, its raw keys, its
+    folder (relative input paths in it are found from there first), the base config, the models
+    and the output folder."""
+
+    path: Path
+    raw: dict
+    here: Path
+    base: dict
+    models: list[SweepModel]
+    output: str
+    name: str
+
+
+def read_sweep_file(path: str | Path, what: str, own: dict[str, type]) -> SweepFile:
+    """Read a sweep or search file (`what`): its keys are name, output, base, models and `own`
+    (key -> the type it must have). One line for any unknown key, missing model, wrong type or
+    repeated model label."""
+    raw = read_yaml(path)
+    allowed = {"name", "output", "base", "models", *own}
+    unknown = set(raw) - allowed
+    if unknown:
+        raise UserError(f"unknown {what} key(s) {', '.join(sorted(unknown))} in {path}; valid: {', '.join(sorted(allowed))}")
+    if not raw.get("models"):
+        raise UserError(f"{what} {path} lists no models")
+    for key, kind in (("base", dict), ("models", list), *own.items()):
+        if raw.get(key) is not None and not isinstance(raw[key], kind):
+            raise UserError(f"{what} {path}: '{key}' must be a {'mapping of config sections' if kind is dict else 'list'}, "
+                            f"got {type(raw[key]).__name__}")
+    here = Path(path).parent
+    models = [parse_model(with_paths_from({"model": m}, here)["model"] if isinstance(m, dict) else m, i)
+              for i, m in enumerate(raw["models"])]
+    labels = [m.label for m in models]
+    if len(set(labels)) != len(labels):
+        raise UserError(f"{what} {path}: model labels must be unique, got {labels}")
+    return SweepFile(Path(path), raw, here, with_paths_from(raw.get("base") or {}, here), models,
+                     str(raw.get("output") or f"runs/{Path(path).stem}"), str(raw.get("name") or Path(path).stem))
+
+
 def load_sweep(path: str | Path, trust_remote_code: bool = False) -> tuple[dict, list[Cell]]:
     """Read a sweep file and expand it into cells, in a fixed order. A cell whose model asks to
     run its own code is refused unless `trust_remote_code` (the command line's flag) grants it."""
     path = shipped(path, "sweeps")  # a path, or a shipped sweep's name (adversary_suite, deep_ignorance)
-    raw = read_yaml(path)
-    allowed = {"name", "output", "base", "models", "attacks", "seeds"}
-    unknown = set(raw) - allowed
-    if unknown:
-        raise UserError(f"unknown sweep key(s) {', '.join(sorted(unknown))} in {path}; valid: {', '.join(sorted(allowed))}")
-    if not raw.get("models"):
-        raise UserError(f"sweep {path} lists no models")
-    for key, kind in (("base", dict), ("models", list), ("attacks", list), ("seeds", list)):
-        if raw.get(key) is not None and not isinstance(raw[key], kind):
-            raise UserError(f"sweep {path}: '{key}' must be a {'mapping of config sections' if kind is dict else 'list'}, "
-                            f"got {type(raw[key]).__name__}")
-    here = Path(path).parent  # relative input paths in the file are found from its folder first
-    base = with_paths_from(raw.get("base") or {}, here)
-    models = [parse_model(with_paths_from({"model": m}, here)["model"] if isinstance(m, dict) else m, i)
-              for i, m in enumerate(raw["models"])]
+    f = read_sweep_file(path, "sweep", {"attacks": list, "seeds": list})
+    raw, here, base, models, output = f.raw, f.here, f.base, f.models, f.output
     attacks = [_attack(with_paths_from(a, here) if isinstance(a, dict) else a, i)
                for i, a in enumerate(raw.get("attacks") or [{"label": "default"}])]
     seeds = raw.get("seeds") or [0]
     if not all(isinstance(s, int) for s in seeds):
         raise UserError(f"sweep seeds must be integers, got {seeds}")
-    for what, labels in (("model", [m.label for m in models]), ("attack", [a.label for a in attacks])):
-        if len(set(labels)) != len(labels):
-            raise UserError(f"sweep {path}: {what} labels must be unique, got {labels}")
-    output = raw.get("output") or f"runs/{Path(path).stem}"
+    labels = [a.label for a in attacks]
+    if len(set(labels)) != len(labels):
+        raise UserError(f"sweep {path}: attack labels must be unique, got {labels}")
     for a in attacks:
         unknown = sorted(set(a.models or []) - {m.label for m in models})
         if unknown:

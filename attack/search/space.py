@@ -16,16 +16,14 @@ from attack.config import (
     explain,
     load_config,
     merge,
-    read_yaml,
     refuse_file_trust,
     set_dotted,
     shipped,
     updated,
-    with_paths_from,
 )
 from attack.config.kinds import DEFAULT_KIND
 from attack.errors import UserError, did_you_mean
-from attack.sweep import SweepModel, base_for, parse_model, safe_name
+from attack.sweep import SweepModel, base_for, read_sweep_file, safe_name
 
 Choice = str | int | float | bool | None
 
@@ -131,36 +129,21 @@ class Search:
 
 def load_search(path: str | Path, trust_remote_code: bool = False) -> Search:
     path = shipped(path, "sweeps", "search.yaml")  # a path, or a shipped search's name (deep_ignorance_search, own_model)
-    raw = read_yaml(path)
-    allowed = {"name", "output", "base", "models", "search"}
-    unknown = set(raw) - allowed
-    if unknown:
-        raise UserError(f"unknown search file key(s) {', '.join(sorted(unknown))} in {path}; valid: {', '.join(sorted(allowed))}")
-    if not isinstance(raw.get("search"), dict):
+    f = read_sweep_file(path, "search file", {"search": dict})  # the sweep's own reading of the shared keys
+    if not isinstance(f.raw.get("search"), dict):
         raise UserError(f"{path} has no search section: add search: {{space: ..., selection_tasks: [...]}} "
                         "(a sweep of listed attacks runs with `python -m attack sweep`)")
-    if not raw.get("models") or not isinstance(raw["models"], list):
-        raise UserError(f"search {path} lists no models")
     try:
-        section = SearchSection.model_validate(raw["search"])
+        section = SearchSection.model_validate(f.raw["search"])
     except ValidationError as e:
         raise UserError(explain(e, SearchSection, prefix="search")) from None
-    here = Path(path).parent
-    base = with_paths_from(raw.get("base") or {}, here)
-    if not isinstance(base, dict):
-        raise UserError(f"search {path}: 'base' must be a mapping of config sections")
-    models = [parse_model(with_paths_from({"model": m}, here)["model"] if isinstance(m, dict) else m, i)
-              for i, m in enumerate(raw["models"])]
-    labels = [m.label for m in models]
-    if len(set(labels)) != len(labels):
-        raise UserError(f"search {path}: model labels must be unique, got {labels}")
+    base, models = f.base, f.models
     reported = set((base.get("eval") or {}).get("tasks") or [])
     shared = reported & set(section.selection_tasks)
     if shared:
         raise UserError(f"search.selection_tasks and eval.tasks share {', '.join(sorted(shared))}: the tasks that "
                         "choose the adversary must not be the ones the verdict reports")
-    output = Path(raw.get("output") or f"runs/{Path(path).stem}")
-    s = Search(str(raw.get("name") or Path(path).stem), output, base, models, section, trust_remote_code)
+    s = Search(f.name, Path(f.output), base, models, section, trust_remote_code)
     _check_space(s)
     return s
 
