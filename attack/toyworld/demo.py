@@ -303,7 +303,7 @@ def main(argv: list[str]) -> int:
     outcome = _run_cells(sweep_file, sweep["name"], cells, args.workers if args.world != "smollm2" else 1)
     if outcome[Outcome.FAILED]:
         raise UserError(f"{outcome[Outcome.FAILED]} demo cell(s) failed; see summary.json under {out}")
-    runs = [out / c.id for c in cells]
+    runs = [c.run_dir.path for c in cells]  # RunDir.for_config of each cell
     if args.search:
         _run_search_workers(world, out, args.workers)
     # the general domain bounds the worst case: a point that lost more than 0.10 of it broke the model
