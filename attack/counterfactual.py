@@ -32,6 +32,7 @@ import pandas as pd
 
 from attack.errors import ArgumentParser, UserError
 from attack.files import write_atomic
+from attack.report.runs import ORIENTED
 from attack.rundir import COUNTERFACTUAL_RESULT, RunDir, Status
 
 RANDOM = "random"
@@ -126,8 +127,8 @@ def _documents(cfg):
                     "or GRPO runs without some of their documents")
 
 
-def _measured_tasks(run: RunDir, asked: list[str] | None, held_out: list[str] | None) -> dict[str, bool]:
-    info = json.loads(run.tasks_path.read_text()) if run.tasks_path.exists() else {}
+def _measured_tasks(info: dict, run: RunDir, asked: list[str] | None, held_out: list[str] | None) -> dict[str, bool]:
+    """The measured tasks (tasks.json's `info`), each with whether its facts are held out."""
     if asked:
         unknown = [t for t in asked if t not in info]
         if unknown:
@@ -164,9 +165,9 @@ def counterfactual(run_path: str | Path, methods: list[str], ks: list[int], task
     step = step or steps[-1]
     if step not in steps or step == 0:
         raise UserError(f"--step {step} is not a later evaluation point of {run.path} (points: {', '.join(map(str, steps))})")
-    measured = _measured_tasks(run, tasks, held_out)
     info = json.loads(run.tasks_path.read_text()) if run.tasks_path.exists() else {}
-    flip = {t for t, e in info.items() if e.get("metric") == "refused"}
+    measured = _measured_tasks(info, run, tasks, held_out)
+    flip = {t for t, e in info.items() if e.get("metric") in ORIENTED}  # the report's orientation: refused -> 1 - refused
     seeds = seeds or [cfg.seed, cfg.seed + 1]
     question_set = recovered(scores(run, step, flip), measured, step)
     if not question_set:
@@ -197,6 +198,7 @@ def counterfactual(run_path: str | Path, methods: list[str], ks: list[int], task
     if cfg.seed in seeds:
         dirs[(cfg.seed, None)] = run
     per_run = {at: (r, scores(r, step, flip)) for at, r in dirs.items()}
+    recovered_in = {seed: recovered(per_run[(seed, None)][1], measured, step) for seed in seeds}
 
     # 3. Recovery removed on each seed's own recovered questions, by method, k and held out.
     rng = np.random.default_rng(0)
@@ -206,7 +208,7 @@ def counterfactual(run_path: str | Path, methods: list[str], ks: list[int], task
             for hidden in sorted({q.held_out for q in question_set}):
                 per_seed = {}
                 for seed in seeds:
-                    mine = [q for q in recovered(per_run[(seed, None)][1], measured, step) if q.held_out == hidden]
+                    mine = [q for q in recovered_in[seed] if q.held_out == hidden]
                     if not mine:
                         continue
                     keep = [per_run[(seed, (m, k, d))][1] for d in range(draws if m == RANDOM else 1)]
