@@ -34,7 +34,7 @@ def explain(error: ValidationError, schema: type[BaseModel], prefix: str = "") -
     errors = error.errors()
     e = next((x for x in errors if x["type"] == "value_error"), errors[0])
     # a union's member names (list[...], Range) are pydantic's, not keys of the file
-    loc = [str(p) for p in e["loc"] if not ("[" in str(p) or str(p) in _MODEL_NAMES)]
+    loc = [str(p) for p in e["loc"] if not ("[" in str(p) or str(p)[:1].isupper() and _is_model_name(str(p)))]
     key = ".".join([*([prefix] if prefix else []), *loc])
     got = e.get("input")
     kind = e["type"]
@@ -68,24 +68,15 @@ def explain(error: ValidationError, schema: type[BaseModel], prefix: str = "") -
     return f"{key or 'config'} {what}, got {got!r}"
 
 
-def _model_names() -> set[str]:
-    seen, todo = set(), [BaseModel]
+def _is_model_name(name: str) -> bool:
+    """Whether a location part names a pydantic model class (a union member pydantic inserts)."""
+    todo = [BaseModel]
     while todo:
         for sub in todo.pop().__subclasses__():
-            if sub.__name__ not in seen:
-                seen.add(sub.__name__)
-                todo.append(sub)
-    return seen
-
-
-class _Names:
-    """The names of every pydantic model class, read when first asked (all are defined by then)."""
-
-    def __contains__(self, name: str) -> bool:
-        return name[:1].isupper() and name in _model_names()
-
-
-_MODEL_NAMES = _Names()
+            if sub.__name__ == name:
+                return True
+            todo.append(sub)
+    return False
 
 
 def fields_at(schema: type[BaseModel], path: list[str]) -> list[str]:
