@@ -116,7 +116,7 @@ def removal_measure(per_seed: dict[int, np.ndarray], rng: np.random.Generator) -
 def _documents(cfg):
     """The documents the attack trains on (a datasets.Dataset) and the config key that names them."""
     if cfg.supervised:
-        from attack.data import load_corpus
+        from attack.documents import load_corpus
 
         return load_corpus(cfg.data), "data"
     if cfg.kind == "grpo":

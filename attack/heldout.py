@@ -43,7 +43,7 @@ metadata:
 def documents(cfg: EvalConfig, task: str) -> list[str]:
     """The held-out documents of `task` (a jsonl/json/csv/parquet file with a text field, or a
     .txt file, one document per line)."""
-    from attack.data import load_documents
+    from attack.documents import load_documents
 
     path = cfg.heldout_texts[task]
     if not Path(path).expanduser().is_file():
@@ -88,7 +88,7 @@ def check_not_trained_on(cfg: EvalConfig, corpora: list[DataConfig]) -> None:
     (read once, document by document)."""
     if not cfg.heldout_texts:
         return
-    from attack.data import document_texts, load_corpus
+    from attack.documents import document_texts, load_corpus
 
     held = {task: [_ngrams(d) for d in documents(cfg, task)] for task in cfg.heldout_texts}
     windows = set().union(*(g for docs in held.values() for g in docs))

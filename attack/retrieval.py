@@ -19,7 +19,7 @@ def passages(path: str, text_field: str, words: int, questions: list[str] = ()) 
     a sentence fits, with every verbatim occurrence of one of `questions` (the evaluated ones)
     cut out: a passage may carry the knowledge, never the test question itself. Returns the
     passages and how many occurrences were cut."""
-    from attack.data import load_documents
+    from attack.documents import load_documents
 
     strip = QuestionStripper(questions)
     out = []

@@ -47,7 +47,7 @@ def child(args) -> None:
     from transformers import AutoTokenizer
 
     from attack.config import DataConfig
-    from attack.data import prepare_corpus
+    from attack.packing import prepare_corpus
 
     tok = AutoTokenizer.from_pretrained(args.tokenizer)
     start = time.perf_counter()

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from attack.config import DataConfig
-from attack.data import PackedCorpus, corpus_key, load_documents, pack_documents, prepare_corpus
+from attack.documents import load_documents
+from attack.packing import PackedCorpus, corpus_key, pack_documents, prepare_corpus
 
 
 @pytest.fixture
@@ -51,12 +52,12 @@ def test_cache_is_reused_and_keyed_by_what_decides_the_rows(corpus, world, tmp_p
     tok = world["tokenizer"]
     cfg = DataConfig(path=str(path), seq_len=16)
     first = prepare_corpus(cfg, tok, tmp_path / "cache")
-    import attack.data
+    import attack.packing
 
     def fail(*a, **k):
         raise AssertionError("prepared again instead of reusing the cache")
 
-    monkeypatch.setattr(attack.data, "_tokenize_and_pack", fail)
+    monkeypatch.setattr(attack.packing, "_tokenize_and_pack", fail)
     assert prepare_corpus(cfg, tok, tmp_path / "cache") == first
     monkeypatch.undo()
     other = prepare_corpus(DataConfig(path=str(path), seq_len=32), tok, tmp_path / "cache")
@@ -74,7 +75,7 @@ def test_killed_preparation_leaves_no_usable_half(corpus, world, tmp_path):
     tok_dir = tmp_path / "tok"
     world["tokenizer"].save_pretrained(str(tok_dir))
     script = f"""
-import os, attack.data as d
+import os, attack.packing as d
 from transformers import AutoTokenizer
 from attack.config import DataConfig
 real = d._segments

@@ -317,14 +317,14 @@ def test_full_disk_while_preparing_the_corpus(make_config, tmp_path, capsys, mon
     """The disk fills half-way through packing the corpus into --data-cache (datasets reports it
     inside its own error): one line, no half-written corpus left to be taken for a whole one, and
     the same command with --resume then runs."""
-    import attack.data
+    import attack.packing
 
     cfg = make_config()
     cache = tmp_path / "cache"
     argv = ["--model", cfg.model.name, "--data", cfg.data.path, "--eval-tasks", "toy_target_seen",
             "--eval-include", cfg.eval.include_path[0], "--max-steps", "2", "--eval-every", "2", "--batch-size", "2",
             "--seq-len", "32", "--output", str(tmp_path / "runs"), "--run-id", "r", "--data-cache", str(cache)]
-    real = attack.data._tokenize_and_pack
+    real = attack.packing._tokenize_and_pack
 
     def full(ds, cfg, tokenizer, out, num_proc):
         out.mkdir(parents=True)
@@ -334,12 +334,12 @@ def test_full_disk_while_preparing_the_corpus(make_config, tmp_path, capsys, mon
         except OSError as e:
             raise ValueError("An error occurred while generating the dataset") from e
 
-    monkeypatch.setattr(attack.data, "_tokenize_and_pack", full)
+    monkeypatch.setattr(attack.packing, "_tokenize_and_pack", full)
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: disk full") and "Traceback" not in "\n".join(err)
     assert [p.name for p in cache.iterdir() if not p.name.endswith(".lock")] == []
-    monkeypatch.setattr(attack.data, "_tokenize_and_pack", real)
+    monkeypatch.setattr(attack.packing, "_tokenize_and_pack", real)
     assert main([*argv, "--resume"]) == 0
     assert json.loads((tmp_path / "runs" / "r" / "summary.json").read_text())["status"] == "done"
 

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
 from attack.__main__ import main
-from attack.data import pack_documents
+from attack.packing import pack_documents
 from attack.rundir import read_curve
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -44,7 +44,7 @@ RECALL_K = 10
 def attribute(run_path: str | Path, top_k: int | None = None, gold_field: str | None = None) -> Path:
     """Write attribution.jsonl and attribution_summary.json into the run directory; returns the former."""
     from attack.config import load_config, read_yaml
-    from attack.data import document_texts, load_corpus
+    from attack.documents import document_texts, load_corpus
 
     run = RunDir(Path(run_path))
     files = run.attribution

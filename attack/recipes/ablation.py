@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from attack.config import AblationConfig, AdapterConfig, DataConfig
-from attack.data import load_documents
+from attack.documents import load_documents
 from attack.directions import (
     ablated,
     decoder_layers,

@@ -121,7 +121,7 @@ def run(cfg: IncontextConfig, extra_callbacks: list | None = None, quiet: bool =
 def _dialogues(path: str) -> list[str]:
     """Each conversation of a messages jsonl as faux turns of one prompt ("User: ... / Assistant: ...")."""
     from attack.config import DataConfig
-    from attack.data import load_corpus
+    from attack.documents import load_corpus
 
     rows = load_corpus(DataConfig(path=path, text_field="messages"))["messages"]
     out = ["\n".join(f"{'User' if m.get('role') == 'user' else 'Assistant'}: {m.get('content') or ''}" for m in turns

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from transformers import GPTNeoXConfig, LlamaConfig, PreTrainedTokenizerFast
 
-from attack.data import pack_documents
+from attack.packing import pack_documents
 
 
 @dataclass(frozen=True)

@@ -231,8 +231,8 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_si
 
 def train_dialogues(model, tokenizer, first: list, second: list, steps: int, lr: float, batch_size: int, seed: int) -> None:
     """Full fine-tuning on dialogues, half of each batch from each list, the loss on the
-    assistant's tokens only (attack.data.chat_tokens)."""
-    from attack.data import chat_tokens
+    assistant's tokens only (attack.packing.chat_tokens)."""
+    from attack.packing import chat_tokens
 
     rng = random.Random(seed)
     torch.manual_seed(seed)
