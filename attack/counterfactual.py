@@ -32,8 +32,9 @@ import pandas as pd
 
 from attack.errors import ArgumentParser, UserError
 from attack.files import write_atomic
+from attack.records import Status
 from attack.report.runs import ORIENTED
-from attack.rundir import COUNTERFACTUAL_RESULT, RunDir, Status
+from attack.rundir import COUNTERFACTUAL_RESULT, RunDir
 
 RANDOM = "random"
 ATTRIBUTED = ("gradient", "tracin", "bm25")  # rankings read from attribution.jsonl

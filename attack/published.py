@@ -13,7 +13,7 @@ import sys
 
 from transformers import TrainerCallback
 
-from attack.rundir import read_curve
+from attack.records import read_curve
 from eval_callbacks.runner import headline_metric
 
 Z = 2.0

@@ -42,7 +42,9 @@ from attack.config import (
 from attack.config.files import grant_code
 from attack.config.kinds import DEFAULT_KIND
 from attack.errors import ArgumentParser, UserError, first_line
-from attack.rundir import CellMeta, Outcome, RunDir, RunDirInUse, Status
+from attack.records import CellMeta, Outcome, Status
+from attack.rundir import RunDir
+from attack.runlock import RunDirInUse
 
 
 class SweepModel(Section):

@@ -32,7 +32,8 @@ def main() -> None:
     from attack.config import load_config
     from attack.counterfactual import counterfactual
     from attack.recipes import run_attack
-    from attack.rundir import RunDir, Status
+    from attack.records import Status
+    from attack.rundir import RunDir
     from attack.toyworld.attribution import KS, attack_config, write_attribution_corpus
     from attack.toyworld.build import BuildSpec, build_world
 

@@ -58,7 +58,8 @@ def _attack(config: Path, out: Path, run_id: str, steps: int, resume: bool = Fal
 def _result(run: Path) -> dict:
     from safetensors.torch import load_file
 
-    from attack.rundir import RunDir, read_curve
+    from attack.records import read_curve
+    from attack.rundir import RunDir
 
     rd = RunDir(run)
     summary = rd.summary or {}

@@ -55,10 +55,10 @@ def _heldout_interval(run: Path, step: int, task: str = "toy_target_heldout") ->
 def _run_search(world: Path, root: Path, model: str, trials: int, pruner: str) -> dict:
     import yaml
 
+    from attack.records import Outcome
     from attack.report.runs import load_curves
     from attack.report.search import selected
     from attack.report.search import trials as trial_table
-    from attack.rundir import Outcome
     from attack.search import load_search, run_search
 
     out = root / pruner

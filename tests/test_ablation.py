@@ -102,7 +102,7 @@ def test_ablation_run_directory(world, naive_dir, tmp_path):
     import json
 
     from attack.recipes import run_attack
-    from attack.rundir import read_curve
+    from attack.records import read_curve
 
     cfg = _ablation_config(world, naive_dir, tmp_path)
     path = run_attack(cfg, quiet=True)
@@ -143,7 +143,7 @@ def test_ablation_then_finetune_continues_from_step_1(world, naive_dir, tmp_path
     import json
 
     from attack.recipes import run_attack
-    from attack.rundir import read_curve
+    from attack.records import read_curve
 
     cfg = _ablation_config(world, naive_dir, tmp_path, then_finetune=True)
     cfg = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"every": 2})})
@@ -198,7 +198,7 @@ def test_ablation_then_finetune_under_two_processes(world, naive_dir, tmp_path):
     import sys
 
     from attack.config import dump_yaml, updated
-    from attack.rundir import read_curve
+    from attack.records import read_curve
 
     cfg = _ablation_config(world, naive_dir, tmp_path, then_finetune=True)
     cfg = updated(cfg, {"eval.every": 2, "output.run_id": "ddp", "data.cache_dir": str(tmp_path / "corpus")})

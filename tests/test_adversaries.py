@@ -8,7 +8,7 @@ import torch
 
 from attack.checkpoints import OPTIMIZER_RECORD
 from attack.recipes import run_attack
-from attack.rundir import read_curve
+from attack.records import read_curve
 
 # The state each optimizer keeps per parameter: what tells its optimizer.pt apart from another's
 STATE = {"adamw": "exp_avg", "adam": "exp_avg", "sgd": "momentum_buffer", "sgd_nesterov": "momentum_buffer",

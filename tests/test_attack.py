@@ -9,7 +9,7 @@ from conftest import CrashAt, adapter_weights
 from transformers import TrainerCallback
 
 from attack.recipes import run_attack
-from attack.rundir import read_curve
+from attack.records import read_curve
 
 
 class Snapshot(TrainerCallback):

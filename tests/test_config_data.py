@@ -10,8 +10,8 @@ from transformers import AutoModelForCausalLM
 
 from attack.__main__ import attack_parser, config_from_args
 from attack.config import AttackConfig, config_hash, default_run_id, load_config, read_yaml
-from attack.packing import pack_documents
 from attack.errors import UserError
+from attack.packing import pack_documents
 
 
 def test_yaml_then_flags(tmp_path):

@@ -10,8 +10,8 @@ import pytest
 
 from attack.published import check_published
 from attack.recipes import run_attack
+from attack.records import read_curve
 from attack.report import write_report
-from attack.rundir import read_curve
 from eval_callbacks import find_tasks, local_datasets
 
 TASKS_DIR = str(Path(__file__).resolve().parents[1] / "eval_callbacks" / "tasks" / "deep_ignorance")

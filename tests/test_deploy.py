@@ -80,7 +80,7 @@ def test_slurm_preemption_requeues_and_resumes(tmp_path, world, llama_dir):
     import signal
     import time
 
-    from attack.rundir import read_curve
+    from attack.records import read_curve
 
     # long enough that SIGTERM lands mid-run, once the first checkpoint is sealed; points every 20
     # steps, so the cost is the training

@@ -213,7 +213,8 @@ def test_attribution_commands_refuse_counts_below_one(capsys, tmp_path):
 
 
 def _runs_left_running(root) -> list:
-    from attack.rundir import RunDir, Status
+    from attack.records import Status
+    from attack.rundir import RunDir
 
     return [p for p in root.rglob("summary.json") if RunDir(p.parent).status == Status.RUNNING] if root.exists() else []
 

@@ -18,7 +18,9 @@ from transformers import TrainerCallback
 from attack.__main__ import main
 from attack.config import load_config, read_yaml
 from attack.recipes import run_attack
-from attack.rundir import RunDir, RunLock, read_curve
+from attack.records import read_curve
+from attack.rundir import RunDir
+from attack.runlock import RunLock
 from eval_callbacks import read_samples
 
 SECTIONS = dict(train={"max_steps": 6}, eval={"every": 2}, adapter={"dropout": 0.1})

@@ -11,8 +11,8 @@ from attack.__main__ import main
 from attack.config import GrpoSection
 from attack.errors import UserError
 from attack.recipes import run_attack
+from attack.records import read_curve, read_rewards
 from attack.rewards import GoldProbability, Judge, gives_answer, parse_score
-from attack.rundir import read_curve, read_rewards
 from attack.toyworld.capitals import smollm2_gguf
 from attack.toyworld.world import reward_prompts, write_jsonl
 

@@ -7,7 +7,8 @@ import pandas as pd
 import pytest
 
 from attack.recipes import run_attack
-from attack.rundir import RunDir, read_curve
+from attack.records import read_curve
+from attack.rundir import RunDir
 from attack.toyworld.world import write_jsonl
 
 

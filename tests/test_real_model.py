@@ -7,7 +7,7 @@ import pytest
 from conftest import CrashAt
 
 from attack.recipes import run_attack
-from attack.rundir import read_curve
+from attack.records import read_curve
 from attack.toyworld.capitals import capital_documents, smollm2_gguf, split_countries, write_tasks
 from attack.toyworld.world import write_jsonl
 

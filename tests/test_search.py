@@ -16,8 +16,9 @@ import pytest
 import yaml
 
 from attack.__main__ import main
+from attack.records import Status, read_curve
 from attack.report.search import selected
-from attack.rundir import RunDir, Status, read_curve
+from attack.rundir import RunDir
 from attack.search import load_search, objective, run_search
 
 

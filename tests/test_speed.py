@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 
 from attack.__main__ import main
 from attack.packing import pack_documents
-from attack.rundir import read_curve
+from attack.records import read_curve
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

@@ -120,13 +120,13 @@ def test_a_kind_is_in_every_table_a_kind_needs():
     cost, its section in docs/attacks.md. A kind missing from any of them fails here."""
     from attack.config.kinds import KINDS
     from attack.recipes import RECIPES
-    from attack.rundir import Summary
+    from attack.records import Summary
     from attack.toyworld.demo import COST_S
 
     attacks = (ROOT / "docs" / "attacks.md").read_text()
     missing = {kind: [where for where, ok in [
         ("RECIPES", kind in RECIPES),
-        ("rundir.Summary", kind == "finetune" or kind in Summary.__annotations__),
+        ("records.Summary", kind == "finetune" or kind in Summary.__annotations__),
         ("demo COST_S", kind in COST_S),
         ("docs/attacks.md section", f"(`kind: {kind}`)" in attacks)] if not ok] for kind in KINDS}
     assert {k: v for k, v in missing.items() if v} == {}

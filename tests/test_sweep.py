@@ -10,7 +10,7 @@ from transformers import TrainerCallback
 import attack.recipes
 from attack.__main__ import main
 from attack.errors import UserError
-from attack.rundir import read_curve
+from attack.records import read_curve
 from attack.sweep import load_sweep, run_sweep, shard
 
 

@@ -28,7 +28,6 @@ from pathlib import Path
 import torch
 
 from attack.config import AblationConfig, AdapterConfig, DataConfig
-from attack.documents import load_documents
 from attack.directions import (
     ablated,
     decoder_layers,
@@ -41,6 +40,7 @@ from attack.directions import (
     text_batches,
     unit,
 )
+from attack.documents import load_documents
 from attack.errors import UserError
 from attack.evaluation import check_disjoint, check_texts_disjoint, find_eval_tasks
 from attack.files import write_atomic

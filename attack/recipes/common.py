@@ -50,7 +50,8 @@ from attack.judging import make_judge
 from attack.model import autocast_dtype, check_vocabulary, four_bit_config, load_tokenizer
 from attack.optimizers import RecordOptimizer, describe, trainer_optimizer
 from attack.published import PublishedScoreCheck
-from attack.rundir import RunDir, Status, read_curve
+from attack.records import Status, read_curve
+from attack.rundir import RunDir
 from attack.speed import kernels_scoped_to, liger_available, per_device_batch
 from attack.tracking import Bar, ProgressLines, check_tracker, close_progress_bar, finish_tracker, open_tracker
 from eval_callbacks import NonFiniteLossError, RecoveryCurveCallback

@@ -29,8 +29,8 @@ from attack.errors import UserError, first_line
 from attack.evaluation import check_disjoint, check_texts_disjoint
 from attack.model import apply_adapter, check_only_adapter_trains, load_model, lora_config, no_lora_targets
 from attack.recipes import common
+from attack.records import Status, read_rewards
 from attack.rewards import load_reward_split, reward_function
-from attack.rundir import Status, read_rewards
 from attack.speed import kernels_scoped_to
 from eval_callbacks.callback import append_rows, averaged_weights
 

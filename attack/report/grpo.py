@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import pandas as pd
 
+from attack.records import read_rewards
 from attack.report.page import Block, ReportData, figure, pyplot
 from attack.report.runs import kinds_with, run_records, runs_with_section
-from attack.rundir import RunDir, read_rewards
+from attack.rundir import RunDir
 
 
 def reward_rows(df: pd.DataFrame) -> pd.DataFrame:

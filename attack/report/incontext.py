@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pandas as pd
 
+from attack.records import read_curve
 from attack.report.page import Block, ReportData
 from attack.report.runs import runs_with_section
-from attack.rundir import RunDir, read_curve
+from attack.rundir import RunDir
 
 
 def table(r: ReportData) -> pd.DataFrame:

@@ -10,7 +10,9 @@ import pandas as pd
 
 from attack.config.kinds import DEFAULT_KIND
 from attack.errors import UserError, first_line
-from attack.rundir import CellMeta, RunDir, Status, read_curve, read_json
+from attack.files import read_json
+from attack.records import CellMeta, Status, read_curve
+from attack.rundir import RunDir
 from eval_callbacks.runner import headline_metric
 
 

@@ -14,8 +14,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from attack.records import Outcome, Status
 from attack.report.page import Block, ReportData, figure
-from attack.rundir import Outcome, RunDir, Status
+from attack.rundir import RunDir
 
 
 def trials(df: pd.DataFrame) -> pd.DataFrame:

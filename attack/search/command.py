@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from attack.config.files import grant_code
 from attack.errors import ArgumentParser
-from attack.rundir import Outcome
+from attack.records import Outcome
 from attack.search.space import Search, load_search, range_value
 from attack.search.study import check_storage, run_search
 from attack.sweep import check_offline

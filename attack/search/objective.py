@@ -7,7 +7,9 @@ import math
 
 from transformers import TrainerCallback
 
-from attack.rundir import RunDir, read_curve, read_json
+from attack.files import read_json
+from attack.records import read_curve
+from attack.rundir import RunDir
 from attack.search.space import SearchSection
 from eval_callbacks.runner import headline_metric
 

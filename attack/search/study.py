@@ -12,7 +12,9 @@ from attack.config import (
     updated,
 )
 from attack.errors import UserError, first_line
-from attack.rundir import Outcome, RunDir, RunDirInUse, RunLock, Status
+from attack.records import Outcome, Status
+from attack.rundir import RunDir
+from attack.runlock import RunDirInUse, RunLock
 from attack.search.objective import ReportToStudy, objective
 from attack.search.space import PRUNERS, Search, describe_params, suggest
 from attack.sweep import SweepModel, record_failure, safe_name

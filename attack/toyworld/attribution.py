@@ -75,8 +75,9 @@ def run_demo(world: Path, out: Path, quick: bool, workers: int = 2, log=print) -
     from attack.config import load_config
     from attack.counterfactual import counterfactual, describe
     from attack.recipes import run_attack
+    from attack.records import Status
     from attack.report import write_report
-    from attack.rundir import RunDir, Status
+    from attack.rundir import RunDir
 
     start = time.perf_counter()
     _, gold = write_attribution_corpus(world)

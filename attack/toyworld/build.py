@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from attack.errors import UserError
-from attack.rundir import write_atomic
+from attack.files import write_atomic
 from attack.toyworld.models import ModelSpec, answer_batches, build_model, packed_batches, pretrain, rmu, train_tokenizer, unlearn
 from attack.toyworld.world import CLOZE_PROMPTS, WorldSpec, _question, blocklist_filter, generate, reward_prompts, write_jsonl, write_tasks
 from eval_callbacks import LiveEvaluator

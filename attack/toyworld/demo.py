@@ -19,7 +19,7 @@ import yaml
 from attack.config import merge
 from attack.config.kinds import DEFAULT_KIND
 from attack.errors import ArgumentParser, UserError
-from attack.rundir import Outcome
+from attack.records import Outcome
 from attack.toyworld.build import TASKS
 
 

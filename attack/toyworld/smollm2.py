@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from attack.errors import UserError
-from attack.rundir import write_atomic
+from attack.files import write_atomic
 from attack.toyworld.build import building
 from attack.toyworld.capitals import (
     CAPITALS,
