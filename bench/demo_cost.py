@@ -29,7 +29,7 @@ import yaml  # noqa: E402
 from attack.__main__ import quiet_libraries  # noqa: E402
 from attack.sweep import load_sweep, run_cell  # noqa: E402
 from attack.toyworld.build import BuildSpec, build_world, quick_spec, world_dir  # noqa: E402
-from attack.toyworld.demo import cost_kind, toy_sweep  # noqa: E402
+from attack.toyworld.sweeps import cost_kind, toy_sweep  # noqa: E402
 
 
 def main() -> None:

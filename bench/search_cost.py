@@ -31,7 +31,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 
 def _search_spec(world: Path, out: Path, model: str, trials: int, pruner: str) -> dict:
-    from attack.toyworld.demo import toy_search
+    from attack.toyworld.sweeps import toy_search
 
     spec = toy_search(world)
     spec["models"] = [m for m in spec["models"] if m["label"] == model]

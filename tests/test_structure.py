@@ -121,7 +121,7 @@ def test_a_kind_is_in_every_table_a_kind_needs():
     from attack.config.kinds import KINDS
     from attack.recipes import RECIPES
     from attack.records import Summary
-    from attack.toyworld.demo import COST_S
+    from attack.toyworld.sweeps import COST_S
 
     attacks = (ROOT / "docs" / "attacks.md").read_text()
     missing = {kind: [where for where, ok in [

@@ -149,7 +149,7 @@ def test_the_compact_demo_fits_its_budget_by_the_measured_costs():
     (COST_S, from bench/demo_cost.py) the install, the world, the compact sweep's cells two at a
     time and the report leave at least 30 s of it: a demo that grows past that fails here, not
     on a newcomer's machine. The full comparison is the longer run."""
-    from attack.toyworld.demo import COST_S, expected_s, toy_sweep
+    from attack.toyworld.sweeps import COST_S, expected_s, toy_sweep
 
     world = Path("/world")
     compact = expected_s(toy_sweep(world), built=False, quick=False, workers=2)
