@@ -22,7 +22,6 @@ refusal mode (Arditi et al. 2024): harmful against harmless instructions in the 
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import torch
@@ -45,10 +44,9 @@ from attack.errors import UserError
 from attack.evaluation import check_disjoint, check_texts_disjoint, find_eval_tasks
 from attack.files import write_atomic
 from attack.model import apply_adapter, load_model, save_model
-from attack.recipes import common
+from attack.recipes import common, training
 from attack.rundir import RunDir
 from attack.speed import micro_batch
-from attack.tracking import finish_tracker
 from eval_callbacks import LiveEvaluator
 from eval_callbacks.runner import headline_metric
 
@@ -87,9 +85,7 @@ def run(cfg: AblationConfig, extra_callbacks: list | None = None, quiet: bool = 
     #    the saved ablated model; anything else starts again from step 0.
     checkpoint = common.open_run(a, task_info)
     resumed = bool(checkpoint and ab.then_finetune and (run.ablated / "config.json").exists())
-    curve = common.edit_curve(a, evaluator)
-    start = time.perf_counter()
-    try:
+    with common.edit_run(a, evaluator, then_training=ab.then_finetune) as edit:
         if resumed:
             a.say(f"resuming the fine-tune from {Path(checkpoint).name}, on the ablated model in {run.ablated}")
             model = load_model(cfg.model.model_copy(update=dict(name=str(run.ablated), revision=None, gguf_file=None)),
@@ -97,7 +93,7 @@ def run(cfg: AblationConfig, extra_callbacks: list | None = None, quiet: bool = 
             chosen = json.loads(run.direction.read_text())
         elif a.main:
             # 3. Step 0: the unmodified model.
-            curve.record(0, 0)
+            edit.before()
 
             # 4-5. Fit the candidates and select one on the dev split (or draw the random control).
             if ab.direction == "random":
@@ -115,25 +111,20 @@ def run(cfg: AblationConfig, extra_callbacks: list | None = None, quiet: bool = 
             # 6. Dose-response on the evaluation tasks (hooks; the weights stay as they are).
             _dose(evaluator, model, r, ab.doses, run.dose)
 
-            # 7. The edit itself, saved as an ordinary model directory.
+            # 7. The edit itself, saved as an ordinary model directory; step 1 scores it unless a fine-tune follows.
             orthogonalize(model, r.to(model.dtype), ab.strength)
             chosen.update(strength=ab.strength, mode=ab.mode, kind=ab.direction)
             write_atomic(run.direction, json.dumps({**chosen, "vector": r.tolist()}))
             save_model(model, a.tokenizer, run.ablated if ab.then_finetune else run.final)
-    except BaseException as e:
-        if a.main:
-            common.ended_early(a, e)
-        raise
-    if not resumed:
+            if not ab.then_finetune:
+                edit.after()
+    if not resumed and not a.main:
         # The other processes (a fine-tune under `accelerate launch`) wait for the main one's
         # choice, then make the very same edit on their copy.
-        a.procs.wait_for_everyone()
-        if not a.main:
-            if not ab.then_finetune:
-                return run.path
-            chosen = json.loads(run.direction.read_text())
-            orthogonalize(model, torch.tensor(chosen["vector"]).to(model.device, model.dtype), ab.strength)
-    edit_s = time.perf_counter() - start
+        if not ab.then_finetune:
+            return run.path
+        chosen = json.loads(run.direction.read_text())
+        orthogonalize(model, torch.tensor(chosen["vector"]).to(model.device, model.dtype), ab.strength)
     summary = {k: v for k, v in chosen.items() if k != "vector"}
 
     # 8. Step 1, or the fine-tuning attack that starts from the edited model.
@@ -143,15 +134,9 @@ def run(cfg: AblationConfig, extra_callbacks: list | None = None, quiet: bool = 
         evaluator, _ = common.evaluator(a, model)  # on the adapted model that trains
         if a.main:
             run.write_summary(ablation=summary)
-        return common.fine_tune(a, model, rows, evaluator, task_info, checkpoint, micro=micro,
-                                checkpointing=checkpointing)
-    try:
-        curve.record(1, 0)
-    finally:
-        finish_tracker(cfg.logging)
-    return common.finish(a, evaluator, dict(steps=0, max_steps=0, tokens_seen=0, eval_steps=cfg.curve_steps(),
-                                            eval_s=round(curve.eval_seconds, 2), train_s=round(edit_s, 2)),
-                         ablation=summary)
+        return training.fine_tune(a, model, rows, evaluator, task_info, checkpoint, micro=micro,
+                                  checkpointing=checkpointing)
+    return common.finish(a, evaluator, edit.summary(), ablation=summary)
 
 
 def _texts(path: str, field: str, n: int) -> list[str]:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from attack.config import FinetuneConfig
 from attack.model import apply_adapter, load_model, shrink_perturb
-from attack.recipes import common
+from attack.recipes import common, training
 from attack.speed import micro_batch
 from eval_callbacks import RecoveryCurveCallback
 
@@ -56,5 +56,5 @@ def run(cfg: FinetuneConfig, extra_callbacks: list | None = None, quiet: bool = 
                                          relative_change=round(perturbed, 6)))
 
     # 3-4. Train, evaluating on schedule; save the attacked weights and the summary.
-    return common.fine_tune(a, model, rows, evaluator, task_info, checkpoint, micro=micro, checkpointing=checkpointing,
+    return training.fine_tune(a, model, rows, evaluator, task_info, checkpoint, micro=micro, checkpointing=checkpointing,
                             attribution=cfg.attribution if cfg.attribution.enabled else None)

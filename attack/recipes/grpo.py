@@ -28,7 +28,7 @@ from attack.config import GrpoConfig
 from attack.errors import UserError, first_line
 from attack.evaluation import check_disjoint, check_texts_disjoint
 from attack.model import apply_adapter, check_only_adapter_trains, load_model, lora_config, no_lora_targets
-from attack.recipes import common
+from attack.recipes import common, training
 from attack.records import Status, read_rewards
 from attack.rewards import load_reward_split, reward_function
 from attack.speed import kernels_scoped_to
@@ -58,7 +58,7 @@ def run(cfg: GrpoConfig, extra_callbacks: list | None = None, quiet: bool = Fals
         prompts = prompts.map(lambda row: {"prompt": [{"role": "user", "content": row["prompt"]}]})
     try:  # TRL's own checks (the batch against the groups) before anything is written
         args = TrlGrpoConfig(
-            **common.trainer_settings(a, micro, checkpointing),
+            **training.trainer_settings(a, micro, checkpointing),
             num_generations=g.num_generations,
             max_completion_length=g.max_completion_length,
             temperature=g.temperature,
@@ -80,7 +80,7 @@ def run(cfg: GrpoConfig, extra_callbacks: list | None = None, quiet: bool = Fals
     with kernels_scoped_to(model):
         try:
             trainer = GRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=prompts,
-                                  **common.optimizer_kwargs(a),
+                                  **training.optimizer_kwargs(a),
                                   processing_class=a.tokenizer,
                                   peft_config=lora_config(cfg.adapter, model) if cfg.adapter.kind == "lora" else None)
         except ValueError as e:  # PEFT: LoRA target modules that match nothing
@@ -91,9 +91,9 @@ def run(cfg: GrpoConfig, extra_callbacks: list | None = None, quiet: bool = Fals
                 if p.requires_grad:
                     p.data = p.data.float()
             check_only_adapter_trains(trainer.model)
-        curve, moved = common.watch(a, trainer, evaluator, task_info, extra=[RewardLog(a.run.rewards, a.main)])
-        train_s = common.fit(a, trainer, checkpoint)
-        common.check_moved(a, moved, why="every group of completions scored alike at every step "
+        curve, moved = training.watch(a, trainer, evaluator, task_info, extra=[RewardLog(a.run.rewards, a.main)])
+        train_s = training.fit(a, trainer, checkpoint)
+        training.check_moved(a, moved, why="every group of completions scored alike at every step "
                                          "(rewards.jsonl: frac_reward_zero_std), so GRPO had no gradient: the model "
                                          "never sampled a rewarded answer")
 
@@ -105,7 +105,7 @@ def run(cfg: GrpoConfig, extra_callbacks: list | None = None, quiet: bool = Fals
                 return a.run.path
             a.tokenizer.save_pretrained(str(a.run.final))
             last = (read_rewards(a.run.rewards) or [{}])[-1]
-            return common.finish(a, evaluator, common.trainer_summary(a, trainer, curve, train_s, micro, checkpointing),
+            return common.finish(a, evaluator, training.trainer_summary(a, trainer, curve, train_s, micro, checkpointing),
                                  grpo=dict(prompts=len(prompts), reward=g.reward, completions_per_step=cfg.train.batch_size,
                                            last_reward=last.get("reward"),
                                            last_frac_reward_zero_std=last.get("frac_reward_zero_std"),

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import random
-import time
 from pathlib import Path
 
 from attack.config import AdapterConfig, IncontextConfig
@@ -31,7 +30,6 @@ from attack.files import write_atomic
 from attack.model import load_model
 from attack.recipes import common
 from attack.retrieval import Retriever, gold_answer, passages, solved_example, with_context
-from attack.tracking import finish_tracker
 from eval_callbacks.callback import append_rows
 
 
@@ -78,44 +76,35 @@ def run(cfg: IncontextConfig, extra_callbacks: list | None = None, quiet: bool =
 
     # 3. Open the run directory.
     common.open_run(a, task_info)
+    with common.edit_run(a, evaluator) as edit:
+        if a.main:  # one process scores; under `accelerate launch` the others have nothing to do
+            # 4. The model as it is.
+            edit.before()
+            # 5. The same questions after their context: a fresh evaluator, its requests built with it.
+            opened, _ = common.evaluator(a, model)
+            for task in opened.tasks.values():
+                with_context(task, prefix("attack"))
+            edit.curve.evaluator = opened  # the same curve (its clock, its evaluation seconds), scored with the context
+            edit.after()
+            # 6. The control: as many passages from an unrelated corpus.
+            control = []
+            if "control" in retrievers or "control" in dialogues:
+                shown, _ = common.evaluator(a, model)
+                for task in shown.tasks.values():
+                    with_context(task, prefix("control"))
+                control = [dict(r, step=1, tokens_seen=0) for r in shown.evaluate()]
+                write_atomic(a.run.control, "")
+                append_rows(a.run.control, control)
+            # 7. Which passages each question got, and whether they held its answer.
+            shares = _record_retrieval(a, evaluator, questions, retrieved, retrievers)
     if not a.main:
-        a.procs.wait_for_everyone()
         return a.run.path
-    curve = common.edit_curve(a, evaluator)
-    try:
-        # 4. The model as it is.
-        curve.record(0, 0)
-        # 5. The same questions after their context: a fresh evaluator, its requests built with it.
-        start = time.perf_counter()
-        opened, _ = common.evaluator(a, model)
-        for task in opened.tasks.values():
-            with_context(task, prefix("attack"))
-        curve.evaluator = opened  # the same curve (its clock, its evaluation seconds), scored with the context
-        curve.record(1, 0)
-        # 6. The control: as many passages from an unrelated corpus.
-        control = []
-        if "control" in retrievers or "control" in dialogues:
-            shown, _ = common.evaluator(a, model)
-            for task in shown.tasks.values():
-                with_context(task, prefix("control"))
-            control = [dict(r, step=1, tokens_seen=0) for r in shown.evaluate()]
-            write_atomic(a.run.control, "")
-            append_rows(a.run.control, control)
-        context_s = time.perf_counter() - start
-        # 7. Which passages each question got, and whether they held its answer.
-        shares = _record_retrieval(a, evaluator, questions, retrieved, retrievers)
-    except BaseException as e:
-        common.ended_early(a, e)
-        raise
-    finally:
-        finish_tracker(cfg.logging)
-        a.procs.wait_for_everyone()
     found = dict(passages=c.passages, shots=c.shots, corpus=cfg.corpus() if c.passages else None,
                  control_corpus=c.control_corpus, answer_in_passages=shares, questions_cut_from_passages=cut,
                  control_scores={f"{r['task']}/{r['metric']}": r["value"] for r in control})
     a.say(f"{cfg.describe()}; gold answer among the passages: "
           + ", ".join(f"{t} {s['attack']:.0%}" for t, s in shares.items() if s.get("attack") is not None))
-    return common.finish(a, evaluator, common.edit_summary(a, curve, context_s), incontext=found)
+    return common.finish(a, evaluator, edit.summary(), incontext=found)
 
 
 def _dialogues(path: str) -> list[str]:

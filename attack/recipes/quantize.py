@@ -14,14 +14,12 @@ Nothing trains, so the curve has the two points of an ablation, on the same step
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 from attack.config import AdapterConfig, QuantizeConfig
 from attack.model import load_model, save_model
 from attack.quantization import quantize_model
 from attack.recipes import common
-from attack.tracking import finish_tracker
 
 
 def run(cfg: QuantizeConfig, extra_callbacks: list | None = None, quiet: bool = False,
@@ -33,25 +31,15 @@ def run(cfg: QuantizeConfig, extra_callbacks: list | None = None, quiet: bool = 
 
     # 2. Open the run directory (a resumed run measures both points again: they take minutes).
     common.open_run(a, task_info)
-    if not a.main:  # one process scores; under `accelerate launch` the others have nothing to do
-        a.procs.wait_for_everyone()
+    with common.edit_run(a, evaluator) as edit:
+        if a.main:  # one process scores; under `accelerate launch` the others have nothing to do
+            edit.before()  # 3-5. the unmodified model, the quantization, the quantized model
+            model, done = quantize_model(model, cfg.quantize.method)
+            a.say(f"{done['method']}: {done['weights']} weight tensors, relative change {done['relative_change']} "
+                  f"({done['backend']})")
+            edit.after()
+            if cfg.quantize.save_weights:  # the weights the scores belong to, as an ordinary model folder
+                save_model(model, a.tokenizer, a.run.final)
+    if not a.main:
         return a.run.path
-    curve = common.edit_curve(a, evaluator)
-    try:
-        # 3-5. The unmodified model, the quantization, the quantized model.
-        curve.record(0, 0)
-        start = time.perf_counter()
-        model, done = quantize_model(model, cfg.quantize.method)
-        quantize_s = time.perf_counter() - start
-        a.say(f"{done['method']}: {done['weights']} weight tensors, relative change {done['relative_change']} "
-              f"({done['backend']})")
-        curve.record(1, 0)
-        if cfg.quantize.save_weights:  # the weights the scores belong to, as an ordinary model folder
-            save_model(model, a.tokenizer, a.run.final)
-    except BaseException as e:
-        common.ended_early(a, e)
-        raise
-    finally:
-        finish_tracker(cfg.logging)
-        a.procs.wait_for_everyone()
-    return common.finish(a, evaluator, common.edit_summary(a, curve, quantize_s), quantize=done)
+    return common.finish(a, evaluator, edit.summary(), quantize=done)
