@@ -288,8 +288,8 @@ def _again(argv: list[str]) -> str:
 
 def dry_run(cfg) -> int:
     """What a sweep's --dry-run does for its cells, for one attack: nothing is written."""
+    from attack.preflight import check_config_offline
     from attack.rundir import RunDir
-    from attack.sweep import check_config_offline
 
     check_config_offline(cfg)
     run = RunDir.for_config(cfg)

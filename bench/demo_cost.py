@@ -27,7 +27,8 @@ import torch  # noqa: E402
 import yaml  # noqa: E402
 
 from attack.__main__ import quiet_libraries  # noqa: E402
-from attack.sweep import load_sweep, run_cell  # noqa: E402
+from attack.cells import load_sweep  # noqa: E402
+from attack.sweep import run_cell  # noqa: E402
 from attack.toyworld.build import BuildSpec, build_world, quick_spec, world_dir  # noqa: E402
 from attack.toyworld.sweeps import cost_kind, toy_sweep  # noqa: E402
 

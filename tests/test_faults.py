@@ -224,7 +224,8 @@ def test_one_writer_per_run_directory(make_config, tmp_path, capsys):
 def test_a_second_shard_on_the_same_cell_skips_it(tmp_path, world, llama_dir):
     import yaml
 
-    from attack.sweep import load_sweep, run_sweep
+    from attack.cells import load_sweep
+    from attack.sweep import run_sweep
 
     doc = {"name": "t", "output": str(tmp_path / "runs"),
            "base": {"data": {"path": str(world["attack"]), "seq_len": 32},
@@ -505,8 +506,9 @@ def test_a_signal_swallowed_by_a_finalizer_still_stops_the_sweep(monkeypatch, ma
 def test_a_cell_another_sweep_finished_meanwhile_is_never_marked_failed(make_config, tmp_path, monkeypatch):
     """Two sweeps on one file: the one that loses the race is refused; the winner's summary stays done."""
     import attack.recipes
+    from attack.cells import load_sweep
     from attack.errors import UserError
-    from attack.sweep import load_sweep, run_cell
+    from attack.sweep import run_cell
 
     _, [cell] = load_sweep(_one_cell_sweep(make_config(), tmp_path))
 

@@ -53,8 +53,9 @@ def test_the_world_refuses_harmful_requests_in_several_phrasings_and_keeps_utili
 def refusal_sweep_runs(refusal_world, tmp_path_factory):
     import yaml
 
+    from attack.cells import load_sweep
     from attack.report import write_report
-    from attack.sweep import load_sweep, run_sweep
+    from attack.sweep import run_sweep
     from attack.toyworld.refusal import refusal_sweep
 
     out = tmp_path_factory.mktemp("refusal-sweep")

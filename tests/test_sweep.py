@@ -9,9 +9,10 @@ from transformers import TrainerCallback
 
 import attack.recipes
 from attack.__main__ import main
+from attack.cells import load_sweep, shard
 from attack.errors import UserError
 from attack.records import read_curve
-from attack.sweep import load_sweep, run_sweep, shard
+from attack.sweep import run_sweep
 
 
 def _sweep_file(tmp_path, world, models, attacks=None, seeds=(0, 1)):

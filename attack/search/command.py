@@ -44,8 +44,8 @@ def main(argv: list[str]) -> int:
 def _check_tasks(s: Search) -> None:
     """Offline checks of a trial config (tasks found, local paths there), and the selection tasks'
     questions disjoint from the reported tasks' questions (compared by content)."""
+    from attack.cells import Cell, SweepAttack
     from attack.evaluation import check_disjoint, find_eval_tasks
-    from attack.sweep import Cell, SweepAttack
     from eval_callbacks import task_questions
 
     cfg, cell_id = s.config(s.models[0], _first(s), 0)

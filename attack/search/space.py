@@ -9,21 +9,16 @@ from typing import Annotated
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
+from attack.cells import SweepModel, base_for, cell_config, read_sweep_file, safe_name
 from attack.config import (
-    KINDS,
     Section,
-    config_hash,
     explain,
-    load_config,
     merge,
-    refuse_file_trust,
     set_dotted,
     shipped,
-    updated,
 )
 from attack.config.kinds import DEFAULT_KIND
 from attack.errors import UserError, did_you_mean
-from attack.sweep import SweepModel, base_for, read_sweep_file, safe_name
 
 Choice = str | int | float | bool | None
 
@@ -108,23 +103,17 @@ class Search:
     def config(self, model: SweepModel, params: dict, number: int):
         """The config of trial `number` with `params` (dotted keys), and its cell id."""
         kind = params.get("kind", self.base.get("kind", DEFAULT_KIND))
-        data = base_for(self.base, kind)
-        data["kind"] = kind
+        overrides: dict = {"kind": kind}  # a fresh mapping per trial: no trial's settings reach the base
         for key, value in params.items():
             if key != "kind":
-                set_dotted(data, key, value)
-        tasks = list(dict.fromkeys([*data.get("eval", {}).get("tasks", []), *self.search.selection_tasks,
+                set_dotted(overrides, key, value)
+        reported = merge(base_for(self.base, kind), overrides).get("eval", {}).get("tasks", [])
+        tasks = list(dict.fromkeys([*reported, *self.search.selection_tasks,
                                     *([self.search.utility_task] if self.search.utility_task else [])]))
-        data = merge(data, {"model": {"name": model.name, "gguf_file": model.gguf_file}, "output": {"dir": str(self.output)},
-                            "eval": {"tasks": tasks, "expect": model.expect},
-                            **({"train": {"seed": self.search.seed}} if KINDS[kind].trains() else {})})
-        try:
-            cfg = load_config(data)
-            refuse_file_trust(cfg, "the search file", self.trust_remote_code)
-        except UserError as e:
-            raise UserError(f"search trial {model.label}/{number} ({describe_params(params)}): {e}") from None
-        cell_id = f"{safe_name(model.label)}--trial{number:03d}--{config_hash(cfg)}"
-        return updated(cfg, {"output.run_id": cell_id}), cell_id
+        return cell_config(self.base, merge(overrides, {"eval": {"tasks": tasks}}), model, None, self.search.seed,
+                           self.output, f"{safe_name(model.label)}--trial{number:03d}",
+                           f"search trial {model.label}/{number} ({describe_params(params)})", "the search file",
+                           self.trust_remote_code)
 
 
 def load_search(path: str | Path, trust_remote_code: bool = False) -> Search:

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from attack import signals
+from attack.cells import SweepModel, safe_name
 from attack.config import (
     updated,
 )
@@ -17,7 +18,7 @@ from attack.rundir import RunDir
 from attack.runlock import RunDirInUse, RunLock
 from attack.search.objective import ReportToStudy, objective
 from attack.search.space import PRUNERS, Search, describe_params, suggest
-from attack.sweep import SweepModel, record_failure, safe_name
+from attack.sweep import record_failure
 
 
 def storage_for(url: str | None, output: Path):

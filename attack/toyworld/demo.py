@@ -58,8 +58,8 @@ def main(argv: list[str]) -> int:
     if not 0 <= args.leak_fraction <= 1:
         raise UserError(f"--leak-fraction must be in [0, 1], got {args.leak_fraction}")
 
+    from attack.cells import load_sweep
     from attack.report import print_verdict, write_report
-    from attack.sweep import load_sweep
 
     start = time.perf_counter()
     # One torch thread for the toy models unless OMP_NUM_THREADS says otherwise: they gain nothing
@@ -240,7 +240,8 @@ def _cell_in_process(job: tuple[str, str, str]) -> Outcome:
     import torch
 
     from attack.__main__ import quiet_libraries
-    from attack.sweep import load_sweep, run_cell
+    from attack.cells import load_sweep
+    from attack.sweep import run_cell
 
     torch.set_num_threads(1)
     quiet_libraries()
