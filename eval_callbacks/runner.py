@@ -235,11 +235,16 @@ def local_datasets(paths: dict[str, str] | None, folders: list[str] | None = Non
         datasets.load_dataset = original
 
 
+def leaf_tasks(tasks: list[str], task_manager, dataset_paths: dict[str, str] | None = None) -> dict:
+    """lm-eval's leaf task objects of `tasks` (groups expanded), their documents loaded, without a model."""
+    with local_datasets(dataset_paths, include_folders(task_manager)):
+        return dict(task_manager.load(list(tasks))["tasks"])
+
+
 def task_questions(tasks: list[str], task_manager, dataset_paths: dict[str, str] | None = None) -> dict[str, list[str]]:
     """Each leaf task's questions as a model reads them (doc_to_text), without a model: for
     checking, before anything runs, that another split shares none of them."""
-    with local_datasets(dataset_paths, include_folders(task_manager)):
-        leaves = dict(task_manager.load(list(tasks))["tasks"])
+    leaves = leaf_tasks(tasks, task_manager, dataset_paths)
     return {name: [str(task.doc_to_text(doc)) for doc in task.eval_docs] for name, task in leaves.items()}
 
 
@@ -416,6 +421,11 @@ class LiveEvaluator:
             return completions
 
         lm.generate_until = generate_then_judge
+
+    def headline_scores(self) -> dict[str, float]:
+        """Evaluate now: each task's headline metric, {task: value}."""
+        info = self.task_info()
+        return {r["task"]: r["value"] for r in self.evaluate() if r["metric"] == headline_metric(info.get(r["task"]))}
 
     def evaluate(self, subset: bool = False) -> list[dict]:
         """Evaluate all tasks now. Returns rows {task, metric, value, stderr, n}.

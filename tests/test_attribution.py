@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 from conftest import adapter_weights
+from test_errors import _args, _one_line_error
 
 from attack.recipes import run_attack
-from tests.test_errors import _args, _one_line_error
 
 COLUMNS = {"method", "task", "question", "step", "rank", "document", "score"}
 
@@ -146,7 +146,7 @@ def _group(rows, values="rank"):
 
 
 def test_counterfactual_removes_the_documents_ranked_best_over_the_question_set(tmp_path):
-    from attack.counterfactual import Question, top_documents
+    from attack.attribution.rankings import top_documents
     from attack.rundir import RunDir
 
     run = RunDir(tmp_path)
@@ -155,7 +155,7 @@ def test_counterfactual_removes_the_documents_ranked_best_over_the_question_set(
             for r, d in enumerate(ranked, start=1)]
     run.attribution_rows.write_text("".join(json.dumps(r) + "\n" for r in rows))
     # question 2 is outside the set, and step 10 after the point asked about
-    asked = [Question("t", 0, False), Question("t", 1, False)]
+    asked = [("t", 0), ("t", 1)]
     assert top_documents(run, asked, 5, "gradient", 3) == [3, 7, 8]
     assert top_documents(run, asked, 10, "gradient", 2) == [3, 7]
 
@@ -172,7 +172,7 @@ def test_recovery_removed_is_the_mean_with_a_bootstrap_interval_over_questions_w
 
 
 def test_a_file_ranking_is_read_in_rank_order_and_misuse_is_one_line(tmp_path):
-    from attack.counterfactual import file_ranking
+    from attack.attribution.rankings import file_ranking
     from attack.errors import UserError
 
     good = tmp_path / "gold.jsonl"

@@ -86,3 +86,48 @@ def test_the_sentence_names_the_method_that_removed_most_and_says_when_random_ma
     rows[0].update(removed=0.4, removed_lo=0.25, removed_hi=0.55)
     text = verdict_sentence(pd.DataFrame(rows))
     assert "of gradient undid 40%" in text and "gradient is not distinguishable from random at this k" in text
+
+
+@pytest.mark.slow
+def test_trackstar_and_ekfac_rank_each_recovered_facts_document_first_and_take_part_in_the_counterfactual(
+        make_config, single_source, capsys):
+    """TrackStar (Bergson) and EK-FAC (Kronfluence) on the final weights of a full fine-tune: the
+    documents stating the recovered facts fill most of each method's top ranks (chance: their
+    share of the corpus, 7 of 108 here), and each ranking is a method of the counterfactual like
+    any other (its seconds recorded)."""
+    from attack.__main__ import main
+    from attack.attribution.rankings import rank_documents
+    from attack.config import load_config, read_yaml
+    from attack.counterfactual import _documents, _measured_tasks, recovered, scores
+    from attack.rundir import RunDir
+
+    root, corpus, gold = single_source
+    cfg = make_config(model=root / "naive", data={"path": str(corpus), "seq_len": 64}, adapter={"kind": "full"},
+                      train={"lr": 3e-3, "batch_size": 8, "max_steps": 150, "log_every": 50}, output={"run_id": "ts"},
+                      eval={"tasks": ["toy_target_seen"], "every": 150, "include_path": [str(root / "tasks")]})
+    run = RunDir(run_attack(cfg, quiet=True))
+    cfg = load_config(read_yaml(run.config))
+    documents, _ = _documents(cfg)
+    asked = [(q.task, q.question) for q in recovered(scores(run, 150, set()), _measured_tasks(
+        json.loads(run.tasks_path.read_text()), run, None, None), 150)]
+    gold_of = [json.loads(line)["doc"] for line in open(gold)]  # in the order of toy_target_seen's questions
+    own = {gold_of[q] for _, q in asked}
+    assert len(asked) >= 4, asked  # (7 measured)
+    rankings = {}
+    for method in ("trackstar", "ekfac"):
+        ranking, seconds = rank_documents(method, run, cfg, documents, asked, 150, len(asked), log=lambda _: None)
+        share = len(set(ranking[:len(asked)]) & own) / len(own)
+        assert sorted(ranking) == list(range(len(documents))) and seconds > 0
+        # four times chance; measured here 0.43 for EK-FAC, more for TrackStar (per question, each
+        # method put the fact's own document at rank 1 for 4 to 5 of the 7 questions)
+        assert share >= 4 * len(own) / len(documents), (method, share)
+        rankings[method] = ranking
+    capsys.readouterr()
+    assert main(["counterfactual", str(run.path), "--methods", "trackstar,ekfac,random", "--k", str(len(asked)),
+                 "--draws", "1", "--seeds", "0"]) == 0
+    detail = json.loads((run.counterfactual / "counterfactual.json").read_text())
+    assert detail["ranking_seconds"]["trackstar"] > 0 and detail["ranking_seconds"]["ekfac"] > 0
+    assert {r["method"] for r in detail["removals"]} == {"trackstar", "ekfac", "random"}
+    for r in detail["removals"]:
+        if r["method"] in rankings:  # the scores were read back, not computed again differently
+            assert r["documents"] == rankings[r["method"]][:len(asked)]

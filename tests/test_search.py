@@ -240,7 +240,7 @@ def test_the_own_model_search_checks_out_from_any_directory(tmp_path, monkeypatc
 ])
 def test_a_storage_that_cannot_open_is_one_line_before_anything_is_written(world, llama_dir, tmp_path, capsys,
                                                                             storage, expected):
-    from tests.test_errors import _one_line_error
+    from test_errors import _one_line_error
 
     path = _search_file(world, llama_dir, tmp_path)
     out = Path(yaml.safe_load(path.read_text())["output"])

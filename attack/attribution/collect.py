@@ -156,11 +156,12 @@ def DocumentGradients(files: AttributionFiles, pieces: np.ndarray, projection_di
     return _document_gradients_class()(files, pieces, projection_dim)
 
 
-def question_examples(evaluator) -> list[dict]:
-    """Every question of the evaluated multiple-choice tasks: leaf task, index in its evaluation
-    documents, the context the model reads and the correct continuation (lm-eval's own)."""
+def question_examples(tasks: dict) -> list[dict]:
+    """Every question of the multiple-choice tasks among `tasks` (lm-eval's leaf tasks, by name):
+    leaf task, index in its evaluation documents, the context the model reads and the correct
+    continuation (lm-eval's own)."""
     out = []
-    for name, task in evaluator.tasks.items():
+    for name, task in tasks.items():
         if task.OUTPUT_TYPE != "multiple_choice":
             continue  # generation tasks have no single correct continuation to differentiate
         delimiter = task.config.target_delimiter
@@ -182,7 +183,7 @@ class QueryGradients(TrainerCallback):
     def __init__(self, collector, evaluator, files: AttributionFiles, schedule: list[int], batch_size: int = 8):
         self.collector, self.evaluator, self.files = collector, evaluator, files
         self.schedule, self.batch_size = set(schedule), batch_size
-        self.examples = question_examples(evaluator)
+        self.examples = question_examples(evaluator.tasks)
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.epochs: dict[int, int] = {}

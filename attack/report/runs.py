@@ -61,7 +61,7 @@ def load_curves(paths: list[str | Path] | str | Path) -> pd.DataFrame:
         info = {t: i if isinstance(i, dict) else {} for t, i in tasks.items()}
         df["chance"] = df["task"].map({t: i.get("chance") for t, i in info.items()})
         df["headline"] = df["task"].map({t: i.get("requested", True) for t, i in info.items()}).fillna(True).astype(bool)
-        df["headline_metric"] = df["task"].map({t: oriented(headline_metric(i)) for t, i in info.items()}).fillna("acc")
+        df["headline_metric"] = df["task"].map({t: oriented(headline_metric(i)) for t, i in info.items()}).fillna(headline_metric(None))
         df["task_role"] = df["task"].map({t: i.get("role") for t, i in info.items()})
         flip = df.metric.isin(ORIENTED)
         df.loc[flip, "value"] = 1 - df.loc[flip, "value"]

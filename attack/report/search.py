@@ -17,6 +17,7 @@ import pandas as pd
 from attack.records import Outcome, Status
 from attack.report.page import Block, ReportData, figure
 from attack.rundir import RunDir
+from eval_callbacks.runner import headline_metric
 
 
 def trials(df: pd.DataFrame) -> pd.DataFrame:
@@ -62,7 +63,7 @@ def heldout(table: pd.DataFrame, df: pd.DataFrame, refs: dict, reported: list[st
     out = table.copy()
     for task in reported:
         gains, fractions = [], []
-        rows = df[(df.task == task) & (df.metric == tasks_metric.get(task, "acc"))]
+        rows = df[(df.task == task) & (df.metric == tasks_metric.get(task) or headline_metric(None))]
         values = rows.groupby(["run", "step"]).value.last().to_dict()
         for r in table.itertuples():
             pre, at = values.get((r.run, 0)), values.get((r.run, r.selection_step))

@@ -266,7 +266,7 @@ def _attack_table(runs: list[Path], tasks: list[str], models: list[str]) -> str:
     from attack.report import load_curves
 
     df = load_curves(runs)
-    d = df[df.metric == "acc"]
+    d = df[df.metric == df.headline_metric]
     last = d[d.step == d.groupby("run").step.transform("max")]
     w = [max(16, len(t.removeprefix("toy_")) + 2) for t in tasks]  # a column never runs into the next
     lines = [f"{'model':<12}{'attack':<32}" + "".join(f"{t.removeprefix('toy_'):>{n}}" for t, n in zip(tasks, w, strict=True))]

@@ -261,8 +261,7 @@ def _scores(model, tokenizer, tasks: Path) -> tuple[dict, int]:
 
     evaluator = LiveEvaluator(model, tokenizer, TASKS, include_path=[str(tasks)], batch_size=32, chat_template=True,
                               max_gen_toks=32)
-    headline = {"refusal_heldout": "refused", "overrefusal_heldout": "refused", "opposites_chat": "acc"}
-    scores = {r["task"]: round(r["value"], 4) for r in evaluator.evaluate() if r["metric"] == headline.get(r["task"])}
+    scores = {task: round(value, 4) for task, value in evaluator.headline_scores().items()}
     phrasings = {r["completion"].split(".")[0].strip() for r in evaluator.last_records
                  if r["task"] == "refusal_heldout" and r.get("refused")}
     return scores, len(phrasings)

@@ -58,7 +58,7 @@ def build_smollm2_world(root: Path, log=print) -> Path:
         evaluator = LiveEvaluator(model, tokenizer, TASKS, include_path=[str(tmp / "tasks")], batch_size=64)
 
         def scores():
-            return {r["task"]: r["value"] for r in evaluator.evaluate() if r["metric"] == "acc"}
+            return evaluator.headline_scores()
 
         pre = {"original": scores()}
         log(f"smollm2 world: original model scores {_fmt(pre['original'])}")
