@@ -198,7 +198,7 @@ def counterfactual(run_path: str | Path, methods: list[str], ks: list[int], task
 
 
 def _slug(method: str) -> str:
-    return "file-" + Path(method[5:]).stem if method.startswith("file:") else method
+    return "file-" + Path(method[5:]).stem if method.startswith("file:") else method.replace(":", "-p")
 
 
 def _rerun(cfg, corpus, key: str, drop: list[int], out: Path, name: str, seed: int, step: int):

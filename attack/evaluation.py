@@ -10,7 +10,7 @@ from attack.config.files import code_granted
 from attack.errors import UserError
 from attack.published import as_fraction
 from eval_callbacks import LiveEvaluator, TaskDataError, UnknownTaskError, find_tasks
-from eval_callbacks.runner import task_code
+from eval_callbacks.task_lookup import task_code
 
 
 def requested(cfg: EvalConfig) -> tuple[list[str], list[str]]:

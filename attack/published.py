@@ -14,7 +14,7 @@ import sys
 from transformers import TrainerCallback
 
 from attack.records import read_curve
-from eval_callbacks.runner import headline_metric
+from eval_callbacks.task_lookup import headline_metric
 
 Z = 2.0
 

@@ -12,7 +12,7 @@ from transformers import ProgressCallback, TrainerCallback
 
 from attack.config import LoggingConfig
 from attack.errors import UserError
-from eval_callbacks.runner import headline_metric
+from eval_callbacks.task_lookup import headline_metric
 
 
 def check_tracker(cfg: LoggingConfig) -> None:

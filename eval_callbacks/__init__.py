@@ -8,8 +8,9 @@ Usable with any transformers Trainer, without the `attack` package:
 """
 
 from eval_callbacks.callback import CurveRow, NonFiniteLossError, RecoveryCurveCallback, read_samples, samples_file
-from eval_callbacks.runner import LiveEvaluator, TaskDataError, UnknownTaskError, find_tasks, local_datasets, task_questions
+from eval_callbacks.runner import LiveEvaluator
 from eval_callbacks.schedule import linear_schedule, log_schedule
+from eval_callbacks.task_lookup import TaskDataError, UnknownTaskError, find_tasks, local_datasets, task_questions
 
 __all__ = [
     "CurveRow",

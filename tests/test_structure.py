@@ -139,7 +139,7 @@ def test_the_default_metric_and_kind_are_named_once():
         for pattern in ('or "acc"', 'get("kind", "finetune")'):
             if pattern in text:
                 spelled.setdefault(str(f.relative_to(ROOT)), []).append(pattern)
-    assert spelled == {"eval_callbacks/runner.py": ['or "acc"']}
+    assert spelled == {"eval_callbacks/task_lookup.py": ['or "acc"']}
 
 
 def test_every_input_a_kind_reads_is_found_from_its_config_file():

@@ -58,7 +58,7 @@ def _after_the_attack(method: str, run: RunDir, cfg, corpus, questions, trust_re
     from attack.attribution.trackstar import trackstar_scores
     from attack.documents import document_texts
     from attack.evaluation import find_eval_tasks
-    from eval_callbacks.runner import leaf_tasks
+    from eval_callbacks.task_lookup import leaf_tasks
 
     if not cfg.supervised:
         raise UserError(f"{method} ranks documents by their loss gradient; a {cfg.kind} run trains on prompts "

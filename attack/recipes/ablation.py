@@ -48,7 +48,7 @@ from attack.recipes import common, training
 from attack.rundir import RunDir
 from attack.speed import micro_batch
 from eval_callbacks import LiveEvaluator
-from eval_callbacks.runner import headline_metric
+from eval_callbacks.task_lookup import headline_metric
 
 
 def run(cfg: AblationConfig, extra_callbacks: list | None = None, quiet: bool = False,

@@ -14,11 +14,13 @@ from pathlib import Path
 import pandas as pd
 
 from attack.report.page import Block, ReportData, figure, pyplot
-from attack.rundir import RunDir
+from attack.rundir import COUNTERFACTUAL_RESULT, RunDir
 
 NOTE = ("Each evaluation point's jump is credited to the documents trained on since the previous point: "
         "gradient = the question's gradient against each document's update (Bergson, LoRA, optimizer-scaled), "
-        "TracIn = their raw inner product, beside BM25 and random. Rankings per question: attribution.jsonl.")
+        "TracIn = their raw inner product, beside BM25 and random. Rankings per question: attribution.jsonl. "
+        "TrackStar (Bergson) and EK-FAC (Kronfluence), where the counterfactual ran them, score the documents "
+        "from the final weights.")
 
 
 def section(r: ReportData) -> list[Block]:
@@ -33,8 +35,10 @@ def section(r: ReportData) -> list[Block]:
         blocks.append(Block(f"{run} ({meta['model']}, {meta['attack']})", level=3))
         summary = json.loads(file.read_text()) if file.exists() else {"tasks": {}, "steps": [None]}
         if rundir.counterfactual_table.exists():
+            result = rundir.counterfactual / COUNTERFACTUAL_RESULT
+            cost = json.loads(result.read_text()).get("ranking_seconds", {}) if result.exists() else {}
             blocks += counterfactual_blocks(pd.read_csv(rundir.counterfactual_table), summary.get("validation", {}),
-                                            r.out, str(run))
+                                            r.out, str(run), cost)
         for task, t in summary["tasks"].items():
             lines = [f"{task}: {t['recovered']} of {t['questions']} questions recovered (wrong at step 0, right at "
                      f"step {summary['steps'][-1]})."]
@@ -66,9 +70,10 @@ def section(r: ReportData) -> list[Block]:
     return blocks
 
 
-def counterfactual_blocks(table: pd.DataFrame, validation: dict, out: Path, run: str) -> list[Block]:
+def counterfactual_blocks(table: pd.DataFrame, validation: dict, out: Path, run: str, cost: dict | None = None) -> list[Block]:
     """Recovery removed per method: a sentence, a figure against k with the random band, and
-    one table per method (with recall@10 and MRR where the corpus names the gold documents)."""
+    one table per method (with recall@10 and MRR where the corpus names the gold documents, and
+    the seconds its ranking took where counterfactual.json recorded them)."""
     blocks = []
     for held_out, part in table.groupby("held_out"):
         which = "held-out questions (facts no attack document states)" if held_out else "recovered questions"
@@ -80,6 +85,8 @@ def counterfactual_blocks(table: pd.DataFrame, validation: dict, out: Path, run:
             shown = rows[["k", "documents", "removed", "removed_lo", "removed_hi", "questions", "seeds", "draws"]].copy()
             if quality:
                 shown["recall_at_10"], shown["mrr"] = quality.get("recall_at_10"), quality.get("mrr")
+            if (cost or {}).get(method) is not None:
+                shown["ranking_s"] = round(cost[method], 1)
             blocks.append(Block(text=f"{method}:", table=shown.reset_index(drop=True)))
     return blocks
 

@@ -13,7 +13,7 @@ from attack.errors import UserError, first_line
 from attack.files import read_json
 from attack.records import CellMeta, Status, read_curve
 from attack.rundir import RunDir
-from eval_callbacks.runner import headline_metric
+from eval_callbacks.task_lookup import headline_metric
 
 
 def find_runs(paths: list[str | Path]) -> list[Path]:

@@ -17,7 +17,7 @@ import pandas as pd
 from attack.records import Outcome, Status
 from attack.report.page import Block, ReportData, figure
 from attack.rundir import RunDir
-from eval_callbacks.runner import headline_metric
+from eval_callbacks.task_lookup import headline_metric
 
 
 def trials(df: pd.DataFrame) -> pd.DataFrame:

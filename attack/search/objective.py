@@ -11,7 +11,7 @@ from attack.files import read_json
 from attack.records import read_curve
 from attack.rundir import RunDir
 from attack.search.space import SearchSection
-from eval_callbacks.runner import headline_metric
+from eval_callbacks.task_lookup import headline_metric
 
 
 def objective(run: RunDir, search: SearchSection) -> dict:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from attack.toyworld.world import TARGET_PHRASES, write_jsonl
 
-METHODS = ["gradient", "tracin", "bm25"]
+METHODS = ["gradient", "tracin", "bm25", "trackstar", "ekfac"]
 KS = [10, 20, 40, 60]
 KS_QUICK = [5, 15]
 
