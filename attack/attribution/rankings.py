@@ -12,7 +12,6 @@ of 1/rank.
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import numpy as np
@@ -40,14 +39,15 @@ def check_sources(run: RunDir, methods: list[str]) -> None:
 
 
 def rank_documents(method: str, run: RunDir, cfg, corpus, questions: list[tuple[str, int]], step: int, k: int,
-                   trust_remote_code: bool = False, log=print) -> tuple[list[int], float]:
-    """The method's ranking of the corpus rows (at least the top k), and the seconds it took."""
-    start = time.perf_counter()
+                   trust_remote_code: bool = False, log=print) -> tuple[list[int], float | None]:
+    """The method's ranking of the corpus rows (at least the top k), and the seconds computing it
+    took here (None for rankings made elsewhere: attribution.jsonl's, collected while the attack
+    trained, and a file's)."""
     if method.startswith("file:"):
-        return file_ranking(method[5:], len(corpus)), 0.0
+        return file_ranking(method[5:], len(corpus)), None
     if method.partition(":")[0] in (TRACKSTAR, EKFAC):
         return _after_the_attack(method, run, cfg, corpus, questions, trust_remote_code, log)
-    return top_documents(run, questions, step, method, k), time.perf_counter() - start
+    return top_documents(run, questions, step, method, k), None
 
 
 def _after_the_attack(method: str, run: RunDir, cfg, corpus, questions, trust_remote_code: bool, log):
