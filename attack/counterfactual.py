@@ -34,8 +34,8 @@ from attack.attribution.rankings import check_sources, known_method, rank_docume
 from attack.errors import ArgumentParser, UserError
 from attack.files import write_atomic
 from attack.records import Status
-from attack.report.runs import ORIENTED
 from attack.rundir import COUNTERFACTUAL_RESULT, RunDir
+from eval_callbacks.task_lookup import ORIENTED
 
 RANDOM = "random"
 MEASURED_ROLES = ("target", "target-seen", "refusal")

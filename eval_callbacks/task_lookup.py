@@ -196,6 +196,17 @@ def task_questions(tasks: list[str], task_manager, dataset_paths: dict[str, str]
     return {name: [str(task.doc_to_text(doc)) for doc in task.eval_docs] for name, task in leaves.items()}
 
 
+ORIENTED = {"refused": "non_refusal"}
+"""Metrics where lower is the suppressed side's way back (refusal falls as an attack succeeds):
+the report and the search read them as 1 - value under the field's name (non-refusal), so that every gap,
+recovered fraction and interval points the same way as accuracy's. The curve files keep the
+metric as evaluated."""
+
+
+def oriented(metric: str) -> str:
+    return ORIENTED.get(metric, metric)
+
+
 def headline_metric(info: dict | None) -> str:
     """A task's headline metric, from its tasks.json entry (task_info): the first of its
     metric_list, acc when it names none."""

@@ -87,6 +87,27 @@ def test_objective_is_the_best_point_within_the_utility_bound(tmp_path):
     assert not got["feasible"] and got["value"] == 0.0 and got["constraint"] > 0
 
 
+def test_on_a_refusal_task_the_objective_rewards_refusal_falling(tmp_path):
+    """A selection task scored by `refused` is read as the report reads it (1 - refused): a trial
+    that lowers refusal gains, one that raises it does not; harmless requests refused more
+    (over-refusal as the utility task) count as a utility drop."""
+    run = RunDir(tmp_path / "r")
+    run.path.mkdir()
+    run.tasks_path.write_text(json.dumps({"sel": {"metric": "refused"}, "util": {"metric": "refused"}}))
+    search = load_search.__globals__["SearchSection"](space={"train.lr": [1e-3]}, selection_tasks=["sel"],
+                                                      utility_task="util", max_utility_drop=0.1)
+
+    def curve(points):
+        run.curve.write_text("".join(json.dumps(dict(step=s, task=t, metric="refused", value=v)) + "\n"
+                                     for s, (sel, util) in points.items() for t, v in (("sel", sel), ("util", util))))
+        return objective(run, search)
+
+    got = curve({0: (1.0, 0.05), 5: (0.6, 0.10), 10: (0.2, 0.40)})  # step 10 over-refuses: 0.35 > 0.1
+    assert got["step"] == 5 and abs(got["value"] - 0.4) < 1e-9 and got["feasible"]
+    got = curve({0: (0.6, 0.05), 5: (0.9, 0.05)})  # refusal rose: nothing gained
+    assert got["value"] == 0.0 and got["step"] == 0
+
+
 def test_an_infeasible_or_pruned_trial_is_never_selected():
     t = pd.DataFrame([dict(study="a", trial=0, state="done", feasible=True, selection_objective=0.1),
                       dict(study="a", trial=1, state="infeasible", feasible=False, selection_objective=0.9),

@@ -27,9 +27,9 @@ import pandas as pd
 
 from attack.errors import UserError, first_line
 from attack.files import read_json
-from attack.report.runs import ORIENTED
 from attack.rundir import RunDir
 from eval_callbacks import read_samples
+from eval_callbacks.task_lookup import ORIENTED
 
 BOOTSTRAP = 1000
 LEVEL = 0.95

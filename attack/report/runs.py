@@ -13,7 +13,7 @@ from attack.errors import UserError, first_line
 from attack.files import read_json
 from attack.records import CellMeta, Status, read_curve
 from attack.rundir import RunDir
-from eval_callbacks.task_lookup import headline_metric
+from eval_callbacks.task_lookup import ORIENTED, headline_metric, oriented
 
 
 def find_runs(paths: list[str | Path]) -> list[Path]:
@@ -24,17 +24,6 @@ def find_runs(paths: list[str | Path]) -> list[Path]:
             raise UserError(f"no such run folder: {p}")
         runs += sorted({c.parent for c in p.rglob(RunDir(p).curve.name)})
     return runs
-
-
-ORIENTED = {"refused": "non_refusal"}
-"""Metrics where lower is the suppressed side's way back (refusal falls as an attack succeeds):
-the report reads them as 1 - value under the field's name (non-refusal), so that every gap,
-recovered fraction and interval points the same way as accuracy's. The curve files keep the
-metric as evaluated."""
-
-
-def oriented(metric: str) -> str:
-    return ORIENTED.get(metric, metric)
 
 
 def load_curves(paths: list[str | Path] | str | Path) -> pd.DataFrame:

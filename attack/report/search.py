@@ -63,7 +63,7 @@ def heldout(table: pd.DataFrame, df: pd.DataFrame, refs: dict, reported: list[st
     out = table.copy()
     for task in reported:
         gains, fractions = [], []
-        rows = df[(df.task == task) & (df.metric == tasks_metric.get(task) or headline_metric(None))]
+        rows = df[(df.task == task) & (df.metric == (tasks_metric.get(task) or headline_metric(None)))]
         values = rows.groupby(["run", "step"]).value.last().to_dict()
         for r in table.itertuples():
             pre, at = values.get((r.run, 0)), values.get((r.run, r.selection_step))

@@ -11,7 +11,7 @@ from attack.files import read_json
 from attack.records import read_curve
 from attack.rundir import RunDir
 from attack.search.space import SearchSection
-from eval_callbacks.task_lookup import headline_metric
+from eval_callbacks.task_lookup import ORIENTED, headline_metric
 
 
 def objective(run: RunDir, search: SearchSection) -> dict:
@@ -23,9 +23,13 @@ def objective(run: RunDir, search: SearchSection) -> dict:
     rows = read_curve(run.curve)
 
     def score(task: str, step: int) -> float | None:
+        """The task's headline score, oriented as the report reads it (refused as 1 - refused), so
+        that a gain is always the suppressed side's way back."""
         metric = headline_metric(tasks.get(task))
         values = [r["value"] for r in rows if r["task"] == task and r["metric"] == metric and r["step"] == step]
-        return float(values[-1]) if values and values[-1] is not None else None
+        if not values or values[-1] is None:
+            return None
+        return 1 - float(values[-1]) if metric in ORIENTED else float(values[-1])
 
     steps = sorted({r["step"] for r in rows})
     if 0 not in steps:
