@@ -12,13 +12,14 @@ Kronfluence writes stays in counterfactual/ekfac/ of the run, with the seconds i
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import time
-import warnings
 
 import numpy as np
 import torch
 
+from attack.attribution import library_output_to
 from attack.errors import UserError
 from attack.files import write_atomic
 from attack.rundir import RunDir
@@ -42,23 +43,25 @@ def ekfac_scores(run: RunDir, cfg, documents: list[str], questions: list[dict], 
     if not (run.final / "config.json").exists() and not (run.final / "adapter_config.json").exists():
         raise UserError(f"{run.path} has no attacked weights in {run.final}; ekfac scores the final model")
     model, tokenizer = load_attacked_model(run.final, cfg.model), load_tokenizer(cfg.model)
-    tracked = [name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)
-               and ("lora_" in name if any("lora_" in n for n, _ in model.named_modules()) else not name.endswith("lm_head"))]
+    modules = dict(model.named_modules())
+    lora = any("lora_" in name for name in modules)  # the adapter's A and B matrices, else every linear layer
+    tracked = [name for name, m in modules.items() if isinstance(m, torch.nn.Linear)
+               and ("lora_" in name if lora else not name.endswith("lm_head"))]
     if not tracked:
         raise UserError(f"{run.final} has no linear module for EK-FAC to track")
     train = _examples(tokenizer, [(t, None) for t in documents], cfg.data.seq_len)
     query = _examples(tokenizer, [(q["context"], q["answer"]) for q in questions], cfg.data.seq_len)
     task = _task_class()(tracked)
     start = time.perf_counter()
-    warnings.filterwarnings("ignore", category=FutureWarning, module="kronfluence")  # its own deprecated AMP calls
-    model = prepare_model(model.float().eval(), task)
-    analyzer = Analyzer(analysis_name="ekfac", model=model, task=task, cpu=not torch.cuda.is_available(),
-                        output_dir=str(folder), disable_model_save=True, disable_tqdm=True)
-    analyzer.fit_all_factors(factors_name="ekfac", dataset=train, per_device_batch_size=8,
-                             factor_args=FactorArguments(strategy="ekfac"), overwrite_output_dir=True)
-    analyzer.compute_pairwise_scores(scores_name="pairwise", factors_name="ekfac", query_dataset=query,
-                                     train_dataset=train, per_device_query_batch_size=8,
-                                     per_device_train_batch_size=8, overwrite_output_dir=True)
+    with library_output_to(folder / "kronfluence.log"):
+        model = prepare_model(model.float().eval(), task)
+        analyzer = Analyzer(analysis_name="ekfac", model=model, task=task, cpu=not torch.cuda.is_available(),
+                            output_dir=str(folder), disable_model_save=True, disable_tqdm=True, log_level=logging.WARNING)
+        analyzer.fit_all_factors(factors_name="ekfac", dataset=train, per_device_batch_size=8,
+                                 factor_args=FactorArguments(strategy="ekfac"), overwrite_output_dir=True)
+        analyzer.compute_pairwise_scores(scores_name="pairwise", factors_name="ekfac", query_dataset=query,
+                                         train_dataset=train, per_device_query_batch_size=8,
+                                         per_device_train_batch_size=8, overwrite_output_dir=True)
     pairwise = analyzer.load_pairwise_scores("pairwise")["all_modules"]  # (questions, documents)
     seconds = time.perf_counter() - start
     scores = pairwise.double().numpy().T

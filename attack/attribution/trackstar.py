@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from attack.attribution import library_output_to
 from attack.errors import UserError
 from attack.files import write_atomic
 from attack.rundir import RunDir
@@ -63,7 +64,8 @@ def trackstar_scores(run: RunDir, cfg, documents: list[str], questions: list[dic
     query = QuerySetConfig(dataset=str(folder / "questions.jsonl"), prompt_column="prompt", completion_column="completion")
     # the paper's downweighting of the top components, scaled to the gradient's size (~1000 of 65K there)
     components = max(1, round(1000 / 65536 * projection * projection * 2))
-    trackstar(index, TrackstarConfig(query=query, stats_sample_size=None, target_downweight_components=components))
+    with library_output_to(folder / "bergson.log"):
+        trackstar(index, TrackstarConfig(query=query, stats_sample_size=None, target_downweight_components=components))
     seconds = time.perf_counter() - start
     stored = load_scores(folder / "bergson" / "scores")
     scores = np.asarray(stored[:], dtype=np.float64).reshape(len(documents), len(questions))
