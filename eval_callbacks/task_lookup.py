@@ -39,6 +39,9 @@ def find_tasks(tasks: list[str], include_path: list[str] | None = None):
     `include_path`: folders of task YAML, or names of shipped task sets (resolve_include)."""
     from lm_eval.tasks import TaskManager
 
+    from eval_callbacks import refusal
+
+    refusal.register()  # a task naming refused or complied loads on every route, with or without a model
     include = [resolve_include(p) for p in include_path or []] or None
     # Indexing lm-eval's ~15k stock task files takes seconds: skip it when the include path
     # alone holds every requested task and every member of every requested group.
