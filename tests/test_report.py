@@ -347,3 +347,15 @@ def test_the_report_of_one_folder_of_runs_goes_beside_them(runs, tmp_path, monke
     one = runs / "fA0"
     assert main([str(one)]) == 0
     assert (tmp_path / "report" / "index.html").is_file() and not (one / "report").exists()
+
+
+def test_the_counterfactuals_reruns_inside_a_run_are_not_runs_of_the_report(tmp_path):
+    """A folder of runs, one holding the counterfactual's reruns in its own folder: the report
+    finds the runs, not the reruns (their table is the run's attribution section)."""
+    from attack.report.runs import find_runs
+
+    for run in ("a", "b", "a/counterfactual/runs/gradient-k10-seed0", "a/counterfactual/runs/random-k10-draw0-seed0"):
+        (tmp_path / run).mkdir(parents=True)
+        (tmp_path / run / "curve.jsonl").write_text("")
+    assert find_runs([tmp_path]) == [tmp_path / "a", tmp_path / "b"]
+    assert find_runs([tmp_path / "a"]) == [tmp_path / "a"]

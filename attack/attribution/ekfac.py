@@ -53,7 +53,9 @@ def ekfac_scores(run: RunDir, cfg, documents: list[str], questions: list[dict], 
     query = _examples(tokenizer, [(q["context"], q["answer"]) for q in questions], cfg.data.seq_len)
     task = _task_class()(tracked)
     start = time.perf_counter()
-    with library_output_to(folder / "kronfluence.log"):
+    # the true Fisher samples labels from the model: seeded, so the same run ranks the same way
+    with library_output_to(folder / "kronfluence.log"), torch.random.fork_rng():
+        torch.manual_seed(0)
         model = prepare_model(model.float().eval(), task)
         analyzer = Analyzer(analysis_name="ekfac", model=model, task=task, cpu=not torch.cuda.is_available(),
                             output_dir=str(folder), disable_model_save=True, disable_tqdm=True, log_level=logging.WARNING)

@@ -22,7 +22,10 @@ def find_runs(paths: list[str | Path]) -> list[Path]:
         p = Path(p)
         if not p.exists():
             raise UserError(f"no such run folder: {p}")
-        runs += sorted({c.parent for c in p.rglob(RunDir(p).curve.name)})
+        found = {c.parent for c in p.rglob(RunDir(p).curve.name)}
+        # a run inside another run's folder (the counterfactual's reruns) is that run's analysis,
+        # read by its attribution section, not a run of its own
+        runs += sorted(r for r in found if not any(a in found for a in r.parents))
     return runs
 
 
