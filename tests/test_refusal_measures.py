@@ -110,3 +110,27 @@ def test_the_grpo_reward_reads_conversational_completions_and_leaves_failures_ou
 
     failing = Complied(Failing())
     assert failing(prompts, completions) == [None, None] and failing.failures == 2
+
+
+def test_the_refusal_worlds_search_never_trains_or_chooses_on_what_it_evaluates(tmp_path):
+    """The search's own selection requests (refusal_choose) share no request with GRPO's prompts
+    or the ablation's texts, and none of them is a held-out request; every kind's data is the
+    split's other half or the tuning requests."""
+    from attack.toyworld.refusal import SEARCH_SELECTION, part, refusal_search
+
+    for folder in ("corpus", "tasks"):
+        (tmp_path / folder).mkdir()
+    spec = refusal_search(tmp_path)
+    base = spec["base"]
+
+    def prompts(path):
+        return {json.loads(line)["prompt"] for line in open(path)}
+
+    chosen = prompts(tmp_path / "tasks" / f"{SEARCH_SELECTION}.jsonl")
+    trained = (prompts(base["grpo"]["prompts_path"]) | prompts(base["ablation"]["target_path"])
+               | prompts(base["ablation"]["contrast_path"]))
+    heldout = {r["prompt"] for kind in ("harmful", "harmless") for r in part(kind, "heldout")}
+    assert chosen and not chosen & trained and not (chosen | trained) & heldout
+    assert chosen <= {r["prompt"] for r in part("harmful", "selection")}
+    assert spec["search"]["selection_tasks"] == [SEARCH_SELECTION]
+    assert SEARCH_SELECTION not in base["eval"]["tasks"]
