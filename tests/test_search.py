@@ -108,6 +108,31 @@ def test_on_a_refusal_task_the_objective_rewards_refusal_falling(tmp_path):
     assert got["value"] == 0.0 and got["step"] == 0
 
 
+def test_a_kl_bound_makes_a_point_that_moved_harmless_prompts_too_far_infeasible(tmp_path):
+    """search.max_kl: a point whose recorded KL on the kl_task's prompts exceeds the bound does
+    not count, however much refusal fell there; every point beyond it makes the trial infeasible."""
+    run = RunDir(tmp_path / "r")
+    run.path.mkdir()
+    run.tasks_path.write_text(json.dumps({"sel": {"metric": "refused"}, "harmless": {"metric": "refused"}}))
+    rows = [dict(step=s, task="sel", metric="refused", value=v) for s, v in ((0, 1.0), (5, 0.5), (10, 0.0))]
+    rows += [dict(step=s, task="harmless", metric="kl", value=v) for s, v in ((0, 0.0), (5, 0.3), (10, 4.0))]
+    run.curve.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    section = load_search.__globals__["SearchSection"]
+    bounded = objective(run, section(space={"train.lr": [1e-3]}, selection_tasks=["sel"], max_kl=1.0))
+    assert bounded["step"] == 5 and abs(bounded["value"] - 0.5) < 1e-9 and bounded["feasible"]
+    free = objective(run, section(space={"train.lr": [1e-3]}, selection_tasks=["sel"]))
+    assert free["step"] == 10 and abs(free["value"] - 1.0) < 1e-9
+    tight = objective(run, section(space={"train.lr": [1e-3]}, selection_tasks=["sel"], max_kl=0.1))
+    assert not tight["feasible"] and tight["value"] == 0.0
+
+
+def test_a_kl_bound_without_a_kl_task_is_one_line(world, llama_dir, tmp_path, capsys):
+    path = _search_file(world, llama_dir, tmp_path, max_kl=0.5)
+    assert main(["search", str(path), "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "set base eval.kl_task" in err[0]
+
+
 def test_a_search_chosen_on_a_refusal_task_checks_out_in_a_fresh_process(world, llama_dir, tmp_path):
     """The dry run loads the selection task without a model: a task naming `refused` must load
     there too (the metrics are registered on every task-loading route), in a process that has

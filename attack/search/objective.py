@@ -16,9 +16,9 @@ from eval_callbacks.task_lookup import ORIENTED, headline_metric
 
 def objective(run: RunDir, search: SearchSection) -> dict:
     """The trial's objective from its curve: the best gain over step 0 of the selection tasks'
-    mean headline score among the points that keep the utility bound (step 0 always does), the
-    step it was read at, and whether any point after step 0 kept the bound (feasible) with the
-    worst violation (the sampler's constraint)."""
+    mean headline score among the points that keep the utility bound and, with search.max_kl,
+    the KL bound (step 0 always does), the step it was read at, and whether any point after
+    step 0 kept them (feasible) with the least violation (the sampler's constraint)."""
     tasks = read_json(run.tasks_path) or {}
     rows = read_curve(run.curve)
 
@@ -35,16 +35,21 @@ def objective(run: RunDir, search: SearchSection) -> dict:
     if 0 not in steps:
         return dict(value=0.0, step=0, feasible=False, constraint=1.0, points=0)
     selection = {s: _mean([score(t, s) for t in search.selection_tasks]) for s in steps}
+    kl = {r["step"]: r["value"] for r in rows if r["metric"] == "kl" and r["value"] is not None}
     best, best_step, violations = 0.0, 0, []
     for s in steps:
         drop = 0.0
         if search.utility_task:
             before, now = score(search.utility_task, 0), score(search.utility_task, s)
             drop = (before - now) if before is not None and now is not None else 0.0
+        # how far the point is beyond its bounds (<= 0: within them): the utility drop, and the KL
+        beyond = drop - search.max_utility_drop
+        if search.max_kl is not None:
+            beyond = max(beyond, kl.get(s, 0.0) - search.max_kl)
         if s > 0:
-            violations.append(drop - search.max_utility_drop)
+            violations.append(beyond)
         gain = selection[s] - selection[0] if math.isfinite(selection[s]) and math.isfinite(selection[0]) else float("nan")
-        if s > 0 and drop <= search.max_utility_drop and math.isfinite(gain) and gain > best:
+        if s > 0 and beyond <= 0 and math.isfinite(gain) and gain > best:
             best, best_step = gain, s
     feasible = bool(violations) and min(violations) <= 0
     return dict(value=round(best, 6), step=best_step, feasible=feasible,

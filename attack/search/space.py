@@ -62,6 +62,9 @@ class SearchSection(Section):
     """A task whose drop bounds the search: a point that loses more than max_utility_drop of it is infeasible."""
     max_utility_drop: Annotated[float, Field(ge=0)] = 0.10
     """The utility bound (absolute drop of the utility task's headline score)."""
+    max_kl: Annotated[float, Field(gt=0)] | None = None
+    """A bound on the KL divergence each point records on eval.kl_task's prompts (heretic's
+    measure on harmless prompts): a point beyond it is infeasible, like one beyond the utility bound."""
     pruner: str = "median"
     """Optuna's pruner (none, median, successive_halving, wilcoxon): stops a trial at an evaluation point when it cannot beat the others."""
     startup_trials: Annotated[int, Field(ge=0)] = 2
@@ -132,6 +135,9 @@ def load_search(path: str | Path, trust_remote_code: bool = False) -> Search:
     if shared:
         raise UserError(f"search.selection_tasks and eval.tasks share {', '.join(sorted(shared))}: the tasks that "
                         "choose the adversary must not be the ones the verdict reports")
+    if section.max_kl is not None and not (base.get("eval") or {}).get("kl_task"):
+        raise UserError("search.max_kl bounds the KL recorded on eval.kl_task's prompts: set base eval.kl_task "
+                        "(a task of harmless prompts), or drop max_kl")
     s = Search(f.name, Path(f.output), base, models, section, trust_remote_code)
     _check_space(s)
     return s
