@@ -34,7 +34,7 @@ class Outcome(StrEnum):
     BUSY = "busy"  # another process holds its run directory: not finished here
     FAILED = "failed"  # recorded in its summary.json
     PRUNED = "pruned"  # a search trial stopped early by the pruner
-    INFEASIBLE = "infeasible"  # a finished trial every point of which broke the utility bound
+    INFEASIBLE = "infeasible"  # a finished trial every point of which broke the utility (or KL) bound
 
     @classmethod
     def counts(cls, *which: Outcome) -> dict[Outcome, int]:

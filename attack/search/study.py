@@ -177,7 +177,8 @@ def _tell(s: Search, study, trial, run: RunDir, log) -> Outcome:
         return Outcome.PRUNED
     study.tell(trial, result["value"])
     log(f"trial {trial.number}: done, selection gain {result['value']:+.3f} at step {result['step']}"
-        + ("" if result["feasible"] else " (infeasible: every point broke the utility bound)"))
+        + ("" if result["feasible"] else " (infeasible: every point broke the utility bound"
+                                          + (" or the KL bound)" if s.search.max_kl is not None else ")")))
     return Outcome.DONE
 
 
