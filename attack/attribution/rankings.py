@@ -5,6 +5,7 @@ of 1/rank.
     gradient, tracin, bm25   attribution.jsonl of an --attribution run, up to the step measured
     trackstar[:P]            Bergson's TrackStar on the final weights at projection P (16), computed
                              here (attack/attribution/trackstar.py)
+    ekfac                    Kronfluence's EK-FAC influence on the final weights (attack/attribution/ekfac.py)
     file:PATH                a JSONL of corpus row indices in rank order, {"doc": N} (an outside
                              method, or the gold documents)
 """
