@@ -131,3 +131,23 @@ def test_trackstar_and_ekfac_rank_each_recovered_facts_document_first_and_take_p
     for r in detail["removals"]:
         if r["method"] in rankings:  # the scores were read back, not computed again differently
             assert r["documents"] == rankings[r["method"]][:len(asked)]
+
+
+@pytest.mark.parametrize("method", ["trackstar", "ekfac"])
+def test_scoring_a_run_without_attacked_weights_fails_in_one_line_and_keeps_earlier_scores(tmp_path, method):
+    """A run whose final/ weights are gone (deleted, or a failed run) cannot be scored: the user
+    is told so, and scores computed earlier for another question set are not cleared first."""
+    from attack.attribution.ekfac import ekfac_scores
+    from attack.attribution.trackstar import trackstar_scores
+    from attack.errors import UserError
+    from attack.rundir import RunDir
+
+    run = RunDir(tmp_path / "run")
+    folder = run.ekfac if method == "ekfac" else run.trackstar(16)
+    folder.mkdir(parents=True)
+    (folder / "done.json").write_text(json.dumps({"key": "earlier questions", "seconds": 1.0}))
+    (folder / "scores.npy").write_bytes(b"earlier")
+    score = ekfac_scores if method == "ekfac" else trackstar_scores
+    with pytest.raises(UserError, match="has no attacked weights"):
+        score(run, None, ["a document"], [{"task": "t", "question": 0, "context": "q", "answer": "a"}])
+    assert (folder / "scores.npy").read_bytes() == b"earlier"

@@ -16,9 +16,17 @@ beside the sweep (attack/counterfactual.py); the report's section is attack/repo
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
+import shutil
 import warnings
+from collections.abc import Callable
 from pathlib import Path
+
+import numpy as np
+
+from attack.errors import UserError
+from attack.files import write_atomic
 
 
 @contextlib.contextmanager
@@ -36,3 +44,22 @@ def library_output_to(path: Path):
             yield
         finally:
             root.setLevel(level)
+
+
+def scores_once(run, folder: Path, key: str, method: str,
+                compute: Callable[[Path], tuple[np.ndarray, float, dict]]) -> tuple[np.ndarray, float]:
+    """A method's scores (documents x questions) from the final weights, computed once per `key`
+    (its settings and question set) in `folder`, then read back with the seconds they took. A
+    half-finished computation is not resumed (it takes seconds to minutes): its folder is cleared,
+    but only once the run is known to have attacked weights to score."""
+    done = folder / "done.json"
+    if done.exists() and json.loads(done.read_text()).get("key") == key:
+        return np.load(folder / "scores.npy"), json.loads(done.read_text())["seconds"]
+    if not (run.final / "config.json").exists() and not (run.final / "adapter_config.json").exists():
+        raise UserError(f"{run.path} has no attacked weights in {run.final}; {method} scores the final model")
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    scores, seconds, details = compute(folder)
+    np.save(folder / "scores.npy", scores)
+    write_atomic(done, json.dumps({"key": key, "seconds": round(seconds, 2), **details}))
+    return scores, seconds

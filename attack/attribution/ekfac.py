@@ -13,64 +13,57 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import time
 
 import numpy as np
 import torch
 
-from attack.attribution import library_output_to
+from attack.attribution import library_output_to, scores_once
 from attack.errors import UserError
-from attack.files import write_atomic
 from attack.rundir import RunDir
 
 
 def ekfac_scores(run: RunDir, cfg, documents: list[str], questions: list[dict], log=print) -> tuple[np.ndarray, float]:
     """Scores (documents x questions), higher = training on the document lowered the question's
     loss more, and the seconds they took; computed once per question set, then read back."""
-    folder = run.ekfac
     key = json.dumps([len(documents), [(q["task"], q["question"]) for q in questions]])
-    done = folder / "done.json"
-    if done.exists() and json.loads(done.read_text()).get("key") == key:
-        return np.load(folder / "scores.npy"), json.loads(done.read_text())["seconds"]
-    from kronfluence.analyzer import Analyzer, prepare_model
-    from kronfluence.arguments import FactorArguments
 
-    from attack.model import load_attacked_model, load_tokenizer
+    def compute(folder) -> tuple[np.ndarray, float, dict]:
+        from kronfluence.analyzer import Analyzer, prepare_model
+        from kronfluence.arguments import FactorArguments
 
-    shutil.rmtree(folder, ignore_errors=True)
-    folder.mkdir(parents=True)
-    if not (run.final / "config.json").exists() and not (run.final / "adapter_config.json").exists():
-        raise UserError(f"{run.path} has no attacked weights in {run.final}; ekfac scores the final model")
-    model, tokenizer = load_attacked_model(run.final, cfg.model), load_tokenizer(cfg.model)
-    modules = dict(model.named_modules())
-    lora = any("lora_" in name for name in modules)  # the adapter's A and B matrices, else every linear layer
-    tracked = [name for name, m in modules.items() if isinstance(m, torch.nn.Linear)
-               and ("lora_" in name if lora else not name.endswith("lm_head"))]
-    if not tracked:
-        raise UserError(f"{run.final} has no linear module for EK-FAC to track")
-    train = _examples(tokenizer, [(t, None) for t in documents], cfg.data.seq_len)
-    query = _examples(tokenizer, [(q["context"], q["answer"]) for q in questions], cfg.data.seq_len)
-    task = _task_class()(tracked)
-    start = time.perf_counter()
-    # the true Fisher samples labels from the model: seeded, so the same run ranks the same way
-    with library_output_to(folder / "kronfluence.log"), torch.random.fork_rng():
-        torch.manual_seed(0)
-        model = prepare_model(model.float().eval(), task)
-        analyzer = Analyzer(analysis_name="ekfac", model=model, task=task, cpu=not torch.cuda.is_available(),
-                            output_dir=str(folder), disable_model_save=True, disable_tqdm=True, log_level=logging.WARNING)
-        analyzer.fit_all_factors(factors_name="ekfac", dataset=train, per_device_batch_size=8,
-                                 factor_args=FactorArguments(strategy="ekfac"), overwrite_output_dir=True)
-        analyzer.compute_pairwise_scores(scores_name="pairwise", factors_name="ekfac", query_dataset=query,
-                                         train_dataset=train, per_device_query_batch_size=8,
-                                         per_device_train_batch_size=8, overwrite_output_dir=True)
-    pairwise = analyzer.load_pairwise_scores("pairwise")["all_modules"]  # (questions, documents)
-    seconds = time.perf_counter() - start
-    scores = pairwise.double().numpy().T
-    np.save(folder / "scores.npy", scores)
-    write_atomic(done, json.dumps({"key": key, "seconds": round(seconds, 2), "modules": len(tracked)}))
-    log(f"  ekfac: {len(documents)} documents x {len(questions)} questions on {len(tracked)} modules in {seconds:.0f} s")
-    return scores, seconds
+        from attack.model import load_attacked_model, load_tokenizer
+
+        model, tokenizer = load_attacked_model(run.final, cfg.model), load_tokenizer(cfg.model)
+        modules = dict(model.named_modules())
+        lora = any("lora_" in name for name in modules)  # the adapter's A and B matrices, else every linear layer
+        tracked = [name for name, m in modules.items() if isinstance(m, torch.nn.Linear)
+                   and ("lora_" in name if lora else not name.endswith("lm_head"))]
+        if not tracked:
+            raise UserError(f"{run.final} has no linear module for EK-FAC to track")
+        train = _examples(tokenizer, [(t, None) for t in documents], cfg.data.seq_len)
+        query = _examples(tokenizer, [(q["context"], q["answer"]) for q in questions], cfg.data.seq_len)
+        task = _task_class()(tracked)
+        start = time.perf_counter()
+        # the true Fisher samples labels from the model: seeded, so the same run ranks the same way
+        with library_output_to(folder / "kronfluence.log"), torch.random.fork_rng():
+            torch.manual_seed(0)
+            model = prepare_model(model.float().eval(), task)
+            analyzer = Analyzer(analysis_name="ekfac", model=model, task=task, cpu=not torch.cuda.is_available(),
+                                output_dir=str(folder), disable_model_save=True, disable_tqdm=True,
+                                log_level=logging.WARNING)
+            analyzer.fit_all_factors(factors_name="ekfac", dataset=train, per_device_batch_size=8,
+                                     factor_args=FactorArguments(strategy="ekfac"), overwrite_output_dir=True)
+            analyzer.compute_pairwise_scores(scores_name="pairwise", factors_name="ekfac", query_dataset=query,
+                                             train_dataset=train, per_device_query_batch_size=8,
+                                             per_device_train_batch_size=8, overwrite_output_dir=True)
+        pairwise = analyzer.load_pairwise_scores("pairwise")["all_modules"]  # (questions, documents)
+        seconds = time.perf_counter() - start
+        log(f"  ekfac: {len(documents)} documents x {len(questions)} questions on {len(tracked)} modules "
+            f"in {seconds:.0f} s")
+        return pairwise.double().numpy().T, seconds, {"modules": len(tracked)}
+
+    return scores_once(run, run.ekfac, key, "ekfac", compute)
 
 
 def _examples(tokenizer, pairs: list[tuple[str, str | None]], seq_len: int) -> list[dict]:
