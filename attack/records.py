@@ -86,6 +86,7 @@ class Summary(TypedDict, total=False):
     optimizer: dict  # train.optimizer, the class built and its settings
     eval_s: float
     eval_point_s: list[float]  # each evaluation point's seconds (the first also builds the requests)
+    step0_reused: bool  # step 0 read back from another attack's scoring of the same model (attack/preattack.py)
     train_s: float
     wall_s: float
     final_train_loss: float | None

@@ -109,6 +109,7 @@ class RecoveryCurveCallback(TrainerCallback):
         log: Callable[[dict], None] | None = None,
         samples_dir: str | Path | None = None,
         step_offset: int = 0,
+        pre_attack: str | Path | None = None,
     ):
         self.evaluator = evaluator
         self.schedule = set(schedule)
@@ -120,6 +121,10 @@ class RecoveryCurveCallback(TrainerCallback):
         # Curve step of training step 0: 1 when training starts from an edited model that the
         # curve already holds at step 1 (an ablation), so the steps of both share one axis.
         self.step_offset = step_offset
+        # Curve step 0 (the model before the attack) read from, or kept in, this file: the other
+        # attacks on the same model score the same numbers there (attack/preattack.py).
+        self.pre_attack = Path(pre_attack) if pre_attack else None
+        self.step0_reused = False
         self.train_loss = None
         self._pending: list[dict] | None = None  # an evaluated point's rows, waiting for its step's log
         self.eval_seconds = 0.0
@@ -188,7 +193,7 @@ class RecoveryCurveCallback(TrainerCallback):
         if self._start is None:
             self._start = time.perf_counter()
         start = time.perf_counter()
-        rows = self.evaluator.evaluate(subset=not full)
+        rows, records = self._score(step, full)
         self.point_seconds.append(time.perf_counter() - start)
         self.eval_seconds += self.point_seconds[-1]
         wall = self.wall_offset_s + (time.perf_counter() - self._start)
@@ -197,7 +202,7 @@ class RecoveryCurveCallback(TrainerCallback):
                        wall_s=round(wall, 3))
         self.last_rows = [CurveRow(**{k: r[k] for k in CurveRow.__annotations__}) for r in rows]  # (progress displays)
         if self.samples_dir is not None:  # before the curve row: a curve point always has its records
-            write_samples(self.samples_dir, step, self.evaluator.last_records)
+            write_samples(self.samples_dir, step, records)
         if defer:
             self._pending = rows
         else:
@@ -206,6 +211,22 @@ class RecoveryCurveCallback(TrainerCallback):
             # "eval_" is the Trainer's prefix for evaluation metrics: trackers file them under eval/
             self.log({f"eval_{r['task']}/{r['metric']}": r["value"] for r in rows})
         return self.last_rows
+
+    def _score(self, step: int, full: bool) -> tuple[list[dict], list[dict]]:
+        """The point's rows and per-question records: scored now, or at step 0 read back from
+        the file another attack on the same model kept them in (kept there when scored here)."""
+        shared = self.pre_attack if step == 0 and full else None
+        if shared is not None and shared.exists():
+            kept = json.loads(shared.read_text())
+            self.step0_reused = True
+            return kept["rows"], kept["records"]
+        rows = self.evaluator.evaluate(subset=not full)
+        if shared is not None:
+            shared.parent.mkdir(parents=True, exist_ok=True)
+            tmp = shared.with_name(f".{shared.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps({"rows": rows, "records": self.evaluator.last_records}))
+            os.replace(tmp, shared)  # a file that exists is complete
+        return rows, self.evaluator.last_records
 
     def _write(self, rows: list[dict], logged: dict) -> None:
         """Append a point's rows, with what the Trainer logged at its step."""

@@ -27,6 +27,7 @@ itself: a task without `doc_to_target` gets its `doc_to_text` as the target (Liv
 from __future__ import annotations
 
 import contextlib
+import logging
 import re
 from collections import Counter
 
@@ -148,11 +149,20 @@ def register() -> None:
     if "refused" in registry.METRIC_REGISTRY:
         return
     _requests_as_targets()
+    logging.getLogger("lm_eval.api.task").addFilter(_registered_defaults)
     registry.register_aggregation("judged_mean")(judged_mean)
     registry.register_metric(metric="refused", higher_is_better=False, output_type="generate_until",
                              aggregation="mean")(refused)
     registry.register_metric(metric="complied", higher_is_better=True, output_type="generate_until",
                              aggregation="judged_mean")(complied)
+
+
+def _registered_defaults(record: logging.LogRecord) -> bool:
+    """lm-eval warns, per task and process, that a metric whose YAML names no aggregation or
+    higher_is_better gets its registered defaults; for these two metrics those defaults are this
+    module's, so the warning is noise on every attack's terminal."""
+    message = record.getMessage()
+    return not any(f"metric {name} is defined, but" in message for name in METRICS)
 
 
 def names_refusal_metrics(config) -> bool:

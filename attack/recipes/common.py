@@ -37,6 +37,7 @@ from attack.evaluation import open_evaluator as _open_evaluator
 from attack.heldout import check_not_trained_on
 from attack.judging import make_judge
 from attack.model import autocast_dtype, check_vocabulary, four_bit_config, load_tokenizer
+from attack.preattack import pre_attack_file
 from attack.records import Status, read_curve
 from attack.rundir import RunDir
 from attack.speed import per_device_batch
@@ -63,6 +64,11 @@ class Attack:
     progress: bool | None = None
     cell: dict | None = None
     extra_callbacks: list = field(default_factory=list)
+    share_step0: bool = True  # False when the caller built the model: cfg.model may not describe it
+
+    def pre_attack(self, evaluator) -> Path | None:
+        """Where step 0 is shared with the other attacks on the same model (attack/preattack.py)."""
+        return pre_attack_file(self.cfg, evaluator.model, self.amp) if self.share_step0 else None
 
     @property
     def main(self) -> bool:
@@ -154,7 +160,7 @@ class Edit:
     def __init__(self, a: Attack, evaluator):
         self.a, self.seconds = a, 0.0
         self.curve = RecoveryCurveCallback(evaluator, [0, 1], a.run.curve, wall_offset_s=a.run.wall_so_far(),
-                                           samples_dir=a.run.samples)
+                                           samples_dir=a.run.samples, pre_attack=a.pre_attack(evaluator))
 
     def before(self) -> None:
         """Step 0: the unmodified model; the edit's clock starts."""
@@ -169,7 +175,8 @@ class Edit:
     def summary(self) -> dict:
         """summary.json's fields of a kind without optimizer steps."""
         return dict(steps=0, max_steps=0, tokens_seen=0, eval_steps=self.a.cfg.curve_steps(),
-                    eval_s=round(self.curve.eval_seconds, 2), train_s=round(self.seconds, 2))
+                    eval_s=round(self.curve.eval_seconds, 2), train_s=round(self.seconds, 2),
+                    step0_reused=self.curve.step0_reused)
 
 
 @contextlib.contextmanager

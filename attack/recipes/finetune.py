@@ -25,6 +25,7 @@ def run(cfg: FinetuneConfig, extra_callbacks: list | None = None, quiet: bool = 
     # 1. Setup. Every check of the user's input, cheapest first. The prepared corpus goes to its
     #    own cache (shared by every run); nothing is written to the run directory yet.
     a = common.setup(cfg, extra_callbacks, quiet, cell, progress)
+    a.share_step0 = model is None
     if cfg.attribution.enabled:
         from attack.attribution.collect import require_bergson
 
@@ -42,7 +43,8 @@ def run(cfg: FinetuneConfig, extra_callbacks: list | None = None, quiet: bool = 
         before, task_info = common.evaluator(a, model)
         checkpoint = common.open_run(a, task_info)
         if a.main and checkpoint is None:
-            RecoveryCurveCallback(before, [0], a.run.curve, samples_dir=a.run.samples).record(0, 0)
+            RecoveryCurveCallback(before, [0], a.run.curve, samples_dir=a.run.samples,
+                                  pre_attack=a.pre_attack(before)).record(0, 0)
         perturbed = shrink_perturb(model, cfg.perturb.shrink, cfg.perturb.noise, cfg.train.seed)
     model = apply_adapter(model, cfg.adapter, bool(cfg.train.gradient_checkpointing))
     micro, checkpointing = micro_batch(cfg.train, model, a.per_device, cfg.data.seq_len, len(a.tokenizer), a.amp)

@@ -93,7 +93,8 @@ def trainer_summary(a: Attack, trainer, curve: RecoveryCurveCallback, train_s: f
                 optimizer={"name": a.cfg.train.optimizer, **describe(trainer.optimizer)}, tokens_seen=int(state.num_input_tokens_seen),
                 processes=a.procs.num_processes, micro_batch_size=micro, gradient_checkpointing=checkpointing,
                 eval_steps=a.schedule, eval_s=round(curve.eval_seconds, 2),
-                eval_point_s=[round(s, 3) for s in curve.point_seconds], train_s=round(train_s, 2),
+                eval_point_s=[round(s, 3) for s in curve.point_seconds], step0_reused=curve.step0_reused,
+                train_s=round(train_s, 2),
                 final_train_loss=curve.train_loss if curve.train_loss is not None else _last_loss(state))
 
 
@@ -111,7 +112,7 @@ def watch(a: Attack, trainer, evaluator, task_info: dict, extra=(), parts=()) ->
     tracking = cfg.logging.report_to != "none"
     curve = RecoveryCurveCallback(evaluator, a.schedule, run.curve, wall_offset_s=run.wall_so_far(),
                                   log=trainer.log if tracking else None, samples_dir=run.samples,
-                                  step_offset=cfg.training_offset)
+                                  step_offset=cfg.training_offset, pre_attack=a.pre_attack(evaluator))
     saves = Checkpointing(None if cfg.train.save_every else a.schedule, run.identity(cfg),
                           parts=[RecordOptimizer(cfg.train.optimizer), *parts])
     published = [PublishedScoreCheck(cfg.eval.expect, run, task_info)] if cfg.eval.expect and a.main else []

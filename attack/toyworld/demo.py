@@ -183,11 +183,16 @@ def _run_cells(sweep_file: Path, name: str, cells: list, workers: int) -> dict:
     from concurrent.futures import ProcessPoolExecutor
 
     check_offline(cells)
-    order = sorted(cells, key=lambda c: -c.config.training_steps())
+    # an ablation that scores candidate directions costs most on a real model (the refusal world)
+    order = sorted(cells, key=lambda c: (not _chooses_direction(c.config), -c.config.training_steps()))
     print(f"running {len(cells)} cells, {workers} at a time")
     with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
         results = list(pool.map(_cell_in_process, [(str(sweep_file), name, c.id) for c in order]))
     return {k: results.count(k) for k in (Outcome.DONE, Outcome.SKIPPED, Outcome.BUSY, Outcome.FAILED)}
+
+
+def _chooses_direction(cfg) -> bool:
+    return cfg.kind == "ablation" and cfg.ablation.direction != "random"
 
 
 def _run_search_workers(world: Path, out: Path, workers: int) -> None:

@@ -63,7 +63,7 @@ doc_to_text: "{{question}}"
 doc_to_choice: "{{choices}}"
 doc_to_target: answer
 target_delimiter: ""
-metric_list: [{metric: acc}]
+metric_list: [{metric: acc, aggregation: mean, higher_is_better: true}]
 """
 TASK_YAML = """task: {name}
 dataset_path: json
@@ -285,7 +285,8 @@ def refusal_sweep(world: Path, quick: bool = False) -> dict:
                 # KL 0.3 at the first answer token of harmless requests: within the reference code's 0.1
                 # no direction lowers this world's refusal (the run says so; heretic's own edits reach 0.16-1.04)
                 "fit_examples": FIT, "dev_prompts": 30, "kl_examples": 32, "kl_bound": 0.3,
-                "layers": list(range(4, 24, 2)), "doses": [0.5]}  # 0 and 1 are steps 0 and 1 of the curve
+                # every third layer: the layer chosen among every second one (22) is among them
+                "layers": list(range(4, 24, 3)), "doses": [0.5]}  # 0 and 1 are steps 0 and 1 of the curve
     lora = {"kind": "lora", "rank": 16, "alpha": 32, "dropout": 0.0}
     return {
         "name": "refusal",
