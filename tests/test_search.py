@@ -370,3 +370,20 @@ def test_a_selected_trial_is_read_at_its_selection_step_not_at_its_largest_chang
     assert "by step 2" in _largest_changes(read, read, 6)["m"] and set(read.step) == {0, 2}
     # no gain on the selection tasks: the trial is read at its last point
     assert _selected_steps(SimpleNamespace(search=trial(0.0, 0), df=df)) == {("m", "trial000 lr=0.01"): 6}
+
+
+def test_a_kind_draws_only_the_keys_it_reads_and_the_same_attack_is_not_run_twice(world, llama_dir, tmp_path, capsys):
+    """A quantization trains nothing: train.lr is not drawn for it (the trials would differ in name
+    only), and a trial whose settings a finished trial already had is told that trial's result
+    instead of running the same attack again."""
+    path = _search_file(world, llama_dir, tmp_path, trials=3, space={"kind": ["quantize"], "train.lr": [1e-3, 3e-3]})
+    spec = yaml.safe_load(path.read_text())
+    spec["base"]["quantize"] = {"method": "fp16"}
+    path.write_text(yaml.safe_dump(spec))
+    run_search(load_search(path), log=lambda _: None)
+    trials = _study(tmp_path / "out").trials
+    assert [t.params for t in trials] == [{"kind": "quantize"}] * 3
+    assert [t.state.name for t in trials] == ["COMPLETE"] * 3
+    assert len(_trial_runs(tmp_path / "out")) == 1  # one attack run
+    assert [t.user_attrs.get("same_as") for t in trials] == [None, 0, 0]
+    assert len({t.value for t in trials}) == 1 and {t.user_attrs["run"] for t in trials} == {trials[0].user_attrs["run"]}

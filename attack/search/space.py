@@ -17,7 +17,7 @@ from attack.config import (
     set_dotted,
     shipped,
 )
-from attack.config.kinds import DEFAULT_KIND
+from attack.config.kinds import DEFAULT_KIND, KINDS
 from attack.errors import UserError, did_you_mean
 
 Choice = str | int | float | bool | None
@@ -165,14 +165,34 @@ def describe_params(params: dict) -> str:
     return ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
 
 
-def suggest(trial, space: dict) -> dict:
-    """The trial's settings, drawn by the sampler from the space (or its own, when resumed)."""
-    params = {}
-    for key, values in space.items():
-        if isinstance(values, list):
-            params[key] = trial.suggest_categorical(key, values)
-        elif _integer(values):
-            params[key] = trial.suggest_int(key, int(values.low), int(values.high), step=int(values.step or 1))
-        else:
-            params[key] = trial.suggest_float(key, values.low, values.high, log=values.log, step=values.step)
+# sections that matter only to an attack that trains (an ablation without then_finetune does not)
+TRAINING_SECTIONS = ("train", "data", "adapter")
+
+
+def suggest(trial, s: Search, model: SweepModel) -> dict:
+    """The trial's settings, drawn by the sampler from the space (or its own, when resumed). The
+    kind first; then only the keys that kind reads, the training sections last and only for an
+    attack that trains (train.lr does not change an ablation: drawing it would spend trials on
+    settings that differ in name only). Optuna's samplers take such a conditional space as it
+    comes (define-by-run)."""
+    space = s.search.space
+    params = {"kind": _draw(trial, "kind", space["kind"])} if "kind" in space else {}
+    kind = params.get("kind", s.base.get("kind", DEFAULT_KIND))
+    fields = KINDS[kind].model_fields if kind in KINDS else {}
+    later = [k for k in space if k.split(".")[0] in TRAINING_SECTIONS and k != "train.seed"]
+    for key in [k for k in space if k != "kind" and k not in later]:
+        if key.split(".")[0] in fields:
+            params[key] = _draw(trial, key, space[key])
+    if later and s.config(model, params, trial.number)[0].training_steps() > 0:
+        for key in later:
+            if key.split(".")[0] in fields:
+                params[key] = _draw(trial, key, space[key])
     return params
+
+
+def _draw(trial, key: str, values):
+    if isinstance(values, list):
+        return trial.suggest_categorical(key, values)
+    if _integer(values):
+        return trial.suggest_int(key, int(values.low), int(values.high), step=int(values.step or 1))
+    return trial.suggest_float(key, values.low, values.high, log=values.log, step=values.step)

@@ -119,11 +119,14 @@ def run_trial(s: Search, model: SweepModel, study, trial, log=print) -> Outcome:
 
     from attack.recipes import run_attack
 
-    params = suggest(trial, s.search.space)
     try:
+        params = suggest(trial, s, model)
         cfg, cell_id = s.config(model, params, trial.number)
     except UserError as e:  # a combination the space allows but the config refuses
         return _failed(study, trial, e, "refused", log)
+    same = _same_settings(study, trial, params)
+    if same is not None:  # an attack already run (an ablation drawn again): its result, not a rerun
+        return _tell(s, study, trial, RunDir(s.output / same.user_attrs["run"]), log, same=same.number)
     run = RunDir.for_config(cfg)
     meta = dict(cell_id=cell_id, sweep=s.name, model=model.label, role=model.role, revision=None,
                 attack=f"trial{trial.number:03d} {describe_params(params)}", kind=cfg.kind, seed=cfg.seed,
@@ -158,7 +161,16 @@ def _failed(study, trial, e: Exception, how: str, log) -> Outcome:
     return Outcome.FAILED
 
 
-def _tell(s: Search, study, trial, run: RunDir, log) -> Outcome:
+def _same_settings(study, trial, params: dict):
+    """A finished trial of the very same settings (the same attack: its seed is the search's), or None."""
+    import optuna
+
+    done = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    return next((t for t in study.get_trials(deepcopy=False, states=done)
+                 if t.number != trial.number and t.params == params and "run" in t.user_attrs), None)
+
+
+def _tell(s: Search, study, trial, run: RunDir, log, same: int | None = None) -> Outcome:
     import optuna
 
     result = objective(run, s.search)
@@ -166,9 +178,13 @@ def _tell(s: Search, study, trial, run: RunDir, log) -> Outcome:
     pruned = summary.get("status") == Status.PRUNED
     tokens = int(summary.get("tokens_seen") or 0)
     result.update(pruned=pruned, tokens=tokens)
-    run.write_summary(search=result)
+    if same is None:
+        run.write_summary(search=result)
+    else:
+        trial.set_user_attr("same_as", same)
+        log(f"trial {trial.number}: the settings of trial {same}, told its result")
     trial.set_user_attr("constraint", [result["constraint"]])
-    trial.set_user_attr("tokens", tokens)
+    trial.set_user_attr("tokens", tokens if same is None else 0)  # (a budget counts what was trained)
     trial.set_user_attr("run", run.path.name)
     trial.set_user_attr("best_step", result["step"])
     if pruned:

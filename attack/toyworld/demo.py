@@ -183,8 +183,10 @@ def _run_cells(sweep_file: Path, name: str, cells: list, workers: int) -> dict:
     from concurrent.futures import ProcessPoolExecutor
 
     check_offline(cells)
-    # an ablation that scores candidate directions costs most on a real model (the refusal world)
-    order = sorted(cells, key=lambda c: (not _chooses_direction(c.config), -c.config.training_steps()))
+    # an ablation that scores candidate directions costs most on a real model (the refusal world),
+    # then GRPO (it generates at every step), then by optimizer steps
+    order = sorted(cells, key=lambda c: (not _chooses_direction(c.config), c.config.kind != "grpo",
+                                         -c.config.training_steps()))
     print(f"running {len(cells)} cells, {workers} at a time")
     with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
         results = list(pool.map(_cell_in_process, [(str(sweep_file), name, c.id) for c in order]))
