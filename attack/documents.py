@@ -108,6 +108,15 @@ def document_texts(cfg: DataConfig, batch: dict) -> list[str]:
     return [cfg.template.format(**row) for row in rows]
 
 
+def user_turns(cfg: DataConfig) -> list[str]:
+    """The user turns of a conversational corpus (the requests it trains the model to answer);
+    none for a corpus of text."""
+    ds = load_corpus(cfg)
+    if not conversational(cfg, ds.column_names):
+        return []
+    return [str(m.get("content") or "") for turns in ds["messages"] for m in turns or [] if m.get("role") == "user"]
+
+
 def load_documents(cfg: DataConfig) -> list[str]:
     """The attack corpus as a list of non-empty document strings (small corpora)."""
     texts = [t for t in document_texts(cfg, load_corpus(cfg).to_dict()) if t.strip()]

@@ -107,7 +107,7 @@ def check_disjoint(what: str, questions: dict[str, list[str]], evaluated: dict[s
     for name, texts in questions.items():
         shared = [t for t in texts if _normal(t) in asked]
         if shared:
-            raise UserError(f"{what} {name} shares {len(shared)} question(s) with evaluated task "
+            raise UserError(f"{' '.join(filter(None, (what, name)))} shares {len(shared)} question(s) with evaluated task "
                             f"{asked[_normal(shared[0])]} (e.g. {shared[0][:60]!r}); use a split disjoint from "
                             "the evaluation")
 
@@ -122,3 +122,34 @@ def check_texts_disjoint(what: str, texts: list[str], evaluated: dict[str, list[
             if q in flat:
                 raise UserError(f"{what} contains a question of evaluated task {task} ({q[:60]!r}); "
                                 "fit on text the evaluation does not ask about")
+
+
+def attack_requests(cfg, local_only: bool = False) -> dict[str, list[str]]:
+    """The requests an attack trains or fits on, by where they come from: GRPO's prompts, the user
+    turns of a conversational attack corpus, an ablation's target texts. `local_only`: a corpus
+    from the hub is not read (the dry run downloads nothing)."""
+    from attack.config.files import means_local_file
+    from attack.documents import load_documents, user_turns
+
+    out = {}
+    if cfg.kind == "grpo":
+        from attack.rewards import load_reward_split
+
+        out[f"grpo.prompts_path ({cfg.grpo.prompts_path})"] = [str(p) for p in load_reward_split(cfg.grpo)["prompt"]]
+    elif cfg.kind == "ablation":
+        from attack.config import DataConfig
+
+        a = cfg.ablation
+        out[f"ablation.target_path ({a.target_path})"] = load_documents(DataConfig(path=a.target_path, text_field=a.text_field))
+    if cfg.uses_data and cfg.data.path and (means_local_file(cfg.data.path) or not local_only):
+        turns = user_turns(cfg.data)
+        if turns:
+            out[f"attack data {cfg.data.path} (its user turns)"] = turns
+    return out
+
+
+def check_requests_held_out(cfg, evaluated: dict[str, list[str]], local_only: bool = False) -> None:
+    """Refuse an attack that trains or fits on a request an evaluated task asks (compared by
+    content): its refusal would be measured on requests it was trained to answer."""
+    for source, texts in attack_requests(cfg, local_only).items():
+        check_disjoint(source, {"": texts}, evaluated)

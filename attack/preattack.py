@@ -1,11 +1,11 @@
-"""The step-0 point shared by every attack on the same model: a sweep scores the model under test
-once before its attacks, not once per cell.
+"""The step-0 point shared by the cells of a sweep or search on the same model: the model under
+test is scored once before its attacks, not once per cell.
 
 Step 0 of a recovery curve is the model as loaded, before the attack touches it (a LoRA adapter
 starts at zero, an edit comes after it, a fine-tune's first update too), so every attack on the
 same model with the same evaluation scores the same numbers there. On a real benchmark that point
-costs minutes per cell. The first attack to score it keeps its curve rows and per-question records
-in <output.dir>/.pre-attack/<key>.json; the others read them back.
+costs minutes per cell. The first cell to score it keeps its curve rows and per-question records
+in <output.dir>/.pre-attack/<key>.json; the others read them back (attack/recipes/common.py).
 
 The key is everything that decides those numbers: the model section, the sizes and times of a
 local model's files (a model rebuilt in place is scored again), the precision it runs in (the

@@ -8,7 +8,7 @@ from pathlib import Path
 from attack.config import check_dataset_copies
 from attack.config.files import means_local_file
 from attack.errors import UserError
-from attack.evaluation import find_eval_tasks
+from attack.evaluation import attack_requests, check_requests_held_out, find_eval_tasks, requested
 from attack.model import model_source
 
 
@@ -33,3 +33,12 @@ def check_config_offline(cfg, known: dict | None = None) -> None:
     if data and means_local_file(data) and not Path(data).expanduser().exists():
         raise UserError(f"attack data not found: {data} (relative paths are taken from the current directory; "
                         "hub dataset ids look like org/name)")
+    if attack_requests(cfg, local_only=True):  # the requests it trains on are not the ones it is scored on
+        from eval_callbacks import TaskDataError, task_questions
+
+        try:
+            evaluated = task_questions(requested(cfg.eval)[0], find_eval_tasks(cfg.eval, cfg.model.trust_remote_code),
+                                       cfg.eval.dataset_paths)
+        except TaskDataError:  # a task's data is on the hub: the run checks it once downloaded
+            return
+        check_requests_held_out(cfg, evaluated, local_only=True)

@@ -10,6 +10,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from attack.__main__ import main
+from attack.toyworld.world import write_jsonl
 
 
 def _args(world, model, tmp_path, **over):
@@ -521,3 +522,26 @@ def test_a_question_shared_across_splits_is_found_through_punctuation_case_and_s
         check_disjoint("search.selection_tasks task", {"dev": ["Question: Where does  Zorbl live?"]},
                        {"heldout": ["question where does zorbl live"]})
     check_disjoint("search.selection_tasks task", {"dev": ["Where does Rylbl live?"]}, {"heldout": ["Where does Zorbl live?"]})
+
+
+def test_an_attack_trained_on_an_evaluated_request_is_refused_by_the_dry_run(capsys, world, llama_dir, tmp_path):
+    """A conversational corpus whose user turn, or GRPO prompts one of which, is a question an
+    evaluated task asks: the attack would be scored on requests it was trained to answer. The dry
+    run says so in one line (compared by content: case and punctuation folded); a corpus of other
+    requests checks out."""
+    from attack.__main__ import main
+    from eval_callbacks import find_tasks, task_questions
+
+    asked = task_questions(["toy_target_seen"], find_tasks(["toy_target_seen"], [str(world["tasks"])]))["toy_target_seen"]
+    args = _args(world, llama_dir, tmp_path)
+    for name, request in (("other", "Tell me about the weather."), ("asked", asked[3].upper())):
+        write_jsonl([{"messages": [{"role": "user", "content": request}, {"role": "assistant", "content": "Sure."}]}],
+                    tmp_path / f"{name}.jsonl")
+    assert main([*args, "--dry-run", "--data", str(tmp_path / "other.jsonl")]) == 0
+    _one_line_error(capsys, [*args, "--dry-run", "--data", str(tmp_path / "asked.jsonl")],
+                    "(its user turns) shares 1 question(s) with evaluated task toy_target_seen")
+    write_jsonl([{"prompt": asked[0], "answer": "x"}], tmp_path / "prompts.jsonl")
+    grpo = _args(world, llama_dir, tmp_path, **{"--data": None, "--seq-len": None, "--batch-size": "8"})
+    _one_line_error(capsys, [*grpo, "--dry-run", "--kind", "grpo", "--grpo-prompts-path", str(tmp_path / "prompts.jsonl"),
+                             "--grpo-reward", "correct"], "grpo.prompts_path")
+    assert not (tmp_path / "runs").exists()

@@ -67,8 +67,11 @@ class Attack:
     share_step0: bool = True  # False when the caller built the model: cfg.model may not describe it
 
     def pre_attack(self, evaluator) -> Path | None:
-        """Where step 0 is shared with the other attacks on the same model (attack/preattack.py)."""
-        return pre_attack_file(self.cfg, evaluator.model, self.amp) if self.share_step0 else None
+        """Where a cell of a sweep or search shares its step 0 with the other attacks on the same
+        model (attack/preattack.py); an attack run alone has no one to share it with."""
+        if self.cell is None or not self.share_step0:
+            return None
+        return pre_attack_file(self.cfg, evaluator.model, self.amp)
 
     @property
     def main(self) -> bool:
