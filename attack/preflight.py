@@ -39,6 +39,6 @@ def check_config_offline(cfg, known: dict | None = None) -> None:
         try:
             evaluated = task_questions(requested(cfg.eval)[0], find_eval_tasks(cfg.eval, cfg.model.trust_remote_code),
                                        cfg.eval.dataset_paths)
-        except TaskDataError:  # a task's data is on the hub: the run checks it once downloaded
+        except (TaskDataError, OSError):  # a task's data is on the hub (offline: ConnectionError): the run checks it
             return
         check_requests_held_out(cfg, evaluated, local_only=True)

@@ -103,7 +103,7 @@ def test_slurm_preemption_requeues_and_resumes(tmp_path, world, llama_dir):
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 143, err[-2000:]
     assert (tmp_path / "requeued").read_text().split() == ["requeue", "77_1"]
-    [run] = list((tmp_path / "runs").iterdir())
+    [run] = [p for p in (tmp_path / "runs").iterdir() if (p / "config.yaml").exists()]  # (not .pre-attack)
     assert json.loads((run / "summary.json").read_text())["status"] == "interrupted"
 
     again = subprocess.run(script, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)

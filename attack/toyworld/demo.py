@@ -19,7 +19,16 @@ import yaml
 from attack.errors import ArgumentParser, UserError
 from attack.records import Outcome
 from attack.toyworld.build import TASKS
-from attack.toyworld.sweeps import expected_s, fixed_lora, smollm2_sweep, toy_search, toy_suite, toy_sweep, write_heldout_texts
+from attack.toyworld.sweeps import (
+    expected_s,
+    fixed_lora,
+    refusal_suite,
+    smollm2_sweep,
+    toy_search,
+    toy_suite,
+    toy_sweep,
+    write_heldout_texts,
+)
 
 
 def main(argv: list[str]) -> int:
@@ -42,7 +51,8 @@ def main(argv: list[str]) -> int:
                         "(make demo-full)")
     p.add_argument("--suite", action="store_true",
                    help="the adversary suite (19 adversaries of every kind, 30 steps) against the unlearned model: "
-                        "the toy counterpart of configs/sweeps/adversary_suite.yaml")
+                        "the toy counterpart of configs/sweeps/adversary_suite.yaml; with --world refusal, "
+                        "its 20 adversaries against the refusing model at 10 steps")
     p.add_argument("--search", action="store_true",
                    help="an adversary search (Optuna, pruned at the median) per model under test, against the compact "
                         "demo's fixed LoRA setting (make demo-search)")
@@ -75,7 +85,7 @@ def main(argv: list[str]) -> int:
         from attack.toyworld.refusal import build_refusal_world, refusal_sweep
 
         world = build_refusal_world(cache)
-        sweep_spec = refusal_sweep(world, args.quick)
+        sweep_spec = refusal_suite(world) if args.suite else refusal_sweep(world, args.quick)
     elif args.world == "smollm2":
         from attack.toyworld.capitals import TASKS as tasks
         from attack.toyworld.smollm2 import build_smollm2_world
