@@ -62,10 +62,6 @@ def _no_progress_bars():
 `include_path: [deep_ignorance]` finds it from any directory and from an installed package."""
 
 
-def _not_default_generation(record: logging.LogRecord) -> bool:
-    return "No `generation_kwargs` specified" not in record.getMessage()
-
-
 class LiveEvaluator:
     """Evaluates lm-eval tasks on a model object that may be training.
 
@@ -99,8 +95,6 @@ class LiveEvaluator:
         attacks (heretic's measure on harmless prompts), a row of metric `kl` under that task."""
         # lm-eval logs every request batch at INFO; during an attack that is noise.
         logging.getLogger("lm_eval").setLevel(logging.WARNING)
-        # a generation task without generation_kwargs gets max_gen_toks below, not the 256 lm-eval announces
-        logging.getLogger("lm_eval.config.task").addFilter(_not_default_generation)
         refusal.register()
         self.chat_template = chat_template
         self.max_gen_toks = max_gen_toks

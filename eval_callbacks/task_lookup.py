@@ -5,6 +5,7 @@ a model, a task's headline metric."""
 from __future__ import annotations
 
 import contextlib
+import logging
 from pathlib import Path
 
 SHIPPED_TASKS = Path(__file__).parent / "tasks"
@@ -34,6 +35,10 @@ def resolve_include(entry: str) -> str:
                            f"shipped task set: {', '.join(shipped_task_sets())})")
 
 
+def _not_default_generation(record: logging.LogRecord) -> bool:
+    return "No `generation_kwargs` specified" not in record.getMessage()
+
+
 def find_tasks(tasks: list[str], include_path: list[str] | None = None):
     """A TaskManager that knows every task in `tasks`, or UnknownTaskError naming the missing ones.
     `include_path`: folders of task YAML, or names of shipped task sets (resolve_include)."""
@@ -42,6 +47,9 @@ def find_tasks(tasks: list[str], include_path: list[str] | None = None):
     from eval_callbacks import refusal
 
     refusal.register()  # a task naming refused or complied loads on every route, with or without a model
+    # a generation task without generation_kwargs generates LiveEvaluator's max_gen_toks, not the
+    # 256 tokens lm-eval announces while building it
+    logging.getLogger("lm_eval.config.task").addFilter(_not_default_generation)
     include = [resolve_include(p) for p in include_path or []] or None
     # Indexing lm-eval's ~15k stock task files takes seconds: skip it when the include path
     # alone holds every requested task and every member of every requested group.
