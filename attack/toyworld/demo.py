@@ -52,7 +52,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--suite", action="store_true",
                    help="the adversary suite (19 adversaries of every kind, 30 steps) against the unlearned model: "
                         "the toy counterpart of configs/sweeps/adversary_suite.yaml; with --world refusal, "
-                        "its 20 adversaries against the refusing model at 10 steps")
+                        "its 19 adversaries against the refusing model at 10 steps")
     p.add_argument("--search", action="store_true",
                    help="an adversary search (Optuna, pruned at the median) per model under test, against the compact "
                         "demo's fixed LoRA setting (make demo-search)")
