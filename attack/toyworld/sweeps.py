@@ -97,6 +97,20 @@ def write_heldout_texts(world: Path) -> None:
             Path(path).write_text(text)
 
 
+# The suite's optimizers (configs/sweeps/adversary_suite.yaml): (label, train.optimizer, the rate
+# it runs at when the suite's own would not move it, that rate's label)
+SUITE_OPTIMIZERS = [("adamw", "adamw", None, None), ("adam", "adam", None, None), ("sgd", "sgd", 1e-1, "1e-1"),
+                    ("sgd-nesterov", "sgd_nesterov", 1e-1, "1e-1"), ("adagrad", "adagrad", 1e-2, "1e-2"),
+                    ("adadelta", "adadelta", 1.0, "1"), ("schedule-free", "schedule_free_adamw", None, None),
+                    ("muon", "muon", None, None)]
+
+
+def under_each_optimizer(tuned, lr: float, lr_label: str) -> list[dict]:
+    """A suite's LoRA adversary under each of its optimizers, at `lr` or the optimizer's own rate."""
+    return [tuned(f"lora-{name}-{own_label or lr_label}", own or lr, train={"optimizer": optimizer})
+            for name, optimizer, own, own_label in SUITE_OPTIMIZERS]
+
+
 def toy_suite(world: Path) -> dict:
     """The toy world's adversary suite (`demo --suite`), the counterpart of
     configs/sweeps/adversary_suite.yaml: 19 adversaries of every kind at a 30-step budget against
@@ -112,14 +126,7 @@ def toy_suite(world: Path) -> dict:
         return {"label": label, **merge(merge(lora, {"train": {"lr": lr}}), more)}
 
     attacks = [
-        tuned("lora-adamw-3e-3", 3e-3),
-        tuned("lora-adam-3e-3", 3e-3, train={"optimizer": "adam"}),
-        tuned("lora-sgd-1e-1", 1e-1, train={"optimizer": "sgd"}),
-        tuned("lora-sgd-nesterov-1e-1", 1e-1, train={"optimizer": "sgd_nesterov"}),
-        tuned("lora-adagrad-1e-2", 1e-2, train={"optimizer": "adagrad"}),
-        tuned("lora-adadelta-1", 1.0, train={"optimizer": "adadelta"}),
-        tuned("lora-schedule-free-3e-3", 3e-3, train={"optimizer": "schedule_free_adamw"}),
-        tuned("lora-muon-3e-3", 3e-3, train={"optimizer": "muon"}),
+        *under_each_optimizer(tuned, 3e-3, "3e-3"),
         tuned("lora-adamw-1e-3", 1e-3),
         {"label": "full-adamw-1e-3", "kind": "finetune", "adapter": {"kind": "full"}, "train": {"lr": 1e-3}},
         tuned("lora-mix-retain-50%", 3e-3, data={"mix": [{"path": retain, "share": 0.5}]}),
@@ -160,14 +167,7 @@ def refusal_suite(world: Path) -> dict:
                  for m in ("nf4", "int8", "fp16")]
     attacks = [
         by_label["reference-fp16"],
-        tuned("lora-adamw-1e-3", 1e-3),
-        tuned("lora-adam-1e-3", 1e-3, train={"optimizer": "adam"}),
-        tuned("lora-sgd-1e-1", 1e-1, train={"optimizer": "sgd"}),
-        tuned("lora-sgd-nesterov-1e-1", 1e-1, train={"optimizer": "sgd_nesterov"}),
-        tuned("lora-adagrad-1e-2", 1e-2, train={"optimizer": "adagrad"}),
-        tuned("lora-adadelta-1", 1.0, train={"optimizer": "adadelta"}),
-        tuned("lora-schedule-free-1e-3", 1e-3, train={"optimizer": "schedule_free_adamw"}),
-        tuned("lora-muon-1e-3", 1e-3, train={"optimizer": "muon"}),
+        *under_each_optimizer(tuned, 1e-3, "1e-3"),
         tuned("lora-adamw-3e-4", 3e-4),
         tuned("full-adamw-1e-5", 1e-5, adapter={"kind": "full"}),
         tuned("lora-mix-benign-50%", 1e-3, data={"mix": [{"path": benign, "share": 0.5}]}),
