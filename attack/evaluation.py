@@ -148,8 +148,8 @@ def attack_requests(cfg, local_only: bool = False) -> dict[str, list[str]]:
     return out
 
 
-def check_requests_held_out(cfg, evaluated: dict[str, list[str]], local_only: bool = False) -> None:
-    """Refuse an attack that trains or fits on a request an evaluated task asks (compared by
-    content): its refusal would be measured on requests it was trained to answer."""
-    for source, texts in attack_requests(cfg, local_only).items():
+def check_requests_held_out(requests: dict[str, list[str]], evaluated: dict[str, list[str]]) -> None:
+    """Refuse an attack that trains or fits on a request (`attack_requests`) an evaluated task
+    asks (compared by content): its refusal would be measured on requests it was trained to answer."""
+    for source, texts in requests.items():
         check_disjoint(source, {"": texts}, evaluated)

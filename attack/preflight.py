@@ -33,7 +33,8 @@ def check_config_offline(cfg, known: dict | None = None) -> None:
     if data and means_local_file(data) and not Path(data).expanduser().exists():
         raise UserError(f"attack data not found: {data} (relative paths are taken from the current directory; "
                         "hub dataset ids look like org/name)")
-    if attack_requests(cfg, local_only=True):  # the requests it trains on are not the ones it is scored on
+    requests = attack_requests(cfg, local_only=True)
+    if requests:  # the requests it trains on are not the ones it is scored on
         from eval_callbacks import TaskDataError, task_questions
 
         try:
@@ -41,4 +42,4 @@ def check_config_offline(cfg, known: dict | None = None) -> None:
                                        cfg.eval.dataset_paths)
         except (TaskDataError, OSError):  # a task's data is on the hub (offline: ConnectionError): the run checks it
             return
-        check_requests_held_out(cfg, evaluated, local_only=True)
+        check_requests_held_out(requests, evaluated)

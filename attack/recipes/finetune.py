@@ -14,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from attack.config import FinetuneConfig
-from attack.evaluation import check_requests_held_out
+from attack.evaluation import attack_requests, check_requests_held_out
 from attack.model import apply_adapter, load_model, shrink_perturb
 from attack.recipes import common, training
 from attack.speed import micro_batch
@@ -50,7 +50,7 @@ def run(cfg: FinetuneConfig, extra_callbacks: list | None = None, quiet: bool = 
     model = apply_adapter(model, cfg.adapter, bool(cfg.train.gradient_checkpointing))
     micro, checkpointing = micro_batch(cfg.train, model, a.per_device, cfg.data.seq_len, len(a.tokenizer), a.amp)
     evaluator, task_info = common.evaluator(a, model)
-    check_requests_held_out(cfg, evaluator.questions())  # a conversational corpus's requests are not evaluated ones
+    check_requests_held_out(attack_requests(cfg), evaluator.questions())  # a conversational corpus's requests
 
     # 2. Open the run directory.
     if not cfg.perturb.active:
