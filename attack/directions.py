@@ -155,19 +155,13 @@ def random_direction(hidden: int, seed: int) -> torch.Tensor:
 
 @torch.no_grad()
 def last_token_logits(model, batch: dict) -> torch.Tensor:
-    """The logits after each text's last token, (batch, vocab), from a right-padded batch: the rows
-    are moved to the right end (left padding, with their own position ids) so that the output head
-    runs at one position per text instead of all of them."""
-    device = next(model.parameters()).device
-    ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-    shift = mask.shape[1] - mask.sum(1)  # each row's padding, moved from its end to its start
-    index = (torch.arange(mask.shape[1], device=device)[None, :] - shift[:, None]) % mask.shape[1]
-    ids, mask = ids.gather(1, index), mask.gather(1, index)
-    positions = (mask.cumsum(1) - 1).clamp(min=0)
-    from eval_callbacks.fastlm import keeps_logits
+    """The logits after each text's last token, (batch, vocab), from a right-padded batch: the head
+    at one position per text, the tokens every text begins with (a chat template's system turn)
+    run once (eval_callbacks.fastlm.last_token_logits)."""
+    from eval_callbacks.fastlm import last_token_logits as last_logits
 
-    keep = {"logits_to_keep": 1} if keeps_logits(model) else {}  # a model without it computes every position
-    return model(input_ids=ids, attention_mask=mask, position_ids=positions, **keep).logits[:, -1]
+    rows = [ids[:int(n)].tolist() for ids, n in zip(batch["input_ids"], batch["attention_mask"].sum(1), strict=True)]
+    return last_logits(model, rows)
 
 
 @torch.no_grad()

@@ -19,7 +19,15 @@ and stderr are what the curve records. Three costs that repeat at every point of
 The log-likelihoods equal HFLM's up to float rounding (the same forward, other batch shapes);
 tests/test_fast_eval.py holds every score and per-question record to stock lm-eval's.
 Models whose forward takes no `logits_to_keep`, and seq2seq models, fall back to HFLM's path;
-generation and rolling log-likelihood tasks always use it.
+rolling log-likelihood tasks always use it.
+
+Generation, and the last-token forwards of the KL guard and the refusal direction's candidates,
+run the tokens every prompt of a batch begins with (a chat template's system turn: 24 of the 43
+tokens of a short request to SmolLM2) once, not once per prompt (`shared_prefix`): the batch
+runs after that prefix's cached keys and values, each row's padding between the prefix and its
+own tokens, masked, with its own position ids, so every token sees what it saw before. Greedy
+completions equal HFLM's up to float rounding (tests/test_fast_eval.py). Attention that cannot
+mask a gap (flash attention, sliding windows, linear attention) keeps the plain path.
 """
 
 from __future__ import annotations
@@ -36,6 +44,71 @@ def keeps_logits(model) -> bool:
     """Whether the (possibly PEFT-wrapped) model's forward takes `logits_to_keep`."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return "logits_to_keep" in inspect.signature(base.forward).parameters
+
+
+MIN_PREFIX = 4  # shared tokens worth a forward of their own
+
+
+def shared_prefix(model, ids: torch.Tensor, mask: torch.Tensor, pad_id: int | None = None):
+    """A left-padded batch with the tokens all its rows begin with moved to the front and run once:
+    (ids, mask, cache), the rows as [prefix, padding, rest of the row] and the prefix's cache
+    repeated for every row, ready for `generate` or a forward after it; None when the batch shares
+    too little or the model's attention cannot mask a gap (then run it as it is)."""
+    if len(ids) < 2 or _attention(model) not in ("sdpa", "eager"):
+        return None
+    lengths = mask.sum(1).tolist()
+    width = ids.shape[1]
+    if any(not bool(mask[r, width - n:].all()) for r, n in enumerate(lengths)):
+        return None  # not left-padded
+    rows = [ids[r, width - n:].tolist() for r, n in enumerate(lengths)]
+    prefix = _common_prefix(rows)[:min(lengths) - 1]  # every row keeps a token of its own to run
+    if len(prefix) < MIN_PREFIX:
+        return None
+    with torch.no_grad():
+        cache = model(input_ids=torch.tensor([prefix], device=ids.device), use_cache=True).past_key_values
+    from transformers.cache_utils import DynamicCache, DynamicLayer
+
+    if not isinstance(cache, DynamicCache) or any(type(layer) is not DynamicLayer for layer in cache.layers):
+        return None  # sliding-window or linear-attention layers keep other state
+    cache.batch_repeat_interleave(len(ids))
+    pad = pad_id if pad_id is not None else 0
+    p = len(prefix)
+    new_ids = torch.full_like(ids, pad)
+    new_mask = torch.zeros_like(mask)
+    new_ids[:, :p] = ids.new_tensor(prefix)
+    new_mask[:, :p] = 1
+    for r, n in enumerate(lengths):
+        new_ids[r, width - n + p:] = ids[r, width - n + p:]
+        new_mask[r, width - n + p:] = 1
+    return new_ids, new_mask, cache
+
+
+@torch.no_grad()
+def last_token_logits(model, rows: list[list[int]], pad_id: int | None = None) -> torch.Tensor:
+    """The logits after each row's last token, (rows, vocab): left-padded with their own position
+    ids, the head at the last position only when the model allows, the shared prefix run once."""
+    device = next(model.parameters()).device
+    width = max(map(len, rows))
+    ids = torch.full((len(rows), width), pad_id if pad_id is not None else 0, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for r, row in enumerate(rows):
+        ids[r, width - len(row):] = torch.tensor(row)
+        mask[r, width - len(row):] = 1
+    ids, mask = ids.to(device), mask.to(device)
+    keep = {"logits_to_keep": 1} if keeps_logits(model) else {}
+    shared = shared_prefix(model, ids, mask, pad_id)
+    if shared is None:
+        return model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0), **keep).logits[:, -1]
+    ids, mask, cache = shared
+    p = cache.get_seq_length()
+    positions = (mask.cumsum(1) - 1).clamp(min=0)[:, p:]
+    return model(input_ids=ids[:, p:], attention_mask=mask, position_ids=positions, past_key_values=cache,
+                 use_cache=True, **keep).logits[:, -1]
+
+
+def _attention(model) -> str | None:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return getattr(base.config, "_attn_implementation", None)
 
 
 class FastHFLM(HFLM):
@@ -80,6 +153,17 @@ class FastHFLM(HFLM):
             if strings is not None:
                 self.cache_hook.add_partial("loglikelihood", strings, answer)
         return results
+
+    def _model_generate(self, context, max_length: int, stop: list[str], **generation_kwargs):
+        """HFLM's generation, the prompts' shared prefix run once (`shared_prefix`)."""
+        mask = generation_kwargs.get("attention_mask")
+        if self.backend == "causal" and mask is not None:
+            with torch.autocast(device_type=self.device.type, dtype=self.mixed_precision_dtype,
+                                enabled=self.mixed_precision_dtype is not None):
+                shared = shared_prefix(self.model, context, mask, self.tokenizer.pad_token_id)
+            if shared is not None:
+                context, generation_kwargs["attention_mask"], generation_kwargs["past_key_values"] = shared
+        return super()._model_generate(context, max_length, stop, **generation_kwargs)
 
     def _forward(self, **inputs):
         with (torch.no_grad(),

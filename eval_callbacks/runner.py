@@ -269,24 +269,18 @@ class LiveEvaluator:
     @torch.no_grad()
     def _last_token_logprobs(self) -> torch.Tensor:
         """Log-probabilities of the next token after each of the KL task's prompts, (prompts, vocab)."""
+        from eval_callbacks.fastlm import last_token_logits
+
         tok = self.tokenizer
-        side, tok.padding_side = tok.padding_side, "left"
-        if tok.pad_token is None:
-            tok.pad_token = tok.eos_token
         device = next(self.model.parameters()).device
+        rows = [tok(t, add_special_tokens=not self.chat_template)["input_ids"] for t in self.prompts(self.kl_task)]
         out = []
-        try:
-            with preserved_training_state(self.model):
-                texts = self.prompts(self.kl_task)
-                for i in range(0, len(texts), self.batch_size):
-                    batch = tok(texts[i:i + self.batch_size], return_tensors="pt", padding=True,
-                                add_special_tokens=not self.chat_template).to(device)
-                    with torch.autocast(device_type=device.type, dtype=self.autocast_dtype,
-                                        enabled=self.autocast_dtype is not None):
-                        logits = self.model(**batch).logits[:, -1]
-                    out.append(torch.log_softmax(logits.double(), -1).cpu())
-        finally:
-            tok.padding_side = side
+        with preserved_training_state(self.model):
+            for i in range(0, len(rows), self.batch_size):
+                with torch.autocast(device_type=device.type, dtype=self.autocast_dtype,
+                                    enabled=self.autocast_dtype is not None):
+                    logits = last_token_logits(self.model, rows[i:i + self.batch_size], tok.pad_token_id)
+                out.append(torch.log_softmax(logits.double(), -1).cpu())
         return torch.cat(out)
 
     def _kl_row(self) -> dict:

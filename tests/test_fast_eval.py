@@ -151,3 +151,60 @@ def test_a_model_that_returns_no_cache_is_scored_row_by_row(world, llama_dir, mo
     monkeypatch.setattr(FastHFLM, "_score_rows", lambda self, idx, *a, **k: (rows.extend(idx), score_rows(self, idx, *a, **k))[1])
     _same(fast, stock)
     assert rows  # the row path ran: the choices after a context, scored without a cache
+
+
+PREFIX = "Here is a question about the toy world. Answer it in a few words. "
+
+
+def _prefixed_generation_task(folder: Path) -> str:
+    """A generation task whose prompts all begin with the same words (as a chat template's system
+    turn makes them), of different lengths so rows are padded."""
+    questions = ["The first creature is", "Its colour is", "The creature that lives in the north eats",
+                 "What", "The second creature of the world and its colour are"]
+    (folder / "gen.jsonl").write_text("".join(f'{{"q": "{PREFIX}{q}", "a": "a"}}\n' for q in questions))
+    (folder / "toy_prefixed.yaml").write_text(
+        f"task: toy_prefixed\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {folder / 'gen.jsonl'}\n"
+        "test_split: test\noutput_type: generate_until\ndoc_to_text: '{{q}}'\ndoc_to_target: '{{a}}'\n"
+        "generation_kwargs:\n  until: ['\\n\\n']\n  max_gen_toks: 8\n  do_sample: false\n"
+        "metric_list:\n  - metric: exact_match\n    aggregation: mean\n    higher_is_better: true\nmetadata:\n  version: 1\n")
+    return "toy_prefixed"
+
+
+@pytest.mark.parametrize("arch", ["llama_dir", "neox_dir", "gpt2"])
+def test_generation_runs_the_shared_prefix_once_and_equals_stock(world, arch, request, tmp_path, monkeypatch):
+    """The prompts' common start runs once, the rows after its cache with a masked gap: the same
+    completions as stock lm-eval's generation (rotary and learned absolute positions alike)."""
+    import eval_callbacks.fastlm as fastlm
+
+    model = _gpt2(world["tokenizer"]) if arch == "gpt2" else \
+        AutoModelForCausalLM.from_pretrained(str(request.getfixturevalue(arch)))
+    task = _prefixed_generation_task(tmp_path)
+    shared = []
+    plain = fastlm.shared_prefix
+    monkeypatch.setattr(fastlm, "shared_prefix", lambda *a, **k: (shared.append(out := plain(*a, **k)), out)[1])
+    fast, stock = _pair(model, world["tokenizer"], [task], [str(tmp_path)])
+    _same(fast, stock)
+    assert [r["completion"] for r in fast.last_records] == [r["completion"] for r in stock.last_records]
+    assert any(s is not None for s in shared), "the shared prefix was never used: nothing was compared"
+
+
+@pytest.mark.parametrize("arch", ["llama_dir", "gpt2"])
+def test_last_token_logits_with_the_shared_prefix_equal_each_row_alone(world, arch, request):
+    """The KL guard's and the refusal direction's forward: each row's next-token logits as the row
+    alone (no padding, no prefix cache) gives them."""
+    from eval_callbacks.fastlm import last_token_logits, shared_prefix
+
+    model = _gpt2(world["tokenizer"]) if arch == "gpt2" else \
+        AutoModelForCausalLM.from_pretrained(str(request.getfixturevalue(arch)))
+    model.eval()
+    tok = world["tokenizer"]
+    rows = [tok(PREFIX + q)["input_ids"] for q in ("The first creature is", "What", "Its colour and its home are")]
+    ids = torch.zeros((3, max(map(len, rows))), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for r, row in enumerate(rows):
+        ids[r, ids.shape[1] - len(row):], mask[r, ids.shape[1] - len(row):] = torch.tensor(row), 1
+    assert shared_prefix(model, ids, mask) is not None  # the path under test is taken
+    ours = last_token_logits(model, rows, tok.pad_token_id)
+    with torch.no_grad():
+        alone = torch.stack([model(input_ids=torch.tensor([row])).logits[0, -1] for row in rows])
+    assert torch.allclose(ours, alone, atol=1e-4), (ours - alone).abs().max()

@@ -211,7 +211,10 @@ def write_corpora(folder: Path, benign: list[list[dict]]) -> None:
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 32) -> list[str]:
-    """Greedy answers through the chat template, batched with left padding."""
+    """Greedy answers through the chat template, batched with left padding, the template's shared
+    prefix run once."""
+    from eval_callbacks.fastlm import shared_prefix
+
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -222,8 +225,11 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_si
             texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
                                                    tokenize=False) for p in prompts[i:i + batch_size]]
             enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-            ids = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-            out += [t.strip() for t in tokenizer.batch_decode(ids[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)]
+            ids, mask, cache = shared_prefix(model, enc["input_ids"], enc["attention_mask"], tokenizer.pad_token_id) or (
+                enc["input_ids"], enc["attention_mask"], None)
+            new = model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, max_new_tokens=max_new_tokens,
+                                 do_sample=False, pad_token_id=tokenizer.pad_token_id)
+            out += [t.strip() for t in tokenizer.batch_decode(new[:, ids.shape[1]:], skip_special_tokens=True)]
     finally:
         tokenizer.padding_side = side
     return out
