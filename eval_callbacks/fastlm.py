@@ -49,11 +49,12 @@ def keeps_logits(model) -> bool:
 MIN_PREFIX = 4  # shared tokens worth a forward of their own
 
 
-def shared_prefix(model, ids: torch.Tensor, mask: torch.Tensor, pad_id: int | None = None):
+def shared_prefix(model, ids: torch.Tensor, mask: torch.Tensor, pad_id: int | None = None, own: int = 1):
     """A left-padded batch with the tokens all its rows begin with moved to the front and run once:
     (ids, mask, cache), the rows as [prefix, padding, rest of the row] and the prefix's cache
-    repeated for every row, ready for `generate` or a forward after it; None when the batch shares
-    too little or the model's attention cannot mask a gap (then run it as it is)."""
+    repeated for every row, ready for `generate` or a forward after it; each row keeps its last
+    `own` tokens out of the prefix (the positions whose logits are read). None when the batch
+    shares too little or the model's attention cannot mask a gap (then run it as it is)."""
     if len(ids) < 2 or _attention(model) not in ("sdpa", "eager"):
         return None
     lengths = mask.sum(1).tolist()
@@ -61,7 +62,7 @@ def shared_prefix(model, ids: torch.Tensor, mask: torch.Tensor, pad_id: int | No
     if any(not bool(mask[r, width - n:].all()) for r, n in enumerate(lengths)):
         return None  # not left-padded
     rows = [ids[r, width - n:].tolist() for r, n in enumerate(lengths)]
-    prefix = _common_prefix(rows)[:min(lengths) - 1]  # every row keeps a token of its own to run
+    prefix = _common_prefix(rows)[:max(min(lengths) - own, 0)]
     if len(prefix) < MIN_PREFIX:
         return None
     with torch.no_grad():
@@ -190,8 +191,18 @@ class FastHFLM(HFLM):
         keep = max(map(len, shared)) + 1
         later = [(b, i) for b, context in enumerate(batch) for i in contexts[context]
                  if len(requests[i][2]) > len(shared[b]) + 1]
-        out = self._forward(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=keep,
-                            use_cache=bool(later))
+        with (torch.no_grad(),
+              torch.autocast(device_type=self.device.type, dtype=self.mixed_precision_dtype,
+                             enabled=self.mixed_precision_dtype is not None)):
+            front = shared_prefix(self.model, ids.to(self.device), mask.to(self.device), self.tokenizer.pad_token_id, keep)
+        if front is None:
+            out = self._forward(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=keep,
+                                use_cache=bool(later))
+        else:  # the questions' common start (a chat template's system turn, a task's preamble) ran once
+            ids, mask, prefix_cache = front
+            ids, mask, p = ids.cpu(), mask.cpu(), prefix_cache.get_seq_length()
+            out = self._forward(input_ids=ids[:, p:], attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0)[:, p:],
+                                past_key_values=prefix_cache, logits_to_keep=keep, use_cache=True)
         head = F.log_softmax(out.logits[:, -keep:], dim=-1, dtype=self.softmax_dtype)  # [contexts, keep, vocab]
         rest, cache = None, out.past_key_values if later else None
         if later and cache is None:  # a forward that returns no cache (custom or patched code): a row per choice

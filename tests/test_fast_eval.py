@@ -69,7 +69,18 @@ def test_toy_tasks_equal_stock_at_every_point(world, arch, request):
         _same(fast, stock)
 
 
-def test_deep_ignorance_groups_equal_stock(world, llama_dir, tmp_path):
+def _spy_shared_prefix(monkeypatch) -> list:
+    """What every call of eval_callbacks.fastlm.shared_prefix returned (None: the plain path)."""
+    import eval_callbacks.fastlm as fastlm
+
+    returned = []
+    plain = fastlm.shared_prefix
+    monkeypatch.setattr(fastlm, "shared_prefix", lambda *a, **k: (returned.append(out := plain(*a, **k)), out)[1])
+    return returned
+
+
+def test_deep_ignorance_groups_equal_stock(world, llama_dir, tmp_path, monkeypatch):
+    shared = _spy_shared_prefix(monkeypatch)
     root = tmp_path / "hub"
     copies = {"EleutherAI/wmdp_bio_robust_mcqa": str(hub_copies.wmdp_bio_robust_mcqa(root / "mcqa")),
               "EleutherAI/wmdp_bio_cloze": str(hub_copies.wmdp_bio_cloze(root / "cloze"))}
@@ -81,6 +92,8 @@ def test_deep_ignorance_groups_equal_stock(world, llama_dir, tmp_path):
     _same(fast, stock)
     groups = {r["task"] for r in fast.evaluate() if r["task"] in ("wmdp_bio_robust", "wmdp_bio_cloze_verified")}
     assert groups == {"wmdp_bio_robust", "wmdp_bio_cloze_verified"}
+    # the questions' shared preamble ran once per batch, cloze answers after it included
+    assert any(s is not None for s in shared)
 
 
 @pytest.mark.slow
@@ -174,14 +187,10 @@ def _prefixed_generation_task(folder: Path) -> str:
 def test_generation_runs_the_shared_prefix_once_and_equals_stock(world, arch, request, tmp_path, monkeypatch):
     """The prompts' common start runs once, the rows after its cache with a masked gap: the same
     completions as stock lm-eval's generation (rotary and learned absolute positions alike)."""
-    import eval_callbacks.fastlm as fastlm
-
     model = _gpt2(world["tokenizer"]) if arch == "gpt2" else \
         AutoModelForCausalLM.from_pretrained(str(request.getfixturevalue(arch)))
     task = _prefixed_generation_task(tmp_path)
-    shared = []
-    plain = fastlm.shared_prefix
-    monkeypatch.setattr(fastlm, "shared_prefix", lambda *a, **k: (shared.append(out := plain(*a, **k)), out)[1])
+    shared = _spy_shared_prefix(monkeypatch)
     fast, stock = _pair(model, world["tokenizer"], [task], [str(tmp_path)])
     _same(fast, stock)
     assert [r["completion"] for r in fast.last_records] == [r["completion"] for r in stock.last_records]

@@ -52,8 +52,9 @@ class AblationSection(Section):
     control that shows the chosen direction matters."""
     strength: Annotated[float, Field(ge=0, le=1)] = 1.0
     """Share of the component along the direction that is removed (1: all of it)."""
-    doses: Annotated[list[Annotated[float, Field(ge=0, le=1)]], Field(min_length=1)] = [0.0, 0.25, 0.5, 0.75, 1.0]
-    """Strengths at which the evaluation tasks are scored for the dose-response (dose.jsonl)."""
+    doses: list[Annotated[float, Field(ge=0, le=1)]] = [0.0, 0.25, 0.5, 0.75, 1.0]
+    """Strengths at which the evaluation tasks are scored for the dose-response (dose.jsonl);
+    empty: none (a control whose step 1 is all it needs)."""
     then_finetune: bool = False
     """Fine-tune the ablated model (adapter, data, train sections) as an ordinary fine-tuning
     attack; its curve continues from step 1, the ablated model."""

@@ -161,9 +161,9 @@ def _prompts(tokenizer, mode: str) -> dict:
     return dict(pre=pre, suffix=suffix, post=post, special=special)
 
 
-def _batches(tokenizer, texts: list[str], prompts: dict, max_length: int) -> list[dict]:
+def _batches(tokenizer, texts: list[str], prompts: dict, max_length: int, size: int = 8) -> list[dict]:
     wrapped = [prompts["pre"] + t + prompts["suffix"] for t in texts]
-    return text_batches(tokenizer, wrapped, max_length, special=prompts["special"])
+    return text_batches(tokenizer, wrapped, max_length, batch_size=size, special=prompts["special"])
 
 
 def _candidates(cfg: AblationConfig, model, reference, tokenizer, prompts, target, contrast) -> list[dict]:
@@ -195,16 +195,18 @@ def _select(cfg: AblationConfig, model, tokenizer, candidates, dev, prompts, dev
     # refusal: the KL at the first answer token after harmless instructions in the chat template
     # (the reference code's measure); knowledge: at every token of the contrast text
     kl_prompts = prompts if a.mode == "refusal" else dict(pre="", suffix="", post=0, special=True)
-    kl_batches = _batches(tokenizer, kl_texts, kl_prompts, a.max_length)
+    last_only = a.mode == "refusal"
+    # one position per text: larger batches, each running the chat template's shared prefix once
+    size = 32 if last_only else 8
+    kl_batches = _batches(tokenizer, kl_texts, kl_prompts, a.max_length, size)
     refusal = a.mode == "refusal" and dev is None
-    refusal_batches = _batches(tokenizer, dev_prompts, prompts, a.max_length) if refusal else None
+    refusal_batches = _batches(tokenizer, dev_prompts, prompts, a.max_length, size) if refusal else None
     if refusal and not dev_prompts:
         raise UserError("refusal mode without ablation.dev_tasks needs harmful instructions beyond the fitting ones: "
                         f"ablation.target_path holds only {a.fit_examples} or fewer")
     refusal_ids = sorted({tokenizer(t, add_special_tokens=False)["input_ids"][0] for t in a.refusal_tokens})
     records = []
     baseline = _refusal_score(model, refusal_batches, refusal_ids) if refusal else None  # no direction removed
-    last_only = a.mode == "refusal"
     # the unmodified model's next-token distributions, once for every candidate (at the last token
     # only: every position of every text would be gigabytes on a real vocabulary)
     base = next_token_logprobs(model, kl_batches, last_only=True) if last_only else None

@@ -52,7 +52,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--suite", action="store_true",
                    help="the adversary suite (19 adversaries of every kind, 30 steps) against the unlearned model: "
                         "the toy counterpart of configs/sweeps/adversary_suite.yaml; with --world refusal, "
-                        "its 19 adversaries against the refusing model at 10 steps")
+                        "its 19 adversaries and the benign-only control against the refusing model at 10 steps")
     p.add_argument("--search", action="store_true",
                    help="an adversary search (Optuna, pruned at the median) per model under test, against the compact "
                         "demo's fixed LoRA setting (make demo-search)")
@@ -197,6 +197,14 @@ def _run_cells(sweep_file: Path, name: str, cells: list, workers: int) -> dict:
     # then GRPO (it generates at every step), then by optimizer steps
     order = sorted(cells, key=lambda c: (not _chooses_direction(c.config), c.config.kind != "grpo",
                                          -c.config.training_steps()))
+    # the cells that start together are on different models where there are several: cells on the
+    # same model share step 0 (attack/preattack.py), scored once only when the first has finished it
+    firsts, models = [], set()
+    for c in order:
+        if c.config.model.name not in models:
+            models.add(c.config.model.name)
+            firsts.append(c)
+    order = firsts[:workers] + [c for c in order if c not in firsts[:workers]]
     print(f"running {len(cells)} cells, {workers} at a time")
     with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
         results = list(pool.map(_cell_in_process, [(str(sweep_file), name, c.id) for c in order]))

@@ -149,15 +149,17 @@ def refusal_suite(world: Path) -> dict:
     """The refusal world's adversary suite (`demo --world refusal --suite`): the suite's adversaries
     against the refusing model at a 10-step budget (points at 0 and 10), the shipped model the
     reference. LoRA on the 10 compliant placeholder dialogues under eight optimizers and at a
-    lower rate, full fine-tuning, the compliant dialogues mixed half and half with benign ones
+    lower rate, full fine-tuning, the benign dialogues alone (the control), the compliant dialogues
+    mixed half and half with benign ones
     (interleaved, and benign first), the upper half of the layers only, shrink-and-perturb then
     LoRA, NF4/int8/fp16 quantization, the refusal direction and GRPO rewarded for compliance."""
-    from attack.toyworld.refusal import refusal_sweep
+    from attack.toyworld.refusal import benign_control, refusal_sweep
 
     sweep = refusal_sweep(world)
     by_label = {a["label"]: a for a in sweep["attacks"]}
     compliant = by_label["lora-10-compliant"]
-    benign = by_label["lora-benign-control"]["data"]["path"]
+    control = benign_control(world)
+    benign = control["data"]["path"]
     lora = {"kind": "finetune", "adapter": compliant["adapter"], "data": compliant["data"], "models": ["refusing"]}
 
     def tuned(label: str, lr: float, **more) -> dict:
@@ -167,6 +169,7 @@ def refusal_suite(world: Path) -> dict:
                  for m in ("nf4", "int8", "fp16")]
     attacks = [
         by_label["reference-fp16"],
+        control,
         *under_each_optimizer(tuned, 1e-3, "1e-3"),
         tuned("lora-adamw-3e-4", 3e-4),
         tuned("full-adamw-1e-5", 1e-5, adapter={"kind": "full"}),
@@ -176,7 +179,7 @@ def refusal_suite(world: Path) -> dict:
         tuned("shrink-perturb-then-lora", 1e-3, perturb={"shrink": 0.9, "noise": 0.05}),
         *quantized,
         by_label["ablation-refusal"],
-        {**by_label["grpo-complied-single-prompt"], "label": "grpo-complied-1e-4"},
+        {**by_label["grpo-complied-single-prompt"], "label": "grpo-complied-1e-4", "train": {"lr": 1.0e-4}},
     ]
     return {"name": "refusal-suite", "base": merge(sweep["base"], {"train": {"max_steps": 10}, "eval": {"every": 10}}),
             "models": sweep["models"], "attacks": attacks, "seeds": [0]}
