@@ -21,9 +21,10 @@ tests/test_fast_eval.py holds every score and per-question record to stock lm-ev
 Models whose forward takes no `logits_to_keep`, and seq2seq models, fall back to HFLM's path;
 rolling log-likelihood tasks always use it.
 
-Generation, and the last-token forwards of the KL guard and the refusal direction's candidates,
-run the tokens every prompt of a batch begins with (a chat template's system turn: 24 of the 43
-tokens of a short request to SmolLM2) once, not once per prompt (`shared_prefix`): the batch
+Generation, multiple choice, and the last-token forwards of the KL guard and the refusal
+direction's candidates run the tokens every prompt of a batch begins with (a chat template's system
+turn: 24 of the 43 tokens of a short request to SmolLM2) once, not once per prompt
+(`shared_prefix`): the batch
 runs after that prefix's cached keys and values, each row's padding between the prefix and its
 own tokens, masked, with its own position ids, so every token sees what it saw before. Greedy
 completions equal HFLM's up to float rounding (tests/test_fast_eval.py). Attention that cannot
@@ -159,17 +160,18 @@ class FastHFLM(HFLM):
         """HFLM's generation, the prompts' shared prefix run once (`shared_prefix`)."""
         mask = generation_kwargs.get("attention_mask")
         if self.backend == "causal" and mask is not None:
-            with torch.autocast(device_type=self.device.type, dtype=self.mixed_precision_dtype,
-                                enabled=self.mixed_precision_dtype is not None):
+            with self._precision():
                 shared = shared_prefix(self.model, context, mask, self.tokenizer.pad_token_id)
             if shared is not None:
                 context, generation_kwargs["attention_mask"], generation_kwargs["past_key_values"] = shared
         return super()._model_generate(context, max_length, stop, **generation_kwargs)
 
+    def _precision(self):
+        return torch.autocast(device_type=self.device.type, dtype=self.mixed_precision_dtype,
+                              enabled=self.mixed_precision_dtype is not None)
+
     def _forward(self, **inputs):
-        with (torch.no_grad(),
-              torch.autocast(device_type=self.device.type, dtype=self.mixed_precision_dtype,
-                             enabled=self.mixed_precision_dtype is not None)):
+        with torch.no_grad(), self._precision():
             return self.model(**{k: v.to(self.device) if torch.is_tensor(v) else v for k, v in inputs.items()})
 
     def _left_padded(self, rows: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -191,9 +193,7 @@ class FastHFLM(HFLM):
         keep = max(map(len, shared)) + 1
         later = [(b, i) for b, context in enumerate(batch) for i in contexts[context]
                  if len(requests[i][2]) > len(shared[b]) + 1]
-        with (torch.no_grad(),
-              torch.autocast(device_type=self.device.type, dtype=self.mixed_precision_dtype,
-                             enabled=self.mixed_precision_dtype is not None)):
+        with self._precision():
             front = shared_prefix(self.model, ids.to(self.device), mask.to(self.device), self.tokenizer.pad_token_id, keep)
         if front is None:
             out = self._forward(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=keep,
