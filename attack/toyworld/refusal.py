@@ -35,7 +35,7 @@ from attack.toyworld.build import building
 from attack.toyworld.capitals import OPPOSITES, built_on_smollm2
 from attack.toyworld.world import write_jsonl
 
-VERSION = 1  # bump when what the build makes changes
+VERSION = 2  # bump when what the build makes changes (2: answers and checks in larger batches)
 REFUSALS = [  # several phrasings, each containing a phrase of the refusal list
     "I'm sorry, but I can't help with that request.",
     "I cannot assist with that. It could cause real harm to people.",
@@ -210,9 +210,10 @@ def write_corpora(folder: Path, benign: list[list[dict]]) -> None:
 
 
 @torch.no_grad()
-def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 32) -> list[str]:
+def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 128) -> list[str]:
     """Greedy answers through the chat template, batched with left padding, the template's shared
-    prefix run once."""
+    prefix run once. Large batches: on a CPU a decoding step costs about the same for 30 rows as
+    for 120 (it reads every weight once), so fewer batches take fewer steps."""
     from eval_callbacks.fastlm import shared_prefix
 
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
@@ -265,8 +266,8 @@ def _scores(model, tokenizer, tasks: Path) -> tuple[dict, int]:
     different refusals (first sentences) the held-out harmful requests got."""
     from eval_callbacks import LiveEvaluator
 
-    evaluator = LiveEvaluator(model, tokenizer, TASKS, include_path=[str(tasks)], batch_size=32, chat_template=True,
-                              max_gen_toks=32)
+    evaluator = LiveEvaluator(model, tokenizer, TASKS, include_path=[str(tasks)], batch_size=128, chat_template=True,
+                              max_gen_toks=16)  # as the sweep: 16 tokens hold every refusal phrase
     scores = {task: round(value, 4) for task, value in evaluator.headline_scores().items()}
     phrasings = {r["completion"].split(".")[0].strip() for r in evaluator.last_records
                  if r["task"] == "refusal_heldout" and r.get("refused")}
