@@ -90,22 +90,28 @@ def last_token_logits(model, rows: list[list[int]], pad_id: int | None = None) -
     """The logits after each row's last token, (rows, vocab): left-padded with their own position
     ids, the head at the last position only when the model allows, the shared prefix run once."""
     device = next(model.parameters()).device
-    width = max(map(len, rows))
-    ids = torch.full((len(rows), width), pad_id if pad_id is not None else 0, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for r, row in enumerate(rows):
-        ids[r, width - len(row):] = torch.tensor(row)
-        mask[r, width - len(row):] = 1
-    ids, mask = ids.to(device), mask.to(device)
+    ids, mask, positions = (t.to(device) for t in left_padded(rows, pad_id))
     keep = {"logits_to_keep": 1} if keeps_logits(model) else {}
     shared = shared_prefix(model, ids, mask, pad_id)
     if shared is None:
-        return model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0), **keep).logits[:, -1]
+        return model(input_ids=ids, attention_mask=mask, position_ids=positions, **keep).logits[:, -1]
     ids, mask, cache = shared
     p = cache.get_seq_length()
     positions = (mask.cumsum(1) - 1).clamp(min=0)[:, p:]
     return model(input_ids=ids[:, p:], attention_mask=mask, position_ids=positions, past_key_values=cache,
                  use_cache=True, **keep).logits[:, -1]
+
+
+def left_padded(rows: list[list[int]], pad_id: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Token rows as a left-padded batch: ids, attention mask and per-row position ids (0 at each
+    row's first token)."""
+    width = max(map(len, rows))
+    ids = torch.full((len(rows), width), pad_id or 0, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for r, row in enumerate(rows):
+        ids[r, width - len(row):] = torch.tensor(row)
+        mask[r, width - len(row):] = 1
+    return ids, mask, (mask.cumsum(1) - 1).clamp(min=0)
 
 
 def _attention(model) -> str | None:
@@ -174,22 +180,13 @@ class FastHFLM(HFLM):
         with torch.no_grad(), self._precision():
             return self.model(**{k: v.to(self.device) if torch.is_tensor(v) else v for k, v in inputs.items()})
 
-    def _left_padded(self, rows: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """ids, attention mask and per-row position ids (0 at each row's first token)."""
-        width = max(map(len, rows))
-        ids = torch.full((len(rows), width), self.tokenizer.pad_token_id or 0, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for r, row in enumerate(rows):
-            ids[r, width - len(row):] = torch.tensor(row)
-            mask[r, width - len(row):] = 1
-        return ids, mask, (mask.cumsum(1) - 1).clamp(min=0)
-
     def _score_contexts(self, batch: list[tuple[int, ...]], contexts: dict, requests, results: list) -> None:
         """Each context once, with the tokens all its choices begin with (a letter answer's space):
         the head at the positions after them scores every choice's shared start and next token.
         Choices that go on further (cloze answers) run after it on its cached keys and values."""
         shared = [_common_prefix([requests[i][2][:-1] for i in contexts[context]]) for context in batch]
-        ids, mask, positions = self._left_padded([list(context) + p for context, p in zip(batch, shared, strict=True)])
+        ids, mask, positions = left_padded([list(context) + p for context, p in zip(batch, shared, strict=True)],
+                                         self.tokenizer.pad_token_id)
         keep = max(map(len, shared)) + 1
         later = [(b, i) for b, context in enumerate(batch) for i in contexts[context]
                  if len(requests[i][2]) > len(shared[b]) + 1]
@@ -238,7 +235,7 @@ class FastHFLM(HFLM):
             chunk = indices[start:start + size]
             rows = [(requests[i][1] + requests[i][2])[-(self.max_length + 1):][:-1] for i in chunk]
             keep = max(len(requests[i][2]) for i in chunk)
-            ids, mask, positions = self._left_padded(rows)
+            ids, mask, positions = left_padded(rows, self.tokenizer.pad_token_id)
             logits = self._forward(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=keep).logits
             scores = F.log_softmax(logits[:, -keep:], dim=-1, dtype=self.softmax_dtype)
             for i, row_scores in zip(chunk, scores, strict=True):

@@ -150,9 +150,9 @@ def refusal_suite(world: Path) -> dict:
     against the refusing model at a 10-step budget (points at 0 and 10), the shipped model the
     reference. LoRA on the 10 compliant placeholder dialogues under eight optimizers and at a
     lower rate, full fine-tuning, the benign dialogues alone (the control), the compliant dialogues
-    mixed half and half with benign ones
-    (interleaved, and benign first), the upper half of the layers only, shrink-and-perturb then
-    LoRA, NF4/int8/fp16 quantization, the refusal direction and GRPO rewarded for compliance."""
+    mixed half and half with benign ones (interleaved, and benign first), the upper half of the
+    layers only, shrink-and-perturb then LoRA, NF4/int8/fp16 quantization, the refusal direction
+    and GRPO rewarded for compliance."""
     from attack.toyworld.refusal import benign_control, refusal_sweep
 
     sweep = refusal_sweep(world)
