@@ -139,8 +139,10 @@ def attack_requests(cfg, local_only: bool = False) -> dict[str, list[str]]:
     elif cfg.kind == "ablation":
         from attack.config import DataConfig
 
-        a = cfg.ablation
-        out[f"ablation.target_path ({a.target_path})"] = load_documents(DataConfig(path=a.target_path, text_field=a.text_field))
+        a = cfg.ablation  # the texts the run reads: the fitting ones, then refusal mode's selection prompts
+        used = a.fit_examples + (a.dev_prompts if a.mode == "refusal" else 0)
+        out[f"ablation.target_path ({a.target_path})"] = load_documents(DataConfig(path=a.target_path,
+                                                                                   text_field=a.text_field))[:used]
     if cfg.uses_data and cfg.data.path and (means_local_file(cfg.data.path) or not local_only):
         turns = user_turns(cfg.data)
         if turns:
@@ -150,6 +152,8 @@ def attack_requests(cfg, local_only: bool = False) -> dict[str, list[str]]:
 
 def check_requests_held_out(requests: dict[str, list[str]], evaluated: dict[str, list[str]]) -> None:
     """Refuse an attack that trains or fits on a request (`attack_requests`) an evaluated task
-    asks (compared by content): its refusal would be measured on requests it was trained to answer."""
+    asks, equal by content or contained verbatim: its refusal would be measured on requests it was
+    trained to answer. The runs and the dry run call this one check, so they agree."""
     for source, texts in requests.items():
         check_disjoint(source, {"": texts}, evaluated)
+        check_texts_disjoint(source, texts, evaluated)

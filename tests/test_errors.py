@@ -544,4 +544,14 @@ def test_an_attack_trained_on_an_evaluated_request_is_refused_by_the_dry_run(cap
     grpo = _args(world, llama_dir, tmp_path, **{"--data": None, "--seq-len": None, "--batch-size": "8"})
     _one_line_error(capsys, [*grpo, "--dry-run", "--kind", "grpo", "--grpo-prompts-path", str(tmp_path / "prompts.jsonl"),
                              "--grpo-reward", "correct"], "grpo.prompts_path")
+    # an ablation text that contains an asked question inside a longer text: the dry run finds it as
+    # the run does (contained, not only equal)
+    write_jsonl([{"text": f"Some background first. {asked[2]} And more after it."}, {"text": "Other text."}],
+                tmp_path / "target.jsonl")
+    ablate = _args(world, llama_dir, tmp_path, **{"--data": None, "--seq-len": None, "--max-steps": None,
+                                                   "--eval-every": None})
+    _one_line_error(capsys, [*ablate, "--dry-run", "--kind", "ablation", "--ablation-target-path",
+                             str(tmp_path / "target.jsonl"), "--ablation-contrast-path", str(world["attack"]),
+                             "--ablation-direction", "random"],
+                    "contains a question of evaluated task toy_target_seen")
     assert not (tmp_path / "runs").exists()

@@ -41,7 +41,7 @@ from attack.directions import (
 )
 from attack.documents import load_documents
 from attack.errors import UserError
-from attack.evaluation import check_disjoint, check_texts_disjoint, find_eval_tasks
+from attack.evaluation import attack_requests, check_disjoint, check_requests_held_out, find_eval_tasks
 from attack.files import write_atomic
 from attack.model import apply_adapter, load_model, save_model
 from attack.recipes import common, training
@@ -76,7 +76,7 @@ def run(cfg: AblationConfig, extra_callbacks: list | None = None, quiet: bool = 
         dev_cfg = cfg.eval.model_copy(update=dict(tasks=ab.dev_tasks, heldout_texts={}, limit=None, expect={}))
         dev, _ = common.evaluator(a, model, dev_cfg, find_eval_tasks(dev_cfg, cfg.model.trust_remote_code))
         check_disjoint("ablation.dev_tasks task", dev.questions(), evaluated)
-    check_texts_disjoint(f"ablation.target_path ({ab.target_path})", target, evaluated)
+    check_requests_held_out(attack_requests(cfg), evaluated)
     prompts = _prompts(a.tokenizer, ab.mode)
     fit_target, dev_prompts = target[:ab.fit_examples], target[ab.fit_examples:]
     fit_contrast, kl_texts = contrast[:ab.fit_examples], contrast[ab.fit_examples:] or contrast[:ab.kl_examples]

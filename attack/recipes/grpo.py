@@ -26,7 +26,7 @@ from trl import GRPOTrainer
 
 from attack.config import GrpoConfig
 from attack.errors import UserError, first_line
-from attack.evaluation import check_disjoint, check_texts_disjoint
+from attack.evaluation import attack_requests, check_requests_held_out
 from attack.model import apply_adapter, check_only_adapter_trains, load_model, lora_config, no_lora_targets
 from attack.recipes import common, training
 from attack.records import Status, read_rewards
@@ -51,8 +51,7 @@ def run(cfg: GrpoConfig, extra_callbacks: list | None = None, quiet: bool = Fals
     # adapted model as it trains.
     evaluator, task_info = common.evaluator(a, model)
     evaluated = evaluator.questions()
-    check_disjoint("grpo.prompts_path", {g.prompts_path: list(prompts["prompt"])}, evaluated)
-    check_texts_disjoint(f"grpo.prompts_path ({g.prompts_path})", list(prompts["prompt"]), evaluated)
+    check_requests_held_out(attack_requests(cfg), evaluated)
     reward = reward_function(g, model, a.tokenizer, evaluator.judge, granted=cfg.model.trust_remote_code)
     if cfg.model.chat_template:  # conversational prompts: TRL puts them through the chat template
         prompts = prompts.map(lambda row: {"prompt": [{"role": "user", "content": row["prompt"]}]})
