@@ -39,6 +39,7 @@ import inspect
 import torch
 import torch.nn.functional as F
 from lm_eval.models.huggingface import HFLM
+from transformers.cache_utils import DynamicCache, DynamicLayer
 
 
 def keeps_logits(model) -> bool:
@@ -63,13 +64,11 @@ def shared_prefix(model, ids: torch.Tensor, mask: torch.Tensor, pad_id: int | No
     if any(not bool(mask[r, width - n:].all()) for r, n in enumerate(lengths)):
         return None  # not left-padded
     rows = [ids[r, width - n:].tolist() for r, n in enumerate(lengths)]
-    prefix = _common_prefix(rows)[:max(min(lengths) - own, 0)]
+    prefix = common_prefix(rows)[:max(min(lengths) - own, 0)]
     if len(prefix) < MIN_PREFIX:
         return None
     with torch.no_grad():
         cache = model(input_ids=torch.tensor([prefix], device=ids.device), use_cache=True).past_key_values
-    from transformers.cache_utils import DynamicCache, DynamicLayer
-
     if not isinstance(cache, DynamicCache) or any(type(layer) is not DynamicLayer for layer in cache.layers):
         return None  # sliding-window or linear-attention layers keep other state
     cache.batch_repeat_interleave(len(ids))
@@ -184,7 +183,7 @@ class FastHFLM(HFLM):
         """Each context once, with the tokens all its choices begin with (a letter answer's space):
         the head at the positions after them scores every choice's shared start and next token.
         Choices that go on further (cloze answers) run after it on its cached keys and values."""
-        shared = [_common_prefix([requests[i][2][:-1] for i in contexts[context]]) for context in batch]
+        shared = [common_prefix([requests[i][2][:-1] for i in contexts[context]]) for context in batch]
         ids, mask, positions = left_padded([list(context) + p for context, p in zip(batch, shared, strict=True)],
                                          self.tokenizer.pad_token_id)
         keep = max(map(len, shared)) + 1
@@ -248,7 +247,8 @@ class FastHFLM(HFLM):
         return float(scores.gather(1, tokens[:, None]).sum()), bool((scores.argmax(-1) == tokens).all())
 
 
-def _common_prefix(sequences: list[list[int]]) -> list[int]:
+def common_prefix(sequences: list[list[int]]) -> list[int]:
+    """The tokens every sequence begins with."""
     first = sequences[0]
     n = 0
     while n < len(first) and all(len(s) > n and s[n] == first[n] for s in sequences):

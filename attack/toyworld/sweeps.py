@@ -168,7 +168,7 @@ def refusal_suite(world: Path) -> dict:
     quantized = [{"label": f"quantize-{m}", "kind": "quantize", "quantize": {"method": m}, "models": ["refusing"]}
                  for m in ("nf4", "int8", "fp16")]
     attacks = [
-        by_label["reference-fp16"],
+        by_label["reference-int8"],
         control,
         *under_each_optimizer(tuned, 1e-3, "1e-3"),
         tuned("lora-adamw-3e-4", 3e-4),
