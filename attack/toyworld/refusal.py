@@ -28,6 +28,7 @@ from importlib import resources
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from attack.errors import UserError
 from attack.files import write_atomic
@@ -268,8 +269,6 @@ def dialogue_loss(model, batch: list[tuple[list[int], list[int]]], shared: int, 
     `labels=` gives), with the output head at those tokens only. The first `shared` tokens, the
     same in every row, run once, the rows after their keys and values; the repeat is
     differentiable, so the loss and its gradients are those of the whole rows."""
-    import torch.nn.functional as F
-
     head, rows = batch[0][0][:shared], [(ids[shared:], k[shared:]) for ids, k in batch]
     width = max(len(ids) for ids, _ in rows)
     ids = torch.tensor([i + [pad] * (width - len(i)) for i, _ in rows])
