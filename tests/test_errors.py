@@ -428,6 +428,7 @@ def test_every_flag_takes_a_value_as_its_help_describes():
     assert not unset, f"no value given to their flags as --help describes was accepted: {unset}"
 
 
+@pytest.mark.slow
 def test_a_dry_run_checks_one_attack_and_writes_nothing(capsys, world, llama_dir, tmp_path):
     """--dry-run for one attack, as a sweep has it: the config, the tasks, the model's location and
     the local paths checked offline, what would run and where said, nothing written."""

@@ -93,6 +93,7 @@ def test_every_broken_config_is_refused_in_one_line_or_is_valid(base):
     assert refused > len(cases) / 2
 
 
+@pytest.mark.slow
 def test_broken_configs_through_the_command_line(base, tmp_path, capsys):
     """A sample of the refused configs, run as a user would: exit 2, one line, no run left running."""
     refused = []

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import pytest
 import yaml
 
 from attack.cells import load_sweep
@@ -38,6 +39,7 @@ def _sweep(tmp_path, world, llama_dir, attacks, name="s") -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_the_cells_on_one_model_score_step_0_once_and_read_back_what_they_would_have_scored(world, llama_dir, tmp_path):
     path = _sweep(tmp_path, world, llama_dir, [{"label": "lr-1e-3", "train": {"lr": 1e-3}},
                                                {"label": "lr-1e-2", "train": {"lr": 1e-2}},

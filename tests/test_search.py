@@ -133,6 +133,7 @@ def test_a_kl_bound_without_a_kl_task_is_one_line(world, llama_dir, tmp_path, ca
     assert len(err) == 1 and "set base eval.kl_task" in err[0]
 
 
+@pytest.mark.slow
 def test_a_search_chosen_on_a_refusal_task_checks_out_in_a_fresh_process(world, llama_dir, tmp_path):
     """The dry run loads the selection task without a model: a task naming `refused` must load
     there too (the metrics are registered on every task-loading route), in a process that has
