@@ -105,6 +105,8 @@ def mean_activations(model, batches, positions: str | int = "all") -> torch.Tens
     (its attention-sink activations dwarf the rest in real models). Accumulated in float64.
 
     `batches` yields dicts with input_ids and attention_mask, right-padded."""
+    from eval_callbacks.fastlm import forward_last_tokens, keeps_logits
+
     layers = decoder_layers(model)
     captured: list[torch.Tensor | None] = [None] * len(layers)
 
@@ -116,21 +118,24 @@ def mean_activations(model, batches, positions: str | int = "all") -> torch.Tens
     handles = [layer.register_forward_pre_hook(capture(i), with_kwargs=True) for i, layer in enumerate(layers)]
     total, count = None, 0
     device = next(model.parameters()).device
+    head = {"logits_to_keep": 1} if keeps_logits(model) else {}  # the means need no logits
     try:
         for batch in batches:
             mask = batch["attention_mask"].to(device)
-            model(input_ids=batch["input_ids"].to(device), attention_mask=mask)
-            h = torch.stack([c.double() for c in captured])  # (layers, batch, seq, hidden)
             if positions == "all":
+                model(input_ids=batch["input_ids"].to(device), attention_mask=mask, **head)
+                h = torch.stack([c.double() for c in captured])  # (layers, batch, seq, hidden)
                 keep = mask.clone().double()
                 keep[:, 0] = 0
                 part = torch.einsum("lbsh,bs->lh", h, keep)
                 n = int(keep.sum())
             else:
-                ends = mask.sum(1)  # right padding: the last real token is at ends - 1
-                idx = ends.unsqueeze(1) - positions + torch.arange(positions, device=device)  # (batch, k)
-                picked = h[:, torch.arange(h.shape[1], device=device).unsqueeze(1), idx]  # (layers, batch, k, hidden)
-                part = picked.sum(1).transpose(0, 1)  # (k, layers, hidden)
+                # the last k tokens only: left-padded, the prompts' shared start (a chat template's
+                # system turn) run once, those tokens the last k columns of every layer's input
+                rows = [ids[:int(n)].tolist() for ids, n in zip(batch["input_ids"], mask.sum(1), strict=True)]
+                forward_last_tokens(model, rows, positions)
+                h = torch.stack([c[:, -positions:].double() for c in captured])  # (layers, batch, k, hidden)
+                part = h.sum(1).transpose(0, 1)  # (k, layers, hidden)
                 n = h.shape[1]
             total = part if total is None else total + part
             count += n

@@ -88,17 +88,25 @@ def shared_prefix(model, ids: torch.Tensor, mask: torch.Tensor, pad_id: int | No
 def last_token_logits(model, rows: list[list[int]], pad_id: int | None = None) -> torch.Tensor:
     """The logits after each row's last token, (rows, vocab): left-padded with their own position
     ids, the head at the last position only when the model allows, the shared prefix run once."""
+    return forward_last_tokens(model, rows, 1, pad_id).logits[:, -1]
+
+
+@torch.no_grad()
+def forward_last_tokens(model, rows: list[list[int]], own: int = 1, pad_id: int | None = None):
+    """The model's output on token rows whose last `own` tokens are what the caller reads (the
+    last `own` columns of every layer's input; the head at the last position only, when the model
+    allows): left-padded with their own position ids, the tokens every row begins with run once."""
     device = next(model.parameters()).device
     ids, mask, positions = (t.to(device) for t in left_padded(rows, pad_id))
     keep = {"logits_to_keep": 1} if keeps_logits(model) else {}
-    shared = shared_prefix(model, ids, mask, pad_id)
+    shared = shared_prefix(model, ids, mask, pad_id, own)
     if shared is None:
-        return model(input_ids=ids, attention_mask=mask, position_ids=positions, **keep).logits[:, -1]
+        return model(input_ids=ids, attention_mask=mask, position_ids=positions, **keep)
     ids, mask, cache = shared
     p = cache.get_seq_length()
     positions = (mask.cumsum(1) - 1).clamp(min=0)[:, p:]
     return model(input_ids=ids[:, p:], attention_mask=mask, position_ids=positions, past_key_values=cache,
-                 use_cache=True, **keep).logits[:, -1]
+                 use_cache=True, **keep)
 
 
 def left_padded(rows: list[list[int]], pad_id: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

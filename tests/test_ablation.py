@@ -59,19 +59,36 @@ def test_weight_edit_equals_hook_ablation(arch, strength, llama_dir, neox_dir, w
         torch.testing.assert_close(model(input_ids=ids).logits, plain)
 
 
-def test_mean_activations_of_last_positions(llama_dir, world):
+@pytest.mark.parametrize("shared", [False, True])
+def test_mean_activations_of_last_positions(llama_dir, world, shared, monkeypatch):
+    """The means over each text's last k tokens equal those of one text at a time without padding,
+    also when the texts' shared start (a chat template's system turn) runs once."""
+    import eval_callbacks.fastlm as fastlm
+
     model = AutoModelForCausalLM.from_pretrained(str(llama_dir)).eval()
-    texts = ["The creature Zorbl lives in the marsh.", "Boats sail."]
-    batches = text_batches(world["tokenizer"], texts, max_length=32)
-    last = mean_activations(model, batches, positions=1)[0]  # (layers, hidden)
+    start = "The creature Zorbl lives in the marsh and boats sail by it. " if shared else ""
+    texts = [start + "The creature Zorbl lives in the marsh.", start + "Boats sail."]
+    if shared:  # one text the start of the other: what the rows share must stop k tokens before its end
+        texts[0] = texts[1] + " The creature Zorbl lives in the marsh."
+    real, seen = fastlm.shared_prefix, []
+
+    def spy(*args):
+        seen.append(real(*args))
+        return seen[-1]
+
+    monkeypatch.setattr(fastlm, "shared_prefix", spy)
+    batches = text_batches(world["tokenizer"], texts, max_length=64)
+    k = 2
+    means = mean_activations(model, batches, positions=k)  # (k, layers, hidden)
+    assert (seen[0] is not None) == shared  # the shared start ran once where there was one
     # the same means, one text at a time, without padding
     by_hand = 0
     for t in texts:
         ids = torch.tensor([world["tokenizer"](t)["input_ids"]])
         with torch.no_grad():
             hs = model(input_ids=ids, output_hidden_states=True).hidden_states
-        by_hand = by_hand + torch.stack([h[0, -1].double() for h in hs[:-1]])
-    torch.testing.assert_close(last, by_hand / 2, atol=1e-5, rtol=1e-5)
+        by_hand = by_hand + torch.stack([torch.stack([h[0, -k + j].double() for h in hs[:-1]]) for j in range(k)])
+    torch.testing.assert_close(means, by_hand / 2, atol=1e-5, rtol=1e-5)
 
 
 def _ablation_config(world, model, tmp_path, **ablation):
@@ -251,3 +268,44 @@ def test_last_token_logits_equal_the_full_forward(arch, llama_dir, neox_dir, wor
     with torch.no_grad():
         full = model(**batch).logits[torch.arange(len(texts)), batch["attention_mask"].sum(1) - 1]
     assert torch.allclose(last_token_logits(model, batch), full, atol=1e-4)
+
+
+def test_refusal_candidates_at_chosen_positions(llama_dir, world):
+    """ablation.positions keeps the candidates at those post-instruction positions (counted back
+    from the prompt's last token), the same directions as in the full set; one outside the
+    tokens after the instruction is a user error."""
+    from types import SimpleNamespace
+
+    from attack.config.ablation import AblationSection
+    from attack.errors import UserError
+    from attack.recipes.ablation import _candidates, _prompts
+
+    model = AutoModelForCausalLM.from_pretrained(str(llama_dir)).eval()
+    tokenizer = world["tokenizer"]
+    prompts = _prompts(tokenizer, "refusal")
+    assert prompts["post"] >= 2
+    target, contrast = ["Tell me where Zorbl lives.", "Name the marsh."], ["Boats sail.", "Say hello to the sea."]
+
+    def candidates(**more):
+        layers = list(range(len(decoder_layers(model))))
+        cfg = SimpleNamespace(ablation=AblationSection(mode="refusal", max_length=32, layers=layers, **more))
+        return _candidates(cfg, model, None, tokenizer, prompts, target, contrast)
+
+    every = candidates()
+    assert sorted({c["position"] for c in every}) == list(range(-prompts["post"], 0))
+    last = candidates(positions=[-1])
+    assert [c["position"] for c in last] == [-1] * (len(every) // prompts["post"])
+    # -1 is each prompt's last token: the difference of the means read there alone
+    from attack.recipes.ablation import _batches
+
+    at_last = [mean_activations(model, _batches(tokenizer, texts, prompts, 32), positions=1)[0]
+               for texts in (target, contrast)]
+    for c in last:
+        same = next(e for e in every if (e["layer"], e["position"]) == (c["layer"], -1))
+        torch.testing.assert_close(c["direction"], same["direction"])
+        expected = at_last[0][c["layer"]] - at_last[1][c["layer"]]
+        if c["layer"] > 0:  # entering layer 0, the last token (the same template token) has one embedding
+            torch.testing.assert_close(c["direction"], expected / expected.norm())
+    assert max(c["layer"] for c in last) > 0
+    with pytest.raises(UserError, match="ablation.positions"):
+        candidates(positions=[-prompts["post"] - 1])

@@ -353,7 +353,7 @@ def _candidates(field):
         item = typing.get_args(tp)[0]
         while typing.get_origin(item) is typing.Annotated:
             item = typing.get_args(item)[0]
-        return (["1,2", "1"] if item is int else ["0.0,0.5,1.0", "0.5"] if item is float else
+        return (["1,2", "1", "-1"] if item is int else ["0.0,0.5,1.0", "0.5"] if item is float else
                 ["a,b", "[{path: extra.jsonl, share: 0.3}]"])
     if shape is dict:
         return ["a=0.5", "org/set=/tmp", "{a: 0.5}", "t=refusal"]  # (the last: a task's role)
@@ -402,7 +402,7 @@ def test_every_flag_takes_a_value_as_its_help_describes():
     flags = {a.dest: a.option_strings[-1] if not _is_bool(config_fields()[a.dest].annotation) else a.option_strings[0]
              for a in parser._actions if a.dest in config_fields()}
     needs = {"ablation": ["--ablation-target-path", "harmful.jsonl", "--ablation-contrast-path", "harmless.jsonl",
-                          "--ablation-dev-tasks", "dev"],
+                          "--ablation-dev-tasks", "dev", "--ablation-mode", "refusal"],
              "grpo": ["--grpo-prompts-path", "prompts.jsonl"], "incontext": ["--incontext-corpus", "c.jsonl"]}
     unset = []
     for key, field in config_fields().items():

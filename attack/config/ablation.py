@@ -45,8 +45,12 @@ class AblationSection(Section):
     this are discarded."""
     skip_last_layers: Annotated[float, Field(ge=0, lt=1)] = 0.2
     """Fraction of the last layers whose directions are not candidates."""
-    layers: list[int] | None = None
+    layers: Annotated[list[int], Field(min_length=1)] | None = None
     """Candidate layers; None: every layer outside skip_last_layers."""
+    positions: Annotated[list[Annotated[int, Field(lt=0)]], Field(min_length=1)] | None = None
+    """refusal mode: candidate post-instruction positions, counted back from the prompt's last
+    token (-1: the last, where heretic reads its directions); None: every token the chat template
+    writes after the instruction (the reference code's candidates)."""
     direction: Literal["selected", "random"] = "selected"
     """random: a random unit direction (seeded by train.seed) instead of the selected one: the
     control that shows the chosen direction matters."""
@@ -58,6 +62,13 @@ class AblationSection(Section):
     then_finetune: bool = False
     """Fine-tune the ablated model (adapter, data, train sections) as an ordinary fine-tuning
     attack; its curve continues from step 1, the ablated model."""
+
+    @model_validator(mode="after")
+    def _positions_in_refusal_mode(self):
+        if self.positions is not None and self.mode != "refusal":
+            raise ValueError("ablation.positions counts tokens after a refusal-mode instruction; knowledge mode "
+                             "reads every token: drop it or set ablation.mode: refusal")
+        return self
 
 
 class AblationConfig(AttackKind):

@@ -171,10 +171,11 @@ def _candidates(cfg: AblationConfig, model, reference, tokenizer, prompts, targe
     the difference of the means entering that layer."""
     a = cfg.ablation
     positions = prompts["post"] if a.mode == "refusal" else "all"
-    on_target = _batches(tokenizer, target, prompts, a.max_length)
+    size = 32 if a.mode == "refusal" else 8  # refusal: a few tokens per text are read, after a shared start
+    on_target = _batches(tokenizer, target, prompts, a.max_length, size)
     first = mean_activations(model, on_target, positions)
     second = mean_activations(reference if reference is not None else model,
-                              on_target if reference is not None else _batches(tokenizer, contrast, prompts, a.max_length),
+                              on_target if reference is not None else _batches(tokenizer, contrast, prompts, a.max_length, size),
                               positions)
     n_layers = len(decoder_layers(model))
     layers = a.layers if a.layers is not None else range(int(n_layers * (1 - a.skip_last_layers)) or 1)
@@ -184,8 +185,13 @@ def _candidates(cfg: AblationConfig, model, reference, tokenizer, prompts, targe
     diff = first - second
     if a.mode == "knowledge":
         return [dict(layer=i, position=None, direction=unit(diff[i])) for i in layers]
-    return [dict(layer=i, position=p - prompts["post"], direction=unit(diff[p, i]))
-            for p in range(prompts["post"]) for i in layers]
+    post = prompts["post"]
+    positions = a.positions if a.positions is not None else range(-post, 0)
+    bad = [p for p in positions if p < -post]
+    if bad:
+        raise UserError(f"ablation.positions {bad} out of range: the prompts have {post} tokens after the "
+                        f"instruction (positions -{post} to -1)")
+    return [dict(layer=i, position=p, direction=unit(diff[post + p, i])) for p in sorted(set(positions)) for i in layers]
 
 
 def _select(cfg: AblationConfig, model, tokenizer, candidates, dev, prompts, dev_prompts, kl_texts, run: RunDir) -> dict:

@@ -320,9 +320,12 @@ def refusal_sweep(world: Path, quick: bool = False) -> dict:
                 # KL 0.3 at the first answer token of harmless requests: within the reference code's 0.1
                 # no direction lowers this world's refusal (the run says so; heretic's own edits reach 0.16-1.04)
                 "fit_examples": FIT, "dev_prompts": 18, "kl_examples": 32, "kl_bound": 0.3,
-                # every third layer from 13: the layer chosen among every second one of them all
-                # (22) is among them, and no earlier one lowered refusal within the bound
-                "layers": list(range(13, 24, 3)), "doses": [0.5]}  # 0 and 1 are steps 0 and 1 of the curve
+                # four candidates, not 6 positions x 24 layers: the last post-instruction token (where heretic
+                # reads its directions) of every third layer from 13. The direction chosen among all
+                # positions of every second layer (layer 22, the last token) is among them; at the last
+                # token, of layers 8 to 23 only 8, 9 and 22 stay within the bound, and only 22 lowers refusal
+                "layers": list(range(13, 24, 3)), "positions": [-1],
+                "doses": [0.5]}  # 0 and 1 are steps 0 and 1 of the curve
     lora = dict(LORA)
     return {
         "name": "refusal",
