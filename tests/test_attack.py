@@ -133,6 +133,7 @@ def test_evaluation_does_not_disturb_training(make_config, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_attack_raises_accuracy_on_seen_facts(make_config, naive_dir):
     """A LoRA attack on the documents of a task's facts makes a model that never saw them learn them."""
     cfg = make_config(

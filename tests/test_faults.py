@@ -523,7 +523,8 @@ def test_a_cell_another_sweep_finished_meanwhile_is_never_marked_failed(make_con
     assert cell.run_dir.summary == {"status": "done", "steps": 500}
 
 
-@pytest.mark.parametrize("obstacle", ["file", "dead-link", "checkpoints-file"])
+@pytest.mark.parametrize("obstacle", ["file", pytest.param("dead-link", marks=pytest.mark.slow),
+                                      pytest.param("checkpoints-file", marks=pytest.mark.slow)])
 def test_a_non_folder_at_a_checkpoint_path_is_set_aside(make_config, tmp_path, capsys, obstacle):
     """A plain file or a dead link named like the next checkpoint, or a file where checkpoints/
     should be: the resume sets it aside in one line and finishes as the uninterrupted run did."""
