@@ -112,7 +112,9 @@ def mean_activations(model, batches, positions: str | int = "all") -> torch.Tens
 
     def capture(i):
         def hook(module, args, kwargs):
-            captured[i] = args[0] if args else kwargs["hidden_states"]
+            h = args[0] if args else kwargs["hidden_states"]
+            # left-padded rows: their last k tokens are the last k columns; only those are kept
+            captured[i] = h if positions == "all" else h[:, -positions:].detach().clone()
         return hook
 
     handles = [layer.register_forward_pre_hook(capture(i), with_kwargs=True) for i, layer in enumerate(layers)]
@@ -134,7 +136,7 @@ def mean_activations(model, batches, positions: str | int = "all") -> torch.Tens
                 # system turn) run once, those tokens the last k columns of every layer's input
                 rows = [ids[:int(n)].tolist() for ids, n in zip(batch["input_ids"], mask.sum(1), strict=True)]
                 forward_last_tokens(model, rows, positions)
-                h = torch.stack([c[:, -positions:].double() for c in captured])  # (layers, batch, k, hidden)
+                h = torch.stack([c.double() for c in captured])  # (layers, batch, k, hidden)
                 part = h.sum(1).transpose(0, 1)  # (k, layers, hidden)
                 n = h.shape[1]
             total = part if total is None else total + part
