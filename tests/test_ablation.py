@@ -309,3 +309,6 @@ def test_refusal_candidates_at_chosen_positions(llama_dir, world):
     assert max(c["layer"] for c in last) > 0
     with pytest.raises(UserError, match="ablation.positions"):
         candidates(positions=[-prompts["post"] - 1])
+    with pytest.raises(UserError, match="ablation.max_length"):  # texts cut to their template's end alone
+        _candidates(SimpleNamespace(ablation=AblationSection(mode="refusal", max_length=prompts["post"])), model, None,
+                    tokenizer, prompts, target, contrast)

@@ -171,6 +171,9 @@ def _candidates(cfg: AblationConfig, model, reference, tokenizer, prompts, targe
     the difference of the means entering that layer."""
     a = cfg.ablation
     positions = prompts["post"] if a.mode == "refusal" else "all"
+    if a.mode == "refusal" and a.max_length <= prompts["post"]:
+        raise UserError(f"ablation.max_length {a.max_length} leaves no room for the instruction: the prompts have "
+                        f"{prompts['post']} tokens after it; raise it (default 128)")
     size = 32 if a.mode == "refusal" else 8  # refusal: a few tokens per text are read, after a shared start
     on_target = _batches(tokenizer, target, prompts, a.max_length, size)
     first = mean_activations(model, on_target, positions)
