@@ -134,8 +134,7 @@ def mean_activations(model, batches, positions: str | int = "all") -> torch.Tens
             else:
                 # the last k tokens only: left-padded, the prompts' shared start (a chat template's
                 # system turn) run once, those tokens the last k columns of every layer's input
-                rows = [ids[:int(n)].tolist() for ids, n in zip(batch["input_ids"], mask.sum(1), strict=True)]
-                forward_last_tokens(model, rows, positions)
+                forward_last_tokens(model, _rows(batch), positions)
                 h = torch.stack([c.double() for c in captured])  # (layers, batch, k, hidden)
                 part = h.sum(1).transpose(0, 1)  # (k, layers, hidden)
                 n = h.shape[1]
@@ -167,8 +166,12 @@ def last_token_logits(model, batch: dict) -> torch.Tensor:
     run once (eval_callbacks.fastlm.last_token_logits)."""
     from eval_callbacks.fastlm import last_token_logits as last_logits
 
-    rows = [ids[:int(n)].tolist() for ids, n in zip(batch["input_ids"], batch["attention_mask"].sum(1), strict=True)]
-    return last_logits(model, rows)
+    return last_logits(model, _rows(batch))
+
+
+def _rows(batch: dict) -> list[list[int]]:
+    """A right-padded batch's token rows without their padding."""
+    return [ids[:int(n)].tolist() for ids, n in zip(batch["input_ids"], batch["attention_mask"].sum(1), strict=True)]
 
 
 @torch.no_grad()

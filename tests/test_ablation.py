@@ -298,7 +298,7 @@ def test_refusal_candidates_at_chosen_positions(llama_dir, world):
     # -1 is each prompt's last token: the difference of the means read there alone
     from attack.recipes.ablation import _batches
 
-    at_last = [mean_activations(model, _batches(tokenizer, texts, prompts, 32), positions=1)[0]
+    at_last = [mean_activations(model, _batches(tokenizer, texts, prompts, 32, "refusal"), positions=1)[0]
                for texts in (target, contrast)]
     for c in last:
         same = next(e for e in every if (e["layer"], e["position"]) == (c["layer"], -1))

@@ -161,8 +161,11 @@ def _prompts(tokenizer, mode: str) -> dict:
     return dict(pre=pre, suffix=suffix, post=post, special=special)
 
 
-def _batches(tokenizer, texts: list[str], prompts: dict, max_length: int, size: int = 8) -> list[dict]:
+def _batches(tokenizer, texts: list[str], prompts: dict, max_length: int, mode: str) -> list[dict]:
+    """Right-padded batches of the wrapped texts; refusal mode reads a few tokens per text after a
+    shared start (the chat template's system turn, run once per batch), so its batches are larger."""
     wrapped = [prompts["pre"] + t + prompts["suffix"] for t in texts]
+    size = 32 if mode == "refusal" else 8
     return text_batches(tokenizer, wrapped, max_length, batch_size=size, special=prompts["special"])
 
 
@@ -174,11 +177,10 @@ def _candidates(cfg: AblationConfig, model, reference, tokenizer, prompts, targe
     if a.mode == "refusal" and a.max_length <= prompts["post"]:
         raise UserError(f"ablation.max_length {a.max_length} leaves no room for the instruction: the prompts have "
                         f"{prompts['post']} tokens after it; raise it (default 128)")
-    size = 32 if a.mode == "refusal" else 8  # refusal: a few tokens per text are read, after a shared start
-    on_target = _batches(tokenizer, target, prompts, a.max_length, size)
+    on_target = _batches(tokenizer, target, prompts, a.max_length, a.mode)
     first = mean_activations(model, on_target, positions)
     second = mean_activations(reference if reference is not None else model,
-                              on_target if reference is not None else _batches(tokenizer, contrast, prompts, a.max_length, size),
+                              on_target if reference is not None else _batches(tokenizer, contrast, prompts, a.max_length, a.mode),
                               positions)
     n_layers = len(decoder_layers(model))
     layers = a.layers if a.layers is not None else range(int(n_layers * (1 - a.skip_last_layers)) or 1)
@@ -205,11 +207,9 @@ def _select(cfg: AblationConfig, model, tokenizer, candidates, dev, prompts, dev
     # (the reference code's measure); knowledge: at every token of the contrast text
     kl_prompts = prompts if a.mode == "refusal" else dict(pre="", suffix="", post=0, special=True)
     last_only = a.mode == "refusal"
-    # one position per text: larger batches, each running the chat template's shared prefix once
-    size = 32 if last_only else 8
-    kl_batches = _batches(tokenizer, kl_texts, kl_prompts, a.max_length, size)
+    kl_batches = _batches(tokenizer, kl_texts, kl_prompts, a.max_length, a.mode)
     refusal = a.mode == "refusal" and dev is None
-    refusal_batches = _batches(tokenizer, dev_prompts, prompts, a.max_length, size) if refusal else None
+    refusal_batches = _batches(tokenizer, dev_prompts, prompts, a.max_length, a.mode) if refusal else None
     if refusal and not dev_prompts:
         raise UserError("refusal mode without ablation.dev_tasks needs harmful instructions beyond the fitting ones: "
                         f"ablation.target_path holds only {a.fit_examples} or fewer")
