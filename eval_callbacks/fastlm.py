@@ -33,6 +33,7 @@ mask a gap (flash attention, sliding windows, linear attention) keeps the plain 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 
@@ -121,6 +122,27 @@ def left_padded(rows: list[list[int]], pad_id: int | None = None) -> tuple[torch
     return ids, mask, (mask.cumsum(1) - 1).clamp(min=0)
 
 
+@contextlib.contextmanager
+def _first_logits(model, wanted: bool):
+    """The last-position logits of the model's first forward inside the block (a generation's
+    prefill: the next-token logits after each prompt), in a list that holds them afterwards."""
+    first: list[torch.Tensor] = []
+    if not wanted:
+        yield first
+        return
+
+    def keep(module, args, output):
+        if not first and getattr(output, "logits", None) is not None:
+            first.append(output.logits[:, -1].detach())
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    handle = base.register_forward_hook(keep)
+    try:
+        yield first
+    finally:
+        handle.remove()
+
+
 def _attention(model) -> str | None:
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return getattr(base.config, "_attn_implementation", None)
@@ -133,6 +155,7 @@ class FastHFLM(HFLM):
         super().__init__(*args, **kwargs)
         self._pairs: dict[tuple[str, str], tuple[list[int], list[int]]] = {}
         self._fast = self.backend == "causal" and keeps_logits(self.model)
+        self.watch(set())
 
     def _encode_pair(self, context: str, continuation: str):
         key = (context, continuation)
@@ -169,15 +192,29 @@ class FastHFLM(HFLM):
                 self.cache_hook.add_partial("loglikelihood", strings, answer)
         return results
 
+    def watch(self, rows: set[tuple[int, ...]]) -> None:
+        """Keep the next-token logits after each of these prompts (token rows) when a generation
+        runs it (`first_logits`, emptied here): the first step of generation computes exactly what
+        the KL guard's forward would, so the guard reads them instead of running the prompts again."""
+        self.keep_first, self.first_logits = set(rows), {}
+
     def _model_generate(self, context, max_length: int, stop: list[str], **generation_kwargs):
-        """HFLM's generation, the prompts' shared prefix run once (`shared_prefix`)."""
+        """HFLM's generation, the prompts' shared prefix run once (`shared_prefix`); the logits of
+        its first step kept for the watched prompts."""
         mask = generation_kwargs.get("attention_mask")
-        if self.backend == "causal" and mask is not None:
-            with self._precision():
-                shared = shared_prefix(self.model, context, mask, self.tokenizer.pad_token_id)
-            if shared is not None:
-                context, generation_kwargs["attention_mask"], generation_kwargs["past_key_values"] = shared
-        return super()._model_generate(context, max_length, stop, **generation_kwargs)
+        if self.backend != "causal" or mask is None:
+            return super()._model_generate(context, max_length, stop, **generation_kwargs)
+        watched = {r: row for r in range(len(context))
+                   if (row := tuple(context[r][mask[r].bool()].tolist())) in self.keep_first}
+        with self._precision():
+            shared = shared_prefix(self.model, context, mask, self.tokenizer.pad_token_id)
+        if shared is not None:
+            context, generation_kwargs["attention_mask"], generation_kwargs["past_key_values"] = shared
+        with _first_logits(self.model, bool(watched)) as first:
+            out = super()._model_generate(context, max_length, stop, **generation_kwargs)
+        for r, row in watched.items() if first else ():
+            self.first_logits[row] = first[0][r].float().cpu()
+        return out
 
     def _precision(self):
         return torch.autocast(device_type=self.device.type, dtype=self.mixed_precision_dtype,

@@ -153,6 +153,7 @@ class LiveEvaluator:
         self.last_records: list[dict] = []  # per-question outcomes of the latest evaluation
         self.kl_task = kl_task
         self._kl_reference = None
+        self._kl_token_rows = None
         if kl_task is not None:
             if kl_task not in self.tasks:
                 raise UnknownTaskError(f"the KL task {kl_task} is not among the evaluated tasks ({', '.join(self.tasks)})")
@@ -245,6 +246,9 @@ class LiveEvaluator:
         samples = self.subset if subset else None
         with preserved_training_state(self.model), _no_progress_bars(), refusal.judged_by(self.judge):
             lm = self._lm_wrapper()
+            watching = self._kl_reference is not None and hasattr(lm, "watch")
+            if watching:  # a generation over the KL task's prompts leaves their next-token logits
+                lm.watch({tuple(row) for row in self._kl_rows()})
             out = evaluate(
                 lm=lm,
                 task_dict=self.task_dict,
@@ -255,7 +259,9 @@ class LiveEvaluator:
             )
             rows = self._rows(out)
             if self._kl_reference is not None:
-                rows.append(self._kl_row())
+                rows.append(self._kl_row(lm.first_logits if watching else {}))
+            if watching:
+                lm.watch(set())
         return rows
 
     def prompts(self, task: str) -> list[str]:
@@ -266,25 +272,39 @@ class LiveEvaluator:
         return [self.tokenizer.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True,
                                                    tokenize=False) for t in texts]
 
+    def _kl_rows(self) -> list[list[int]]:
+        """The KL task's prompts as token rows, tokenized as lm-eval tokenizes a generation's context."""
+        if self._kl_token_rows is None:
+            tok = self.tokenizer
+            self._kl_token_rows = [tok(t, add_special_tokens=not self.chat_template)["input_ids"]
+                                   for t in self.prompts(self.kl_task)]
+        return self._kl_token_rows
+
     @torch.no_grad()
-    def _last_token_logprobs(self) -> torch.Tensor:
-        """Log-probabilities of the next token after each of the KL task's prompts, (prompts, vocab)."""
+    def _last_token_logprobs(self, known: dict | None = None) -> torch.Tensor:
+        """Log-probabilities of the next token after each of the KL task's prompts, (prompts, vocab).
+        known: next-token logits already computed, by token row (this point's generation); the
+        other prompts run here."""
         from eval_callbacks.fastlm import last_token_logits
 
-        tok = self.tokenizer
+        known = known or {}
         device = next(self.model.parameters()).device
-        rows = [tok(t, add_special_tokens=not self.chat_template)["input_ids"] for t in self.prompts(self.kl_task)]
-        out = []
+        rows = [tuple(row) for row in self._kl_rows()]
+        logits = {row: known[row] for row in rows if row in known}
+        missing = [list(row) for row in rows if row not in logits]
         with preserved_training_state(self.model):
-            for i in range(0, len(rows), self.batch_size):
+            for start in range(0, len(missing), self.batch_size):
+                batch = missing[start:start + self.batch_size]
                 with torch.autocast(device_type=device.type, dtype=self.autocast_dtype,
                                     enabled=self.autocast_dtype is not None):
-                    logits = last_token_logits(self.model, rows[i:i + self.batch_size], tok.pad_token_id)
-                out.append(torch.log_softmax(logits.double(), -1).cpu())
-        return torch.cat(out)
+                    out = last_token_logits(self.model, batch, self.tokenizer.pad_token_id)
+                logits.update(zip(map(tuple, batch), out.float().cpu(), strict=True))
+        return torch.log_softmax(torch.stack([logits[row] for row in rows]).double(), -1)
 
-    def _kl_row(self) -> dict:
-        now = self._last_token_logprobs()
+    def _kl_row(self, known: dict | None = None) -> dict:
+        """KL(model under test || now) on the KL task's prompts; known: next-token logits this
+        point's generation already computed (`_last_token_logprobs`)."""
+        now = self._last_token_logprobs(known)
         ref = self._kl_reference
         kl = (ref.exp() * (ref - now)).sum(-1)  # KL(model under test || attacked), per prompt
         se = float(kl.std() / math.sqrt(len(kl))) if len(kl) > 1 else None

@@ -217,3 +217,27 @@ def test_last_token_logits_with_the_shared_prefix_equal_each_row_alone(world, ar
     with torch.no_grad():
         alone = torch.stack([model(input_ids=torch.tensor([row])).logits[0, -1] for row in rows])
     assert torch.allclose(ours, alone, atol=1e-4), (ours - alone).abs().max()
+
+
+def test_the_kl_guard_reads_the_next_token_logits_the_generation_computed(world, llama_dir, tmp_path, monkeypatch):
+    """KL on the harmless prompts at every point: the first step of that task's generation already
+    computed each prompt's next-token logits, so the guard runs only the prompts it did not
+    generate (here a subset point generates 2 of 5), with the value the guard's own forward gives."""
+    import eval_callbacks.fastlm as fastlm
+
+    model = AutoModelForCausalLM.from_pretrained(str(llama_dir))
+    task = _prefixed_generation_task(tmp_path)
+    evaluator = LiveEvaluator(model, world["tokenizer"], [task], batch_size=8, task_manager=find_tasks([task], [str(tmp_path)]),
+                              kl_task=task, limit=2)
+    _perturb(model, 0)
+    rows_run = []
+    forward = fastlm.last_token_logits
+    monkeypatch.setattr(fastlm, "last_token_logits", lambda m, rows, pad=None: rows_run.extend(rows) or forward(m, rows, pad))
+    for subset, generated in ((False, 5), (True, 2)):
+        rows_run.clear()
+        kl = next(r for r in evaluator.evaluate(subset=subset) if r["metric"] == "kl")
+        assert len(rows_run) == 5 - generated, "the guard ran prompts the generation had already run"
+        rows_run.clear()
+        alone = evaluator._kl_row()["value"]  # every prompt through the guard's own forward
+        assert len(rows_run) == 5
+        assert kl["value"] > 1e-6 and kl["value"] == pytest.approx(alone, rel=1e-4, abs=1e-9)
