@@ -49,7 +49,7 @@ def find_eval_tasks(cfg: EvalConfig, trust_code: bool = False):
 
 
 def open_evaluator(cfg: EvalConfig, model, tokenizer, autocast_dtype, task_manager, chat_template: bool = False,
-                   judge=None) -> tuple[LiveEvaluator, dict]:
+                   judge=None, kl_reference=None) -> tuple[LiveEvaluator, dict]:
     """The evaluator on the live model, and tasks.json's content: per task its kind, questions,
     chance, headline metric, role, and the published score when eval.expect gives one."""
     if cfg.kl_task is not None and cfg.kl_task not in cfg.tasks:
@@ -59,7 +59,8 @@ def open_evaluator(cfg: EvalConfig, model, tokenizer, autocast_dtype, task_manag
         evaluator = LiveEvaluator(model, tokenizer, requested(cfg)[0], batch_size=cfg.batch_size, limit=cfg.limit,
                                   autocast_dtype=autocast_dtype, task_manager=task_manager,
                                   dataset_paths=cfg.dataset_paths, fast=cfg.fast, chat_template=chat_template,
-                                  max_gen_toks=cfg.max_gen_toks, judge=judge, kl_task=cfg.kl_task)
+                                  max_gen_toks=cfg.max_gen_toks, judge=judge, kl_task=cfg.kl_task,
+                                  kl_reference=kl_reference)
     except (UnknownTaskError, TaskDataError) as e:
         raise UserError(str(e)) from None
     task_info = evaluator.task_info()

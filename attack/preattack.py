@@ -6,6 +6,8 @@ starts at zero, an edit comes after it, a fine-tune's first update too), so ever
 same model with the same evaluation scores the same numbers there. On a real benchmark that point
 costs minutes per cell. The first cell to score it keeps its curve rows and per-question records
 in <output.dir>/.pre-attack/<key>.json; the others read them back (attack/recipes/common.py).
+The KL guard's reference (the model under test's next-token log-probabilities on eval.kl_task's
+prompts) is kept beside it under the same key, <key>.kl.pt, by the first evaluator to compute it.
 
 The key is everything that decides those numbers: the model section, the sizes and times of a
 local model's files (a model rebuilt in place is scored again), the precision it runs in (the

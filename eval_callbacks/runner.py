@@ -5,7 +5,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import random
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -85,6 +87,7 @@ class LiveEvaluator:
         max_gen_toks: int = 64,
         judge=None,
         kl_task: str | None = None,
+        kl_reference: str | Path | None = None,
     ):
         """chat_template: prompts go through the tokenizer's chat template (a chat model).
         max_gen_toks: tokens a generation task generates unless its YAML says otherwise (greedy,
@@ -92,7 +95,10 @@ class LiveEvaluator:
         substring verdict when None). kl_task: a task whose prompts measure, at every point, the
         KL divergence of the next-token distribution at the end of the prompt from the model as it
         was when this evaluator was built (the model under test): the utility guard of refusal
-        attacks (heretic's measure on harmless prompts), a row of metric `kl` under that task."""
+        attacks (heretic's measure on harmless prompts), a row of metric `kl` under that task.
+        kl_reference: a file that keeps the model under test's next-token log-probabilities on
+        those prompts, read when it exists (another attack on the same model computed them), else
+        written; the caller keys it by everything that decides them."""
         # lm-eval logs every request batch at INFO; during an attack that is noise.
         logging.getLogger("lm_eval").setLevel(logging.WARNING)
         refusal.register()
@@ -157,7 +163,7 @@ class LiveEvaluator:
         if kl_task is not None:
             if kl_task not in self.tasks:
                 raise UnknownTaskError(f"the KL task {kl_task} is not among the evaluated tasks ({', '.join(self.tasks)})")
-            self._kl_reference = self._last_token_logprobs()  # the model under test, before any attack
+            self._kl_reference = self._reference_logprobs(Path(kl_reference) if kl_reference else None)
 
     def task_info(self) -> dict:
         """Per task and group: kind, output type, questions, chance accuracy, headline metric,
@@ -301,11 +307,26 @@ class LiveEvaluator:
                 logits.update(zip(map(tuple, batch), out.float().cpu(), strict=True))
         return torch.log_softmax(torch.stack([logits[row] for row in rows]).double(), -1)
 
+    def _reference_logprobs(self, kept: Path | None) -> torch.Tensor:
+        """The model under test's next-token log-probabilities on the KL task's prompts (before
+        any attack), in float32: read from `kept` when it holds them, else computed and kept."""
+        if kept is not None and kept.exists():
+            ref = torch.load(kept, weights_only=True)
+            if ref.shape[0] == len(self._kl_rows()):
+                return ref
+        ref = self._last_token_logprobs().float()
+        if kept is not None:
+            kept.parent.mkdir(parents=True, exist_ok=True)
+            tmp = kept.with_name(f".{kept.name}.{os.getpid()}.tmp")
+            torch.save(ref, tmp)
+            os.replace(tmp, kept)  # a file that exists is complete
+        return ref
+
     def _kl_row(self, known: dict | None = None) -> dict:
         """KL(model under test || now) on the KL task's prompts; known: next-token logits this
         point's generation already computed (`_last_token_logprobs`)."""
         now = self._last_token_logprobs(known)
-        ref = self._kl_reference
+        ref = self._kl_reference.double()
         kl = (ref.exp() * (ref - now)).sum(-1)  # KL(model under test || attacked), per prompt
         se = float(kl.std() / math.sqrt(len(kl))) if len(kl) > 1 else None
         return dict(task=self.kl_task, metric="kl", value=float(kl.mean()), stderr=se, n=len(kl))

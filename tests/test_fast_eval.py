@@ -241,3 +241,24 @@ def test_the_kl_guard_reads_the_next_token_logits_the_generation_computed(world,
         alone = evaluator._kl_row()["value"]  # every prompt through the guard's own forward
         assert len(rows_run) == 5
         assert kl["value"] > 1e-6 and kl["value"] == pytest.approx(alone, rel=1e-4, abs=1e-9)
+
+
+def test_the_kl_reference_is_kept_and_read_back_not_computed_again(world, llama_dir, tmp_path, monkeypatch):
+    """A sweep's attacks on the same model share the KL guard's reference: the first evaluator
+    computes it and keeps it in the file; a later one on the same file reads it, and does not run
+    the prompts again (here on weights changed since, so computing would give other numbers)."""
+    model = AutoModelForCausalLM.from_pretrained(str(llama_dir))
+    task = _prefixed_generation_task(tmp_path)
+    kept = tmp_path / "pre" / "key.kl.pt"
+
+    def build():
+        return LiveEvaluator(model, world["tokenizer"], [task], task_manager=find_tasks([task], [str(tmp_path)]),
+                             kl_task=task, kl_reference=kept)
+
+    first = build()
+    assert kept.exists() and torch.equal(torch.load(kept), first._kl_reference)
+    assert torch.allclose(first._kl_reference.double(), first._last_token_logprobs(), atol=1e-6)
+    _perturb(model, 0)
+    calls = []
+    monkeypatch.setattr(LiveEvaluator, "_last_token_logprobs", lambda self, known=None: calls.append(1))
+    assert torch.equal(build()._kl_reference, first._kl_reference) and not calls

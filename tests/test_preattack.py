@@ -33,7 +33,8 @@ def _sweep(tmp_path, world, llama_dir, attacks, name="s") -> Path:
         "base": {"data": {"path": str(world["attack"]), "seq_len": 32},
                  "train": {"batch_size": 2, "max_steps": 2, "log_every": 1},
                  "adapter": {"rank": 2, "alpha": 4},
-                 "eval": {"tasks": ["toy_target_seen", "toy_general"], "include_path": [str(world["tasks"])], "every": 2}},
+                 "eval": {"tasks": ["toy_target_seen", "toy_general"], "include_path": [str(world["tasks"])], "every": 2,
+                          "kl_task": "toy_general"}},
         "models": [{"label": "m", "name": str(llama_dir), "role": "unlearned"}],
         "attacks": attacks, "seeds": [0]}))
     return path
@@ -51,6 +52,8 @@ def test_the_cells_on_one_model_score_step_0_once_and_read_back_what_they_would_
     # the edit loads the model in fp32: where the LoRA's base is fp32 too (a CPU) it shares the point
     kept = list((tmp_path / "runs" / ".pre-attack").glob("*.json"))
     assert reused(quantized) == (len(kept) == 1) and len(kept) <= 2
+    # the KL guard's reference is kept beside each step 0 (the other cells read it, not compute it)
+    assert sorted(f.name for f in kept[0].parent.glob("*.kl.pt")) == sorted(f.stem + ".kl.pt" for f in kept)
     for key, (value, _, _) in step0(quantized).items():
         assert abs(value - step0(first)[key][0]) < 1e-6, key
     # the second cell reads the first one's point back, its per-question records too

@@ -65,13 +65,27 @@ class Attack:
     cell: dict | None = None
     extra_callbacks: list = field(default_factory=list)
     share_step0: bool = True  # False when the caller built the model: cfg.model may not describe it
+    reference_taken: bool = False  # the KL reference's file went to the run's first evaluator
 
     def pre_attack(self, evaluator) -> Path | None:
         """Where a cell of a sweep or search shares its step 0 with the other attacks on the same
         model (attack/preattack.py); an attack run alone has no one to share it with."""
+        return self._shared(evaluator.model)
+
+    def kl_reference(self, model) -> Path | None:
+        """Where the KL guard's reference (the model under test on eval.kl_task's prompts) is
+        shared, beside step 0 and under the same key: for the first evaluator of the run only, the
+        one on the model as loaded (a later one, on a perturbed or ablated model, keeps its own)."""
+        if self.cfg.eval.kl_task is None or self.reference_taken:
+            return None
+        self.reference_taken = True
+        shared = self._shared(model)
+        return shared.with_suffix(".kl.pt") if shared else None
+
+    def _shared(self, model) -> Path | None:
         if self.cell is None or not self.share_step0:
             return None
-        return pre_attack_file(self.cfg, evaluator.model, self.amp)
+        return pre_attack_file(self.cfg, model, self.amp)
 
     @property
     def main(self) -> bool:
@@ -128,7 +142,7 @@ def evaluator(a: Attack, model, cfg_eval=None, tasks=None):
     cfg_eval = cfg_eval or a.cfg.eval
     judge = make_judge(cfg_eval.judge, a.run.judge_cache, next(model.parameters()).device)
     return _open_evaluator(cfg_eval, model, a.tokenizer, a.amp, tasks or a.tasks, chat_template=a.cfg.model.chat_template,
-                           judge=judge)
+                           judge=judge, kl_reference=a.kl_reference(model) if cfg_eval is a.cfg.eval else None)
 
 
 def open_run(a: Attack, task_info: dict) -> str | None:
