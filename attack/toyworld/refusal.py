@@ -313,8 +313,9 @@ def refusal_sweep(world: Path, quick: bool = False) -> dict:
     rewarded for compliance on one harmful request (GRP-Obliteration's single-prompt setting). The
     shipped model (original/) is the reference: only its pre-attack score is needed, so it gets
     one cheap setting (int8 rounding of its weights, the arithmetic in fp32, the rounded weights
-    not saved; cast to fp16, a CPU without half-precision units scored it 5 times slower). LoRA on the benign dialogues alone (Qi et al.'s
-    control) is in the suite (`refusal_suite`, `benign_control`), which keeps this sweep short."""
+    not saved; cast to fp16, a CPU without half-precision units scored it 5 times slower). LoRA
+    on the benign dialogues alone (Qi et al.'s control) is in the suite (`refusal_suite`,
+    `benign_control`), which keeps this sweep short."""
     # ten steps: LoRA on 10 compliant dialogues removes refusal by then and GRPO at lr 2e-4 mostly
     # (the 20-step sweep at half its rate ended where this one does); quick: the tests' sweep
     steps, every = (8, 4) if quick else (10, 5)
