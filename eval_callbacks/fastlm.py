@@ -204,8 +204,8 @@ class FastHFLM(HFLM):
         mask = generation_kwargs.get("attention_mask")
         if self.backend != "causal" or mask is None:
             return super()._model_generate(context, max_length, stop, **generation_kwargs)
-        watched = {r: row for r in range(len(context))
-                   if (row := tuple(context[r][mask[r].bool()].tolist())) in self.keep_first}
+        watched = {r: row for r in range(len(context)) if self.keep_first
+                   and (row := tuple(context[r][mask[r].bool()].tolist())) in self.keep_first}
         with self._precision():
             shared = shared_prefix(self.model, context, mask, self.tokenizer.pad_token_id)
         if shared is not None:

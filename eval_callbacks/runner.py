@@ -254,7 +254,7 @@ class LiveEvaluator:
             lm = self._lm_wrapper()
             watching = self._kl_reference is not None and hasattr(lm, "watch")
             if watching:  # a generation over the KL task's prompts leaves their next-token logits
-                lm.watch({tuple(row) for row in self._kl_rows()})
+                lm.watch(set(self._kl_rows()))
             out = evaluate(
                 lm=lm,
                 task_dict=self.task_dict,
@@ -278,11 +278,12 @@ class LiveEvaluator:
         return [self.tokenizer.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True,
                                                    tokenize=False) for t in texts]
 
-    def _kl_rows(self) -> list[list[int]]:
-        """The KL task's prompts as token rows, tokenized as lm-eval tokenizes a generation's context."""
+    def _kl_rows(self) -> list[tuple[int, ...]]:
+        """The KL task's prompts as token rows, tokenized once (a generation's first-step logits
+        stand in for a row only where its context holds exactly these tokens)."""
         if self._kl_token_rows is None:
             tok = self.tokenizer
-            self._kl_token_rows = [tok(t, add_special_tokens=not self.chat_template)["input_ids"]
+            self._kl_token_rows = [tuple(tok(t, add_special_tokens=not self.chat_template)["input_ids"])
                                    for t in self.prompts(self.kl_task)]
         return self._kl_token_rows
 
@@ -295,7 +296,7 @@ class LiveEvaluator:
 
         known = known or {}
         device = next(self.model.parameters()).device
-        rows = [tuple(row) for row in self._kl_rows()]
+        rows = self._kl_rows()
         logits = {row: known[row] for row in rows if row in known}
         missing = [list(row) for row in rows if row not in logits]
         with preserved_training_state(self.model):
