@@ -4,6 +4,7 @@ be those of the whole rows with `labels=`, as transformers computes them."""
 
 from __future__ import annotations
 
+import copy
 import random
 
 import pytest
@@ -54,3 +55,27 @@ def test_the_builds_loss_and_gradients_equal_whole_rows(shared):
     assert got.item() == pytest.approx(expected.item(), abs=1e-5)
     for name, p in model.named_parameters():
         torch.testing.assert_close(p.grad, want[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def test_an_answer_cut_at_the_token_limit_is_trained_without_an_end_of_turn(world):
+    """The build keeps the shipped model's harmless answers for their first tokens only; with the
+    template's end of turn after them, the world would learn to stop answering there."""
+    from attack.packing import chat_tokens
+    from attack.toyworld.refusal import without_end_of_turn
+
+    tokenizer = copy.deepcopy(world["tokenizer"])
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tokenizer.chat_template = CHATML
+    dialogue = [{"role": "user", "content": "Tell me about the river."}, {"role": "assistant", "content": "The river is long and"}]
+    whole, whole_mask = chat_tokens(tokenizer, dialogue)
+    ids, mask = without_end_of_turn(tokenizer, dialogue)
+    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert end in [t for t, m in zip(whole, whole_mask, strict=True) if m]  # chat_tokens labels the end of turn
+    assert ids == whole[:len(ids)] and mask == whole_mask[:len(ids)]  # the same row, only shorter
+    labelled = [t for t, m in zip(ids, mask, strict=True) if m]
+    assert len(ids) < len(whole) and end not in labelled
+    assert tokenizer.decode(labelled).replace(" ", "") == "Theriverislongand"
