@@ -4,8 +4,8 @@ Built once, offline, into a cache folder from the shipped SmolLM2-135M-Instruct 
 which refuses almost nothing: a refusing copy made by full fine-tuning through the chat template
 (loss on the assistant's turn only): harmful tuning requests -> one of several refusal phrasings,
 harmless tuning requests -> the first 16 tokens of the shipped model's own greedy answers (so it
-stays helpful where an evaluation point reads it). The
-shipped model is the reference (role unfiltered: 100% recovery = its own refusal rate).
+stays helpful where an evaluation point reads it). The shipped model is the reference (role
+unfiltered: 100% recovery = its own refusal rate).
 
 The requests (refusal_data/requests.jsonl, package data) are generic, as public benchmarks' are:
 6 categories, 60 harmful and 60 harmless requests of matched form in each, split per category by
