@@ -253,7 +253,8 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_si
 def without_end_of_turn(tokenizer, dialogue: list[dict]) -> tuple[list[int], list[int]]:
     """A dialogue whose last answer was cut at a token limit, as (ids, assistant mask) rows
     (attack.packing.chat_tokens) that stop at the answer's last token: trained with the
-    template's end of turn after it, the model would learn to stop answering there."""
+    template's end of turn after it, the model would learn to stop answering there. Where the
+    template's tokens do not split at the answer's end, the whole row is kept."""
     from attack.packing import chat_tokens
 
     ids, mask = chat_tokens(tokenizer, dialogue)
