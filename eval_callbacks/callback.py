@@ -15,6 +15,7 @@ from typing import TypedDict
 import torch
 from transformers import TrainerCallback
 
+from eval_callbacks.files import write_whole
 from eval_callbacks.runner import LiveEvaluator
 
 
@@ -58,15 +59,12 @@ def samples_file(folder: Path, step: int) -> Path:
 def write_samples(folder: Path, step: int, records: list[dict]) -> None:
     """The per-question records of one evaluation point as one gzipped JSON-lines file, written
     under a temporary name and renamed, so a file that exists is complete."""
-    folder.mkdir(parents=True, exist_ok=True)
-    final = samples_file(folder, step)
-    tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
-    with gzip.open(tmp, "wt") as f:
-        for r in records:
-            f.write(json.dumps({"step": step, **r}, separators=(",", ":")) + "\n")
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, final)
+    def write(f):
+        with gzip.open(f, "wt") as g:
+            for r in records:
+                g.write(json.dumps({"step": step, **r}, separators=(",", ":")) + "\n")
+
+    write_whole(samples_file(folder, step), write)
 
 
 def read_samples(folder: Path) -> list[dict]:
@@ -221,11 +219,9 @@ class RecoveryCurveCallback(TrainerCallback):
             self.step0_reused = True
             return kept["rows"], kept["records"]
         rows = self.evaluator.evaluate(subset=not full)
-        if shared is not None:
-            shared.parent.mkdir(parents=True, exist_ok=True)
-            tmp = shared.with_name(f".{shared.name}.{os.getpid()}.tmp")
-            tmp.write_text(json.dumps({"rows": rows, "records": self.evaluator.last_records}))
-            os.replace(tmp, shared)  # a file that exists is complete
+        if shared is not None:  # a file that exists is complete
+            kept = json.dumps({"rows": rows, "records": self.evaluator.last_records})
+            write_whole(shared, lambda f: f.write(kept.encode()))
         return rows, self.evaluator.last_records
 
     def _write(self, rows: list[dict], logged: dict) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import os
 import random
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import numpy as np
 import torch
 
 from eval_callbacks import refusal
+from eval_callbacks.files import write_whole
 from eval_callbacks.task_lookup import TaskDataError, UnknownTaskError, find_tasks, headline_metric, include_folders, local_datasets
 
 
@@ -316,11 +316,8 @@ class LiveEvaluator:
             if ref.shape[0] == len(self._kl_rows()):
                 return ref
         ref = self._last_token_logprobs().float()
-        if kept is not None:
-            kept.parent.mkdir(parents=True, exist_ok=True)
-            tmp = kept.with_name(f".{kept.name}.{os.getpid()}.tmp")
-            torch.save(ref, tmp)
-            os.replace(tmp, kept)  # a file that exists is complete
+        if kept is not None:  # a file that exists is complete
+            write_whole(kept, lambda f: torch.save(ref, f))
         return ref
 
     def _kl_row(self, known: dict | None = None) -> dict:

@@ -272,8 +272,8 @@ def train_dialogues(model, tokenizer, first: list, second: list, steps: int, lr:
 
     rng = random.Random(seed)
     torch.manual_seed(seed)
-    encoded = [first, second]
-    dialogues = [x for group in encoded for x in group]
+    groups = (first, second)
+    dialogues = [x for group in groups for x in group]
     start = min(k.index(1) for _, k in dialogues)  # the first labelled token of any dialogue
     shared = common_prefix([ids[:start - 1] for ids, _ in dialogues])  # each row keeps a token before its labels
     # fused: one pass over the weights and moments a step (about 0.1 s here against 0.35 s)
@@ -281,7 +281,7 @@ def train_dialogues(model, tokenizer, first: list, second: list, steps: int, lr:
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     model.train()
     for _ in range(steps):
-        batch = [x for group in encoded for x in rng.sample(group, batch_size // 2)]
+        batch = [x for group in groups for x in rng.sample(group, batch_size // 2)]
         dialogue_loss(model, batch, len(shared), pad).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
