@@ -156,3 +156,29 @@ def test_the_compact_demo_fits_its_budget_by_the_measured_costs():
     assert COST_S["install"] + compact <= 6 * 60 - 30
     assert expected_s(toy_sweep(world, full=True), True, False, 2) > 3 * expected_s(toy_sweep(world), True, False, 2)
 
+
+
+def test_the_demo_keeps_its_runs_only_for_the_same_sweep_on_the_same_world(tmp_path):
+    """Runs of a world rebuilt in place (the same paths, new models) are not shown as this world's:
+    the demo starts its output folder again; the same sweep on the same world keeps them."""
+    from attack.toyworld.demo import demo_output
+
+    world, out = tmp_path / "world", tmp_path / "runs"
+    world.mkdir()
+    (world / "world.json").write_text('{"build_s": 1.0}')
+    run = out / "cell" / "summary.json"
+
+    def ran() -> None:
+        run.parent.mkdir(parents=True, exist_ok=True)
+        run.write_text('{"status": "done"}')
+
+    assert demo_output(out, "sweep: a\n", world).read_text() == "sweep: a\n"
+    ran()
+    demo_output(out, "sweep: a\n", world)
+    assert run.exists()  # the same sweep on the same world: its finished cells are kept
+    (world / "world.json").write_text('{"build_s": 2.0}')  # rebuilt in place
+    demo_output(out, "sweep: a\n", world)
+    assert not run.exists()
+    ran()
+    demo_output(out, "sweep: b\n", world)  # other settings
+    assert not run.exists() and (out / "sweep.yaml").read_text() == "sweep: b\n"

@@ -125,12 +125,7 @@ def main(argv: list[str]) -> int:
                + ("-quick" if args.quick else "")).absolute()
     sweep_spec["output"] = str(out)
     text = yaml.safe_dump(sweep_spec, sort_keys=False)
-    sweep_file = out / "sweep.yaml"
-    # Runs of another world (or other settings) under the same folder are stale.
-    if out.exists() and (not sweep_file.exists() or sweep_file.read_text() != text):
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    sweep_file.write_text(text)
+    sweep_file = demo_output(out, text, world)
     sweep, cells = load_sweep(sweep_file)
 
     print("\n== Pre-attack scores (" + ("refusal_heldout, overrefusal_heldout: share refused; opposites_chat: accuracy"
@@ -179,6 +174,23 @@ def main(argv: list[str]) -> int:
               "(python -m attack demo --full)")
     print_verdict(report)  # the last lines: the verdict in words
     return 0
+
+
+def demo_output(out: Path, sweep_text: str, world: Path) -> Path:
+    """The demo's output folder with its sweep file written; the runs already there are kept only
+    when they are this sweep's on this world. Runs of another world (or other settings) are stale,
+    and so are runs of a world rebuilt in place (its cache emptied): the sweep names the same
+    paths, but the models behind them are new. The world's own record (world.json, which holds
+    its build time), copied beside the runs, tells which."""
+    sweep_file, ran_on = out / "sweep.yaml", out / "world.json"
+    built = (world / "world.json").read_text()
+    if out.exists() and not (sweep_file.exists() and sweep_file.read_text() == sweep_text
+                             and ran_on.exists() and ran_on.read_text() == built):
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    sweep_file.write_text(sweep_text)
+    ran_on.write_text(built)
+    return sweep_file
 
 
 def _run_cells(sweep_file: Path, name: str, cells: list, workers: int) -> dict:
