@@ -282,8 +282,8 @@ def train_dialogues(model, tokenizer, first: list, second: list, steps: int, lr:
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     # The input embedding's gradient as the rows a batch used (about 330 of 49,152): a dense one
     # is a zeroed vocabulary-by-width matrix built and added to the tied output head's gradient at
-    # every step, a fifth of a step here. Tied only: the head's dense gradient joins it, so the
-    # optimizer sees a dense one (fused AdamW takes no sparse gradient).
+    # every step (a step about 8% longer here, docs/results.md). Tied only: the head's dense
+    # gradient joins it, so the optimizer sees a dense one (fused AdamW takes no sparse gradient).
     embedding = model.get_input_embeddings()
     embedding.sparse = embedding.weight is model.get_output_embeddings().weight
     model.train()
