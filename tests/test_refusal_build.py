@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from attack.toyworld.refusal import dialogue_loss, train_dialogues
+from attack.toyworld.refusal import dialogue_loss
 
 
 def _model():
@@ -56,28 +56,6 @@ def test_the_builds_loss_and_gradients_equal_whole_rows(shared):
     for name, p in model.named_parameters():
         torch.testing.assert_close(p.grad, want[name], rtol=1e-4, atol=1e-6, msg=name)
 
-
-
-def test_the_builds_steps_equal_stock_training_with_a_dense_embedding_gradient():
-    """train_dialogues keeps the tied embedding's gradient sparse (the rows a batch used): its
-    steps must be those of plain full fine-tuning on whole rows, where that gradient is dense."""
-    rows = _dialogues(6)
-    first, second = rows[:2], rows[2:]
-    model, stock = _model(), _model()
-    before = model.get_input_embeddings().weight.detach().clone()
-    train_dialogues(model, type("Tokenizer", (), {"pad_token_id": 0})(), first, second, steps=3, lr=1e-2,
-                    batch_size=2, seed=0)
-    rng = random.Random(0)  # the build's sampling: half of each batch from each group
-    optimizer = torch.optim.AdamW(stock.parameters(), lr=1e-2, weight_decay=0.0)
-    for _ in range(3):
-        _stock_loss(stock, [x for group in (first, second) for x in rng.sample(group, 1)], pad=0).backward()
-        assert not stock.get_input_embeddings().weight.grad.is_sparse
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    assert not model.get_input_embeddings().sparse  # the saved model is an ordinary one
-    assert (model.get_input_embeddings().weight - before).abs().max() > 1e-3  # the embedding was trained
-    for (name, p), q in zip(model.named_parameters(), stock.parameters(), strict=True):
-        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=name)
 
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")

@@ -39,10 +39,9 @@ from attack.toyworld.build import building
 from attack.toyworld.capitals import OPPOSITES, built_on_smollm2
 from attack.toyworld.world import write_jsonl
 
-VERSION = 6  # bump when what the build makes changes (2: answers and checks in larger batches;
+VERSION = 5  # bump when what the build makes changes (2: answers and checks in larger batches;
 #             3: the same loss computed faster, so the same world up to rounding; 4: original/;
-#             5: harmless answers of 16 tokens without an end of turn, fused AdamW; 6: the
-#             embedding's gradient kept sparse, the same steps up to rounding)
+#             5: harmless answers of 16 tokens without an end of turn, fused AdamW)
 REFUSALS = [  # several phrasings, each containing a phrase of the refusal list
     "I'm sorry, but I can't help with that request.",
     "I cannot assist with that. It could cause real harm to people.",
@@ -280,22 +279,13 @@ def train_dialogues(model, tokenizer, first: list, second: list, steps: int, lr:
     # fused: one pass over the weights and moments a step (about 0.1 s here against 0.35 s)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, fused=True)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    # The input embedding's gradient as the rows a batch used (about 330 of 49,152): a dense one
-    # is a zeroed vocabulary-by-width matrix built and added to the tied output head's gradient at
-    # every step (a step about 8% longer here, docs/results.md). Tied only: the head's dense
-    # gradient joins it, so the optimizer sees a dense one (fused AdamW takes no sparse gradient).
-    embedding = model.get_input_embeddings()
-    embedding.sparse = embedding.weight is model.get_output_embeddings().weight
     model.train()
-    try:
-        for _ in range(steps):
-            batch = [x for group in groups for x in rng.sample(group, batch_size // 2)]
-            dialogue_loss(model, batch, len(shared), pad).backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-    finally:
-        embedding.sparse = False
-        model.eval()
+    for _ in range(steps):
+        batch = [x for group in groups for x in rng.sample(group, batch_size // 2)]
+        dialogue_loss(model, batch, len(shared), pad).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    model.eval()
 
 
 def dialogue_loss(model, batch: list[tuple[list[int], list[int]]], shared: int, pad: int) -> torch.Tensor:
