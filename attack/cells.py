@@ -62,7 +62,7 @@ class SweepAttack:
     """Seeds of this setting, instead of the sweep's (one for a deterministic ablation)."""
     models: list[str] | None = None
     """Labels of the models this setting attacks, instead of every model (a reference model that
-    needs only its pre-attack score gets one cheap setting)."""
+    needs only its pre-attack score gets one setting of kind evaluate)."""
 
 
 @dataclass(frozen=True)

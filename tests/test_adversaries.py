@@ -155,6 +155,27 @@ def test_the_quantize_kind_scores_the_model_before_and_after(make_config, world,
     assert torch.equal(saved["lm_head.weight"], head.detach())  # the head stays as it was
 
 
+def test_the_evaluate_kind_scores_the_model_once_as_an_attack_scores_its_step_0(make_config, world, llama_dir):
+    from attack.config import load_config
+
+    def config(kind: str, **more):
+        return load_config({"kind": kind, **more, "model": {"name": str(llama_dir)},
+                            "eval": {"tasks": ["toy_target_seen", "toy_general"], "include_path": [str(world["tasks"])]},
+                            "output": {"dir": str(make_config().output.dir), "run_id": kind}})
+
+    cfg = config("evaluate")
+    assert cfg.curve_steps() == [0] and cfg.training_steps() == 0 and not cfg.attacks
+    run = run_attack(cfg, quiet=True)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "done" and summary["eval_steps"] == [0] and not (run / "final").exists()
+    scored = {(r["task"], r["metric"]): r["value"] for r in read_curve(run / "curve.jsonl")}
+    assert {r["step"] for r in read_curve(run / "curve.jsonl")} == {0} and len(scored) >= 2
+    other = run_attack(config("quantize", quantize={"method": "int8", "save_weights": False}), quiet=True)
+    before = {(r["task"], r["metric"]): r["value"] for r in read_curve(other / "curve.jsonl") if r["step"] == 0}
+    assert before.keys() == scored.keys()
+    assert all(abs(before[k] - v) < 1e-6 for k, v in scored.items())
+
+
 def _by_hand(w: torch.Tensor, method: str) -> torch.Tensor:
     """Round to nearest, written out: NF4 per block of 64 consecutive weights, int8 per row."""
     from attack.quantization import NF4

@@ -359,3 +359,22 @@ def test_the_counterfactuals_reruns_inside_a_run_are_not_runs_of_the_report(tmp_
         (tmp_path / run / "curve.jsonl").write_text("")
     assert find_runs([tmp_path]) == [tmp_path / "a", tmp_path / "b"]
     assert find_runs([tmp_path / "a"]) == [tmp_path / "a"]
+
+
+def test_a_model_scored_without_attack_is_no_attack_setting(runs, tmp_path):
+    """kind evaluate: the reference scored alone gives the reference score; on a model under test
+    it is no setting the verdict counts (a step 0 alone would read as a setting it resisted)."""
+    import pandas as pd
+
+    for name, model in (("refE", "unfiltered"), ("fE0", "filtered")):
+        run = _run(runs, name, model, model, "E", 0, {0: 0.90 if model == "unfiltered" else 0.25}, util={0: 0.6})
+        (run / "cell.json").write_text(json.dumps({**json.loads((run / "cell.json").read_text()), "kind": "evaluate"}))
+    import shutil
+
+    shutil.rmtree(runs / "ref")  # the reference now has its step 0 from the evaluate run alone
+    out = write_report([runs], tmp_path / "report", utility_task="general", max_utility_drop=0.05)
+    overall = pd.read_csv(out / "verdict.csv").iloc[0]
+    assert overall.worst_attack == "B" and overall.attacks == 2
+    assert overall.recovered == pytest.approx((0.60 - 0.25) / 0.65)  # the gap to the evaluate run's 0.90
+    assert list(pd.read_csv(out / "verdict_by_kind.csv").kind) == ["finetune"]
+    assert "settings: A, B." in (out / "recovery.md").read_text()

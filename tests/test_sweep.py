@@ -206,7 +206,7 @@ def test_a_sweep_mixes_attack_kinds(tmp_path, world, llama_dir):
     _, cells = load_sweep(path)
     assert [c.config.kind for c in cells] == list(KINDS)
     assert {c.config.kind: c.seed for c in cells} == {"finetune": 0, "ablation": 0, "grpo": 7, "quantize": 0,
-                                                      "incontext": 0}
+                                                      "incontext": 0, "evaluate": 0}
     assert all(json.dumps(c.meta("t")) and c.meta("t")["kind"] == c.config.kind for c in cells)
 
     doc = yaml.safe_load(path.read_text())
@@ -283,7 +283,7 @@ def test_relative_paths_in_a_file_are_found_from_its_folder(tmp_path, world, lla
 def test_the_refusal_sweep_and_example_pass_dry_run(capsys, tmp_path, monkeypatch):
     """The shipped refusal sweep for a hub chat model and the refusal example check out offline
     from any directory: the public request sets' tasks found by name, the refusal world's request
-    files found from the package, the reference base model attacked by one cheap setting only."""
+    files found from the package, the reference base model scored, not attacked."""
     monkeypatch.chdir(tmp_path)
     assert main(["sweep", "refusal_chat", "--dry-run"]) == 0
     captured = capsys.readouterr()

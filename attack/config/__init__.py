@@ -9,6 +9,7 @@ A config has a top-level `kind`, the attack family, and the sections that kind u
     grpo         grpo (the reward split and the reward), adapter, train
     quantize     quantize
     incontext    incontext (retrieved passages, solved examples); data (the default corpus)
+    evaluate     nothing more: no attack, the model scored as it is
 
 A section of another kind is an unknown key. Every field's docstring is its `--help` text
 (attack/__main__.py derives the flags from this schema).
@@ -17,7 +18,7 @@ Where things are:
 
     sections.py   the sections every kind shares (model, adapter, data, train, eval, output, ...)
     kind.py       AttackKind: what every kind's config has and the questions every kind answers
-    finetune.py, ablation.py, grpo.py, quantize.py, incontext.py   one kind each: its own sections and answers
+    finetune.py, ablation.py, grpo.py, quantize.py, incontext.py, evaluate.py   one kind each: its own sections and answers
     kinds.py      KINDS, the name-to-class table
     loading.py    load_config, the one-line error (explain), dotted-key edits
     files.py      YAML files, paths relative to the file, the trust_remote_code refusal
@@ -25,6 +26,7 @@ Where things are:
 """
 
 from attack.config.ablation import AblationConfig, AblationSection
+from attack.config.evaluate import EvaluateConfig
 from attack.config.files import INPUT_PATHS, parse_yaml, read_yaml, refuse_file_trust, shipped, with_paths_from
 from attack.config.finetune import FinetuneConfig
 from attack.config.grpo import GrpoConfig, GrpoSection
@@ -50,7 +52,7 @@ from attack.config.sections import (
 )
 
 __all__ = ["AblationConfig", "AblationSection", "AdapterConfig", "AttackConfig", "AttackKind", "AttributionSection",
-           "DataConfig", "EvalConfig", "FinetuneConfig", "GrpoConfig", "GrpoSection", "INPUT_PATHS", "IncontextConfig",
+           "DataConfig", "EvalConfig", "EvaluateConfig", "FinetuneConfig", "GrpoConfig", "GrpoSection", "INPUT_PATHS", "IncontextConfig",
            "IncontextSection", "KINDS",
            "LoggingConfig", "MixSource", "ModelConfig", "OutputConfig", "PerturbSection", "Positive", "QuantizeConfig",
            "QuantizeSection", "Section", "TrainConfig", "check_dataset_copies", "check_required", "config_hash",

@@ -25,6 +25,9 @@ class AttackKind(Section):
     """Curve step of the attack's training step 0 (1 after a one-shot edit: step 1 is the edited model)."""
     sections: ClassVar[tuple[str, ...]] = ()
     """The report sections that exist for this kind (beyond those every run gets)."""
+    attacks: ClassVar[bool] = True
+    """Changes the model or its input (every kind but evaluate, which only scores): a verdict counts
+    the settings of such kinds."""
     supervised: ClassVar[bool] = False
     """Trains on an attack corpus with a language-modelling loss (what counterfactual reruns and
     what GRPO is set against at matched steps)."""

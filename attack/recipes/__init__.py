@@ -5,6 +5,7 @@
     grpo.py       reinforcement learning (GRPO) with a reward on a split kept apart from the evaluation
     quantize.py   the weights rounded to a lower precision, no training
     incontext.py  retrieved passages and solved examples before each question, no weight change
+    evaluate.py   no attack: the model scored as it is (a sweep's reference, a baseline)
     common.py     what they share: the setup before the attack, the Trainer pieces, the closing
 
 Every recipe takes a validated config of its kind and writes the same run directory
@@ -24,6 +25,7 @@ RECIPES: dict[str, str] = {
     "grpo": "attack.recipes.grpo",
     "quantize": "attack.recipes.quantize",
     "incontext": "attack.recipes.incontext",
+    "evaluate": "attack.recipes.evaluate",
 }
 
 

@@ -18,6 +18,7 @@ from attack.files import write_atomic
 from attack.report.figures import plot_heatmap
 from attack.report.page import Block, ReportData, figure
 from attack.report.paired import paired_curves
+from attack.report.runs import kinds_with
 
 LEVELS = (0.25, 0.5, 0.75)
 
@@ -63,7 +64,7 @@ def section(r: ReportData) -> list[Block]:
     has_heat = heat.recovered.notna().any()  # without a reference every cell would read n/a
     if not has_heat:
         (r.out / "verdict_heatmap.png").unlink(missing_ok=True)  # an earlier report's, not this one's
-    attacks = sorted(set(r.df[r.df.model.isin(tested)].attack))
+    attacks = sorted(set(r.df[r.df.model.isin(tested) & r.df.attack.isin(_settings(r))].attack))
     bound = (f"; points where {r.utility_task} dropped by more than {r.max_utility_drop:g} do not count"
              if r.utility_task and r.max_utility_drop is not None else
              "; no utility bound was given (--utility-task, --max-utility-drop)")
@@ -215,6 +216,11 @@ def _models_under_test(r: ReportData) -> set:
     return set(r.picked[r.picked.role != ref_role].model)
 
 
+def _settings(r: ReportData) -> set:
+    """The attack settings a verdict counts: those of a kind that attacks (not evaluate, which only scores)."""
+    return set(r.df[r.df.kind.isin(kinds_with(set(r.df.kind), "attacks"))].attack)
+
+
 def _halves(records: pd.DataFrame, seed: int = 0) -> pd.Series:
     """A seeded half of each task's questions (True: the half that chooses the worst setting)."""
     first = {}
@@ -227,8 +233,10 @@ def _halves(records: pd.DataFrame, seed: int = 0) -> pd.Series:
 def _recovery_curves(r: ReportData, targets: list[str], tested: set, paired: pd.DataFrame) -> pd.DataFrame:
     """Per model x attack x target task x step: recovered fraction with its interval, tokens, and
     whether the point is within the utility bound (`paired`: paired curves, or empty)."""
-    d = r.picked[r.picked.model.isin(tested)]
-    c = paired[paired.model.isin(tested) & paired.task.isin(targets)] if not paired.empty else paired
+    settings = _settings(r)
+    d = r.picked[r.picked.model.isin(tested) & r.picked.attack.isin(settings)]
+    c = (paired[paired.model.isin(tested) & paired.attack.isin(settings) & paired.task.isin(targets)]
+         if not paired.empty else paired)
     if c.empty:  # no per-question records: the curve's scores, no interval
         m = d[d.task.isin(targets)].groupby(["model", "attack", "task", "step"]).value.mean().reset_index()
         pre = m[m.step == 0].set_index(["model", "attack", "task"]).value

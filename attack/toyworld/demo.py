@@ -131,6 +131,8 @@ def main(argv: list[str]) -> int:
     print("\n== Pre-attack scores (" + ("refusal_heldout, overrefusal_heldout: share refused; opposites_chat: accuracy"
                                           if args.world == "refusal" else "accuracy") + ") ==")
     print(_table(info["pre_attack"], tasks))
+    if args.world == "refusal":
+        print("(original's refusal: step 0 of its reference cell, in the table after the attack)")
     if "filter" in info:
         f = info["filter"]
         print(f"filter: removed {f['removed']} of {f['documents']} documents; "
@@ -294,7 +296,8 @@ def _table(scores: dict, tasks: list[str]) -> str:
     w = [max(18, len(t.removeprefix("toy_")) + 2) for t in tasks]  # a column never runs into the next
     lines = [f"{'model':<12}" + "".join(f"{t.removeprefix('toy_'):>{n}}" for t, n in zip(tasks, w, strict=True))]
     for model, s in scores.items():
-        lines.append(f"{model:<12}" + "".join(f"{s[t]:>{n}.3f}" for t, n in zip(tasks, w, strict=True)))
+        lines.append(f"{model:<12}" + "".join(f"{s[t]:>{n}.3f}" if t in s else f"{'-':>{n}}"  # not scored by the build
+                                              for t, n in zip(tasks, w, strict=True)))
     return "\n".join(lines)
 
 

@@ -168,7 +168,7 @@ def refusal_suite(world: Path) -> dict:
     quantized = [{"label": f"quantize-{m}", "kind": "quantize", "quantize": {"method": m}, "models": ["refusing"]}
                  for m in ("nf4", "int8", "fp16")]
     attacks = [
-        by_label["reference-int8"],
+        by_label["reference"],
         control,
         *under_each_optimizer(tuned, 1e-3, "1e-3"),
         tuned("lora-adamw-3e-4", 3e-4),
@@ -242,7 +242,8 @@ def fixed_lora(world: Path) -> dict:
 # 2026-11-30 (world build version 4, 3 layers).
 COST_S = {"install": 74, "world": 150, "world-quick": 12, "workers": 8, "report": 8, "two_at_a_time": 1.27,
           "finetune": (5.4, 0.133), "grpo": (4.5, 0.078), "ablation": (2.4, 0.0), "ablation-then": (6.0, 0.13),
-          "quantize": (2.0, 0.0), "incontext": (4.0, 0.0)}
+          "quantize": (2.0, 0.0), "incontext": (4.0, 0.0),
+          "evaluate": (1.0, 0.0)}  # not measured: the quantize kind's first of its two points
 
 
 def cost_kind(kind: str, then_finetune: bool) -> str:
