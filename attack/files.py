@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import os
 from pathlib import Path
+
+from eval_callbacks.files import write_whole
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -23,17 +23,7 @@ def save_array_atomic(path: Path, array) -> None:
 
 
 def _atomic(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
+    write_whole(path, write, make_parent=False)  # the evaluator's own way, into folders that exist
 
 
 def read_json(path: Path) -> dict | None:
@@ -50,3 +40,15 @@ def sha256_file(path: str | Path) -> str:
         for block in iter(lambda: f.read(1 << 22), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def model_files(path: Path) -> list:
+    """A local model's files by name, size and modification time: what tells a model rebuilt in
+    place from the one a run measured (a hub model's revision is in its config); [] for a hub id."""
+    path = Path(path)
+    if path.is_file():
+        return [[path.name, path.stat().st_size, path.stat().st_mtime_ns]]
+    if path.is_dir():
+        return [[str(f.relative_to(path)), f.stat().st_size, f.stat().st_mtime_ns]
+                for f in sorted(path.rglob("*")) if f.is_file()]
+    return []

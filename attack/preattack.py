@@ -25,6 +25,7 @@ from pathlib import Path
 
 from attack.config import to_dict
 from attack.evaluation import requested
+from attack.files import model_files
 
 # eval settings that decide when points are taken or how they are read, not what step 0 scores
 NOT_SCORES = ("every", "schedule", "log_points", "expect", "roles")
@@ -35,22 +36,11 @@ def pre_attack_file(cfg, model, amp) -> Path:
     """Where this config's step-0 point is kept (and found, when another attack scored it)."""
     scoring = {k: v for k, v in to_dict(cfg.eval).items() if k not in NOT_SCORES}
     parameter = next(model.parameters())
-    key = dict(model=to_dict(cfg.model), files=_files(Path(cfg.model.name)), dtype=str(parameter.dtype),
+    key = dict(model=to_dict(cfg.model), files=model_files(cfg.model.name), dtype=str(parameter.dtype),
                device=parameter.device.type, autocast=str(amp), eval=scoring,
                tasks=_contents([Path(p) for p in requested(cfg.eval)[1]]), libraries=_versions())
     digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
     return Path(cfg.output.dir) / ".pre-attack" / f"{digest}.json"
-
-
-def _files(path: Path) -> list:
-    """A local model's files by name, size and modification time (the hub's revision is in the
-    model section)."""
-    if path.is_file():
-        return [[path.name, path.stat().st_size, path.stat().st_mtime_ns]]
-    if path.is_dir():
-        return [[str(f.relative_to(path)), f.stat().st_size, f.stat().st_mtime_ns]
-                for f in sorted(path.rglob("*")) if f.is_file()]
-    return []
 
 
 def _contents(folders: list[Path]) -> str:

@@ -3,6 +3,7 @@ fields are the types below; writers and readers both use them, and every file na
 once, as a `RunDir` attribute:
 
     runs/<run-id>/config.yaml  env.json  tasks.json  cell.json  summary.json  .lock
+                  model_files.json                             a local model's files as the run found them
                   curve.jsonl  samples/step-NNNNNNN.jsonl.gz   the recovery curve, per-question records
                   checkpoints/  sealed.jsonl  final/           resumable trainer state (attack/checkpoints.py),
                                                                the run's record of each seal, attacked weights
@@ -37,7 +38,7 @@ from pathlib import Path
 from attack.config import AttackConfig, config_hash, default_run_id, dump_yaml
 from attack.environment import environment
 from attack.errors import UserError
-from attack.files import read_json, write_atomic
+from attack.files import model_files, read_json, write_atomic
 from attack.records import CellMeta, Status, Summary, read_curve, read_rewards
 from attack.runlock import RunLock
 from eval_callbacks.callback import samples_file
@@ -92,6 +93,7 @@ class RunDir:
         self.retrieval = self.path / "retrieval.jsonl"  # (incontext) each question's passages, answer held or not
         self.control = self.path / "control.jsonl"  # (incontext) curve rows of the control corpus's context
         self.judge_cache = self.path / "judge.jsonl"  # verdicts of a model or endpoint judge, by content hash
+        self.model_files = self.path / "model_files.json"  # a local model's files (name, size, time) as the run found them
         self.lock = RunLock(self.path / ".lock")
 
     @property
@@ -207,8 +209,13 @@ class RunDir:
                     f"--resume with a different config than {self.config}; "
                     "resume with the same settings or start a new run"
                 )
+        if resume and self.model_changed(cfg):
+            raise UserError(f"--resume: the model {cfg.model.name} changed since {self.path} started (its files' sizes "
+                            "or times differ); resuming would join two models' curves: start a new run "
+                            "(--run-id or --output)")
         write_atomic(self.config, dump_yaml(cfg))
         write_atomic(self.env, json.dumps(environment(), indent=2))
+        write_atomic(self.model_files, json.dumps(model_files(cfg.model.name)))
         # The resumed trajectory restarts at the checkpoint: points recorded after it
         # (before the interruption) are dropped, so the curve has each step exactly once.
         from attack.checkpoints import checkpoint_step
@@ -224,6 +231,11 @@ class RunDir:
                 f.unlink()
         self.write_summary(status=Status.RUNNING, kind=cfg.kind, resumed_from=checkpoint)
         return checkpoint
+
+    def model_changed(self, cfg: AttackConfig) -> bool:
+        """The local model's files differ from those this run measured: rebuilt in place since."""
+        saved = read_json(self.model_files)
+        return saved is not None and saved != model_files(cfg.model.name)
 
     def last_checkpoint(self, cfg: AttackConfig, required: tuple[str, ...] = (),
                         say=lambda m: print(m, file=sys.stderr)) -> str | None:

@@ -57,6 +57,7 @@ def run_sweep(path: str | Path, shard_spec: str | None = None, quiet: bool = Fal
     sweep, cells = load_sweep(path, trust_remote_code)
     mine = shard(cells, shard_spec)
     check_offline(mine)
+    check_models_unchanged(mine)
     outcome = Outcome.counts(Outcome.DONE, Outcome.SKIPPED, Outcome.BUSY, Outcome.FAILED)
     spent, ran = 0.0, 0
     for k, cell in enumerate(mine, 1):
@@ -70,6 +71,17 @@ def run_sweep(path: str | Path, shard_spec: str | None = None, quiet: bool = Fal
         outcome[result] += 1
     signals.raise_pending()
     return outcome
+
+
+def check_models_unchanged(cells: list[Cell]) -> None:
+    """A sweep skips its finished cells and resumes its started ones, by config: a local model
+    rebuilt in place at the same path would have the old model's runs read as its own."""
+    changed = [c for c in cells if status(c) != Status.PENDING and c.run_dir.model_changed(c.config)]
+    if changed:
+        c = changed[0]
+        raise UserError(f"the model {c.config.model.name} changed since this sweep's runs of it were made ({len(changed)} "
+                        f"cell(s) in {c.run_dir.path.parent}, e.g. {c.run_dir.path.name}); they measured the old files: "
+                        "move them away or give the sweep another output")
 
 
 def _duration(seconds: float) -> str:

@@ -10,9 +10,11 @@ from pathlib import Path
 from typing import BinaryIO
 
 
-def write_whole(path: Path, write: Callable[[BinaryIO], None]) -> None:
-    """`write(f)` into a temporary file beside `path`, then rename it to `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+def write_whole(path: Path, write: Callable[[BinaryIO], None], make_parent: bool = True) -> None:
+    """`write(f)` into a temporary file beside `path`, then rename it to `path`. `make_parent`:
+    create the folder it goes into (false: a missing folder is an error, not made up)."""
+    if make_parent:
+        path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as f:

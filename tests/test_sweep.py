@@ -291,3 +291,36 @@ def test_the_refusal_sweep_and_example_pass_dry_run(capsys, tmp_path, monkeypatc
     assert len(cells) == 8 and sum("model=Qwen/Qwen2.5-1.5B " in line for line in cells) == 1
     assert captured.err == ""
     assert main(["--config", "refusal", "--dry-run"]) == 0
+
+
+def test_a_model_rebuilt_in_place_is_not_read_as_the_one_its_runs_measured(tmp_path, world, llama_dir, capsys):
+    """Cells are found by config: a local model rebuilt at the same path would have its finished
+    runs skipped as done and its started ones resumed onto the new weights. Both are refused in
+    one line, and nothing the runs wrote is touched."""
+    import shutil
+
+    from attack.config import updated
+    from attack.recipes import run_attack
+
+    model = tmp_path / "model"
+    shutil.copytree(llama_dir, model)
+    path = _sweep_file(tmp_path, world, [{"label": "m", "name": str(model)}], attacks=[{"label": "a"}], seeds=[0])
+    doc = yaml.safe_load(path.read_text())
+    doc["base"]["train"]["max_steps"] = 1
+    path.write_text(yaml.safe_dump(doc))
+    assert main(["sweep", str(path)]) == 0
+    assert main(["sweep", str(path)]) == 0 and "done already, skipped" in capsys.readouterr().out
+    _, (cell,) = load_sweep(path)
+    run = cell.run_dir.path
+    written = {f: f.read_bytes() for f in run.rglob("*") if f.is_file() and f.name != ".lock"}
+
+    weights = next(model.glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes())  # the same bytes written again: a rebuild, as far as files tell
+    assert main(["sweep", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and f"the model {model} changed" in err and "Traceback" not in err
+    (run / "summary.json").write_text(json.dumps({"status": "interrupted"}))  # a started run, resumed
+    written[run / "summary.json"] = (run / "summary.json").read_bytes()
+    with pytest.raises(UserError, match="changed since .* started"):
+        run_attack(updated(cell.config, {"output.resume": True}), quiet=True)
+    assert {f: f.read_bytes() for f in run.rglob("*") if f.is_file() and f.name != ".lock"} == written
