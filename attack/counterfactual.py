@@ -235,11 +235,10 @@ def run_all(configs: list, workers: int) -> None:
         for c in configs:
             run_attack(c, quiet=True)
         return
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
+    from attack.signals import worker_pool
 
-    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        list(pool.map(_run_in_process, [c.model_dump(mode="python") for c in configs]))
+    with worker_pool(workers) as run:
+        run(_run_in_process, [c.model_dump(mode="python") for c in configs])
 
 
 def _run_in_process(settings: dict) -> None:

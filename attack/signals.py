@@ -6,6 +6,7 @@ optimizer step, every evaluation point, every sweep cell, the command's exit) ra
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import sys
 
@@ -49,3 +50,59 @@ def raise_pending() -> None:
     """Raise the signal received again, at a point where nothing can swallow it."""
     if _pending is not None:
         raise type(_pending)()
+
+
+@contextlib.contextmanager
+def worker_pool(workers: int):
+    """`run(function, jobs)`: the jobs' results in order, `workers` at a time, each in a spawned
+    process of its own, one pool for every call in the block (a process costs seconds to start).
+    The workers stop when this process is told to: on SIGTERM or Ctrl-C here, the jobs not begun
+    are dropped and each worker gets one SIGTERM, which ends its job as interrupted (a run marked
+    so, resumable) and begins no other. Without that, a SIGTERM sent to this process alone left
+    the pool to run every job to its end. The terminal's Ctrl-C, which reaches every process of
+    the group, is left to this process: a second signal in a worker would cut short its marking
+    of the run."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=_worker_started) as pool:
+        def run(function, jobs):
+            try:
+                return list(pool.map(_worker_job, [(function, job) for job in jobs]))
+            except KeyboardInterrupt:
+                pool.shutdown(wait=False, cancel_futures=True)
+                for process in multiprocessing.active_children():
+                    process.terminate()
+                raise
+
+        yield run
+
+
+_busy = False  # (in a worker) a job is running: a SIGTERM raises in it; between jobs it is only recorded
+
+
+def _worker_started() -> None:
+    signal.signal(signal.SIGTERM, _worker_handler)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    sys.unraisablehook = _unraisable
+
+
+def _worker_handler(signum, frame):
+    global _pending
+    _pending = Terminated()
+    if _busy:
+        raise Terminated()
+
+
+def _worker_job(call):
+    """A job in a worker; none begins once the worker was told to stop (the pool hands a worker
+    its next job before the last one ends, so one may be waiting)."""
+    global _busy
+    function, job = call
+    raise_pending()
+    _busy = True
+    try:
+        return function(job)
+    finally:
+        _busy = False

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -573,3 +574,47 @@ def test_a_signal_in_a_finalizer_prints_no_traceback_and_the_command_ends_in_one
     proc = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=120)
     assert "Terminated" not in proc.stderr and proc.stderr.count("Exception ignored") == 1, proc.stderr
     assert "a finalizer bug" in proc.stderr and proc.stderr.strip().endswith("stopped")
+
+
+def test_sigterm_to_the_parent_alone_stops_its_workers_and_drops_the_jobs_not_begun(tmp_path):
+    """The demo's cells, the toy world's build and the counterfactual reruns run in worker
+    processes: a SIGTERM sent to the parent alone (`kill PID`) ends the running jobs as
+    interrupted (each worker gets one SIGTERM) and starts no other; no worker outlives it."""
+    (tmp_path / "jobs.py").write_text(
+        "import os, time\n"
+        "from pathlib import Path\n"
+        "def job(arg):\n"
+        "    folder, i = arg\n"
+        "    Path(folder, f'started-{i}').write_text(str(os.getpid()))\n"
+        "    try:\n"
+        "        time.sleep(120)\n"
+        "    except KeyboardInterrupt as e:\n"
+        "        Path(folder, f'interrupted-{i}-{type(e).__name__}').touch()\n"
+        "        raise\n"
+        "    Path(folder, f'finished-{i}').touch()\n")
+    program = ("import sys\n"
+               f"sys.path.insert(0, {str(tmp_path)!r})\n"
+               "from attack import signals\n"
+               "import jobs\n"
+               "signals.install()\n"
+               "try:\n"
+               "    with signals.worker_pool(2) as run:\n"
+               f"        run(jobs.job, [({str(tmp_path)!r}, i) for i in range(4)])\n"
+               "except signals.Terminated:\n"
+               "    print('stopped', file=sys.stderr)\n"
+               "    sys.exit(143)\n")
+    proc = subprocess.Popen([sys.executable, "-c", program], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(tmp_path.glob("started-*"))) < 2:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143 and err.strip() == "stopped", err[-2000:]
+    assert sorted(p.name for p in tmp_path.glob("interrupted-*")) == ["interrupted-0-Terminated", "interrupted-1-Terminated"]
+    assert sorted(p.name for p in tmp_path.glob("started-*")) == ["started-0", "started-1"]  # the others never began
+    assert not list(tmp_path.glob("finished-*"))
+    workers = [int((tmp_path / f"started-{i}").read_text()) for i in (0, 1)]
+    deadline = time.time() + 10
+    while time.time() < deadline and any(Path(f"/proc/{pid}").exists() for pid in workers):
+        time.sleep(0.1)
+    assert not any(Path(f"/proc/{pid}").exists() for pid in workers)

@@ -197,11 +197,10 @@ def _two_at_a_time(parallel: bool, log):
     if not parallel:
         yield lambda calls: [function(*args, log=log) for function, args in calls]
         return
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
+    from attack.signals import worker_pool
 
-    with ProcessPoolExecutor(max_workers=2, mp_context=multiprocessing.get_context("spawn")) as pool:
-        yield lambda calls: list(pool.map(_one_thread, calls))
+    with worker_pool(2) as run:
+        yield lambda calls: run(_one_thread, calls)
 
 
 def _one_thread(call):

@@ -203,8 +203,7 @@ def _run_cells(sweep_file: Path, name: str, cells: list, workers: int) -> dict:
 
     if workers == 1:
         return run_sweep(sweep_file, quiet=True, progress=True)
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
+    from attack.signals import worker_pool
 
     check_offline(cells)
     # an ablation that scores candidate directions costs most on a real model (the refusal world),
@@ -220,8 +219,8 @@ def _run_cells(sweep_file: Path, name: str, cells: list, workers: int) -> dict:
             firsts.append(c)
     order = firsts[:workers] + [c for c in order if c not in firsts[:workers]]
     print(f"running {len(cells)} cells, {workers} at a time")
-    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        results = list(pool.map(_cell_in_process, [(str(sweep_file), name, c.id) for c in order]))
+    with worker_pool(workers) as run:
+        results = run(_cell_in_process, [(str(sweep_file), name, c.id) for c in order])
     return {k: results.count(k) for k in (Outcome.DONE, Outcome.SKIPPED, Outcome.BUSY, Outcome.FAILED)}
 
 
@@ -231,14 +230,13 @@ def _chooses_direction(cfg) -> bool:
 
 def _run_search_workers(world: Path, out: Path, workers: int) -> None:
     """The search file beside the runs, and `workers` processes on its one study per model."""
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
+    from attack.signals import worker_pool
 
     search_file = out / "search.yaml"
     search_file.write_text(yaml.safe_dump({**toy_search(world), "output": str(out)}, sort_keys=False))
     print(f"searching: {search_file}, {workers} worker(s) on one study per model (storage {out / 'study.db'})")
-    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        list(pool.map(_search_in_process, [str(search_file)] * workers))
+    with worker_pool(workers) as run:
+        run(_search_in_process, [str(search_file)] * workers)
 
 
 def _search_in_process(search_file: str) -> dict:
