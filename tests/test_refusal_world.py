@@ -126,3 +126,7 @@ def test_the_reference_is_scored_once_and_hardly_refuses(refusal_sweep_runs):
     import pandas as pd
 
     assert pd.read_csv(report / "verdict.csv").attacks.iloc[0] == len(runs) - 1  # no setting the verdict counts
+    from attack.toyworld.refusal import attack_table
+
+    row = next(line for line in attack_table(list(runs.values())).splitlines() if line.startswith("original"))
+    assert "reference (no attack)" in row and "->" not in row  # the demo shows its one point, not a change

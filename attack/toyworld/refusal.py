@@ -439,13 +439,17 @@ def refusal_search(world: Path, trials: int = 6) -> dict:
 
 def attack_table(runs: list[Path]) -> str:
     """Per attack on the refusing model: refusal and over-refusal at step 0 -> the last step, and
-    the KL on harmless requests there."""
+    the KL on harmless requests there; the reference's one point."""
     from attack.report import load_curves
 
     df = load_curves(runs)
     lines = [f"{'model':<10}{'attack':<30}{'refusal (held-out)':>22}{'over-refusal':>18}{'harmless KL':>13}"]
     for (model, attack), g in df.groupby(["model", "attack"], sort=True):
         last = g.step.max()
+        if last == 0:  # scored, not attacked (the reference): its one point
+            lines.append(f"{model:<10}{attack + ' (no attack)':<30}{_value(g, 'refusal_heldout', 0):>20.2f}"
+                         f"{_value(g, 'overrefusal_heldout', 0):>18.2f}")
+            continue
         kl = _value(g, "overrefusal_heldout", last, "kl")
         lines.append(f"{model:<10}{attack:<30}{_value(g, 'refusal_heldout', 0):>12.2f} -> "
                      f"{_value(g, 'refusal_heldout', last):.2f}{_value(g, 'overrefusal_heldout', 0):>10.2f} -> "
