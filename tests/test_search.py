@@ -235,7 +235,9 @@ def test_two_workers_share_one_study_and_run_each_trial_once(world, llama_dir, t
     path = _search_file(world, llama_dir, tmp_path, trials=4)
     workers = [_worker(path), _worker(path)]
     outs = [w.communicate(timeout=600)[0] for w in workers]
-    assert all(w.returncode == 0 for w in workers), outs
+    # each worker's exit status and its last lines, whole (pytest shortens a long message in the middle)
+    assert all(w.returncode == 0 for w in workers), "\n".join(f"exit {w.returncode}:\n{o[-3000:]}" for w, o in
+                                                               zip(workers, outs, strict=True))
     study = _study(tmp_path / "out")
     assert sorted(t.number for t in study.trials) == [0, 1, 2, 3]
     assert all(t.state.name == "COMPLETE" for t in study.trials)
@@ -388,3 +390,24 @@ def test_a_kind_draws_only_the_keys_it_reads_and_the_same_attack_is_not_run_twic
     assert len(_trial_runs(tmp_path / "out")) == 1  # one attack run
     assert [t.user_attrs.get("same_as") for t in trials] == [None, 0, 0]
     assert len({t.value for t in trials}) == 1 and {t.user_attrs["run"] for t in trials} == {trials[0].user_attrs["run"]}
+
+
+@pytest.mark.slow
+def test_workers_started_together_all_open_a_new_study_file(tmp_path):
+    """Each worker creates the SQLite file's tables when it finds none: started together on a new
+    file, they take turns (without, some failed with "table studies already exists")."""
+    program = ("import sys, time\nfrom pathlib import Path\nfrom attack.search.study import storage_for\n"
+               "folder = Path(sys.argv[1])\n(folder / f'ready-{sys.argv[2]}').touch()\n"
+               "while not (folder / 'go').exists():\n    time.sleep(0.01)\n"  # all at once, imports done
+               "storage_for(None, folder / 'out')\nprint('opened')\n")
+    for attempt in range(3):  # three new files, four workers each
+        folder = tmp_path / str(attempt)
+        folder.mkdir()
+        procs = [subprocess.Popen([sys.executable, "-c", program, str(folder), str(i)], stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True) for i in range(4)]
+        deadline = time.time() + 120
+        while time.time() < deadline and len(list(folder.glob("ready-*"))) < 4:
+            time.sleep(0.05)
+        (folder / "go").touch()
+        said = [p.communicate(timeout=300)[0] for p in procs]
+        assert all(p.returncode == 0 and s.strip().endswith("opened") for p, s in zip(procs, said, strict=True)), said
