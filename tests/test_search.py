@@ -391,23 +391,3 @@ def test_a_kind_draws_only_the_keys_it_reads_and_the_same_attack_is_not_run_twic
     assert [t.user_attrs.get("same_as") for t in trials] == [None, 0, 0]
     assert len({t.value for t in trials}) == 1 and {t.user_attrs["run"] for t in trials} == {trials[0].user_attrs["run"]}
 
-
-@pytest.mark.slow
-def test_workers_started_together_all_open_a_new_study_file(tmp_path):
-    """Each worker creates the SQLite file's tables when it finds none: started together on a new
-    file, they take turns (without, some failed with "table studies already exists")."""
-    program = ("import sys, time\nfrom pathlib import Path\nfrom attack.search.study import storage_for\n"
-               "folder = Path(sys.argv[1])\n(folder / f'ready-{sys.argv[2]}').touch()\n"
-               "while not (folder / 'go').exists():\n    time.sleep(0.01)\n"  # all at once, imports done
-               "storage_for(None, folder / 'out')\nprint('opened')\n")
-    for attempt in range(3):  # three new files, four workers each
-        folder = tmp_path / str(attempt)
-        folder.mkdir()
-        procs = [subprocess.Popen([sys.executable, "-c", program, str(folder), str(i)], stdout=subprocess.PIPE,
-                                  stderr=subprocess.STDOUT, text=True) for i in range(4)]
-        deadline = time.time() + 120
-        while time.time() < deadline and len(list(folder.glob("ready-*"))) < 4:
-            time.sleep(0.05)
-        (folder / "go").touch()
-        said = [p.communicate(timeout=300)[0] for p in procs]
-        assert all(p.returncode == 0 and s.strip().endswith("opened") for p, s in zip(procs, said, strict=True)), said

@@ -35,29 +35,10 @@ def storage_for(url: str | None, output: Path):
         return optuna.storages.JournalStorage(JournalFileBackend(url.removeprefix("journal:")))
     engine = {"connect_args": {"timeout": 120}} if url.startswith("sqlite") else {"pool_pre_ping": True}
     try:
-        if not url.startswith("sqlite:///"):
-            return _created(lambda: optuna.storages.RDBStorage(url, engine_kwargs=engine))
-        from filelock import FileLock
-
-        # workers started together on a new file each create its tables: one at a time, or the
-        # others fail ("table studies already exists"; 5 of 20 did, four started at once here)
-        with FileLock(url.removeprefix("sqlite:///") + ".lock"):
-            return optuna.storages.RDBStorage(url, engine_kwargs=engine)
+        return optuna.storages.RDBStorage(url, engine_kwargs=engine)
     except Exception as e:  # SQLAlchemy and the drivers raise their own types
         raise UserError(f"--storage {url}: cannot open it ({first_line(e)}); give a reachable database URL, "
                         "journal:PATH or nothing for the SQLite file in the output folder") from None
-
-
-def _created(make, tries: int = 3):
-    """A database storage; tried again when another worker was creating the same tables at that
-    moment (a file lock cannot order workers on other machines)."""
-    for attempt in range(tries):
-        try:
-            return make()
-        except Exception:  # SQLAlchemy and the drivers raise their own types
-            if attempt == tries - 1:
-                raise
-            time.sleep(2.0 * (attempt + 1))
 
 
 def check_storage(url: str | None) -> None:
