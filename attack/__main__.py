@@ -295,7 +295,8 @@ def dry_run(cfg) -> int:
     run = RunDir.for_config(cfg)
     steps, per_step = cfg.training_steps(), cfg.tokens_per_step()
     tokens = f"; {steps * per_step:,} tokens" if per_step is not None else ""  # RL: as generated
-    print(f"{cfg.model.name}: {cfg.describe()}{tokens}, evaluated at {len(cfg.eval_schedule())} points")
+    points = len(cfg.curve_steps())
+    print(f"{cfg.model.name}: {cfg.describe()}{tokens}, evaluated at {points} point{'s' * (points != 1)}")
     print(f"run directory: {run.path}" + (f" (exists, {run.status.value})" if run.path.exists() else ""))
     print("config, tasks, model location and local paths check out")
     return 0

@@ -154,7 +154,8 @@ def open_run(a: Attack, task_info: dict) -> str | None:
         checkpoint = run.open(cfg, task_info, a.cell, checkpoint_parts(cfg))
         if cfg.output.resume and checkpoint is None:
             a.say(f"no checkpoint in {run.checkpoints}; starting {run.path.name} from step 0")
-        a.say(f"{cfg.model.name}: {cfg.describe()}, evaluated at {len(cfg.curve_steps())} points"
+        points = len(cfg.curve_steps())
+        a.say(f"{cfg.model.name}: {cfg.describe()}, evaluated at {points} point{'s' * (points != 1)}"
               + (f", resuming from {Path(checkpoint).name}" if checkpoint else ""))
         a.say(f"run directory: {run.path} (resolved config: {run.config})")
         open_tracker(cfg, run.path)
