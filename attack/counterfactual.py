@@ -35,6 +35,7 @@ from attack.errors import ArgumentParser, UserError
 from attack.files import write_atomic
 from attack.records import Status
 from attack.rundir import COUNTERFACTUAL_RESULT, RunDir
+from attack.signals import worker_pool
 from eval_callbacks.task_lookup import ORIENTED
 
 RANDOM = "random"
@@ -235,8 +236,6 @@ def run_all(configs: list, workers: int) -> None:
         for c in configs:
             run_attack(c, quiet=True)
         return
-    from attack.signals import worker_pool
-
     with worker_pool(workers) as run:
         run(_run_in_process, [c.model_dump(mode="python") for c in configs])
 

@@ -20,6 +20,7 @@ import torch
 
 from attack.errors import UserError
 from attack.files import write_atomic
+from attack.signals import worker_pool
 from attack.toyworld.models import ModelSpec, answer_batches, build_model, packed_batches, pretrain, rmu, train_tokenizer, unlearn
 from attack.toyworld.world import CLOZE_PROMPTS, WorldSpec, _question, blocklist_filter, generate, reward_prompts, write_jsonl, write_tasks
 from eval_callbacks import LiveEvaluator
@@ -197,8 +198,6 @@ def _two_at_a_time(parallel: bool, log):
     if not parallel:
         yield lambda calls: [function(*args, log=log) for function, args in calls]
         return
-    from attack.signals import worker_pool
-
     with worker_pool(2) as run:
         yield lambda calls: run(_one_thread, calls)
 

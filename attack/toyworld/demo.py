@@ -18,6 +18,7 @@ import yaml
 
 from attack.errors import ArgumentParser, UserError
 from attack.records import Outcome
+from attack.signals import worker_pool
 from attack.toyworld.build import TASKS
 from attack.toyworld.sweeps import (
     expected_s,
@@ -203,8 +204,6 @@ def _run_cells(sweep_file: Path, name: str, cells: list, workers: int) -> dict:
 
     if workers == 1:
         return run_sweep(sweep_file, quiet=True, progress=True)
-    from attack.signals import worker_pool
-
     check_offline(cells)
     # an ablation that scores candidate directions costs most on a real model (the refusal world),
     # then GRPO (it generates at every step), then by optimizer steps
@@ -230,8 +229,6 @@ def _chooses_direction(cfg) -> bool:
 
 def _run_search_workers(world: Path, out: Path, workers: int) -> None:
     """The search file beside the runs, and `workers` processes on its one study per model."""
-    from attack.signals import worker_pool
-
     search_file = out / "search.yaml"
     search_file.write_text(yaml.safe_dump({**toy_search(world), "output": str(out)}, sort_keys=False))
     print(f"searching: {search_file}, {workers} worker(s) on one study per model (storage {out / 'study.db'})")
