@@ -98,23 +98,29 @@ def untie_embeddings(model) -> None:
 
 
 @torch.no_grad()
-def mean_activations(model, batches, positions: str | int = "all") -> torch.Tensor:
+def mean_activations(model, batches, positions: str | int = "all", upto: int | None = None) -> torch.Tensor:
     """Mean of the residual stream entering each decoder layer, (layers, hidden) or, for
     positions=k > 0, (k, layers, hidden) over the last k tokens of each sequence (the
     post-instruction tokens of a chat prompt). "all" averages every real token but the first
     (its attention-sink activations dwarf the rest in real models). Accumulated in float64.
+    upto: the deepest layer wanted; the forward stops once it has entered that layer (the
+    layers after it, the candidates never read them, are not run) and the means are of layers
+    0 to upto.
 
     `batches` yields dicts with input_ids and attention_mask, right-padded."""
     from eval_callbacks.fastlm import forward_last_tokens, keeps_logits
 
-    layers = decoder_layers(model)
+    layers = decoder_layers(model)[:None if upto is None else upto + 1]
     captured: list[torch.Tensor | None] = [None] * len(layers)
+    rows = 0  # the batch's own forward has this many rows (a shared prefix runs before it on one)
 
     def capture(i):
         def hook(module, args, kwargs):
             h = args[0] if args else kwargs["hidden_states"]
             # left-padded rows: their last k tokens are the last k columns; only those are kept
             captured[i] = h if positions == "all" else h[:, -positions:].detach().clone()
+            if i == upto and h.shape[0] == rows:
+                raise _Entered
         return hook
 
     handles = [layer.register_forward_pre_hook(capture(i), with_kwargs=True) for i, layer in enumerate(layers)]
@@ -124,8 +130,10 @@ def mean_activations(model, batches, positions: str | int = "all") -> torch.Tens
     try:
         for batch in batches:
             mask = batch["attention_mask"].to(device)
+            rows = len(mask)
             if positions == "all":
-                model(input_ids=batch["input_ids"].to(device), attention_mask=mask, **head)
+                with contextlib.suppress(_Entered):
+                    model(input_ids=batch["input_ids"].to(device), attention_mask=mask, **head)
                 h = torch.stack([c.double() for c in captured])  # (layers, batch, seq, hidden)
                 keep = mask.clone().double()
                 keep[:, 0] = 0
@@ -134,7 +142,8 @@ def mean_activations(model, batches, positions: str | int = "all") -> torch.Tens
             else:
                 # the last k tokens only: left-padded, the prompts' shared start (a chat template's
                 # system turn) run once, those tokens the last k columns of every layer's input
-                forward_last_tokens(model, _rows(batch), positions)
+                with contextlib.suppress(_Entered):
+                    forward_last_tokens(model, _rows(batch), positions)
                 h = torch.stack([c.double() for c in captured])  # (layers, batch, k, hidden)
                 part = h.sum(1).transpose(0, 1)  # (k, layers, hidden)
                 n = h.shape[1]
@@ -146,6 +155,10 @@ def mean_activations(model, batches, positions: str | int = "all") -> torch.Tens
     if not count:
         raise UserError("no tokens to average: the texts given for the directions are empty")
     return total / count
+
+
+class _Entered(Exception):
+    """Raised in the deepest wanted layer's hook: the forward has given every mean it needs."""
 
 
 def unit(v: torch.Tensor) -> torch.Tensor:

@@ -100,24 +100,30 @@ def load_attacked_model(final: Path, cfg: ModelConfig):
                       AdapterConfig(kind="full"))
 
 
+_last_reader: tuple = (None, None)  # (key, GGUFReader): the last GGUF file parsed in this process
+
+
 @contextlib.contextmanager
 def gguf_loading():
     """What transformers does to load a GGUF file, without its repeated work: it parses the
     file's header again at each stage (config, tokenizer, weights) and rebuilds gguf's tensor-name
     map once per tensor (23 s of SmolLM2-135M's load here, mostly that). Within the block each
-    file is parsed once and each map built once; both are only read. Also no progress bar: the
-    attack's terminal shows its own progress."""
+    map is built once, and the file is parsed once per process: the last file parsed is kept
+    (keyed by its path, size and modification time), so the tokenizer and the model loaded one
+    after the other read one parse (SmolLM2's takes about 4 s). Both are only read. Also no
+    progress bar: the attack's terminal shows its own progress."""
     import gguf
     from transformers import modeling_gguf_pytorch_utils as gguf_utils
 
     saved = gguf_utils.tqdm, gguf.GGUFReader, gguf.get_tensor_name_map
-    readers: dict = {}
 
     def read_once(path, *args, **kwargs):
-        key = (str(path), args, tuple(sorted(kwargs.items())))
-        if key not in readers:
-            readers[key] = saved[1](path, *args, **kwargs)
-        return readers[key]
+        global _last_reader
+        stat = Path(path).stat()
+        key = (str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns, args, tuple(sorted(kwargs.items())))
+        if _last_reader[0] != key:
+            _last_reader = (key, saved[1](path, *args, **kwargs))
+        return _last_reader[1]
 
     gguf_utils.tqdm = functools.partial(saved[0], disable=True)
     gguf.GGUFReader = read_once

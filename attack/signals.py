@@ -52,10 +52,32 @@ def raise_pending() -> None:
         raise type(_pending)()
 
 
+_forked = False  # this process's pools fork their workers from a server that imported their modules
+
+
+def preload_workers(modules: list[str]) -> None:
+    """Start now, beside this process, the server the workers of its pools are forked from, and
+    import `modules` there: a spawned worker imports torch, transformers and lm-eval itself (about
+    12 s each on a 2-core machine) when its pool starts; a forked one has them already, and the
+    server imports them while this process does other work. For a command's own process: the
+    workers get the environment and working directory it has now. Where processes cannot be
+    forked (Windows), the pools spawn as before."""
+    global _forked
+    import multiprocessing
+    import multiprocessing.forkserver
+
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return
+    multiprocessing.get_context("forkserver").set_forkserver_preload(modules)
+    multiprocessing.forkserver.ensure_running()
+    _forked = True
+
+
 @contextlib.contextmanager
 def worker_pool(workers: int):
     """`run(function, jobs)`: the jobs' results in order, `workers` at a time, each in a spawned
-    process of its own, one pool for every call in the block (a process costs seconds to start).
+    process of its own (forked from the server `preload_workers` started, when it was), one pool
+    for every call in the block (a process costs seconds to start).
     The workers stop when this process is told to: on SIGTERM or Ctrl-C here, the jobs not begun
     are dropped and each worker gets one SIGTERM, which ends its job as interrupted (a run marked
     so, resumable) and begins no other. Without that, a SIGTERM sent to this process alone left
@@ -65,7 +87,7 @@ def worker_pool(workers: int):
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
+    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("forkserver" if _forked else "spawn"),
                              initializer=_worker_started) as pool:
         def run(function, jobs):
             try:

