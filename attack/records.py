@@ -7,10 +7,12 @@ from __future__ import annotations
 import json
 from enum import StrEnum
 from pathlib import Path
-from typing import NotRequired, TypedDict
+from typing import TYPE_CHECKING, NotRequired, TypedDict
 
 from attack.errors import UserError
-from eval_callbacks.callback import CurveRow
+
+if TYPE_CHECKING:  # the evaluator's row type; importing it loads torch and transformers
+    from eval_callbacks.callback import CurveRow
 
 
 class Status(StrEnum):

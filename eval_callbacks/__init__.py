@@ -7,23 +7,21 @@ Usable with any transformers Trainer, without the `attack` package:
     trainer.add_callback(RecoveryCurveCallback(evaluator, linear_schedule(1000, 100), "curve.jsonl"))
 """
 
-from eval_callbacks.callback import CurveRow, NonFiniteLossError, RecoveryCurveCallback, read_samples, samples_file
-from eval_callbacks.runner import LiveEvaluator
-from eval_callbacks.schedule import linear_schedule, log_schedule
-from eval_callbacks.task_lookup import TaskDataError, UnknownTaskError, find_tasks, local_datasets, task_questions
+from importlib import import_module
 
-__all__ = [
-    "CurveRow",
-    "LiveEvaluator",
-    "NonFiniteLossError",
-    "RecoveryCurveCallback",
-    "TaskDataError",
-    "UnknownTaskError",
-    "find_tasks",
-    "read_samples",
-    "samples_file",
-    "local_datasets",
-    "linear_schedule",
-    "log_schedule",
-    "task_questions",
-]
+# name -> its module, imported on first use: the evaluator and the callback load torch, transformers
+# and lm-eval, which a caller of the light modules (files, schedule) does not need
+_WHERE = {
+    "CurveRow": "callback", "NonFiniteLossError": "callback", "RecoveryCurveCallback": "callback",
+    "read_samples": "callback", "samples_file": "callback", "LiveEvaluator": "runner",
+    "linear_schedule": "schedule", "log_schedule": "schedule", "TaskDataError": "task_lookup",
+    "UnknownTaskError": "task_lookup", "find_tasks": "task_lookup", "local_datasets": "task_lookup",
+    "task_questions": "task_lookup",
+}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(f"module 'eval_callbacks' has no attribute {name!r}")
+    return getattr(import_module(f"eval_callbacks.{_WHERE[name]}"), name)

@@ -22,10 +22,19 @@ from attack.errors import UserError
 from attack.files import write_atomic
 from attack.signals import worker_pool
 from attack.toyworld.models import ModelSpec, answer_batches, build_model, packed_batches, pretrain, rmu, train_tokenizer, unlearn
-from attack.toyworld.world import CLOZE_PROMPTS, WorldSpec, _question, blocklist_filter, generate, reward_prompts, write_jsonl, write_tasks
+from attack.toyworld.world import (
+    CLOZE_PROMPTS,
+    TASKS,
+    WorldSpec,
+    _question,
+    blocklist_filter,
+    generate,
+    reward_prompts,
+    write_jsonl,
+    write_tasks,
+)
 from eval_callbacks import LiveEvaluator
 
-TASKS = ["toy_target_seen", "toy_target_heldout", "toy_target_cloze", "toy_general"]
 VERSION = 4  # bump when the code that builds the world changes what it builds
 
 

@@ -20,7 +20,6 @@ from attack.errors import ArgumentParser, UserError
 from attack.recipes import RECIPES
 from attack.records import Outcome
 from attack.signals import preload_workers, worker_pool
-from attack.toyworld.build import TASKS
 from attack.toyworld.sweeps import (
     expected_s,
     fixed_lora,
@@ -101,8 +100,8 @@ def main(argv: list[str]) -> int:
         sweep_spec = smollm2_sweep(world, args.quick)
     else:
         from attack.toyworld.build import BuildSpec, build_world, quick_spec, world_dir
+        from attack.toyworld.world import TASKS as tasks
 
-        tasks = TASKS
         spec = quick_spec() if args.quick else BuildSpec()
         spec = replace(spec, world=replace(spec.world, leak_fraction=args.leak_fraction))
         world = world_dir(cache, spec)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from attack.config import merge
 from attack.config.kinds import DEFAULT_KIND
-from attack.toyworld.build import TASKS
+from attack.toyworld.world import TASKS
 
 
 def toy_sweep(world: Path, full: bool = False, quick: bool = False) -> dict:

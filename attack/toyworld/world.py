@@ -219,6 +219,8 @@ metadata:
 """
 
 
+TASKS = ["toy_target_seen", "toy_target_heldout", "toy_target_cloze", "toy_general"]  # what the sweeps evaluate
+
 def write_tasks(facts: list[dict], out: Path, seed: int = 0) -> list[str]:
     """Write the lm-eval tasks (YAML + local JSONL) into `out`: the four evaluated ones, then
     toy_target_dev (the dev creatures, asked nowhere else). Returns their names."""
