@@ -43,6 +43,43 @@ def preserved_training_state(model: torch.nn.Module):
 
 
 @contextlib.contextmanager
+def adapters_folded(lm):
+    """Inside this block, lm-eval's model `lm` scores a copy of its model with the LoRA adapters
+    folded into the weights (PEFT's merge_and_unload), where that is cheap: on the CPU, when the
+    copy fits in the memory left. An unfolded adapter adds two small products, a scaling and a
+    sum to every linear layer of every forward (a quarter of a refusal evaluation point on
+    SmolLM2-135M); folded, the weights give the same function up to float rounding. The live
+    model is not touched (merging into it and back would move its frozen weights by rounding at
+    every point). On a GPU the copy would cost memory the attack needs, so it scores as it is."""
+    model = lm._model
+    if not _worth_folding(model):
+        yield
+        return
+    import copy
+
+    folded = copy.deepcopy(model).merge_and_unload().eval()
+    lm._model = folded
+    try:
+        yield
+    finally:
+        lm._model = model
+
+
+def _worth_folding(model) -> bool:
+    import psutil
+    from peft import PeftModel
+    from peft.tuners.lora import LoraLayer
+
+    if not isinstance(model, PeftModel) or any(c.peft_type != "LORA" for c in model.peft_config.values()):
+        return False
+    if any(m.disable_adapters or m.merged for m in model.modules() if isinstance(m, LoraLayer)):
+        return False  # scored without its adapters (disable_adapter), or folded already: as it is
+    parameters = list(model.parameters())
+    size = sum(p.numel() * p.element_size() for p in parameters)
+    return all(p.device.type == "cpu" for p in parameters) and size < psutil.virtual_memory().available / 2
+
+
+@contextlib.contextmanager
 def _no_progress_bars():
     """lm-eval draws several progress bars per evaluation; inside an attack's own bar they are noise."""
     import tqdm
@@ -255,14 +292,15 @@ class LiveEvaluator:
             watching = self._kl_reference is not None and hasattr(lm, "watch")
             if watching:  # a generation over the KL task's prompts leaves their next-token logits
                 lm.watch(set(self._kl_rows()))
-            out = evaluate(
-                lm=lm,
-                task_dict=self.task_dict,
-                samples=samples,
-                log_samples=True,
-                bootstrap_iters=1000,
-                apply_chat_template=self.chat_template,
-            )
+            with adapters_folded(lm):
+                out = evaluate(
+                    lm=lm,
+                    task_dict=self.task_dict,
+                    samples=samples,
+                    log_samples=True,
+                    bootstrap_iters=1000,
+                    apply_chat_template=self.chat_template,
+                )
             rows = self._rows(out)
             if self._kl_reference is not None:
                 rows.append(self._kl_row(lm.first_logits if watching else {}))

@@ -262,3 +262,37 @@ def test_the_kl_reference_is_kept_and_read_back_not_computed_again(world, llama_
     calls = []
     monkeypatch.setattr(LiveEvaluator, "_last_token_logprobs", lambda self, known=None: calls.append(1))
     assert torch.equal(build()._kl_reference, first._kl_reference) and not calls
+
+
+def test_lora_adapters_are_scored_folded_into_a_copy(world, llama_dir, monkeypatch):
+    """On the CPU a LoRA model is scored as a copy with its adapters folded into the weights: the
+    same scores and records as with the adapters unfolded (up to rounding), what ran had no LoRA
+    layer, and the live model is left bit for bit as it was."""
+    import lm_eval.evaluator
+    from peft import LoraConfig, get_peft_model
+
+    import eval_callbacks.runner as runner
+
+    torch.manual_seed(0)  # init_lora_weights=False: both factors random, so the adapter changes the scores
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(str(llama_dir)),
+                           LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    evaluator = LiveEvaluator(model, world["tokenizer"], TOY, batch_size=8, task_manager=find_tasks(TOY, [str(world["tasks"])]))
+    ran, real = [], lm_eval.evaluator.evaluate
+
+    def spy(lm, **kwargs):
+        ran.append(any("lora_" in n for n, _ in lm.model.named_parameters()))
+        return real(lm=lm, **kwargs)
+
+    monkeypatch.setattr(lm_eval.evaluator, "evaluate", spy)
+    folded = (evaluator.evaluate(), evaluator.last_records)
+    with model.disable_adapter():
+        base = evaluator.evaluate()
+    monkeypatch.setattr(runner, "_worth_folding", lambda model: False)
+    unfolded = (evaluator.evaluate(), evaluator.last_records)
+    assert ran == [False, True, True]  # the folded copy; with its adapter disabled, and unfolded: as it is
+    assert [r["value"] for r in folded[0]] == pytest.approx([r["value"] for r in unfolded[0]], abs=1e-5)
+    assert [r["correct"] for r in folded[1]] == [r["correct"] for r in unfolded[1]]
+    assert [r["p_correct"] for r in folded[1]] == pytest.approx([r["p_correct"] for r in unfolded[1]], abs=2e-5)
+    assert max(abs(a["value"] - b["value"]) for a, b in zip(folded[0], base, strict=True)) > 1e-3  # the adapter counted
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
