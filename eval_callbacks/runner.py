@@ -47,8 +47,9 @@ def adapters_folded(lm):
     """Inside this block, lm-eval's model `lm` scores a copy of its model with the LoRA adapters
     folded into the weights (PEFT's merge_and_unload), where that is cheap: on the CPU, when the
     copy fits in the memory left. An unfolded adapter adds two small products, a scaling and a
-    sum to every linear layer of every forward (a quarter of a refusal evaluation point on
-    SmolLM2-135M); folded, the weights give the same function up to float rounding. The live
+    sum to every linear layer of every forward (a fifth of a refusal evaluation point on
+    SmolLM2-135M, one CPU thread; the copy and the fold cost a twentieth); folded, the weights
+    give the same function up to float rounding. The live
     model is not touched (merging into it and back would move its frozen weights by rounding at
     every point). On a GPU the copy would cost memory the attack needs, so it scores as it is."""
     model = lm._model
