@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import math
 import random
@@ -56,8 +57,6 @@ def adapters_folded(lm):
     if not _worth_folding(model):
         yield
         return
-    import copy
-
     folded = copy.deepcopy(model).merge_and_unload().eval()
     lm._model = folded
     try:
